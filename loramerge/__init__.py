@@ -1,0 +1,12 @@
+"""loramerge: fold LoRA adapters into base model weights, exactly and in bounded memory."""
+
+from .api import ApplyReport, apply
+from .errors import (AdapterError, CheckpointError, LoraMergeError, NumericsError, OutputError,
+                     PlanError, UsageError)
+
+__all__ = [
+    "apply", "ApplyReport",
+    "LoraMergeError", "CheckpointError", "AdapterError", "PlanError", "OutputError", "NumericsError",
+    "UsageError",
+]
+__version__ = "0.1.0"

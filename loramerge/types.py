@@ -1,0 +1,157 @@
+"""Metadata-only records shared by readers, plan, engine and writers. No tensor data lives here
+(Adapter carries its small LoRA tensors, which readers load eagerly: adapters are small)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# safetensors dtype codes <-> torch dtypes. Only dtypes torch can represent are listed.
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _name):
+        ST_TO_TORCH[_code] = getattr(torch, _name)
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+
+# Dtypes the merge math may write. float8 bases are quantized: merging into them is refused.
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def itemsize(code: str) -> int:
+    return torch.empty((), dtype=ST_TO_TORCH[code]).element_size()
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one base tensor lives. `offset` is the absolute byte offset in a safetensors file;
+    None for tensors from pickled .bin files, which are read through torch's mmap loader."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int | None
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One LoRA target as the adapter describes it: delta = scale * B @ A (+ scale * B.bias).
+    Keys index Adapter.tensors. `module` is the module path PEFT saw at training time."""
+
+    module: str
+    a_key: str
+    b_key: str
+    bias_key: str | None
+    rank: int
+    alpha: float
+    scale: float
+    out_features: int
+    in_features: int
+
+
+@dataclass
+class Adapter:
+    path: Path
+    format: str
+    pairs: list[LoraPair]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    config: dict = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One adapter's contribution to one output tensor. `weight` is the user's c_i; the
+    effective factor is weight * pair.scale. kind 'lora' adds to a weight, 'bias' to a bias."""
+
+    adapter: int
+    pair: LoraPair
+    weight: float
+    kind: str = "lora"
+
+    @property
+    def factor(self) -> float:
+        return self.weight * self.pair.scale
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: the base tensor `source`, cast to `dtype`, plus `terms`.
+    No terms and dtype == source dtype means a bit-for-bit copy."""
+
+    name: str
+    source: TensorRef
+    dtype: str
+    terms: tuple[Term, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+    @property
+    def kind(self) -> str:
+        if self.terms:
+            return "merge"
+        return "copy" if self.dtype == self.source.dtype else "cast"
+
+
+@dataclass
+class OutputFile:
+    name: str
+    jobs: list[Job]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+
+@dataclass
+class Plan:
+    base_path: Path
+    adapter_paths: list[Path]
+    files: list[OutputFile]
+    indexed: bool                      # write model.safetensors.index.json
+    single_file: bool                  # OUT is a .safetensors file, not a directory
+    extra_files: list[Path]            # non-weight files copied from the base directory
+    skipped_files: list[str]           # base directory entries deliberately not copied
+    config_updates: dict
+    warnings: list[str]
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [j for f in self.files for j in f.jobs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)

@@ -1,0 +1,37 @@
+"""Everything in a merged model directory besides the tensors: the shard index, and the base's
+non-weight files (config, generation config, tokenizer, chat template) so transformers loads
+the output as it is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..types import Plan
+
+INDEX = "model.safetensors.index.json"
+
+
+def write_index(plan: Plan, out_dir: Path) -> None:
+    weight_map = {j.name: f.name for f in plan.files for j in f.jobs}
+    index = {"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_extras(plan: Plan, out_dir: Path) -> list[str]:
+    """Copy non-weight files; apply plan.config_updates to config.json. Returns names copied."""
+    copied = []
+    for src in plan.extra_files:
+        dst = out_dir / src.name
+        if src.name == "config.json" and plan.config_updates:
+            cfg = json.loads(src.read_text())
+            for key, value in plan.config_updates.items():
+                cfg[key] = value
+                if key == "torch_dtype" and "dtype" in cfg:  # transformers>=4.56 writes "dtype"
+                    cfg["dtype"] = value
+            dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copy2(src, dst)
+        copied.append(src.name)
+    return copied

@@ -1,0 +1,113 @@
+"""Streaming safetensors writer.
+
+The header is computed up front from the plan (names, dtypes, shapes are all known before any
+data exists), so each tensor is written the moment it is produced and nothing but the tensor in
+hand is ever buffered. Untouched tensors can be copied file-to-file inside the kernel
+(copy_file_range), never entering this process's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import OutputError
+
+ALIGN = 8  # the header is padded with spaces to a multiple of 8, as the reference writer does
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> bytes:
+    """Header bytes for tensors in the given order: (name, dtype code, shape, nbytes). Compact JSON
+    with __metadata__ first, matching safetensors' own serializer byte for byte."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    pos = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % ALIGN)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    t = t.contiguous()
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file: header first, then tensors strictly in header order."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None):
+        self.path = path
+        self.entries = entries
+        self._next = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._write_all(build_header(entries, metadata))
+        self.bytes_written = 0
+
+    def _expect(self, name: str, nbytes: int) -> None:
+        if self._next >= len(self.entries):
+            raise RuntimeError(f"{self.path}: unexpected extra tensor {name!r}")
+        ename, _, _, enbytes = self.entries[self._next]
+        if ename != name or enbytes != nbytes:
+            raise RuntimeError(f"{self.path}: expected {ename!r} ({enbytes} bytes) next, got {name!r} ({nbytes} bytes)")
+        self._next += 1
+        self.bytes_written += nbytes
+
+    def _write_all(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                raise OutputError(f"{self.path}: write failed ({e.strerror}); "
+                                  "is the disk full? nothing was left in the output") from e
+            view = view[n:]
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        data = tensor_bytes(t.cpu())
+        self._expect(name, len(data))
+        self._write_all(data)
+
+    def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
+        """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can."""
+        self._expect(name, nbytes)
+        with open(src, "rb", buffering=0) as f:
+            fd_in = f.fileno()
+            done = 0
+            use_cfr = hasattr(os, "copy_file_range")
+            while done < nbytes:
+                n = 0
+                if use_cfr:
+                    try:
+                        n = os.copy_file_range(fd_in, self._fd, nbytes - done, offset + done)
+                    except OSError:
+                        use_cfr = False  # e.g. across filesystems on old kernels: fall back below
+                if not use_cfr:
+                    chunk = os.pread(fd_in, min(nbytes - done, 64 << 20), offset + done)
+                    self._write_all(chunk)
+                    n = len(chunk)
+                if n == 0:
+                    raise OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated")
+                done += n
+
+    def close(self, sync: bool = True) -> None:
+        if self._next != len(self.entries):
+            missing = self.entries[self._next][0]
+            os.close(self._fd)
+            raise RuntimeError(f"{self.path}: closed before tensor {missing!r} was written")
+        if sync:
+            os.fsync(self._fd)
+        os.close(self._fd)
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass

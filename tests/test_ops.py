@@ -1,0 +1,110 @@
+"""The numerics contract of ops.py, against float64 math and an independent rounding algorithm."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from conftest import correctly_rounded, rel_err, requires_cuda
+from loramerge import ops
+
+
+def _case(seed, rows, cols, rank, w_scale, delta_scale, wdtype):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * w_scale).to(wdtype)
+    a = torch.randn(rank, cols, generator=g)
+    b = torch.randn(rows, rank, generator=g) * delta_scale
+    f = torch.rand(rank, generator=g, dtype=torch.float64) * 4 - 1  # scales, some negative
+    ref64 = w.double() + (b.double() * f) @ a.double()
+    return w, a, b, f, ref64
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 70), cols=st.integers(1, 70),
+       rank=st.integers(1, 24), w_scale=st.sampled_from([0.0, 1e-3, 0.02, 1.0, 300.0]),
+       delta_scale=st.sampled_from([1e-6, 1e-3, 0.1, 10.0]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_half_outputs_are_correctly_rounded(seed, rows, cols, rank, w_scale, delta_scale, dtype):
+    w, a, b, f, ref64 = _case(seed, rows, cols, rank, w_scale, delta_scale, dtype)
+    # small blocks so the row-block loop and the sparse/dense fix-up paths are all exercised
+    y, _ = ops.merge_weight(w, a, b, f, dtype, block_elems=257)
+    ref = correctly_rounded(ref64, dtype)
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+
+
+def test_float32_fast_path_alone_would_misround_and_fixups_repair_it():
+    """Guards the reason the fix-up exists: plain float32 then one cast misrounds some elements."""
+    w, a, b, f, ref64 = _case(1, 512, 512, 16, 0.02, 0.01, torch.bfloat16)
+    ref = correctly_rounded(ref64, torch.bfloat16)
+    naive = torch.addmm(w.float(), (b.double() * f).float(), a).to(torch.bfloat16)
+    assert int((naive.view(torch.int16) != ref.view(torch.int16)).sum()) > 0
+    y, fixed = ops.merge_weight(w, a, b, f, torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+    assert 0 < fixed < 0.01 * w.numel(), "fix-ups should be rare"
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rank=st.integers(1, 32))
+def test_float32_output_within_1e6(seed, rank):
+    w, a, b, f, ref64 = _case(seed, 40, 33, rank, 0.02, 0.01, torch.float32)
+    y, _ = ops.merge_weight(w, a, b, f, torch.float32)
+    assert y.dtype == torch.float32
+    assert rel_err(y, ref64) < 1e-6
+
+
+def test_float64_accumulation_rounds_once():
+    w, a, b, f, ref64 = _case(3, 64, 48, 8, 0.02, 0.01, torch.bfloat16)
+    y, _ = ops.merge_weight(w, a, b, f, torch.bfloat16, accum=torch.float64)
+    assert torch.equal(y.view(torch.int16), correctly_rounded(ref64, torch.bfloat16).view(torch.int16))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64, min_value=-3e38, max_value=3e38),
+                min_size=1, max_size=64),
+       st.sampled_from([torch.bfloat16, torch.float16]))
+def test_round_to_matches_nearest_neighbour_rounding(values, dtype):
+    x = torch.tensor(values, dtype=torch.float64)
+    if dtype == torch.float16:
+        x = x.clamp(-65000, 65000)
+    got = ops.round_to(x, dtype)
+    assert torch.equal(got.view(torch.int16), correctly_rounded(x, dtype).view(torch.int16))
+
+
+def test_round_to_handles_double_rounding_trap():
+    # 1 + 2^-8 + 2^-30: rounding to float32 first gives the bf16 midpoint 1 + 2^-8 (ties to even: 1.0),
+    # but the true value is above the midpoint, so bf16 must round up.
+    x = torch.tensor([1 + 2**-8 + 2**-30], dtype=torch.float64)
+    assert x.to(torch.bfloat16).item() == 1.0  # torch's own conversion double-rounds
+    assert ops.round_to(x, torch.bfloat16).item() == 1 + 2**-7
+
+
+def test_merge_bias_and_cast():
+    b = torch.randn(10, dtype=torch.float16)
+    d1, d2 = torch.randn(10), torch.randn(10)
+    got = ops.merge_bias(b, [(0.5, d1), (-2.0, d2)], torch.float16)
+    ref = correctly_rounded(b.double() + 0.5 * d1.double() - 2.0 * d2.double(), torch.float16)
+    assert torch.equal(got, ref)
+    x = torch.randn(100, dtype=torch.float64)
+    assert torch.equal(ops.cast(x, torch.bfloat16).view(torch.int16),
+                       correctly_rounded(x, torch.bfloat16).view(torch.int16))
+
+
+def test_check_finite_reports_first_bad_element():
+    t = torch.zeros(5)
+    t[3] = float("nan")
+    t[4] = float("inf")
+    try:
+        ops.check_finite(t)
+    except ops.NonFinite as e:
+        count, idx, _ = e.args
+        assert (count, idx) == (2, 3)
+    else:
+        raise AssertionError("NaN not detected")
+
+
+@requires_cuda
+def test_cuda_merge_is_bit_identical_to_cpu():
+    w, a, b, f, ref64 = _case(5, 300, 200, 16, 0.02, 0.01, torch.bfloat16)
+    cpu, _ = ops.merge_weight(w, a, b, f, torch.bfloat16)
+    gpu, _ = ops.merge_weight(w.cuda(), a.cuda(), b.cuda(), f, torch.bfloat16)
+    assert torch.equal(cpu.view(torch.int16), gpu.cpu().view(torch.int16))

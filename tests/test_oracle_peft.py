@@ -1,0 +1,117 @@
+"""loramerge against PEFT's own merge_and_unload (the oracle), and against fp64 math.
+
+fp32: every tensor within 1e-6 relative of PEFT. bf16/fp16: bit-equal to the correctly rounded
+float64 result (PEFT itself rounds twice there, so it is not the reference for half precision).
+Tensors the adapter does not touch: bit-identical to the base. And the merged directory loaded
+with transformers reproduces the UNMERGED PeftModel's outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loramerge
+from conftest import (MANIFEST, adapter_dir, base_dir, correctly_rounded, expected_delta64, load_dir,
+                      rel_err)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+FP32_PAIRS = [(p["base"], p["adapter"]) for p in MANIFEST["pairs"]
+              if MANIFEST["bases"][p["base"]]["dtype"] == "float32"]
+HALF_PAIRS = [(p["base"], p["adapter"]) for p in MANIFEST["pairs"]
+              if MANIFEST["bases"][p["base"]]["dtype"] in ("bfloat16", "float16")]
+
+
+def _model_class(base: str):
+    return getattr(transformers, MANIFEST["bases"][base]["model_class"])
+
+
+def peft_merged(base: str, adapter: str) -> dict[str, torch.Tensor]:
+    """PEFT's merge, expressed in the base checkpoint's own tensor names."""
+    info = MANIFEST["bases"][base]
+    cls_name = info["model_class"]
+    strip = ""
+    if base == "llama-bare":  # adapter trained on LlamaForCausalLM: merge there, drop the prefix
+        model = transformers.LlamaForCausalLM.from_pretrained(base_dir("llama-fp32"))
+        strip = "model."
+    elif adapter == "bert-seqcls-wrapper":
+        model = transformers.BertForSequenceClassification.from_pretrained(base_dir("bert"))
+        strip = "bert."
+    else:
+        model = getattr(transformers, cls_name).from_pretrained(base_dir(base), dtype=getattr(torch, info["dtype"]))
+    pm = peft.PeftModel.from_pretrained(model, adapter_dir(adapter))
+    sd = pm.merge_and_unload().state_dict()
+    return {k[len(strip):]: v for k, v in sd.items() if k.startswith(strip)}
+
+
+@pytest.mark.parametrize("base,adapter", FP32_PAIRS, ids=[f"{b}+{a}" for b, a in FP32_PAIRS])
+def test_fp32_matches_peft_merge(base, adapter, tmp_out):
+    report = loramerge.apply(base_dir(base), adapter_dir(adapter), tmp_out, sync=False)
+    ours = load_dir(tmp_out)
+    theirs = peft_merged(base, adapter)
+    orig = load_dir(base_dir(base))
+    assert set(ours) == set(orig), "output must hold exactly the base's tensors"
+    merged = [n for n in ours if not torch.equal(ours[n], orig[n])]
+    assert len(merged) == report.tensors_merged > 0
+    for name, t in ours.items():
+        assert t.dtype == orig[name].dtype
+        if name in theirs:
+            assert rel_err(t, theirs[name]) <= 1e-6, name
+    # untouched tensors are copied bit for bit (PEFT leaves them alone too)
+    for name in set(ours) - set(merged):
+        assert torch.equal(ours[name], orig[name]), name
+
+
+@pytest.mark.parametrize("base,adapter", HALF_PAIRS, ids=[f"{b}+{a}" for b, a in HALF_PAIRS])
+def test_half_precision_is_correctly_rounded_fp64(base, adapter, tmp_out):
+    loramerge.apply(base_dir(base), adapter_dir(adapter), tmp_out, sync=False)
+    ours = load_dir(tmp_out)
+    orig = load_dir(base_dir(base))
+    deltas = expected_delta64(adapter_dir(adapter))
+    assert deltas
+    for name, w in orig.items():
+        mod = name.rsplit(".", 1)[0]
+        key = mod if name.endswith(".weight") else mod + ".bias"
+        if key in deltas:
+            ref = correctly_rounded(w.double() + deltas[key], w.dtype)
+            mismatches = int((ours[name].view(torch.int16) != ref.view(torch.int16)).sum())
+            assert mismatches == 0, f"{name}: {mismatches} elements differ from the correctly rounded fp64 result"
+        else:
+            assert torch.equal(ours[name].view(torch.int16), w.view(torch.int16)), name
+
+
+@pytest.mark.parametrize("base,adapter", [("llama-fp32", "llama-basic"), ("qwen2", "qwen2-bias"),
+                                          ("llama-fp32", "llama-patterns"), ("bert", "bert")])
+def test_merged_checkpoint_reproduces_unmerged_peft_outputs(base, adapter, tmp_out):
+    info = MANIFEST["bases"][base]
+    cls = _model_class(base)
+    loramerge.apply(base_dir(base), adapter_dir(adapter), tmp_out, dtype="float32", sync=False)
+    merged = cls.from_pretrained(tmp_out, dtype=torch.float32).eval()
+    unmerged = peft.PeftModel.from_pretrained(
+        cls.from_pretrained(base_dir(base), dtype=torch.float32), adapter_dir(adapter)).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = merged(input_ids=ids)
+        b = unmerged(input_ids=ids)
+    key = "logits" if "CausalLM" in info["model_class"] else "last_hidden_state"
+    out_a, out_b = getattr(a, key), getattr(b, key)
+    assert rel_err(out_a, out_b) < 1e-4
+    # and the adapter really changed the model (guards against a no-op merge passing)
+    with torch.no_grad(), unmerged.disable_adapter():
+        c = getattr(unmerged(input_ids=ids), key)
+    assert rel_err(c, out_b) > 1e-3
+
+
+def test_output_loads_in_transformers_untouched(tmp_out):
+    """bf16 sharded base: the output keeps dtype, shard names, index and tokenizer files."""
+    base = base_dir("llama-bf16-sharded")
+    loramerge.apply(base, adapter_dir("llama-bf16"), tmp_out, sync=False)
+    base_files = sorted(p.name for p in base.iterdir())
+    out_files = sorted(p.name for p in tmp_out.iterdir())
+    assert out_files == base_files
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_out)
+    assert model.dtype == torch.bfloat16
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_out)
+    assert tok("hello").input_ids == transformers.AutoTokenizer.from_pretrained(base)("hello").input_ids
