@@ -83,5 +83,9 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
     click.echo(report.summary())
 
 
+# Further commands register themselves here, one line each (keep this block; add, don't rewrite):
+# COMMANDS-BEGIN
+# COMMANDS-END
+
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from . import deltas, ops
 from .errors import LoraMergeError, NumericsError
 from .readers.checkpoint import Checkpoint
 from .types import ST_TO_TORCH, Adapter, Job, Plan
@@ -100,10 +100,13 @@ def compute(job: Job, w: torch.Tensor, adapters: list[Adapter], device: torch.de
     lora = [t for t in job.terms if t.kind == "lora"]
     bias = [t for t in job.terms if t.kind == "bias"]
     if lora:
-        a = torch.cat([adapters[t.adapter].tensors[t.pair.a_key].to(device, torch.float32) for t in lora])
-        b = torch.cat([adapters[t.adapter].tensors[t.pair.b_key].to(device, torch.float32) for t in lora], dim=1)
+        # All adapters' terms for this tensor in one product: [B1 B2 ..] @ [A1; A2; ..], each
+        # rank column carrying its own factor c_i * s_i, so the sum is rounded once.
+        lefts, rights = zip(*(deltas.factors(adapters[t.adapter], t.pair, torch.float32, device) for t in lora))
         factors = torch.cat([torch.full((t.pair.rank,), t.factor, dtype=torch.float64) for t in lora])
-        y, fixed = ops.merge_weight(w, a, b, factors, out_dtype, accum=accum)
+        w2 = w.reshape(w.shape[0], -1)
+        y, fixed = ops.merge_weight(w2, torch.cat(rights), torch.cat(lefts, dim=1), factors, out_dtype, accum=accum)
+        y = y.reshape(w.shape)
         stats.exact_fixups += fixed
     elif bias:
         y = ops.merge_bias(w, [(t.factor, adapters[t.adapter].tensors[t.pair.bias_key]) for t in bias], out_dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import PlanError, UsageError
 from .readers.checkpoint import Checkpoint
-from .types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, OutputFile, Plan, Term, numel, itemsize
+from .types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, OutputFile, Plan, Term
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -82,14 +82,15 @@ def build_plan(
     terms: dict[str, list[Term]] = {}
     for ai, (adapter, w) in enumerate(zip(adapters, weights)):
         for pair in adapter.pairs:
-            target, candidates = matcher.match(pair.module)
+            wanted = pair.target_name.removesuffix(".weight")
+            target, candidates = matcher.match(wanted)
             where = f"{adapter.label}: {pair.module}"
             if target is None:
                 if candidates:
                     problems.append(f"{where}: ambiguous, matches {len(candidates)} base tensors "
                                     f"({', '.join(c + '.weight' for c in candidates[:4])})")
                 else:
-                    problems.append(f"{where}: no base tensor named {pair.module}.weight (nor any "
+                    problems.append(f"{where}: no base tensor named {pair.target_name} (nor any "
                                     "prefix/suffix variant of it)")
                 continue
             wname = target + ".weight"
@@ -98,10 +99,10 @@ def build_plan(
                 problems.append(f"{where}: base tensor {wname} is {ref.dtype}, a quantized/integer type; merge "
                                 "into the original floating-point (unquantized) base instead")
                 continue
-            expect = (pair.out_features, pair.in_features)
-            if ref.shape != expect:
+            if ref.shape != pair.base_shape:
                 problems.append(f"{where}: base tensor {wname} has shape {list(ref.shape)} but the adapter's "
-                                f"lora_B @ lora_A gives {list(expect)}; the adapter was trained for another model")
+                                f"lora_B @ lora_A gives {list(pair.base_shape)}; the adapter was trained for "
+                                "another model")
                 continue
             terms.setdefault(wname, []).append(Term(ai, pair, w))
             if pair.bias_key is not None:
@@ -110,9 +111,9 @@ def build_plan(
                 if bref is None:
                     problems.append(f"{where}: the adapter trains a bias (lora_bias) but the base has no {bname}; "
                                     "PEFT cannot merge this either")
-                elif bref.shape != (pair.out_features,):
+                elif bref.shape != pair.base_shape[:1]:
                     problems.append(f"{where}: base {bname} has shape {list(bref.shape)}, lora_B.bias has "
-                                    f"[{pair.out_features}]")
+                                    f"{list(pair.base_shape[:1])}")
                 else:
                     terms.setdefault(bname, []).append(Term(ai, pair, w, kind="bias"))
     if len(matcher.rewrites) > 1:
@@ -214,5 +215,3 @@ def describe(plan: Plan, adapters: list[Adapter]) -> str:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
 
-
-__all__ = ["build_plan", "describe", "parse_size", "ModuleMatcher", "numel", "itemsize"]

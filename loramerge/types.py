@@ -58,8 +58,17 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class LoraPair:
-    """One LoRA target as the adapter describes it: delta = scale * B @ A (+ scale * B.bias).
-    Keys index Adapter.tensors. `module` is the module path PEFT saw at training time."""
+    """One LoRA target, normalized by a reader: delta = scale * B @ A (+ scale * B.bias).
+
+    Keys index Adapter.tensors. `module` is the module path as the training code saw it (PEFT:
+    without 'base_model.model.'); `target` is the base tensor name the reader expects
+    (module + '.weight' unless the format says otherwise). `layout` says how B @ A lands on the
+    base tensor W (see deltas.py): 'linear' W[out, in] += B @ A; 'transposed' W[in, out] +=
+    (B @ A).T (GPT-2 Conv1D with fan_in_fan_out, embeddings); 'conv' W[out, in, *k] +=
+    (B.flatten(1) @ A.flatten(1)).view(W.shape). `base_shape` is the W shape the factors imply.
+    `magnitude_key` (DoRA) names the learned magnitude vector; `enabled_rows` (loralib
+    MergedLinear) lists which output rows of W the delta covers, None meaning all.
+    """
 
     module: str
     a_key: str
@@ -68,8 +77,15 @@ class LoraPair:
     rank: int
     alpha: float
     scale: float
-    out_features: int
-    in_features: int
+    base_shape: tuple[int, ...]
+    layout: str = "linear"
+    target: str = ""
+    magnitude_key: str | None = None
+    enabled_rows: tuple[int, ...] | None = None
+
+    @property
+    def target_name(self) -> str:
+        return self.target or self.module + ".weight"
 
 
 @dataclass

@@ -220,7 +220,7 @@ def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]) -> list[L
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         pairs.append(LoraPair(module=module, a_key=slots["lora_A"], b_key=slots["lora_B"], bias_key=bias_key,
                               rank=int(r), alpha=alpha, scale=scale,
-                              out_features=b.shape[0], in_features=a.shape[1]))
+                              base_shape=(b.shape[0], a.shape[1])))
     if problems:
         raise AdapterError(f"{root}: adapter weights do not match {CONFIG}", problems)
     if not pairs:

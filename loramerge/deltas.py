@@ -1,0 +1,47 @@
+"""LoRA factors in the base tensor's own layout. Pure math over an adapter's tensors.
+
+Every consumer (engine, verify, algebra, ONNX) gets its factors here, so layout knowledge
+(transposed Conv1D/embeddings, conv kernels, loralib's MergedLinear row groups) lives in one
+place: for a pair and its base tensor W, with W2 = W.reshape(W.shape[0], -1),
+
+    W2' = W2 + scale * left @ right,     left [W.shape[0], r], right [r, W2.shape[1]].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .types import Adapter, LoraPair
+
+
+def factors(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float32,
+            device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with delta2d = pair.scale * left @ right in W's 2-D view (scale NOT applied)."""
+    a = adapter.tensors[pair.a_key].to(device=device, dtype=dtype)
+    b = adapter.tensors[pair.b_key].to(device=device, dtype=dtype)
+    a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if pair.layout == "transposed":
+        # (B @ A).T = A.T @ B.T: W is [in, out]
+        left, right = a2.T, b2.T
+    elif pair.layout in ("linear", "conv"):
+        left, right = b2, a2
+    else:
+        raise ValueError(f"unknown LoRA layout {pair.layout!r}")
+    if pair.enabled_rows is not None:
+        # loralib MergedLinear: B covers only the enabled output rows; zero rows elsewhere.
+        full = torch.zeros((pair.base_shape[0], left.shape[1]), dtype=left.dtype, device=left.device)
+        full[list(pair.enabled_rows)] = left
+        left = full
+    return left.contiguous(), right.contiguous()
+
+
+def dense_delta(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """scale * B @ A as a dense tensor of W's full shape (float64 by default: for references)."""
+    left, right = factors(adapter, pair, dtype)
+    return (pair.scale * (left @ right)).reshape(pair.base_shape)
+
+
+def bias_delta(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    if pair.bias_key is None:
+        return None
+    return pair.scale * adapter.tensors[pair.bias_key].to(dtype)
