@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .errors import UsageError
+from .errors import AdapterError, CheckpointError, UsageError
 from .plan import build_plan, describe
-from .readers.checkpoint import open_checkpoint
+from .readers import kohya, loralib
+from .readers.checkpoint import load_bin_state_dict, open_checkpoint, read_safetensors_header
 from .readers.peft import read_peft_adapter
 from .types import Adapter, Plan
 from .writers.model_dir import copy_extras, write_index
@@ -60,8 +61,56 @@ class ApplyReport:
         return "\n".join(lines)
 
 
-def load_adapters(paths, lora_alpha: float | None = None) -> list[Adapter]:
-    return [read_peft_adapter(p) for p in paths]
+def load_adapters(paths, lora_alpha: float | None = None, fan_in_fan_out: bool | None = None,
+                  enable_lora: tuple[bool, ...] | None = None, only: str | None = None) -> list[Adapter]:
+    """Read adapters of any supported format (PEFT directory, loralib or kohya file). `only` keeps
+    the targets whose module path (or kohya key) starts with that prefix, e.g. 'lora_unet_'."""
+    adapters = []
+    for p in map(Path, paths):
+        adapter = read_adapter(p, lora_alpha, fan_in_fan_out, enable_lora)
+        if only is not None:
+            adapter.pairs = [q for q in adapter.pairs if q.module.startswith(only)]
+            adapter.replacements = {k: v for k, v in adapter.replacements.items() if k.startswith(only)}
+            if not adapter.pairs and not adapter.replacements:
+                raise UsageError(f"{p}: --only {only!r} keeps none of the adapter's targets")
+        adapters.append(adapter)
+    return adapters
+
+
+def read_adapter(path: Path, lora_alpha=None, fan_in_fan_out=None, enable_lora=None) -> Adapter:
+    """Tell the format by its files and keys: a directory with adapter_config.json is PEFT; a
+    weights file is loralib (`*.lora_A`/`*.lora_B` keys) or kohya (`lora_unet_*`/`lora_te_*`)."""
+    if path.is_dir() or path.name.startswith("adapter_model."):
+        if path.is_dir() and not (path / "adapter_config.json").exists():
+            files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".pt", ".bin", ".pth")]
+            if len(files) == 1:
+                return read_adapter(files[0], lora_alpha, fan_in_fan_out, enable_lora)
+        if lora_alpha is not None:
+            raise UsageError(f"{path}: --lora-alpha is for loralib checkpoints; a PEFT adapter stores its own")
+        return read_peft_adapter(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter not found")
+    tensors = load_tensor_file(path)
+    if kohya.looks_like_kohya(tensors):
+        return kohya.read_kohya(path, tensors)
+    if loralib.looks_like_loralib(tensors):
+        return loralib.read_loralib(path, tensors, lora_alpha, fan_in_fan_out, enable_lora)
+    raise AdapterError(f"{path}: not a recognized adapter: expected a PEFT directory (adapter_config.json), "
+                       f"a loralib checkpoint (*.lora_A/*.lora_B) or a kohya file (lora_unet_*); first key: "
+                       f"{next(iter(tensors), '(none)')!r}")
+
+
+def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one small file (an adapter), loaded safely: safetensors, or a pickle read with
+    weights_only=True so no code in it can run."""
+    if path.suffix == ".safetensors":
+        read_safetensors_header(path)  # validates size and header before loading
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        return load_bin_state_dict(path)
+    except CheckpointError as e:
+        raise AdapterError(str(e)) from e
 
 
 def apply(
@@ -78,13 +127,18 @@ def apply(
     overwrite: bool = False,
     progress: bool = False,
     sync: bool = True,
+    lora_alpha: float | None = None,
+    fan_in_fan_out: bool | None = None,
+    enable_lora: tuple[bool, ...] | None = None,
+    only: str | None = None,
 ) -> ApplyReport:
     """Merge one or more LoRA adapters into `base`, writing a new checkpoint at `out`.
 
     W' = W + sum_i weights[i] * s_i * B_i @ A_i per target, float32 math, one rounding to the output
     dtype (`dtype='auto'` keeps each tensor's own). `out` is a directory, or a file path ending in
-    .safetensors for a single-file output. Raises a LoraMergeError subclass on any user error,
-    before anything is written.
+    .safetensors for a single-file output. loralib checkpoints need `lora_alpha` (not stored), and
+    `fan_in_fan_out` / `enable_lora` where the shapes cannot tell. Raises a LoraMergeError
+    subclass on any user error, before anything is written.
     """
     t0 = time.perf_counter()
     if accum not in ACCUM:
@@ -94,7 +148,7 @@ def apply(
     if not adapter_paths:
         raise UsageError("no adapter given")
     ck = open_checkpoint(base)
-    loaded = load_adapters(adapter_paths)
+    loaded = load_adapters(adapter_paths, lora_alpha, fan_in_fan_out, enable_lora, only)
     single_file = out.suffix == ".safetensors"
     plan = build_plan(ck, loaded, weights=weights, dtype=dtype, shard_size=shard_size, single_file=single_file)
     dev = engine.resolve_device(device)

@@ -46,6 +46,34 @@ def handle_errors(fn):
     return wrapper
 
 
+def _enable_lora(text: str | None) -> tuple[bool, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(bool(int(x)) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--enable-lora {text!r}: expected 0/1 per row group, e.g. 1,0,1") from None
+
+
+def adapter_options(fn):
+    """Options that tell readers what some adapter formats do not store. The command receives
+    them as one dict, `adapter_opts`, to pass on as keyword arguments (lora_alpha=..., ...)."""
+    @click.option("--lora-alpha", type=float, default=None,
+                  help="alpha for loralib checkpoints, which do not store it.")
+    @click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
+                  help="loralib: weights stored [in, out] (GPT-2 Conv1D); only needed for square weights.")
+    @click.option("--enable-lora", default=None,
+                  help="loralib MergedLinear: which row groups the adapter covers, e.g. 1,0,1 (q and v of qkv).")
+    @click.option("--only", default=None, help="Use only adapter targets whose name starts with this (e.g. lora_unet_).")
+    @functools.wraps(fn)
+    def wrapper(*args, lora_alpha, fan_in_fan_out, enable_lora, only, **kwargs):
+        opts = dict(lora_alpha=lora_alpha, fan_in_fan_out=fan_in_fan_out, enable_lora=_enable_lora(enable_lora),
+                    only=only)
+        return fn(*args, adapter_opts=opts, **kwargs)
+
+    return wrapper
+
+
 def _show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
@@ -72,14 +100,19 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@adapter_options
 @handle_errors
-def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dry_run, overwrite, quiet):
-    """Merge ADAPTER(s) into BASE and write the merged checkpoint to OUT."""
+def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dry_run, overwrite, quiet,
+              adapter_opts):
+    """Merge ADAPTER(s) into BASE and write the merged checkpoint to OUT.
+
+    ADAPTER is a PEFT adapter directory, a loralib checkpoint (needs --lora-alpha) or a kohya
+    .safetensors file."""
     from .api import apply
 
     report = apply(base, list(adapters), out, weights=_weights(weights), dtype=dtype, device=device,
                    accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
-                   progress=_show_progress(quiet))
+                   progress=_show_progress(quiet), **adapter_opts)
     click.echo(report.summary())
 
 

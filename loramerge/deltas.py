@@ -1,7 +1,7 @@
 """LoRA factors in the base tensor's own layout. Pure math over an adapter's tensors.
 
 Every consumer (engine, verify, algebra, ONNX) gets its factors here, so layout knowledge
-(transposed Conv1D/embeddings, conv kernels, loralib's MergedLinear row groups) lives in one
+(transposed Conv1D/embeddings, conv kernels) lives in one
 place: for a pair and its base tensor W, with W2 = W.reshape(W.shape[0], -1),
 
     W2' = W2 + scale * left @ right,     left [W.shape[0], r], right [r, W2.shape[1]].
@@ -20,6 +20,8 @@ def factors(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float32
     a = adapter.tensors[pair.a_key].to(device=device, dtype=dtype)
     b = adapter.tensors[pair.b_key].to(device=device, dtype=dtype)
     a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if pair.groups is not None:
+        b2 = _block_diagonal(b2, pair)
     if pair.layout == "transposed":
         # (B @ A).T = A.T @ B.T: W is [in, out]
         left, right = a2.T, b2.T
@@ -27,12 +29,22 @@ def factors(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float32
         left, right = b2, a2
     else:
         raise ValueError(f"unknown LoRA layout {pair.layout!r}")
-    if pair.enabled_rows is not None:
-        # loralib MergedLinear: B covers only the enabled output rows; zero rows elsewhere.
-        full = torch.zeros((pair.base_shape[0], left.shape[1]), dtype=left.dtype, device=left.device)
-        full[list(pair.enabled_rows)] = left
-        left = full
     return left.contiguous(), right.contiguous()
+
+
+def _block_diagonal(b: torch.Tensor, pair: LoraPair) -> torch.Tensor:
+    """loralib MergedLinear: B stacks one [rows, r] block per enabled group and A one [r, in] block
+    per enabled group; group k's delta B_k @ A_k lands in the k-th enabled row group of W (what
+    loralib computes with a grouped conv1d and zero_pad). As one product: a block-diagonal B."""
+    r = pair.group_rank
+    rows = b.shape[0] // sum(pair.groups)
+    full = b.new_zeros((rows * len(pair.groups), r * sum(pair.groups)))
+    k = 0
+    for g, enabled in enumerate(pair.groups):
+        if enabled:
+            full[g * rows:(g + 1) * rows, k * r:(k + 1) * r] = b[k * rows:(k + 1) * rows]
+            k += 1
+    return full
 
 
 def dense_delta(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float64) -> torch.Tensor:

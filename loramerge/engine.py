@@ -23,6 +23,7 @@ from .types import ST_TO_TORCH, Adapter, Job, Plan
 from .writers.safetensors import SafetensorsWriter
 
 _DONE = object()
+_REPLACED = object()
 
 
 @dataclass
@@ -96,10 +97,18 @@ def compute(job: Job, w: torch.Tensor, adapters: list[Adapter], device: torch.de
             accum: torch.dtype, stats: EngineStats) -> torch.Tensor:
     """The output tensor for one job (not a plain copy), on the CPU."""
     out_dtype = ST_TO_TORCH[job.dtype]
+    rep = job.replacement
+    if rep is not None:  # a full tensor saved in the adapter stands in for the base tensor
+        w = adapters[rep.adapter].tensors[rep.key]
     w = w.to(device, non_blocking=True)
     lora = [t for t in job.terms if t.kind == "lora"]
     bias = [t for t in job.terms if t.kind == "bias"]
-    if lora:
+    if lora and lora[0].pair.magnitude_key:
+        t = lora[0]  # the plan allows DoRA only alone on its tensor
+        left, right = deltas.factors(adapters[t.adapter], t.pair, torch.float64, device)
+        y = ops.dora_merge(w, left, right, t.pair.scale, adapters[t.adapter].tensors[t.pair.magnitude_key],
+                           t.pair.layout == "transposed", out_dtype)
+    elif lora:
         # All adapters' terms for this tensor in one product: [B1 B2 ..] @ [A1; A2; ..], each
         # rank column carrying its own factor c_i * s_i, so the sum is rounded once.
         lefts, rights = zip(*(deltas.factors(adapters[t.adapter], t.pair, torch.float32, device) for t in lora))
@@ -110,13 +119,16 @@ def compute(job: Job, w: torch.Tensor, adapters: list[Adapter], device: torch.de
         stats.exact_fixups += fixed
     elif bias:
         y = ops.merge_bias(w, [(t.factor, adapters[t.adapter].tensors[t.pair.bias_key]) for t in bias], out_dtype)
+    elif rep is not None:
+        y = ops.cast(w, out_dtype)
     else:
         y = ops.cast(w, out_dtype)
     try:
         ops.check_finite(y)
     except ops.NonFinite as e:
         count, idx, value = e.args
-        src = "; ".join(f"{adapters[t.adapter].label}: {t.pair.module}" for t in job.terms) or "cast only"
+        src = "; ".join(f"{adapters[t.adapter].label}: {t.pair.module if t.pair else t.key}"
+                        for t in job.terms) or "cast only"
         hint = ""
         if job.dtype == "F16" and value in (float("inf"), float("-inf")):
             hint = "; the value overflows float16 (max 65504): use --dtype bfloat16 or float32"
@@ -140,6 +152,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         for fi, job in order:
             if direct_copy(job):
                 item = (fi, job, None)
+            elif job.replacement is not None:
+                item = (fi, job, _REPLACED)  # the base tensor is not needed
             else:
                 t0 = time.perf_counter()
                 item = (fi, job, base.read(job.source))
@@ -190,6 +204,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 stats.copied += 1
                 out = None
             else:
+                if w is _REPLACED:
+                    w = None
                 t0 = time.perf_counter()
                 out = compute(job, w, adapters, device, accum, stats)
                 stats.seconds_math += time.perf_counter() - t0

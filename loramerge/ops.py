@@ -141,6 +141,22 @@ def merge_weight(
     return out, fixed
 
 
+def dora_merge(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, magnitude: torch.Tensor,
+               per_column: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """DoRA: W' = m * (W + s L R) / ||W + s L R||, in float64, rounded once. The norm runs over the
+    input axis of each output unit: per row of the 2-D view for Linear/Conv, per column where the
+    layout is transposed (Conv1D with fan_in_fan_out, embeddings), as PEFT's DoRA layers do."""
+    shape = w.shape
+    v = torch.addmm(w.reshape(shape[0], -1).to(torch.float64), left.to(torch.float64),
+                    right.to(torch.float64), alpha=scale)
+    m = magnitude.reshape(-1).to(device=v.device, dtype=torch.float64)
+    if per_column:
+        v = v * (m / torch.linalg.vector_norm(v, dim=0)).unsqueeze(0)
+    else:
+        v = v * (m / torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)
+    return round_to(v, out_dtype).reshape(shape)
+
+
 def merge_bias(bias: torch.Tensor, deltas: list[tuple[float, torch.Tensor]], out_dtype: torch.dtype) -> torch.Tensor:
     """bias + sum f * delta, in float64 (biases are tiny), rounded once."""
     acc = bias.to(torch.float64)

@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 
 from .errors import PlanError, UsageError
+from .readers import kohya, loralib
 from .readers.checkpoint import Checkpoint
-from .types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, OutputFile, Plan, Term
+from .types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, OutputFile, Plan, TensorRef, Term
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -44,6 +45,7 @@ class ModuleMatcher:
             for k in range(1, len(parts)):
                 self._by_suffix.setdefault(".".join(parts[k:]), []).append(mod)
         self.rewrites: dict[tuple[str, str], list[str]] = {}
+        self._flat: dict[str, list[str]] | None = None
 
     def match(self, module: str) -> tuple[str | None, list[str]]:
         """(base module or None, candidates when ambiguous)."""
@@ -61,6 +63,35 @@ class ModuleMatcher:
             return longer[0], []
         return None, sorted(longer)
 
+    def match_flat(self, flat: str) -> tuple[str | None, list[str]]:
+        """kohya-style names: dots flattened to underscores, matched against the base flattened
+        the same way. Exactly one base module must match."""
+        if self._flat is None:
+            self._flat = kohya.flat_index(self.modules)
+        found = sorted(set(self._flat.get(flat, [])))
+        return (found[0], []) if len(found) == 1 else (None, found)
+
+
+# Modules GPT-2-style models implement as Conv1D (weights stored [in, out]).
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
+# Names of input-embedding tensors an output embedding (lm_head) can be tied to.
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                    "tok_embeddings.weight", "shared.weight")
+OUTPUT_EMBEDDING = "lm_head.weight"
+
+
+class _Collector:
+    """Terms per output tensor, plus every problem found along the way."""
+
+    def __init__(self):
+        self.terms: dict[str, list[Term]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.problems: list[str] = []
+
+    def add(self, name: str, term: Term) -> None:
+        self.terms.setdefault(name, []).append(term)
+
 
 def build_plan(
     base: Checkpoint,
@@ -76,66 +107,49 @@ def build_plan(
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPE_NAMES)}")
     out_code = None if dtype == "auto" else DTYPE_NAMES[dtype]
+    config = base.config() or {}
 
     matcher = ModuleMatcher(base.tensors)
-    problems: list[str] = []
-    terms: dict[str, list[Term]] = {}
+    tied = _tied_embeddings(base, config)
+    c = _Collector()
+    virtual: dict[str, TensorRef] = {}  # output tensors the base lacks (an untied lm_head)
     for ai, (adapter, w) in enumerate(zip(adapters, weights)):
+        for name, key in adapter.replacements.items():
+            _match_replacement(c, matcher, base, adapter, ai, w, name, key)
         for pair in adapter.pairs:
-            wanted = pair.target_name.removesuffix(".weight")
-            target, candidates = matcher.match(wanted)
-            where = f"{adapter.label}: {pair.module}"
-            if target is None:
-                if candidates:
-                    problems.append(f"{where}: ambiguous, matches {len(candidates)} base tensors "
-                                    f"({', '.join(c + '.weight' for c in candidates[:4])})")
-                else:
-                    problems.append(f"{where}: no base tensor named {pair.target_name} (nor any "
-                                    "prefix/suffix variant of it)")
-                continue
-            wname = target + ".weight"
-            ref = base.tensors[wname]
-            if ref.dtype not in FLOAT_CODES:
-                problems.append(f"{where}: base tensor {wname} is {ref.dtype}, a quantized/integer type; merge "
-                                "into the original floating-point (unquantized) base instead")
-                continue
-            if ref.shape != pair.base_shape:
-                problems.append(f"{where}: base tensor {wname} has shape {list(ref.shape)} but the adapter's "
-                                f"lora_B @ lora_A gives {list(pair.base_shape)}; the adapter was trained for "
-                                "another model")
-                continue
-            terms.setdefault(wname, []).append(Term(ai, pair, w))
-            if pair.bias_key is not None:
-                bname = target + ".bias"
-                bref = base.tensors.get(bname)
-                if bref is None:
-                    problems.append(f"{where}: the adapter trains a bias (lora_bias) but the base has no {bname}; "
-                                    "PEFT cannot merge this either")
-                elif bref.shape != pair.base_shape[:1]:
-                    problems.append(f"{where}: base {bname} has shape {list(bref.shape)}, lora_B.bias has "
-                                    f"{list(pair.base_shape[:1])}")
-                else:
-                    terms.setdefault(bname, []).append(Term(ai, pair, w, kind="bias"))
+            _match_pair(c, matcher, base, config, adapter, ai, w, pair, tied, virtual)
+    for name, terms in c.terms.items():
+        _check_terms(c, name, terms, adapters)
     if len(matcher.rewrites) > 1:
         shown = "; ".join(f"strip {s!r} add {a!r} for e.g. {mods[0]}" for (s, a), mods in matcher.rewrites.items())
-        problems.append(f"adapter module paths map onto the base with different prefix rewrites ({shown}); "
-                        "the adapter and base do not come from the same architecture")
-    if problems:
-        raise PlanError(f"{len(problems)} problem(s) matching the adapter(s) to the base {base.path}; "
-                        "nothing was written", problems)
+        c.problems.append(f"adapter module paths map onto the base with different prefix rewrites ({shown}); "
+                          "the adapter and base do not come from the same architecture")
+    if c.problems:
+        raise PlanError(f"{len(c.problems)} problem(s) matching the adapter(s) to the base {base.path}; "
+                        "nothing was written", c.problems)
+
+    config_updates = {}
+    if tied is not None and (virtual or any(n in c.terms for n in tied)):
+        # Tied input/output embeddings that now differ must be stored apart and untied, or the
+        # reloaded model would silently share one of them for both (as PEFT's merge does).
+        config_updates["tie_word_embeddings"] = False
+        if OUTPUT_EMBEDDING not in base.tensors and OUTPUT_EMBEDDING not in virtual:
+            virtual[OUTPUT_EMBEDDING] = base.tensors[tied[0]]
 
     jobs = []
-    for name, ref in base.tensors.items():
-        code = ref.dtype
-        if out_code is not None and code in FLOAT_CODES:
-            code = out_code
-        jobs.append(Job(name, ref, code, tuple(terms.get(name, ()))))
-
+    sources = list(base.tensors.items())
+    for name, ref in sources:
+        jobs.append(_job(name, ref, c, out_code))
+        for vname, vref in virtual.items():  # an untied lm_head goes right after its embedding
+            if vref is ref:
+                jobs.append(_job(vname, vref, c, out_code))
     files = _layout(base, jobs, parse_size(shard_size), single_file)
-    warnings = []
-    for ai, adapter in enumerate(adapters):
-        warnings.extend(adapter.warnings)
-    config_updates = {}
+
+    for name, shape in c.shapes.items():
+        if tied is not None and name == tied[0] and config.get("vocab_size") not in (None, shape[0]):
+            config_updates["vocab_size"] = shape[0]
+        elif name.endswith(INPUT_EMBEDDINGS) and config.get("vocab_size") not in (None, shape[0]):
+            config_updates["vocab_size"] = shape[0]
     if out_code is not None:
         # transformers reads this to pick the load dtype with dtype="auto"; keep it truthful.
         config_updates["torch_dtype"] = dtype
@@ -148,8 +162,126 @@ def build_plan(
         extra_files=list(base.extra_files),
         skipped_files=list(base.skipped_files),
         config_updates=config_updates,
-        warnings=warnings,
+        warnings=[w for a in adapters for w in a.warnings],
     )
+
+
+def _job(name: str, ref: TensorRef, c: _Collector, out_code: str | None) -> Job:
+    code = ref.dtype
+    if out_code is not None and code in FLOAT_CODES:
+        code = out_code
+    shape = c.shapes.get(name)
+    return Job(name, ref, code, tuple(c.terms.get(name, ())), shape if shape != ref.shape else None)
+
+
+def _tied_embeddings(base: Checkpoint, config: dict) -> tuple[str, ...] | None:
+    """(input embedding name[, lm_head name]) when the base ties them, else None."""
+    if not config.get("tie_word_embeddings", False):
+        return None
+    inputs = [n for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)]
+    if len(inputs) != 1:
+        return None
+    return (inputs[0],) + ((OUTPUT_EMBEDDING,) if OUTPUT_EMBEDDING in base.tensors else ())
+
+
+def _match_replacement(c, matcher, base, adapter, ai, w, name, key) -> None:
+    module, _, param = name.rpartition(".")
+    target, _ = matcher.match(module)
+    where = f"{adapter.label}: {name}"
+    if target is None or f"{target}.{param}" not in base.tensors:
+        c.problems.append(f"{where}: the adapter saves a full copy of {name} but the base has no such tensor")
+        return
+    full = f"{target}.{param}"
+    new = tuple(adapter.tensors[key].shape)
+    old = base.tensors[full].shape
+    # A changed first dimension is a resized vocabulary (embeddings, lm_head); anything else
+    # means the adapter belongs to another model.
+    if new != old and (len(new) != len(old) or new[1:] != old[1:]):
+        c.problems.append(f"{where}: saved tensor has shape {list(new)} but the base's {full} has "
+                          f"{list(old)}; the adapter was trained for another model")
+        return
+    if w != 1:
+        c.problems.append(f"{where}: a saved full tensor cannot be weighted (weight {w:g}); merge this "
+                          "adapter with weight 1")
+        return
+    c.add(full, Term(ai, None, w, kind="replace", key=key))
+    c.shapes[full] = new
+
+
+def _match_pair(c, matcher, base, config, adapter, ai, w, pair, tied, virtual) -> None:
+    where = f"{adapter.label}: {pair.module}"
+    wanted = pair.target_name.removesuffix(".weight")
+    if wanted.startswith(kohya.FLAT):
+        target, candidates = matcher.match_flat(wanted[len(kohya.FLAT):])
+    else:
+        target, candidates = matcher.match(wanted)
+    if target is None and pair.target_name == OUTPUT_EMBEDDING and tied is not None:
+        # lm_head tied to the input embedding and not stored: the merged lm_head becomes its own
+        # tensor, starting from the embedding's values.
+        virtual[OUTPUT_EMBEDDING] = base.tensors[tied[0]]
+        target = wanted
+    if target is None:
+        if candidates:
+            c.problems.append(f"{where}: ambiguous, matches {len(candidates)} base tensors "
+                              f"({', '.join(x + '.weight' for x in candidates[:4])})")
+        else:
+            c.problems.append(f"{where}: no base tensor named {pair.target_name} (nor any prefix/suffix "
+                              "variant of it)")
+        return
+    wname = target + ".weight"
+    ref = base.tensors.get(wname) or virtual[wname]
+    shape = c.shapes.get(wname, ref.shape)
+    if pair.layout == "auto":  # formats that do not store the layout (loralib)
+        pair, problem = loralib.resolve(pair, shape, adapter)
+        if problem:
+            c.problems.append(f"{where}: {wname}: {problem}")
+            return
+    if ref.dtype not in FLOAT_CODES:
+        c.problems.append(f"{where}: base tensor {wname} is {ref.dtype}, a quantized/integer type; merge "
+                          "into the original floating-point (unquantized) base instead")
+        return
+    if shape != pair.base_shape:
+        if pair.layout == "linear" and len(shape) == 2 and shape == pair.base_shape[::-1]:
+            c.problems.append(f"{where}: base tensor {wname} is {list(shape)}, the transpose of the adapter's "
+                              f"{list(pair.base_shape)}: the layer stores its weight [in, out] (a GPT-2 style "
+                              "Conv1D) but the adapter says fan_in_fan_out=false; set it to true in "
+                              "adapter_config.json if this adapter was trained on that layer")
+        else:
+            c.problems.append(f"{where}: base tensor {wname} has shape {list(shape)} but the adapter's "
+                              f"lora_B @ lora_A gives {list(pair.base_shape)}; the adapter was trained for "
+                              "another model")
+        return
+    if (pair.layout == "linear" and config.get("model_type") in CONV1D_MODEL_TYPES
+            and wanted.rsplit(".", 1)[-1] in CONV1D_MODULES):
+        # Square Conv1D weights (c_proj) fit either way round: only the config can tell.
+        c.problems.append(f"{where}: {config['model_type']} implements {wanted.rsplit('.', 1)[-1]} as Conv1D "
+                          "(weight stored [in, out]) but the adapter says fan_in_fan_out=false; set it to "
+                          "true in adapter_config.json")
+        return
+    c.add(wname, Term(ai, pair, w))
+    if pair.bias_key is not None:
+        bname = target + ".bias"
+        bref = base.tensors.get(bname)
+        if bref is None:
+            c.problems.append(f"{where}: the adapter trains a bias (lora_bias) but the base has no {bname}; "
+                              "PEFT cannot merge this either")
+        elif bref.shape != pair.base_shape[:1]:
+            c.problems.append(f"{where}: base {bname} has shape {list(bref.shape)}, lora_B.bias has "
+                              f"{list(pair.base_shape[:1])}")
+        else:
+            c.add(bname, Term(ai, pair, w, kind="bias"))
+
+
+def _check_terms(c, name: str, terms: list[Term], adapters: list[Adapter]) -> None:
+    if sum(t.kind == "replace" for t in terms) > 1:
+        c.problems.append(f"{name}: replaced by full saved copies from several adapters; merge them one at a time")
+    dora = [t for t in terms if t.pair is not None and t.pair.magnitude_key]
+    if dora and dora[0].weight != 1:
+        c.problems.append(f"{name}: DoRA ({adapters[dora[0].adapter].label}) is not linear in the adapter, so "
+                          f"it cannot be weighted ({dora[0].weight:g}); apply it with weight 1")
+    if dora and len([t for t in terms if t.kind == "lora"]) > 1:
+        c.problems.append(f"{name}: DoRA ({adapters[dora[0].adapter].label}) rescales the whole weight, so it "
+                          "cannot be summed with other adapters' terms on the same tensor; apply it alone")
 
 
 def _out_name(base_file: Path) -> str:
@@ -194,7 +326,8 @@ def describe(plan: Plan, adapters: list[Adapter]) -> str:
     merged = [j for j in plan.jobs if j.terms]
     lines.append(f"targets ({len(merged)} tensors):")
     for j in merged:
-        desc = ", ".join(f"{t.kind} r={t.pair.rank} scale={t.pair.scale:g}"
+        desc = ", ".join((f"replaced by saved {t.key}" if t.kind == "replace" else
+                          f"{'dora' if t.pair.magnitude_key else t.kind} r={t.pair.rank} scale={t.pair.scale:g}")
                          + (f" x{t.weight:g}" if t.weight != 1 else "")
                          + (f" [{adapters[t.adapter].path.name}]" if len(adapters) > 1 else "")
                          for t in j.terms)

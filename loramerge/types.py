@@ -66,8 +66,10 @@ class LoraPair:
     base tensor W (see deltas.py): 'linear' W[out, in] += B @ A; 'transposed' W[in, out] +=
     (B @ A).T (GPT-2 Conv1D with fan_in_fan_out, embeddings); 'conv' W[out, in, *k] +=
     (B.flatten(1) @ A.flatten(1)).view(W.shape). `base_shape` is the W shape the factors imply.
-    `magnitude_key` (DoRA) names the learned magnitude vector; `enabled_rows` (loralib
-    MergedLinear) lists which output rows of W the delta covers, None meaning all.
+    `magnitude_key` (DoRA) names the learned magnitude vector. `groups` (loralib MergedLinear,
+    e.g. GPT-2's fused q/k/v with enable_lora=[True, False, True]) says which equal row groups of W
+    the block-diagonal delta covers; `rank` then counts all groups' columns. Layout 'auto' and
+    targets starting with 'flat:' are placeholders a reader resolves against the base in the plan.
     """
 
     module: str
@@ -81,7 +83,11 @@ class LoraPair:
     layout: str = "linear"
     target: str = ""
     magnitude_key: str | None = None
-    enabled_rows: tuple[int, ...] | None = None
+    groups: tuple[bool, ...] | None = None
+
+    @property
+    def group_rank(self) -> int:
+        return self.rank // sum(self.groups) if self.groups else self.rank
 
     @property
     def target_name(self) -> str:
@@ -96,6 +102,9 @@ class Adapter:
     tensors: dict[str, torch.Tensor] = field(repr=False)
     config: dict = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)
+    # Full tensors that replace base tensors (PEFT modules_to_save, saved embedding base layers,
+    # trained biases): base tensor name as the training code saw it -> key in `tensors`.
+    replacements: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -105,12 +114,15 @@ class Adapter:
 @dataclass(frozen=True)
 class Term:
     """One adapter's contribution to one output tensor. `weight` is the user's c_i; the
-    effective factor is weight * pair.scale. kind 'lora' adds to a weight, 'bias' to a bias."""
+    effective factor is weight * pair.scale. kind 'lora' adds a low-rank delta to a weight (or,
+    with pair.magnitude_key, applies DoRA), 'bias' adds scale * lora_B.bias to a bias, 'replace'
+    substitutes the adapter's full tensor `key` for the base tensor (applied before any delta)."""
 
     adapter: int
-    pair: LoraPair
+    pair: LoraPair | None
     weight: float
     kind: str = "lora"
+    key: str | None = None
 
     @property
     def factor(self) -> float:
@@ -126,10 +138,15 @@ class Job:
     source: TensorRef
     dtype: str
     terms: tuple[Term, ...] = ()
+    out_shape: tuple[int, ...] | None = None   # set when a replacement changes the shape
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.source.shape
+        return self.out_shape or self.source.shape
+
+    @property
+    def replacement(self) -> Term | None:
+        return next((t for t in self.terms if t.kind == "replace"), None)
 
     @property
     def nbytes(self) -> int:
@@ -140,6 +157,10 @@ class Job:
         if self.terms:
             return "merge"
         return "copy" if self.dtype == self.source.dtype else "cast"
+
+    @property
+    def delta_terms(self) -> tuple[Term, ...]:
+        return tuple(t for t in self.terms if t.kind != "replace")
 
 
 @dataclass

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError
+from ..errors import AdapterError, CheckpointError
 from ..types import Adapter, LoraPair
-from .checkpoint import load_bin_state_dict
+from .checkpoint import load_bin_state_dict, read_safetensors_header
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -25,9 +25,6 @@ PREFIX = "base_model.model."
 # Config fields that change the merged weights and are not supported yet. Each is refused with
 # its reason rather than ignored: ignoring any of them gives a silently wrong model.
 UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (weight-decomposed LoRA) rescales each column by a learned magnitude",
-    "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D layout) stores the delta transposed",
-    "modules_to_save": "modules_to_save replaces whole base tensors with trained copies",
     "trainable_token_indices": "trainable_token_indices replaces embedding rows",
     "layer_replication": "layer_replication duplicates layers, changing the model's structure",
     "target_parameters": "target_parameters adapts nn.Parameters directly (e.g. MoE experts)",
@@ -43,6 +40,9 @@ UNSUPPORTED_FIELDS = {
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+# Parameters (not modules) in PEFT's layers: embedding factors and DoRA's magnitude vector.
+_EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                      r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 
 
 def read_peft_adapter(path: str | Path) -> Adapter:
@@ -63,8 +63,9 @@ def read_peft_adapter(path: str | Path) -> Adapter:
 
     _check_config(cfg_path, config)
     tensors = _load_weights(root, path)
-    pairs = _pairs(root, config, tensors)
-    return Adapter(path=root, format="peft", pairs=pairs, tensors=tensors, config=config)
+    pairs, replacements = _pairs(root, config, tensors)
+    return Adapter(path=root, format="peft", pairs=pairs, tensors=tensors, config=config,
+                   replacements=replacements)
 
 
 def _check_config(cfg_path: Path, config: dict) -> None:
@@ -79,10 +80,8 @@ def _check_config(cfg_path: Path, config: dict) -> None:
         value = config.get(key)
         if value not in (None, False, [], {}, ""):
             problems.append(f"{key}={value!r} is not supported yet: {why}")
-    bias = config.get("bias", "none")
-    if bias not in ("none", None):
-        problems.append(f"bias={bias!r} is not supported yet: the adapter carries trained base biases "
-                        "that replace the base model's")
+    if config.get("bias", "none") not in ("none", "all", "lora_only", None):
+        problems.append(f"bias={config.get('bias')!r}: expected 'none', 'all' or 'lora_only'")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         problems.append(f"init_lora_weights={init!r}: this initialization changed the base weights during "
@@ -97,17 +96,13 @@ def _load_weights(root: Path, given: Path) -> dict[str, torch.Tensor]:
     for f in candidates:
         if not f.is_file():
             continue
-        if f.suffix == ".safetensors":
-            from ..readers.checkpoint import read_safetensors_header  # validates before loading
-            read_safetensors_header(f)
-            from safetensors.torch import load_file
-            try:
-                return load_file(str(f))
-            except Exception as e:
-                raise AdapterError(f"{f}: cannot read adapter weights ({e})") from e
         try:
+            if f.suffix == ".safetensors":
+                read_safetensors_header(f)  # validates size and header before loading
+                from safetensors.torch import load_file
+                return load_file(str(f))
             return load_bin_state_dict(f)
-        except Exception as e:
+        except CheckpointError as e:
             raise AdapterError(str(e)) from e
     raise AdapterError(f"{root}: no adapter weights ({' or '.join(WEIGHTS)}) next to {CONFIG}")
 
@@ -157,72 +152,121 @@ def targets_module(config: dict, module: str) -> bool:
     return m is not None and int(m.group("idx")) in layers
 
 
-def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]) -> list[LoraPair]:
+def _strip(module: str) -> str:
+    return module[len(PREFIX):] if module.startswith(PREFIX) else module
+
+
+def _is_saved_module(config: dict, name: str) -> bool:
+    """Is `name` (a tensor path without prefix) a full tensor PEFT saves beside the LoRA factors:
+    a modules_to_save copy, or a bias trained with bias='all'/'lora_only'?"""
+    module = name.rsplit(".", 1)[0]
+    for m in config.get("modules_to_save") or []:
+        if re.match(rf"(^|.*\.){re.escape(m)}$", module):
+            return True
+    return config.get("bias") in ("all", "lora_only") and name.endswith(".bias")
+
+
+def _classify(config: dict, tensors: dict[str, torch.Tensor]):
+    """Split the adapter's keys into per-module LoRA slots, full replacement tensors, and unknowns."""
     modules: dict[str, dict[str, str]] = {}
+    replacements: dict[str, str] = {}
     unknown = []
     for key in tensors:
         m = _KEY.match(key)
-        if not m or (m.group("part") == "lora_A" and m.group("param") == "bias"):
-            unknown.append(key)
+        if m and not (m.group("part") == "lora_A" and m.group("param") == "bias"):
+            slot = m.group("part") + ("_bias" if m.group("param") == "bias" else "")
+            modules.setdefault(_strip(m.group("module")), {})[slot] = key
             continue
-        module = m.group("module")
-        module = module[len(PREFIX):] if module.startswith(PREFIX) else module
-        slot = m.group("part") + ("_bias" if m.group("param") == "bias" else "")
-        modules.setdefault(module, {})[slot] = key
+        m = _EMB_KEY.match(key)
+        if m:
+            modules.setdefault(_strip(m.group("module")), {})[m.group("part")] = key
+            continue
+        name = _strip(key)
+        if ".base_layer." in name:
+            # The base weights PEFT saves for targeted embeddings (save_embedding_layers, e.g. after
+            # resizing the vocabulary): they replace the base tensor, the LoRA delta goes on top.
+            replacements[name.replace(".base_layer.", ".")] = key
+        elif _is_saved_module(config, name):
+            replacements[name] = key
+        else:
+            unknown.append(key)
+    return modules, replacements, unknown
+
+
+def _layout(config: dict, module: str, a: torch.Tensor, b: torch.Tensor, embedding: bool):
+    """(layout, base tensor shape) of one LoRA pair, as PEFT's layer types define them."""
+    if embedding:  # lora_embedding_A [r, vocab], lora_embedding_B [dim, r]: delta = (B @ A).T
+        return "transposed", (a.shape[1], b.shape[0])
+    if a.dim() > 2:  # ConvNd: A is a conv [r, in, *k], B a 1x1 conv [out, r, 1..]
+        return "conv", (b.shape[0],) + tuple(a.shape[1:])
+    if config.get("fan_in_fan_out"):  # GPT-2 Conv1D weights are stored [in, out]
+        return "transposed", (a.shape[1], b.shape[0])
+    return "linear", (b.shape[0], a.shape[1])
+
+
+def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]):
+    modules, replacements, unknown = _classify(config, tensors)
     problems = []
     if unknown:
-        kinds = sorted({k.rsplit(".", 2)[-2] if k.count(".") >= 2 else k for k in unknown})
-        problems.append(f"{len(unknown)} tensor(s) are not LoRA A/B factors and are not supported yet "
-                        f"(e.g. {unknown[0]!r}; kinds: {', '.join(kinds[:6])})")
+        problems.append(f"{len(unknown)} tensor(s) are neither LoRA factors nor modules_to_save copies, "
+                        f"e.g. {unknown[0]!r}; this adapter format is not supported")
+    for name, key in replacements.items():
+        if not torch.isfinite(tensors[key]).all():
+            problems.append(f"{name}: saved tensor {key} contains NaN or Inf; the adapter is broken")
 
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora"))
     pairs = []
     for module, slots in modules.items():
-        if "lora_A" not in slots or "lora_B" not in slots:
-            missing = "lora_A" if "lora_A" not in slots else "lora_B"
-            problems.append(f"{module}: has no {missing}.weight; the adapter file is incomplete")
+        embedding = "lora_embedding_A" in slots or "lora_embedding_B" in slots
+        a_slot, b_slot = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        if a_slot not in slots or b_slot not in slots:
+            missing = a_slot if a_slot not in slots else b_slot
+            problems.append(f"{module}: has no {missing}; the adapter file is incomplete")
             continue
-        a, b = tensors[slots["lora_A"]], tensors[slots["lora_B"]]
-        if a.dim() != 2 or b.dim() != 2:
-            problems.append(f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} are not matrices "
-                            "(convolution LoRA is not supported yet)")
-            continue
+        a, b = tensors[slots[a_slot]], tensors[slots[b_slot]]
         if not (a.is_floating_point() and b.is_floating_point()):
             problems.append(f"{module}: LoRA factors have dtype {a.dtype}/{b.dtype}; expected floating point")
+            continue
+        if a.dim() != b.dim() or a.dim() < 2 or (a.dim() > 2 and any(d != 1 for d in b.shape[2:])):
+            problems.append(f"{module}: {a_slot} {list(a.shape)} and {b_slot} {list(b.shape)} do not form a "
+                            "LoRA pair (expected [r, in] and [out, r], or a conv kernel and a 1x1 conv)")
             continue
         r = _pattern_value(rank_pattern, module, config["r"])
         alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
         if a.shape[0] != b.shape[1]:
-            problems.append(f"{module}: lora_A has {a.shape[0]} rows but lora_B has {b.shape[1]} columns")
+            problems.append(f"{module}: {a_slot} has {a.shape[0]} rows but {b_slot} has {b.shape[1]} columns")
             continue
         if a.shape[0] != r:
-            problems.append(f"{module}: {CONFIG} gives rank {r} (r/rank_pattern) but lora_A has "
+            problems.append(f"{module}: {CONFIG} gives rank {r} (r/rank_pattern) but {a_slot} has "
                             f"{a.shape[0]} rows; the config does not belong to these weights")
             continue
         if not targets_module(config, module):
             problems.append(f"{module}: has LoRA weights but {CONFIG}'s target_modules/layers_to_transform "
                             "do not select it (PEFT would ignore them); fix the config")
             continue
-        bad = [n for n, t in (("lora_A", a), ("lora_B", b)) if not torch.isfinite(t).all()]
-        bias_key = slots.get("lora_B_bias")
-        if bias_key is not None:
-            if not config.get("lora_bias"):
-                problems.append(f"{module}: lora_B.bias present but lora_bias is not set in {CONFIG}")
-                continue
-            if not torch.isfinite(tensors[bias_key]).all():
-                bad.append("lora_B.bias")
+        bad = [n for n, k in slots.items() if not torch.isfinite(tensors[k]).all()]
         if bad:
-            problems.append(f"{module}: {', '.join(bad)} contain NaN or Inf; the adapter is broken "
+            problems.append(f"{module}: {', '.join(sorted(bad))} contain NaN or Inf; the adapter is broken "
                             "(training diverged or the file is corrupt)")
             continue
+        bias_key = slots.get("lora_B_bias")
+        if bias_key is not None and not config.get("lora_bias"):
+            problems.append(f"{module}: lora_B.bias present but lora_bias is not set in {CONFIG}")
+            continue
+        magnitude_key = slots.get("lora_magnitude_vector")
+        if bool(config.get("use_dora")) != (magnitude_key is not None):
+            problems.append(f"{module}: use_dora={config.get('use_dora')!r} in {CONFIG} but the weights "
+                            f"{'lack' if magnitude_key is None else 'have'} lora_magnitude_vector")
+            continue
+        layout, base_shape = _layout(config, module, a, b, embedding)
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        pairs.append(LoraPair(module=module, a_key=slots["lora_A"], b_key=slots["lora_B"], bias_key=bias_key,
-                              rank=int(r), alpha=alpha, scale=scale,
-                              base_shape=(b.shape[0], a.shape[1])))
+        pairs.append(LoraPair(module=module, a_key=slots[a_slot], b_key=slots[b_slot], bias_key=bias_key,
+                              rank=int(r), alpha=alpha, scale=scale, base_shape=base_shape, layout=layout,
+                              magnitude_key=magnitude_key))
     if problems:
         raise AdapterError(f"{root}: adapter weights do not match {CONFIG}", problems)
-    if not pairs:
+    if not pairs and not replacements:
         raise AdapterError(f"{root}: the adapter holds no LoRA weights (lora_A/lora_B); nothing to merge")
-    return pairs
+    return pairs, replacements

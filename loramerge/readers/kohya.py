@@ -1,0 +1,86 @@
+"""kohya-ss / diffusers-trainer LoRA files (Stable Diffusion and friends).
+
+Keys: `lora_unet_<path with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+(and `lora_te_`, `lora_te1_`, `lora_te2_` for text encoders). scale = alpha / rank, rank read off
+lora_down; a missing alpha means alpha = rank (kohya's own default). Because the names are
+flattened, the base tensor is found by flattening the base's names the same way; a flattened name
+must match exactly one base module (resolved in the plan), and a key that matches none is an
+error, never a skipped line in a log.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterError
+from ..types import Adapter, LoraPair
+
+PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
+FLAT = "flat:"
+_KEY = re.compile(r"^(?P<module>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+# LyCORIS and DoRA variants use other keys; they are not LoRA and are refused by name.
+_OTHER = ("hada_", "lokr_", "oft_", "dora_scale", ".diff", "lora_mid")
+
+
+def looks_like_kohya(keys) -> bool:
+    return any(k.startswith(PREFIXES) for k in keys)
+
+
+def read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> Adapter:
+    modules: dict[str, dict[str, str]] = {}
+    problems = []
+    for key in tensors:
+        m = _KEY.match(key)
+        if m is None:
+            kind = next((o for o in _OTHER if o in key), None)
+            problems.append(f"{key}: " + (f"a LyCORIS/DoRA '{kind.strip('._')}' tensor, not plain LoRA; not supported"
+                                          if kind else "not a kohya LoRA key (lora_down/lora_up/alpha)"))
+            continue
+        modules.setdefault(m.group("module"), {})[m.group("part").split(".")[0]] = key
+    pairs = []
+    for module, slots in sorted(modules.items()):
+        if "lora_down" not in slots or "lora_up" not in slots:
+            problems.append(f"{module}: needs both lora_down.weight and lora_up.weight")
+            continue
+        down, up = tensors[slots["lora_down"]], tensors[slots["lora_up"]]
+        rank = down.shape[0]
+        if up.dim() != down.dim() or up.shape[1] != rank or any(d != 1 for d in up.shape[2:]):
+            problems.append(f"{module}: lora_down {list(down.shape)} and lora_up {list(up.shape)} do not form a pair")
+            continue
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            problems.append(f"{module}: lora_down/lora_up contain NaN or Inf; the file is broken")
+            continue
+        alpha = float(tensors[slots["alpha"]].item()) if "alpha" in slots else float(rank)
+        pairs.append(LoraPair(
+            module=module, a_key=slots["lora_down"], b_key=slots["lora_up"], bias_key=None, rank=rank,
+            alpha=alpha, scale=alpha / rank, base_shape=(up.shape[0],) + tuple(down.shape[1:]),
+            layout="conv" if down.dim() > 2 else "linear",
+            target=FLAT + _strip_prefix(module)))
+    if problems:
+        raise AdapterError(f"{path}: not a usable kohya LoRA file", problems)
+    if not pairs:
+        raise AdapterError(f"{path}: no lora_down/lora_up pairs found")
+    return Adapter(path=path, format="kohya", pairs=pairs, tensors=tensors)
+
+
+def _strip_prefix(module: str) -> str:
+    for p in PREFIXES:
+        if module.startswith(p):
+            return module[len(p):]
+    return module
+
+
+def flat_index(base_modules) -> dict[str, list[str]]:
+    """Flattened name ('down_blocks_0_attentions_0_proj_in') -> base module paths with that name.
+    Also indexes each path without its first component, for checkpoints saved with a component
+    prefix ('unet.', 'text_encoder.')."""
+    index: dict[str, list[str]] = {}
+    for mod in base_modules:
+        index.setdefault(mod.replace(".", "_"), []).append(mod)
+        head, _, rest = mod.partition(".")
+        if rest:
+            index.setdefault(rest.replace(".", "_"), []).append(mod)
+    return index
