@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 U32 = 2.0 ** -24
 # Output dtype -> (mask of the float32 mantissa bits the conversion drops, midpoint value of those
 # bits, smallest normal magnitude of the output dtype: below it the grid changes, so we recompute).
@@ -80,6 +82,9 @@ def merge_weight(
 ) -> tuple[torch.Tensor, int]:
     """Return (W + (B * factors) @ A rounded once to out_dtype, number of elements recomputed in
     float64). Shapes: w [out, in], a [R, in], b [out, R], factors [R] (float64). All on one device."""
+    if accum == torch.float32 and block_elems is None and kernels.supports(w, out_dtype):
+        # fused CPU kernel (numba): float64 accumulation, the same correctly rounded result
+        return kernels.merge_half(w, a, b, factors, out_dtype)[0], 0
     rows, cols = w.shape
     if block_elems is None:
         block_elems = BLOCK_ELEMS_GPU if w.device.type == "cuda" else BLOCK_ELEMS_CPU

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import correctly_rounded, rel_err, requires_cuda
-from loramerge import ops
+from loramerge import kernels, ops
 
 
 def _case(seed, rows, cols, rank, w_scale, delta_scale, wdtype):
@@ -26,7 +27,8 @@ def _case(seed, rows, cols, rank, w_scale, delta_scale, wdtype):
        dtype=st.sampled_from([torch.bfloat16, torch.float16]))
 def test_half_outputs_are_correctly_rounded(seed, rows, cols, rank, w_scale, delta_scale, dtype):
     w, a, b, f, ref64 = _case(seed, rows, cols, rank, w_scale, delta_scale, dtype)
-    # small blocks so the row-block loop and the sparse/dense fix-up paths are all exercised
+    # small blocks (which also bypass the fused kernel) so the row-block loop and the sparse/dense
+    # fix-up paths of the torch implementation are all exercised
     y, _ = ops.merge_weight(w, a, b, f, dtype, block_elems=257)
     ref = correctly_rounded(ref64, dtype)
     assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
@@ -38,7 +40,7 @@ def test_float32_fast_path_alone_would_misround_and_fixups_repair_it():
     ref = correctly_rounded(ref64, torch.bfloat16)
     naive = torch.addmm(w.float(), (b.double() * f).float(), a).to(torch.bfloat16)
     assert int((naive.view(torch.int16) != ref.view(torch.int16)).sum()) > 0
-    y, fixed = ops.merge_weight(w, a, b, f, torch.bfloat16)
+    y, fixed = ops.merge_weight(w, a, b, f, torch.bfloat16, block_elems=1 << 22)  # torch path
     assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
     assert 0 < fixed < 0.01 * w.numel(), "fix-ups should be rare"
 
@@ -108,3 +110,37 @@ def test_cuda_merge_is_bit_identical_to_cpu():
     cpu, _ = ops.merge_weight(w, a, b, f, torch.bfloat16)
     gpu, _ = ops.merge_weight(w.cuda(), a.cuda(), b.cuda(), f, torch.bfloat16)
     assert torch.equal(cpu.view(torch.int16), gpu.cpu().view(torch.int16))
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba (the `fast` extra) not installed")
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 40), cols=st.integers(1, 300),
+       rank=st.integers(1, 24), w_scale=st.sampled_from([0.0, 1e-3, 0.02, 1.0, 300.0]),
+       delta_scale=st.sampled_from([1e-6, 1e-3, 0.1, 10.0]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_fused_cpu_kernel_is_correctly_rounded(seed, rows, cols, rank, w_scale, delta_scale, dtype):
+    w, a, b, f, ref64 = _case(seed, rows, cols, rank, w_scale, delta_scale, dtype)
+    y, bad = kernels.merge_half(w, a, b, f, dtype)
+    ref = correctly_rounded(ref64, dtype)
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+    assert bad == int((~torch.isfinite(ref)).sum())
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba (the `fast` extra) not installed")
+def test_fused_kernel_rounds_edge_values():
+    """Subnormals, overflow to Inf and NaN through the kernel's bit-level rounding."""
+    for dtype, big in ((torch.float16, 70000.0), (torch.bfloat16, 3.0e38)):
+        w = torch.tensor([[0.0, 1e-7, -3e-8, 6e-8, 1.0, -2.0, big / 2, float("nan")]]).to(dtype)
+        a = torch.ones(1, 8)
+        b = torch.ones(1, 1)
+        f = torch.tensor([1e-8], dtype=torch.float64)
+        ref64 = w.double() + f.item()
+        ref64[0, 6] = big * 1.5
+        f2 = torch.tensor([big], dtype=torch.float64)  # pushes column 6 past the largest finite value
+        a2 = torch.zeros(1, 8)
+        a2[0, 6] = 1.0
+        y, bad = kernels.merge_half(w, torch.cat([a, a2]), torch.ones(1, 2), torch.cat([f, f2]), dtype)
+        ref = correctly_rounded(w.double() + 1e-8 + big * a2.double(), dtype)
+        # the reference only searches finite neighbours, so it covers the finite columns
+        assert torch.equal(y.view(torch.int16)[0, :6], ref.view(torch.int16)[0, :6])
+        assert torch.isinf(y[0, 6]) and torch.isnan(y[0, 7]) and bad == 2
