@@ -3,9 +3,10 @@
 from .api import ApplyReport, apply
 from .errors import (AdapterError, CheckpointError, LoraMergeError, NumericsError, OutputError,
                      PlanError, UsageError)
+from .verify import VerifyReport, verify
 
 __all__ = [
-    "apply", "ApplyReport",
+    "apply", "ApplyReport", "verify", "VerifyReport",
     "LoraMergeError", "CheckpointError", "AdapterError", "PlanError", "OutputError", "NumericsError",
     "UsageError",
 ]

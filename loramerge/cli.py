@@ -99,11 +99,13 @@ def main():
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--verify", "run_verify", is_flag=True,
+              help="Then run `loramerge verify` on OUT; exit 1 if the merged checkpoint does not check out.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @adapter_options
 @handle_errors
 def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dry_run, overwrite, quiet,
-              adapter_opts):
+              run_verify, adapter_opts):
     """Merge ADAPTER(s) into BASE and write the merged checkpoint to OUT.
 
     ADAPTER is a PEFT adapter directory, a loralib checkpoint (needs --lora-alpha) or a kohya
@@ -114,10 +116,16 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
                    accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
                    progress=_show_progress(quiet), **adapter_opts)
     click.echo(report.summary())
+    if run_verify and not dry_run:
+        from .cli_verify import echo_report
+        from .verify import verify
+
+        echo_report(verify(base, list(adapters), out, weights=_weights(weights), device=device, **adapter_opts))
 
 
 # Further commands register themselves here, one line each (keep this block; add, don't rewrite):
 # COMMANDS-BEGIN
+from .cli_verify import verify_cmd; main.add_command(verify_cmd)  # noqa: E402,E702
 # COMMANDS-END
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""CLI command `verify` (registered in cli.py): check a merged checkpoint against its inputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .cli import _weights, adapter_options, handle_errors
+
+
+def echo_report(report, as_json: bool = False) -> None:
+    """Print a VerifyReport (table or JSON) and exit 1 if it failed."""
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())
+    if not report.ok:
+        sys.exit(1)
+
+
+@click.command("verify")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("merged", type=click.Path())
+@click.option("--weights", help="The weights the merge used, comma-separated (default 1 each).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@click.option("--outputs/--no-outputs", default=True, show_default=True,
+              help="Also compare layer outputs and (with transformers) model outputs against the unmerged adapter.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@adapter_options
+@handle_errors
+def verify_cmd(base, adapters, merged, weights, as_json, outputs, device, adapter_opts):
+    """Check that MERGED is BASE with ADAPTER(s) merged in: every tensor against the float64
+    expected value (dtype-aware tolerance), how much of each delta the output dtype kept, and
+    layer/model outputs against the adapter applied unmerged. Exit 0 when everything is within
+    tolerance, 1 otherwise (the failing lines name the tensor and the numbers)."""
+    from .verify import verify
+
+    report = verify(base, list(adapters), merged, weights=_weights(weights), outputs=outputs, device=device,
+                    **adapter_opts)
+    echo_report(report, as_json)
