@@ -24,6 +24,7 @@ install: $(VENV)/.core
 install-test: $(VENV)/.test
 
 demo: $(VENV)/.core
+	mkdir -p build
 	$(PY) -m loramerge apply fixtures/bases/llama-fp32 fixtures/adapters/llama-basic $(DEMO_OUT) --overwrite --verify
 
 test: $(VENV)/.test

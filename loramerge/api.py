@@ -151,8 +151,9 @@ def apply(
     loaded = load_adapters(adapter_paths, lora_alpha, fan_in_fan_out, enable_lora, only)
     single_file = out.suffix == ".safetensors"
     plan = build_plan(ck, loaded, weights=weights, dtype=dtype, shard_size=shard_size, single_file=single_file)
-    dev = engine.resolve_device(device)
-    report = ApplyReport(out=out, dry_run=dry_run, device=str(dev), plan=plan, warnings=list(plan.warnings))
+    devices = engine.resolve_devices(device)
+    report = ApplyReport(out=out, dry_run=dry_run, device=",".join(map(str, devices)), plan=plan,
+                         warnings=list(plan.warnings))
     report.plan_text = describe(plan, loaded)
     check_output_path(out, [base, *adapter_paths], overwrite)
     if dry_run:
@@ -169,7 +170,7 @@ def apply(
             out_dir = tmp.parent if single_file else tmp
             if single_file:
                 plan.files[0].name = tmp.name  # the staged file; renamed to `out` on commit
-            stats = engine.run(plan, ck, loaded, out_dir, dev, ACCUM[accum],
+            stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
                                progress=bar.update if bar else None, sync=sync)
             if not single_file:
                 if plan.indexed:

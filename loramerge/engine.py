@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,20 +41,38 @@ class EngineStats:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The one device for single-device work (verify, ONNX): the first of resolve_devices()."""
+    return resolve_devices(device)[0]
+
+
+def resolve_devices(device: str) -> list[torch.device]:
+    """'auto' (first GPU, else CPU), 'cpu', 'cuda', 'cuda:N', 'cuda:all' or a comma-separated list.
+    Several devices share the tensors; the output order never changes."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise LoraMergeError(f"--device {device!r}: not a device name; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda":
+        return [torch.device("cuda:0" if torch.cuda.is_available() else "cpu")]
+    if device == "cuda:all":
         if not torch.cuda.is_available():
-            raise LoraMergeError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise LoraMergeError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) present")
-    elif dev.type != "cpu":
-        raise LoraMergeError(f"--device {device}: only cpu and cuda are supported")
-    return dev
+            raise LoraMergeError("--device cuda:all: CUDA is not available here; use --device cpu")
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    devices = []
+    for name in device.split(","):
+        try:
+            dev = torch.device(name.strip())
+        except RuntimeError as e:
+            raise LoraMergeError(f"--device {name!r}: not a device name; use auto, cpu, cuda, cuda:N or cuda:all") from e
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise LoraMergeError(f"--device {name}: CUDA is not available here; use --device cpu")
+            if dev.index is None:
+                dev = torch.device("cuda:0")
+            if dev.index >= torch.cuda.device_count():
+                raise LoraMergeError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
+        elif dev.type != "cpu":
+            raise LoraMergeError(f"--device {name}: only cpu and cuda are supported")
+        devices.append(dev)
+    if len(set(devices)) != len(devices):
+        raise LoraMergeError(f"--device {device}: a device is listed twice")
+    return devices
 
 
 class _Stage(threading.Thread):
@@ -71,13 +90,17 @@ class _Stage(threading.Thread):
             self.error = e
 
 
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+def _put(q: queue.Queue, item, stop: threading.Event, *others: _Stage) -> bool:
+    """Put unless the pipeline stopped; re-raise a failed stage's error instead of waiting forever
+    for a consumer that is gone."""
     while not stop.is_set():
         try:
             q.put(item, timeout=0.1)
             return True
         except queue.Full:
-            continue
+            for t in others:
+                if t.error is not None:
+                    raise t.error
     return False
 
 
@@ -93,9 +116,11 @@ def _get(q: queue.Queue, stop: threading.Event, *others: _Stage):
                 raise RuntimeError("pipeline stopped")
 
 
-def compute(job: Job, w: torch.Tensor, adapters: list[Adapter], device: torch.device,
-            accum: torch.dtype, stats: EngineStats) -> torch.Tensor:
-    """The output tensor for one job (not a plain copy), on the CPU."""
+def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: torch.device,
+            accum: torch.dtype) -> tuple[torch.Tensor, int]:
+    """(the output tensor for one job on the CPU, elements recomputed in float64). `w` is the base
+    tensor, or None when the adapter replaces it."""
+    fixed = 0
     out_dtype = ST_TO_TORCH[job.dtype]
     rep = job.replacement
     if rep is not None:  # a full tensor saved in the adapter stands in for the base tensor
@@ -116,12 +141,9 @@ def compute(job: Job, w: torch.Tensor, adapters: list[Adapter], device: torch.de
         w2 = w.reshape(w.shape[0], -1)
         y, fixed = ops.merge_weight(w2, torch.cat(rights), torch.cat(lefts, dim=1), factors, out_dtype, accum=accum)
         y = y.reshape(w.shape)
-        stats.exact_fixups += fixed
     elif bias:
         y = ops.merge_bias(w, [(t.factor, adapters[t.adapter].tensors[t.pair.bias_key]) for t in bias], out_dtype)
-    elif rep is not None:
-        y = ops.cast(w, out_dtype)
-    else:
+    else:  # a replacement or a plain cast: one rounding to the output dtype
         y = ops.cast(w, out_dtype)
     try:
         ops.check_finite(y)
@@ -134,24 +156,39 @@ def compute(job: Job, w: torch.Tensor, adapters: list[Adapter], device: torch.de
             hint = "; the value overflows float16 (max 65504): use --dtype bfloat16 or float32"
         raise NumericsError(f"{job.name}: merged result has {count} non-finite value(s) (first at flat index "
                             f"{idx}: {value}) from {src}{hint}; nothing was written") from None
-    return y.cpu()
+    return y.cpu(), fixed
 
 
-def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, device: torch.device,
+def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
         accum: torch.dtype = torch.float32, progress=None, sync: bool = True) -> EngineStats:
+    """Stream every job of the plan into its output file. Reader thread -> one compute worker per
+    device -> writer thread; the writer takes results in plan order, so several devices can work
+    on different tensors while the files are still written strictly in order."""
     stats = EngineStats()
     stop = threading.Event()
     read_q: queue.Queue = queue.Queue(maxsize=2)
-    write_q: queue.Queue = queue.Queue(maxsize=2)
+    # Each entry holds one tensor in flight (a future); the bound keeps memory near a few tensors.
+    write_q: queue.Queue = queue.Queue(maxsize=2 * len(devices))
     order = [(fi, job) for fi, f in enumerate(plan.files) for job in f.jobs]
+    local = threading.local()
+    free_devices: queue.Queue = queue.Queue()
+    for d in devices:
+        free_devices.put(d)
 
-    def direct_copy(job: Job) -> bool:
-        return job.kind == "copy" and job.source.offset is not None
+    def bind_device():
+        local.device = free_devices.get_nowait()
+        if local.device.type == "cuda":
+            torch.cuda.set_device(local.device)
+
+    def work(job: Job, w):
+        t0 = time.perf_counter()
+        result = compute(job, None if w is _REPLACED else w, adapters, local.device, accum)
+        return result, time.perf_counter() - t0
 
     def reader():
         for fi, job in order:
-            if direct_copy(job):
-                item = (fi, job, None)
+            if job.kind == "copy" and job.source.offset is not None:
+                item = (fi, job, None)  # copied file-to-file by the writer
             elif job.replacement is not None:
                 item = (fi, job, _REPLACED)  # the base tensor is not needed
             else:
@@ -169,7 +206,12 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 item = _get(write_q, stop)
                 if item is _DONE:
                     break
-                fi, job, tensor = item
+                fi, job, future = item
+                tensor = None
+                if future is not None:
+                    (tensor, fixed), seconds = future.result()
+                    stats.exact_fixups += fixed
+                    stats.seconds_math += seconds
                 t0 = time.perf_counter()
                 w = writers.get(fi)
                 if w is None:
@@ -178,9 +220,18 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, {"format": "pt"})
                 if tensor is None:
                     w.copy_range(job.name, job.source.file, job.source.offset, job.nbytes)
+                    stats.copied += 1
                 else:
                     w.write(job.name, tensor)
-                if w._next == len(w.entries):
+                    if job.terms:
+                        stats.merged += 1
+                        stats.merged_names.append(job.name)
+                    elif job.kind == "cast":
+                        stats.cast += 1
+                    else:
+                        stats.copied += 1
+                del tensor
+                if w.complete:
                     w.close(sync=sync)
                     writers.pop(fi)
                 stats.bytes_written += job.nbytes
@@ -192,6 +243,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 w.abort()
 
     threads = [_Stage(reader, "loramerge-reader"), _Stage(writer, "loramerge-writer")]
+    pool = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="loramerge-compute",
+                              initializer=bind_device)
     for t in threads:
         t.start()
     try:
@@ -200,28 +253,11 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             if item is _DONE:
                 break
             fi, job, w = item
-            if w is None:
-                stats.copied += 1
-                out = None
-            else:
-                if w is _REPLACED:
-                    w = None
-                t0 = time.perf_counter()
-                out = compute(job, w, adapters, device, accum, stats)
-                stats.seconds_math += time.perf_counter() - t0
-                if job.terms:
-                    stats.merged += 1
-                    stats.merged_names.append(job.name)
-                elif job.kind == "cast":
-                    stats.cast += 1
-                else:
-                    stats.copied += 1
+            future = None if w is None else pool.submit(work, job, w)
             del w
-            if not _put(write_q, (fi, job, out), stop):
+            if not _put(write_q, (fi, job, future), stop, *threads):
                 break
-            if threads[1].error is not None:
-                raise threads[1].error
-        _put(write_q, _DONE, stop)
+        _put(write_q, _DONE, stop, *threads)
         threads[1].join()
         if threads[1].error is not None:
             raise threads[1].error
@@ -232,6 +268,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         raise
     finally:
         stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
     for t in threads:
         t.join()
         if t.error is not None:

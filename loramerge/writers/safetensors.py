@@ -97,6 +97,10 @@ class SafetensorsWriter:
                     raise OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated")
                 done += n
 
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.entries)
+
     def close(self, sync: bool = True) -> None:
         if self._next != len(self.entries):
             missing = self.entries[self._next][0]

@@ -1,0 +1,214 @@
+"""Side-by-side benchmark: loramerge apply vs PEFT merge_and_unload vs copying the same bytes.
+
+Builds (once, cached under --workdir) a Llama-shaped bf16 checkpoint with random weights in ~1 GB
+shards and an r=16 all-linear PEFT adapter, then runs, alternating, --runs times each:
+  loramerge  python -m loramerge apply BASE ADAPTER OUT (fsyncs its files)
+  peft       transformers from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
+  floor      cat of each shard into OUT, then `sync` of those files (read once, write once, durable)
+and reports medians of wall time and of peak anonymous memory (RssAnon, polled every 10 ms, so
+the page cache of mmapped files is not counted), and the ratios the issues set targets for.
+
+  python bench/bench_apply.py                      # 1.1B, 3 runs each, CPU
+  python bench/bench_apply.py --preset 8b --device cuda --peft-device cuda   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PRESETS = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=4000),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def llama_shapes(c: dict) -> list[tuple[str, tuple[int, int]]]:
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"])
+    shapes = [("model.embed_tokens.weight", (c["vocab_size"], h))]
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                   (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                   (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                   (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                   (p + "mlp.down_proj.weight", (h, i))]
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (c["vocab_size"], h))]
+    return shapes
+
+
+def build(work: Path, preset: str, rank: int) -> tuple[Path, Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    base, adapter = work / f"base-{preset}", work / f"adapter-{preset}-r{rank}"
+    if (base / "DONE").exists() and (adapter / "DONE").exists():
+        return base, adapter
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(adapter, ignore_errors=True)
+    base.mkdir(parents=True)
+    adapter.mkdir(parents=True)
+    cfg = dict(PRESETS[preset], architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="bfloat16",
+               rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=10000.0,
+               hidden_act="silu", bos_token_id=1, eos_token_id=2)
+    (base / "config.json").write_text(json.dumps(cfg, indent=2))
+    g = torch.Generator().manual_seed(0)
+    shapes = llama_shapes(cfg)
+    shards, cur, size = [], {}, 0
+    for name, shape in shapes:
+        t = torch.randn(shape, generator=g, dtype=torch.float32).mul_(0.02).to(torch.bfloat16) \
+            if len(shape) == 2 else torch.ones(shape, dtype=torch.bfloat16)
+        cur[name] = t
+        size += t.numel() * 2
+        if size >= 1_000_000_000:
+            shards.append(cur)
+            cur, size = {}, 0
+    if cur:
+        shards.append(cur)
+    weight_map, total = {}, 0
+    for k, sd in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sd, str(base / fname), metadata={"format": "pt"})
+        for n, t in sd.items():
+            weight_map[n] = fname
+            total += t.numel() * 2
+        log(f"  wrote {fname}")
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    # the adapter: PEFT's own config class writes adapter_config.json; factors with PEFT's key names
+    from peft import LoraConfig
+
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, task_type="CAUSAL_LM").save_pretrained(str(adapter))
+    lora = {}
+    for name, shape in shapes:
+        if len(shape) == 2 and name.rsplit(".", 2)[-2] in TARGETS:
+            mod = "base_model.model." + name[: -len(".weight")]
+            lora[mod + ".lora_A.weight"] = torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5
+            lora[mod + ".lora_B.weight"] = torch.randn(shape[0], rank, generator=g) * 1e-3
+    save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (base / "DONE").touch()
+    (adapter / "DONE").touch()
+    return base, adapter
+
+
+PEFT_SCRIPT = r"""
+import sys, torch, transformers, peft
+base, adapter, out, device = sys.argv[1:5]
+m = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
+m = peft.PeftModel.from_pretrained(m, adapter).merge_and_unload()
+m.save_pretrained(out)
+"""
+
+LORAMERGE_SCRIPT = r"""
+import json, sys, loramerge
+base, adapter, out, device = sys.argv[1:5]
+r = loramerge.apply(base, adapter, out, device=device, overwrite=True)
+print("STAGES " + json.dumps(r.stage_seconds))
+"""
+
+
+def measure(cmd: list[str], env=None) -> tuple[float, int, str]:
+    """(wall seconds, peak RssAnon bytes over the process tree's main process, stdout)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    status = f"/proc/{p.pid}/status"
+    while p.poll() is None:
+        try:
+            with open(status) as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    out, err = p.communicate()
+    if p.returncode != 0:
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    return wall, peak, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="1b", choices=sorted(PRESETS))
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "work")
+    ap.add_argument("--device", default="cpu", help="loramerge --device")
+    ap.add_argument("--peft-device", default="cpu", help="device_map for PEFT's model load")
+    ap.add_argument("--methods", default="loramerge,peft,floor")
+    ap.add_argument("--results", type=Path, default=None, help="write the JSON results here")
+    args = ap.parse_args()
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    log(f"building {args.preset} checkpoint in {args.workdir} (cached)")
+    t = time.perf_counter()
+    base, adapter = build(args.workdir, args.preset, args.rank)
+    log(f"  ready in {time.perf_counter() - t:.1f} s")
+    shards = sorted(base.glob("*.safetensors"))
+    nbytes = sum(p.stat().st_size for p in shards)
+    py = sys.executable
+    methods = args.methods.split(",")
+    results = {m: {"wall": [], "anon": []} for m in methods}
+    stages = []
+    for run in range(args.runs):
+        order = methods[run % len(methods):] + methods[:run % len(methods)]  # rotate who goes first
+        for m in order:
+            out = args.workdir / f"out-{m}"
+            shutil.rmtree(out, ignore_errors=True)
+            if m == "loramerge":
+                wall, anon, stdout = measure([py, "-c", LORAMERGE_SCRIPT, str(base), str(adapter), str(out), args.device])
+                stages.append(json.loads(stdout.split("STAGES ", 1)[1]))
+            elif m == "peft":
+                wall, anon, _ = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
+            else:
+                out.mkdir()
+                script = "; ".join(f"cat '{s}' > '{out / s.name}'" for s in shards)
+                script += "; sync " + " ".join(f"'{out / s.name}'" for s in shards)
+                wall, anon, _ = measure(["sh", "-c", script])
+            results[m]["wall"].append(wall)
+            results[m]["anon"].append(anon)
+            log(f"run {run + 1} {m:9s} wall {wall:7.2f} s   peak anon {anon / 2**20:8.0f} MiB")
+            shutil.rmtree(out, ignore_errors=True)
+
+    med = {m: {"wall": statistics.median(v["wall"]), "anon": statistics.median(v["anon"])} for m, v in results.items()}
+    summary = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        "preset": args.preset, "bytes": nbytes, "runs": args.runs, "device": args.device,
+        "medians": med, "raw": results,
+        "loramerge_stage_seconds_median": {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {},
+    }
+    if "loramerge" in med:
+        lm = med["loramerge"]
+        if "peft" in med:
+            summary["wall_vs_peft"] = lm["wall"] / med["peft"]["wall"]
+            summary["anon_vs_peft"] = lm["anon"] / med["peft"]["anon"]
+        if "floor" in med:
+            summary["wall_vs_floor"] = lm["wall"] / med["floor"]["wall"]
+    print(json.dumps(summary, indent=2))
+    if args.results:
+        args.results.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
