@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -189,3 +189,104 @@ def apply(
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write}
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@dataclass
+class UnmergeReport(ApplyReport):
+    """An ApplyReport plus what the unmerge can and cannot give back (`recovery`, one line each)."""
+
+    recovery: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return "\n".join([super().summary(), *self.recovery])
+
+
+def _not_invertible(adapters: list[Adapter]) -> list[str]:
+    """Adapter parts whose merge cannot be undone by subtracting a delta."""
+    problems = []
+    for a in adapters:
+        dora = [p.module for p in a.pairs if getattr(p, "magnitude_key", None)]
+        if dora:
+            shown = ", ".join(dora[:3]) + (f" and {len(dora) - 3} more" if len(dora) > 3 else "")
+            problems.append(f"{a.label}: {shown} {'is' if len(dora) == 1 else 'are'} DoRA: the merge rescaled "
+                            "each output unit of W + sBA to a learned magnitude, and the norms it divided by are "
+                            "not stored anywhere, so W cannot be recovered from the merged weights")
+        replaced = list(getattr(a, "replacements", None) or {})
+        if replaced:
+            shown = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
+            problems.append(f"{a.label}: {shown} {'was' if len(replaced) == 1 else 'were'} replaced by the "
+                            "adapter's full tensors (modules_to_save or trained layers); the original base "
+                            "tensors are not stored anywhere")
+    return problems
+
+
+def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
+    """What unmerging gives back, per output dtype, assuming the merged checkpoint was written by
+    `loramerge apply` with the same adapters and weights and without changing its dtype.
+
+    Derivation. Let W be the original (on the dtype's grid), D the exact delta, M the merged value.
+    Correctly rounded merge (bf16/fp16 always; float32 with --accum float64):
+        M = W + D + e1 with |e1| <= ulp(M)/2    (ulp(M): grid spacing at M; D can move W + D
+        across a power of two, so it is the spacing at M, not at W, that bounds e1).
+    Correctly rounded unmerge: R = round(M - D) = round(W + e1). W is on the grid, so the nearest
+    grid point to W + e1 is no farther from it than W: |R - (W + e1)| <= |e1|. Hence
+        |R - W| <= 2 |e1| <= ulp(M)  <= 2^(1-p) |M|   (p = significand bits: bf16 8, fp16 11).
+    R == W whenever e1 is below half the grid spacing around W (the common case for deltas small
+    relative to W); the merge's rounding error e1 itself is lost, so exact recovery cannot be promised.
+    Float32 with float32 accumulation: each pass has |error| <= u|result| + (R+3) u E_ij,
+    u = 2^-24, E = |B'| @ |A| (ops.merge_weight's bound), so |R - W| <= u(|M| + |R|) + 2(R+3) u E_ij.
+    """
+    merged = [j for j in plan.jobs if any(t.kind in ("lora", "bias") for t in j.terms)]
+    by_dtype: dict[str, int] = {}
+    for j in merged:
+        by_dtype[j.dtype] = by_dtype.get(j.dtype, 0) + 1
+    notes = []
+    for code, n in sorted(by_dtype.items()):
+        if code == "F32" and accum == "float32":
+            notes.append(f"float32 ({n} tensors): recovered to float32 rounding, not bit for bit: per element "
+                         "|W_rec - W| <= 2^-24 (|W_merged| + |W_rec|) + 2 (R+3) 2^-24 (|B'| |A|)_ij "
+                         "(R = total rank; about 1e-7 relative)")
+        elif code in ("F32", "F64"):
+            p = 24 if code == "F32" else 53
+            notes.append(f"{'float32' if code == 'F32' else 'float64'} ({n} tensors): |W_rec - W| <= 1 ulp of the "
+                         f"merged value (<= 2^-{p - 1} relative); most elements come back bit for bit")
+        else:
+            name, p = {"BF16": ("bfloat16", 8), "F16": ("float16", 11)}[code]
+            notes.append(f"{name} ({n} tensors): NOT exactly recoverable: the merge rounded W + delta to the "
+                         f"{name} grid and that rounding error is lost. Bound per element: |W_rec - W| <= 1 ulp "
+                         f"of the merged value <= 2^-{p - 1} |W_merged| ({2.0 ** (1 - p):.2%} relative); most "
+                         "elements come back bit for bit")
+    if any(j.dtype != j.source.dtype for j in merged):
+        notes.append("note: --dtype changed the tensors' dtype; the bounds above are in the output dtype")
+    notes.append("these bounds hold if the merged checkpoint was written by `loramerge apply` with the same "
+                 "adapters and weights; a merge that rounded twice (e.g. PEFT's in half precision) or changed "
+                 "the dtype loses more")
+    return notes
+
+
+def unmerge(
+    merged: str | Path,
+    adapters: str | Path | list,
+    out: str | Path,
+    *,
+    weights: list[float] | None = None,
+    **options,
+) -> UnmergeReport:
+    """Undo `apply`: W = W' - sum_i weights[i] * s_i * B_i @ A_i, in float32 (or `accum`), rounded
+    once. `weights` are the ones the merge used (default 1 each). Takes apply's other options.
+    The report's `recovery` lines say how exactly W comes back (see recovery_notes)."""
+    adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    if not adapter_paths:
+        raise UsageError("no adapter given")
+    if weights is not None and len(weights) != len(adapter_paths):
+        raise UsageError(f"--weights has {len(weights)} value(s) for {len(adapter_paths)} adapter(s); "
+                         "give the weights the merge used, one per adapter")
+    problems = _not_invertible(load_adapters(adapter_paths))
+    if problems:
+        raise AdapterError(f"cannot unmerge from {merged}: part of the merge is not invertible; nothing was "
+                         "written (merge again from the original base instead)", problems)
+    negated = [-float(w) for w in (weights if weights is not None else [1.0] * len(adapter_paths))]
+    report = apply(merged, adapter_paths, out, weights=negated, **options)
+    result = UnmergeReport(**{f.name: getattr(report, f.name) for f in fields(ApplyReport)})
+    result.recovery = recovery_notes(report.plan, options.get("accum", "float32"))
+    return result

@@ -125,6 +125,7 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
 
 # Further commands register themselves here, one line each (keep this block; add, don't rewrite):
 # COMMANDS-BEGIN
+from .cli_algebra import register as _register_algebra; _register_algebra(main)  # noqa: E402,E702 combine, unmerge
 from .cli_verify import verify_cmd; main.add_command(verify_cmd)  # noqa: E402,E702
 # COMMANDS-END
 
