@@ -55,7 +55,7 @@ def llama_shapes(c: dict) -> list[tuple[str, tuple[int, int]]]:
     return shapes
 
 
-def build(work: Path, preset: str, rank: int) -> tuple[Path, Path]:
+def build(work: Path, preset: str, rank: int, gen_device: str = "cpu") -> tuple[Path, Path]:
     import torch
     from safetensors.torch import save_file
 
@@ -70,11 +70,11 @@ def build(work: Path, preset: str, rank: int) -> tuple[Path, Path]:
                rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=10000.0,
                hidden_act="silu", bos_token_id=1, eos_token_id=2)
     (base / "config.json").write_text(json.dumps(cfg, indent=2))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=gen_device).manual_seed(0)
     shapes = llama_shapes(cfg)
     shards, cur, size = [], {}, 0
     for name, shape in shapes:
-        t = torch.randn(shape, generator=g, dtype=torch.float32).mul_(0.02).to(torch.bfloat16) \
+        t = torch.randn(shape, generator=g, dtype=torch.float32, device=gen_device).mul_(0.02).to(torch.bfloat16).cpu() \
             if len(shape) == 2 else torch.ones(shape, dtype=torch.bfloat16)
         cur[name] = t
         size += t.numel() * 2
@@ -101,8 +101,9 @@ def build(work: Path, preset: str, rank: int) -> tuple[Path, Path]:
     for name, shape in shapes:
         if len(shape) == 2 and name.rsplit(".", 2)[-2] in TARGETS:
             mod = "base_model.model." + name[: -len(".weight")]
-            lora[mod + ".lora_A.weight"] = torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5
-            lora[mod + ".lora_B.weight"] = torch.randn(shape[0], rank, generator=g) * 1e-3
+            lora[mod + ".lora_A.weight"] = (torch.randn(rank, shape[1], generator=g, device=gen_device)
+                                            / shape[1] ** 0.5).cpu()
+            lora[mod + ".lora_B.weight"] = (torch.randn(shape[0], rank, generator=g, device=gen_device) * 1e-3).cpu()
     save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
     (base / "DONE").touch()
     (adapter / "DONE").touch()
@@ -115,13 +116,18 @@ base, adapter, out, device = sys.argv[1:5]
 m = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
 m = peft.PeftModel.from_pretrained(m, adapter).merge_and_unload()
 m.save_pretrained(out)
+if torch.cuda.is_available():
+    print("GPUMEM", torch.cuda.max_memory_allocated())
 """
 
 LORAMERGE_SCRIPT = r"""
 import json, sys, loramerge
 base, adapter, out, device = sys.argv[1:5]
 r = loramerge.apply(base, adapter, out, device=device, overwrite=True)
+import torch
+gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 print("STAGES " + json.dumps(r.stage_seconds))
+print("GPUMEM", gpu)
 """
 
 
@@ -162,35 +168,41 @@ def main():
     args.workdir.mkdir(parents=True, exist_ok=True)
     log(f"building {args.preset} checkpoint in {args.workdir} (cached)")
     t = time.perf_counter()
-    base, adapter = build(args.workdir, args.preset, args.rank)
+    base, adapter = build(args.workdir, args.preset, args.rank, "cuda" if "cuda" in args.device else "cpu")
     log(f"  ready in {time.perf_counter() - t:.1f} s")
     shards = sorted(base.glob("*.safetensors"))
     nbytes = sum(p.stat().st_size for p in shards)
     py = sys.executable
     methods = args.methods.split(",")
-    results = {m: {"wall": [], "anon": []} for m in methods}
+    results = {m: {"wall": [], "anon": [], "gpu": []} for m in methods}
     stages = []
     for run in range(args.runs):
         order = methods[run % len(methods):] + methods[:run % len(methods)]  # rotate who goes first
         for m in order:
             out = args.workdir / f"out-{m}"
             shutil.rmtree(out, ignore_errors=True)
+            stdout = ""
             if m == "loramerge":
                 wall, anon, stdout = measure([py, "-c", LORAMERGE_SCRIPT, str(base), str(adapter), str(out), args.device])
-                stages.append(json.loads(stdout.split("STAGES ", 1)[1]))
+                stages.append(json.loads(stdout.split("STAGES ", 1)[1].splitlines()[0]))
             elif m == "peft":
-                wall, anon, _ = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
+                wall, anon, stdout = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
             else:
                 out.mkdir()
                 script = "; ".join(f"cat '{s}' > '{out / s.name}'" for s in shards)
                 script += "; sync " + " ".join(f"'{out / s.name}'" for s in shards)
                 wall, anon, _ = measure(["sh", "-c", script])
+            gpu = int(stdout.split("GPUMEM ", 1)[1].split()[0]) if "GPUMEM " in stdout else 0
             results[m]["wall"].append(wall)
             results[m]["anon"].append(anon)
-            log(f"run {run + 1} {m:9s} wall {wall:7.2f} s   peak anon {anon / 2**20:8.0f} MiB")
+            results[m]["gpu"].append(gpu)
+            log(f"run {run + 1} {m:9s} wall {wall:7.2f} s   peak anon {anon / 2**20:8.0f} MiB   "
+                f"peak GPU {gpu / 2**30:6.2f} GiB")
             shutil.rmtree(out, ignore_errors=True)
+            if args.results:  # keep what we have if a time limit cuts the run short
+                args.results.write_text(json.dumps({"partial": True, "raw": results, "stages": stages}, indent=2))
 
-    med = {m: {"wall": statistics.median(v["wall"]), "anon": statistics.median(v["anon"])} for m, v in results.items()}
+    med = {m: {k: statistics.median(v[k]) for k in ("wall", "anon", "gpu")} for m, v in results.items()}
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}",

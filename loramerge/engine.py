@@ -117,9 +117,10 @@ def _get(q: queue.Queue, stop: threading.Event, *others: _Stage):
 
 
 def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: torch.device,
-            accum: torch.dtype) -> tuple[torch.Tensor, int]:
+            accum: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(the output tensor for one job on the CPU, elements recomputed in float64). `w` is the base
-    tensor, or None when the adapter replaces it."""
+    tensor, or None when the adapter replaces it; `out`, if given, is a CPU buffer of the job's
+    dtype and shape that receives the result (reused across tensors, pinned when a GPU is used)."""
     fixed = 0
     out_dtype = ST_TO_TORCH[job.dtype]
     rep = job.replacement
@@ -139,7 +140,8 @@ def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: t
         lefts, rights = zip(*(deltas.factors(adapters[t.adapter], t.pair, torch.float32, device) for t in lora))
         factors = torch.cat([torch.full((t.pair.rank,), t.factor, dtype=torch.float64) for t in lora])
         w2 = w.reshape(w.shape[0], -1)
-        y, fixed = ops.merge_weight(w2, torch.cat(rights), torch.cat(lefts, dim=1), factors, out_dtype, accum=accum)
+        y, fixed = ops.merge_weight(w2, torch.cat(rights), torch.cat(lefts, dim=1), factors, out_dtype, accum=accum,
+                                    out=None if out is None else out.view(w2.shape))
         y = y.reshape(w.shape)
     elif bias:
         y = ops.merge_bias(w, [(t.factor, adapters[t.adapter].tensors[t.pair.bias_key]) for t in bias], out_dtype)
@@ -156,7 +158,37 @@ def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: t
             hint = "; the value overflows float16 (max 65504): use --dtype bfloat16 or float32"
         raise NumericsError(f"{job.name}: merged result has {count} non-finite value(s) (first at flat index "
                             f"{idx}: {value}) from {src}{hint}; nothing was written") from None
-    return y.cpu(), fixed
+    if out is None:
+        return y.cpu(), fixed
+    if y.data_ptr() != out.data_ptr():
+        out.copy_(y)  # device -> pinned host copy on GPU; already in place for the CPU kernel
+    return out, fixed
+
+
+class BufferPool:
+    """A few reusable byte buffers, each large enough for the largest tensor that needs one.
+    Reusing them avoids a page fault per 4 KiB of every tensor; pinned (page-locked) buffers make
+    host<->GPU copies run at full speed. get() blocks when all are in use, which is what bounds
+    the memory of the whole pipeline."""
+
+    def __init__(self, nbytes: int, count: int, pin: bool):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count if nbytes else 0):
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin))
+
+    def get(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], stop: threading.Event):
+        while True:
+            try:
+                buf = self._free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if stop.is_set():
+                    raise RuntimeError("pipeline stopped") from None
+        return buf, buf[:nbytes].view(dtype).view(shape)
+
+    def put(self, buf: torch.Tensor | None) -> None:
+        if buf is not None:
+            self._free.put(buf)
 
 
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
@@ -171,6 +203,18 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     write_q: queue.Queue = queue.Queue(maxsize=2 * len(devices))
     order = [(fi, job) for fi, f in enumerate(plan.files) for job in f.jobs]
     local = threading.local()
+    pin = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
+    computed = [(fi, j) for fi, j in order if not (j.kind == "copy" and j.source.offset is not None)]
+    read_bytes = max((j.source.nbytes for _, j in computed if j.source.offset is not None
+                      and j.replacement is None), default=0)
+    out_bytes = max((j.nbytes for _, j in computed), default=0)
+    # One worker: it takes jobs in order, so 2 output buffers suffice (one being written, one
+    # being filled). Several: enough that every job that can be in flight gets one (no deadlock).
+    n = len(devices)
+    read_pool = BufferPool(read_bytes, 2 + n, pin)
+    out_pool = BufferPool(out_bytes, 2 if n == 1 else 3 * n + 2, pin)
+    closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fsync")
+    closing = []
     free_devices: queue.Queue = queue.Queue()
     for d in devices:
         free_devices.put(d)
@@ -180,21 +224,32 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         if local.device.type == "cuda":
             torch.cuda.set_device(local.device)
 
-    def work(job: Job, w):
+    def work(job: Job, w, read_buf):
         t0 = time.perf_counter()
-        result = compute(job, None if w is _REPLACED else w, adapters, local.device, accum)
-        return result, time.perf_counter() - t0
+        out_buf, out = out_pool.get(job.nbytes, ST_TO_TORCH[job.dtype], job.shape, stop)
+        try:
+            tensor, fixed = compute(job, None if w is _REPLACED else w, adapters, local.device, accum, out)
+        except BaseException:
+            out_pool.put(out_buf)
+            raise
+        finally:
+            read_pool.put(read_buf)  # the input is consumed (GPU copies are complete: out is filled)
+        return (tensor, fixed, out_buf), time.perf_counter() - t0
 
     def reader():
         for fi, job in order:
             if job.kind == "copy" and job.source.offset is not None:
-                item = (fi, job, None)  # copied file-to-file by the writer
+                item = (fi, job, None, None)  # copied file-to-file by the writer
             elif job.replacement is not None:
-                item = (fi, job, _REPLACED)  # the base tensor is not needed
+                item = (fi, job, _REPLACED, None)  # the base tensor is not needed
             else:
+                buf = view = None
+                if job.source.offset is not None:
+                    buf, _ = read_pool.get(0, torch.uint8, (0,), stop)
                 t0 = time.perf_counter()
-                item = (fi, job, base.read(job.source))
+                item = (fi, job, base.read(job.source, out=buf), buf)
                 stats.seconds_read += time.perf_counter() - t0
+                del view
             if not _put(read_q, item, stop):
                 return
         _put(read_q, _DONE, stop)
@@ -207,9 +262,9 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 if item is _DONE:
                     break
                 fi, job, future = item
-                tensor = None
+                tensor = out_buf = None
                 if future is not None:
-                    (tensor, fixed), seconds = future.result()
+                    (tensor, fixed, out_buf), seconds = future.result()
                     stats.exact_fixups += fixed
                     stats.seconds_math += seconds
                 t0 = time.perf_counter()
@@ -231,8 +286,10 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     else:
                         stats.copied += 1
                 del tensor
+                out_pool.put(out_buf)
                 if w.complete:
-                    w.close(sync=sync)
+                    # fsync in the background: the next file's writes keep the disk busy meanwhile
+                    closing.append(closer.submit(w.close, sync))
                     writers.pop(fi)
                 stats.bytes_written += job.nbytes
                 stats.seconds_write += time.perf_counter() - t0
@@ -252,9 +309,9 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             item = _get(read_q, stop, *threads)
             if item is _DONE:
                 break
-            fi, job, w = item
-            future = None if w is None else pool.submit(work, job, w)
-            del w
+            fi, job, w, read_buf = item
+            future = None if w is None else pool.submit(work, job, w, read_buf)
+            del w, read_buf
             if not _put(write_q, (fi, job, future), stop, *threads):
                 break
         _put(write_q, _DONE, stop, *threads)
@@ -269,8 +326,11 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
+        closer.shutdown(wait=True)
     for t in threads:
         t.join()
         if t.error is not None:
             raise t.error
+    for f in closing:
+        f.result()  # a failed fsync is a failed run
     return stats

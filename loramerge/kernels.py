@@ -40,13 +40,15 @@ def _lut(dtype: torch.dtype) -> np.ndarray:
 
 
 def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch.Tensor,
-               out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Same contract as ops.merge_weight; returns (result, count of non-finite results)."""
+               out_dtype: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Same contract as ops.merge_weight; returns (result, count of non-finite results). `out`, if
+    given, is a contiguous CPU tensor of w's shape and out_dtype to write into (a reused buffer)."""
     rows, cols = w.shape
     w16 = w.contiguous().view(torch.int16).numpy().view(np.uint16)
     a64 = a.to(torch.float64).contiguous().numpy()
     bs64 = (b.to(torch.float64) * factors.to(torch.float64)).contiguous().numpy()
-    out = torch.empty(w.shape, dtype=out_dtype)
+    if out is None:
+        out = torch.empty(w.shape, dtype=out_dtype)
     out16 = out.view(torch.int16).numpy().view(np.uint16)
     bad = np.zeros(rows, dtype=np.int64)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))

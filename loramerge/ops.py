@@ -79,12 +79,33 @@ def merge_weight(
     out_dtype: torch.dtype,
     accum: torch.dtype = torch.float32,
     block_elems: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Return (W + (B * factors) @ A rounded once to out_dtype, number of elements recomputed in
-    float64). Shapes: w [out, in], a [R, in], b [out, R], factors [R] (float64). All on one device."""
+    float64). Shapes: w [out, in], a [R, in], b [out, R], factors [R] (float64). All on one device.
+    `out` (CPU only) is a buffer the fused kernel may write into; the result may or may not be it."""
+    if w.device.type == "cuda":
+        with _no_tf32():
+            return _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, None)
+    return _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out)
+
+
+class _no_tf32:
+    """The error bound behind the exact rounding assumes true float32 products; TF32 matmuls keep
+    only 10 mantissa bits, so they are switched off for the duration (and restored after)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
     if accum == torch.float32 and block_elems is None and kernels.supports(w, out_dtype):
         # fused CPU kernel (numba): float64 accumulation, the same correctly rounded result
-        return kernels.merge_half(w, a, b, factors, out_dtype)[0], 0
+        return kernels.merge_half(w, a, b, factors, out_dtype, out=out)[0], 0
     rows, cols = w.shape
     if block_elems is None:
         block_elems = BLOCK_ELEMS_GPU if w.device.type == "cuda" else BLOCK_ELEMS_CPU
