@@ -80,14 +80,21 @@ def merge_weight(
     accum: torch.dtype = torch.float32,
     block_elems: int | None = None,
     out: torch.Tensor | None = None,
+    check: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Return (W + (B * factors) @ A rounded once to out_dtype, number of elements recomputed in
     float64). Shapes: w [out, in], a [R, in], b [out, R], factors [R] (float64). All on one device.
-    `out` (CPU only) is a buffer the fused kernel may write into; the result may or may not be it."""
+    `out` (CPU only) is a buffer the fused kernel may write into; the result may or may not be it.
+    check=True raises NonFinite for a non-finite result (the fused kernel counts them as it writes,
+    sparing a pass over the output)."""
     if w.device.type == "cuda":
         with _no_tf32():
-            return _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, None)
-    return _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out)
+            y, fixed, bad = _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, None)
+    else:
+        y, fixed, bad = _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out)
+    if check and bad != 0:  # bad is None when unknown (torch path): check the output
+        check_finite(y)
+    return y, fixed
 
 
 class _no_tf32:
@@ -105,7 +112,8 @@ class _no_tf32:
 def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
     if accum == torch.float32 and block_elems is None and kernels.supports(w, out_dtype):
         # fused CPU kernel (numba): float64 accumulation, the same correctly rounded result
-        return kernels.merge_half(w, a, b, factors, out_dtype, out=out)[0], 0
+        y, bad = kernels.merge_half(w, a, b, factors, out_dtype, out=out)
+        return y, 0, bad
     rows, cols = w.shape
     if block_elems is None:
         block_elems = BLOCK_ELEMS_GPU if w.device.type == "cuda" else BLOCK_ELEMS_CPU
@@ -120,7 +128,7 @@ def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
         for i in range(0, rows, step):
             r = torch.addmm(w[i:i + step].to(torch.float64), b64s[i:i + step], a64)
             out[i:i + step] = round_to(r, out_dtype)
-        return out, 0
+        return out, 0, None
 
     a32 = a.to(torch.float32)
     # Fold the factors into B once: one extra rounding per element of B, covered by the bound.
@@ -164,7 +172,7 @@ def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
                     y[ri, cj] = round_to(exact, out_dtype)
                 fixed += n
         out[i:i + step] = y
-    return out, fixed
+    return out, fixed, None
 
 
 def dora_merge(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, magnitude: torch.Tensor,
@@ -191,9 +199,19 @@ def merge_bias(bias: torch.Tensor, deltas: list[tuple[float, torch.Tensor]], out
     return round_to(acc, out_dtype)
 
 
+# Exponent bits of the 16-bit float formats: all ones means Inf or NaN.
+_EXP_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
 def check_finite(t: torch.Tensor) -> None:
     """Raise NonFinite(count, flat index, value) if t has NaN or Inf."""
-    finite = torch.isfinite(t)
+    mask = _EXP_MASK.get(t.dtype)
+    if mask is not None:
+        # integer test of the exponent bits: torch's isfinite on CPU half tensors is several
+        # times slower than the merge itself
+        finite = (t.view(torch.int16) & mask) != mask
+    else:
+        finite = torch.isfinite(t)
     if bool(finite.all()):
         return
     bad = (~finite).view(-1)
