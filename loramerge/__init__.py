@@ -11,11 +11,13 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .api import ApplyReport, apply
 from .api import UnmergeReport, unmerge
 from .combine import CombineReport, combine
+from .onnx import export_onnx
 from .errors import (AdapterError, CheckpointError, LoraMergeError, NumericsError, OutputError,
                      PlanError, UsageError)
 from .verify import VerifyReport, verify
 
 __all__ = [
+    "export_onnx",
     "apply", "ApplyReport", "verify", "VerifyReport",
     "unmerge", "UnmergeReport", "combine", "CombineReport",
     "LoraMergeError", "CheckpointError", "AdapterError", "PlanError", "OutputError", "NumericsError",

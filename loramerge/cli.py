@@ -127,6 +127,7 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
 # COMMANDS-BEGIN
 from .cli_algebra import register as _register_algebra; _register_algebra(main)  # noqa: E402,E702 combine, unmerge
 from .cli_verify import verify_cmd; main.add_command(verify_cmd)  # noqa: E402,E702
+from .cli_onnx import register as _register_onnx; _register_onnx(main)  # noqa: E402,E702 export-onnx
 # COMMANDS-END
 
 if __name__ == "__main__":

@@ -43,5 +43,9 @@ class NumericsError(LoraMergeError):
     """A merged value is not finite, or cannot be represented in the output dtype."""
 
 
+class OnnxError(LoraMergeError):
+    """An ONNX graph cannot be read, does not fit the adapters, or fails validation."""
+
+
 class UsageError(LoraMergeError):
     """Options that contradict each other. The CLI exits 2 for these."""

@@ -1,0 +1,341 @@
+"""One ONNX model file, read without its tensor data: the graph proto, an index of initializers
+and who consumes them, and what the exporters left behind about where each value came from.
+
+Tensor bytes are read one initializer at a time (from the proto, or from the external data file
+at its offset), so a model with external data is never held in memory whole. Writing (save())
+streams too: untouched external tensors are copied range by range into the new data file.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from ..errors import OnnxError
+
+FLOAT_TYPES: dict[int, torch.dtype] = {
+    TensorProto.FLOAT: torch.float32,
+    TensorProto.FLOAT16: torch.float16,
+    TensorProto.BFLOAT16: torch.bfloat16,
+    TensorProto.DOUBLE: torch.float64,
+}
+TORCH_TO_ONNX = {v: k for k, v in FLOAT_TYPES.items()}
+# Where the exporters record provenance. The dynamo exporter's optimizer (onnxscript) notes on a
+# constant-folded value which original values it came from (e.g. the transposed copy of
+# `model.layers.0.self_attn.q_proj.weight`); both exporters name or annotate nodes with the module
+# path that produced them.
+FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+COPY_CHUNK = 64 << 20
+ALIGN_LARGE = 1 << 20   # tensors this big start on a 64 KiB boundary in external data (as onnx.save
+ALIGNMENT = 1 << 16     # does), so onnxruntime can memory-map them
+
+
+def _type_name(code: int) -> str:
+    try:
+        return TensorProto.DataType.Name(code)
+    except ValueError:
+        return str(code)
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    """The model proto without external data, or an OnnxError saying what is wrong with the file."""
+    if not path.exists():
+        raise OnnxError(f"{path}: ONNX model not found")
+    if path.is_dir():
+        raise OnnxError(f"{path}: is a directory; pass the .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OnnxError(f"{path}: not a valid ONNX model (the protobuf does not parse: {msg}); the file is "
+                        "corrupt or truncated, or not ONNX at all: re-export or re-download it") from e
+    if model.ir_version <= 0 or not model.graph.node:
+        raise OnnxError(f"{path}: not a valid ONNX model (no IR version or no graph nodes); the file is corrupt, "
+                        "empty or not ONNX: re-export or re-download it")
+    return model
+
+
+def _scopes_of(node: onnx.NodeProto) -> list[str]:
+    """Module paths a node was produced under, outermost first ('m', 'm.model', ...)."""
+    for p in node.metadata_props:
+        if p.key == NAME_SCOPES:  # dynamo exporter: ['', 'm', 'm.model', ..., 'linear']
+            try:
+                scopes = ast.literal_eval(p.value)
+                return [s for s in scopes if isinstance(s, str) and s]
+            except (ValueError, SyntaxError):
+                break
+    if node.name.startswith("/"):  # TorchScript exporter: '/model/layers.0/self_attn/q_proj/MatMul'
+        parts = node.name.strip("/").split("/")[:-1]
+        return [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return []
+
+
+class OnnxGraph:
+    """An ONNX model opened for folding. `inits` maps initializer name -> TensorProto (data not
+    loaded when external); `consumers` maps a value name -> [(node, input index)] in the main graph."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.model = load_model(self.path)
+        g = self.model.graph
+        self.inits: dict[str, TensorProto] = {}
+        for t in g.initializer:
+            if t.name in self.inits:
+                raise OnnxError(f"{self.path}: initializer {t.name!r} is defined twice; the graph is invalid")
+            self.inits[t.name] = t
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((node, i))
+        self.folded_from: dict[str, list[str]] = {}
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            self._read_folded_from(vi.name, vi.metadata_props)
+        for t in g.initializer:
+            self._read_folded_from(t.name, getattr(t, "metadata_props", ()))
+        self.graph_inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.graph_outputs = [o.name for o in g.output]
+
+    def _read_folded_from(self, name: str, props) -> None:
+        for p in props:
+            if p.key == FOLDED_FROM:
+                try:
+                    srcs = ast.literal_eval(p.value)
+                except (ValueError, SyntaxError):
+                    return
+                if isinstance(srcs, (list, tuple, set)) and all(isinstance(s, str) for s in srcs):
+                    self.folded_from[name] = sorted(srcs)
+
+    # -- metadata ------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.inits[name].dims)
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return FLOAT_TYPES.get(self.inits[name].data_type)
+
+    def type_name(self, name: str) -> str:
+        return _type_name(self.inits[name].data_type)
+
+    def is_external(self, name: str) -> bool:
+        return self.inits[name].data_location == TensorProto.EXTERNAL
+
+    def external_files(self) -> list[Path]:
+        files = []
+        for name, t in self.inits.items():
+            if t.data_location == TensorProto.EXTERNAL:
+                f = self._external(name)[0]
+                if f not in files:
+                    if not f.is_file():
+                        raise OnnxError(f"{self.path}: external data file {f.name} (holding initializer {name!r}) "
+                                        f"not found in {f.parent}; keep the data file next to the .onnx file")
+                    files.append(f)
+        return files
+
+    def uses(self, name: str, _depth: int = 0) -> list[tuple[onnx.NodeProto, int]]:
+        """The nodes that use value `name`, looking through Identity nodes (the TorchScript
+        exporter shares a deduplicated initializer through Identity)."""
+        out = []
+        for node, idx in self.consumers.get(name, ()):
+            if node.op_type == "Identity" and _depth < 16:
+                out.extend(self.uses(node.output[0], _depth + 1))
+            else:
+                out.append((node, idx))
+        return out
+
+    def node_scopes(self, node: onnx.NodeProto) -> set[str]:
+        """Module paths a node belongs to (an Identity: those of the nodes it feeds)."""
+        if node.op_type == "Identity":
+            out: set[str] = set()
+            for n, _ in self.uses(node.output[0]):
+                out.update(_scopes_of(n))
+            return out
+        return set(_scopes_of(node))
+
+    def scopes(self, name: str) -> set[str]:
+        """Module paths of the nodes that use value `name`."""
+        out: set[str] = set()
+        for node, _ in self.uses(name):
+            out.update(_scopes_of(node))
+        return out
+
+    def nbytes(self, name: str) -> int:
+        t = self.inits[name]
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        return n * torch.empty((), dtype=FLOAT_TYPES[t.data_type]).element_size() if t.data_type in FLOAT_TYPES \
+            else n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+    # -- tensor data ---------------------------------------------------------------------
+    def _external(self, name: str) -> tuple[Path, int, int]:
+        t = self.inits[name]
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
+            raise OnnxError(f"{self.path}: initializer {name!r} points to external data {loc!r}, which is not a "
+                            "file next to the model; re-save the model with its data alongside it")
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else self.nbytes(name)
+        return self.path.parent / loc, offset, length
+
+    def read_bytes(self, name: str) -> bytes | memoryview:
+        """The initializer's little-endian bytes, exactly as stored."""
+        t = self.inits[name]
+        if t.data_location == TensorProto.EXTERNAL:
+            file, offset, length = self._external(name)
+            try:
+                with open(file, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(length)
+            except OSError as e:
+                raise OnnxError(f"{file}: cannot read external data of initializer {name!r} ({e.strerror or e}); "
+                                "keep the data file next to the .onnx file it belongs to") from e
+            if len(data) != length:
+                raise OnnxError(f"{file}: file ends before initializer {name!r} (needs bytes {offset}..{offset + length}); "
+                                "the external data file is truncated or belongs to another model")
+            return data
+        if t.HasField("raw_data") or t.raw_data:
+            return t.raw_data
+        if t.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):  # bit patterns in int32_data
+            return np.asarray(t.int32_data, dtype=np.uint16).tobytes()
+        return numpy_helper.to_array(t).tobytes()
+
+    def read(self, name: str) -> torch.Tensor:
+        """A float initializer as a CPU tensor (own memory)."""
+        dtype = self.dtype(name)
+        if dtype is None:
+            raise OnnxError(f"{self.path}: initializer {name!r} is {self.type_name(name)}, not a float tensor")
+        data = self.read_bytes(name)
+        expected = self.nbytes(name)
+        if len(data) != expected:
+            raise OnnxError(f"{self.path}: initializer {name!r} holds {len(data)} bytes, its shape "
+                            f"{list(self.shape(name))} needs {expected}; the model is corrupt")
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+        return t.view(dtype).reshape(self.shape(name))
+
+    def digest(self, name: str) -> bytes:
+        return hashlib.blake2b(self.read_bytes(name), digest_size=16).digest()
+
+    # -- writing -------------------------------------------------------------------------
+    def clone_initializer(self, name: str, new_name: str, uses: list[tuple[onnx.NodeProto, int]]) -> str:
+        """Add a copy of initializer `name` (same values; external data shared until saved) and
+        point `uses` at it. Returns the copy's name."""
+        base, k = new_name, 1
+        while new_name in self.inits or new_name in self.consumers:
+            new_name, k = f"{base}_{k}", k + 1
+        t = self.model.graph.initializer.add()
+        t.CopyFrom(self.inits[name])
+        t.name = new_name
+        self.inits[new_name] = t
+        moved = []
+        for node, idx in uses:
+            node.input[idx] = new_name
+            moved.append((node, idx))
+        keep = [(n, i) for n, i in self.consumers.get(name, []) if not any(n is m and i == j for m, j in moved)]
+        self.consumers[name] = keep
+        self.consumers[new_name] = moved
+        return new_name
+
+    def set_internal(self, name: str, value: torch.Tensor) -> None:
+        """Replace an in-proto initializer's values (same shape and dtype)."""
+        t = self.inits[name]
+        t.ClearField("float_data")
+        t.ClearField("int32_data")
+        t.ClearField("double_data")
+        t.raw_data = tensor_bytes(value)
+
+    def save(self, out_model: Path, out_data_name: str, data_tmp: Path | None, patched: dict) -> int:
+        """Write the model proto to `out_model`. External initializers go to `data_tmp` (whose final
+        name, relative to the model, is `out_data_name`), copied range by range, except those in
+        `patched` (name -> callable returning the new tensor), which are computed here one at a time.
+        Returns the bytes of external data written."""
+        written = 0
+        if data_tmp is not None:
+            with open(data_tmp, "wb") as f:
+                for t in self.model.graph.initializer:
+                    if t.data_location != TensorProto.EXTERNAL:
+                        continue
+                    name = t.name
+                    pos = f.tell()
+                    length = self._external(name)[2]
+                    align = ALIGNMENT if length >= ALIGN_LARGE else 64
+                    if pos % align:
+                        f.write(b"\0" * (align - pos % align))
+                        pos = f.tell()
+                    if name in patched:
+                        data = tensor_bytes(patched[name]())
+                        if len(data) != length:
+                            raise OnnxError(f"internal error: new value of {name!r} has {len(data)} bytes, not {length}")
+                        f.write(data)
+                    else:
+                        _copy_range(*self._external(name), f, name)
+                    _set_external(t, out_data_name, pos, length)
+                    written += length
+                f.flush()
+                os.fsync(f.fileno())
+        try:
+            data = self.model.SerializeToString()
+        except ValueError as e:
+            raise OnnxError(f"{out_model}: the model proto would exceed protobuf's 2 GB limit ({e}); save the base "
+                            "graph with external data (onnx.save(..., save_as_external_data=True)) and retry") from e
+        with open(out_model, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return written
+
+
+    def relocate(self, old: str, new: str, out_model: Path) -> None:
+        """Point external tensors written to data file `old` at `new` and rewrite the proto."""
+        for t in self.model.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                for e in t.external_data:
+                    if e.key == "location" and e.value == old:
+                        e.value = new
+        with open(out_model, "wb") as f:
+            f.write(self.model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = key, value
+    t.data_location = TensorProto.EXTERNAL
+    t.ClearField("raw_data")
+
+
+def _copy_range(src: Path, offset: int, length: int, dst, name: str) -> None:
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise OnnxError(f"{src}: file ends inside initializer {name!r}; the external data file is truncated")
+            dst.write(chunk)
+            left -= len(chunk)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_digest(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return hashlib.blake2b(b"", digest_size=16).digest()
+    return hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=16).digest()

@@ -1,0 +1,236 @@
+"""Fold adapters into an existing ONNX graph: copy it, changing only initializer values.
+
+The output has exactly the base graph's nodes, inputs and outputs, so it runs exactly as fast.
+Each target's new value is computed from the base checkpoint's tensor when given (one rounding
+to the initializer's dtype), else from the initializer itself, by the same engine.compute the
+safetensors path uses, then laid out as the initializer is (transposed, or as a block of a
+packed tensor). External data is streamed: one tensor in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from .. import engine
+from ..api import load_adapters
+from ..errors import OnnxError, OutputError, UsageError
+from ..readers.checkpoint import Checkpoint, open_checkpoint
+from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
+from ..writers.output import Staged, check_disk_space, check_output_path
+from .graph import OnnxGraph
+from .lora_graph import add_branches
+from .match import Match, MatchResult, Target, collect_targets, match_targets
+from .runtime import Comparison, compare_graphs, op_counts, sample_inputs
+
+FOLD_META_KEY = "loramerge.folded"
+
+
+@dataclass
+class OnnxReport:
+    out: Path
+    mode: str                                   # 'fold' | 'keep-lora' | 'export'
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    ops_before: dict = field(default_factory=dict)
+    ops_after: dict = field(default_factory=dict)
+    how: dict = field(default_factory=dict)     # match method -> count
+    comparison: Comparison | None = None
+    tolerance: tuple[float, float] | None = None  # (atol, rtol) of the check, if any
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = []
+        if self.mode in ("fold", "keep-lora"):
+            how = ", ".join(f"{n} by {k}" for k, n in sorted(self.how.items()))
+            verb = "folded" if self.mode == "fold" else "added LoRA side branches for"
+            lines.append(f"{verb} {len(self.matched)} target(s) ({how}); {len(self.missing)} not in the graph")
+            nodes_b, nodes_a = sum(self.ops_before.values()), sum(self.ops_after.values())
+            lines.append(f"nodes: {nodes_b} -> {nodes_a}" + (" (unchanged)" if self.ops_before == self.ops_after else ""))
+        lines.append(f"wrote {', '.join(self.files)} in {self.seconds:.2f} s")
+        if self.comparison is not None:
+            c = self.comparison
+            tol = f" (atol {self.tolerance[0]:g}, rtol {self.tolerance[1]:g})" if self.tolerance else ""
+            lines.append(f"checked with onnxruntime ({c.provider}): max abs diff {c.max_abs:.3g}, max rel diff "
+                         f"{c.max_rel:.3g}{tol}")
+        lines += self.notes
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _job(t: Target, code: str) -> Job:
+    ref = t.ref or TensorRef(t.name, Path("<onnx>"), code, t.shape, None, 0)
+    return Job(t.name, ref, code, t.terms)
+
+
+def merged_value(graph: OnnxGraph, init: str, ms: list[Match], adapters: list[Adapter], ck: Checkpoint | None,
+                 device: torch.device) -> torch.Tensor:
+    """The new value of initializer `init`, in its own layout and dtype."""
+    dtype = graph.dtype(init)
+    code = TORCH_TO_ST[dtype]
+
+    def new_w(m: Match, current: torch.Tensor) -> torch.Tensor:
+        w = ck.read(m.target.ref) if ck is not None and m.target.ref is not None else \
+            (current.T if m.transposed else current)
+        # one rounding, to the precision the graph holds the values in (m.via: rounded to a half type
+        # first, as exporting the merged half-precision checkpoint would), then an exact widening
+        job_code = TORCH_TO_ST[m.via] if m.via is not None else code
+        y, _ = engine.compute(_job(m.target, job_code), w, adapters, device, torch.float32)
+        y = y.to(dtype)
+        return y.T if m.transposed else y
+
+    if ms[0].block is None:
+        return new_w(ms[0], graph.read(init)).contiguous()
+    big = graph.read(init).clone()
+    for m in ms:
+        axis, start = m.block
+        size = (m.target.shape[::-1] if m.transposed else m.target.shape)[axis]
+        part = big.narrow(axis, start, size)
+        part.copy_(new_w(m, part.clone()))
+    return big
+
+
+def _match_lines(result: MatchResult) -> list[str]:
+    return [m.describe() for m in result.matches]
+
+
+def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=None, strict: bool = False,
+         keep_lora: bool = False, lora_inputs: bool = False, device: str = "auto", overwrite: bool = False,
+         verify: bool = False, rtol: float | None = None) -> OnnxReport:
+    """Fold `adapters` into the ONNX graph at `graph_path`, writing `out` (see module docstring).
+    keep_lora: write the base graph with LoRA side branches instead (lora_inputs: as overridable
+    graph inputs). verify: also build the other variant (keep-lora or folded) and compare outputs
+    with onnxruntime before anything is committed."""
+    t0 = time.perf_counter()
+    graph_path, out = Path(graph_path), Path(out)
+    adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    if not adapter_paths:
+        raise UsageError("no adapter given: pass --adapter ADAPTER (repeatable)")
+    if lora_inputs and not keep_lora:
+        raise UsageError("--lora-inputs makes the LoRA factors of a --keep-lora graph into graph inputs; "
+                         "add --keep-lora")
+    if out.suffix.lower() != ".onnx":
+        raise UsageError(f"{out}: the output of folding into an ONNX graph is an .onnx file; name it *.onnx")
+    graph = OnnxGraph(graph_path)
+    loaded = load_adapters(adapter_paths)
+    ck = open_checkpoint(base) if base is not None else None
+    dev = engine.resolve_device(device)
+    report = OnnxReport(out=out, mode="keep-lora" if keep_lora else "fold")
+    try:
+        inputs = [graph_path, *graph.external_files(), *adapter_paths] + ([Path(base)] if base is not None else [])
+        check_output_path(out, inputs, overwrite)
+        data_name = out.name + ".data" if graph.external_files() else None
+        if data_name is not None:
+            _check_data_path(out.parent / data_name, inputs, overwrite)
+        check_disk_space(out, graph_path.stat().st_size + sum(f.stat().st_size for f in graph.external_files()))
+        targets = collect_targets(loaded, weights, ck)
+        result = match_targets(graph, targets, ck)
+        _check_coverage(graph_path, targets, result, ck is not None, strict, report)
+
+        for p in graph.model.metadata_props:
+            if p.key == FOLD_META_KEY:
+                report.warnings.append(f"{graph_path} already has adapters folded in by loramerge ({p.value}); "
+                                       "folding again adds on top of them")
+        report.ops_before = op_counts(graph.model)
+        report.matched = _match_lines(result)
+        for m in result.matches:
+            report.how[m.how + (" (packed block)" if m.block else "")] = \
+                report.how.get(m.how + (" (packed block)" if m.block else ""), 0) + 1
+        patched = {}
+        if keep_lora:
+            add_branches(graph, result.matches, loaded, targets, lora_inputs)
+        else:
+            for init, ms in result.by_init().items():
+                if graph.is_external(init):
+                    patched[init] = (lambda i=init, g=ms: merged_value(graph, i, g, loaded, ck, dev))
+                else:
+                    graph.set_internal(init, merged_value(graph, init, ms, loaded, ck, dev))
+        _set_meta(graph.model, {FOLD_META_KEY if not keep_lora else "loramerge.keep_lora": json.dumps(
+            {"adapters": [str(p) for p in adapter_paths], "weights": weights or [1.0] * len(adapter_paths)})})
+        report.ops_after = op_counts(graph.model)
+
+        with ExitStack() as stack:
+            staged = Staged(out, is_dir=False, overwrite=overwrite)
+            tmp_model = stack.enter_context(staged)
+            staged_data = tmp_data = None
+            if data_name is not None:
+                staged_data = Staged(out.parent / data_name, is_dir=False, overwrite=overwrite)
+                tmp_data = stack.enter_context(staged_data)
+            location = (tmp_data.name if verify else data_name) if tmp_data is not None else ""
+            graph.save(tmp_model, location, tmp_data, patched)
+            if verify:
+                report.comparison, report.tolerance = _verify(
+                    tmp_model, graph_path, adapter_paths, weights, base, not keep_lora, stack, graph, result)
+            if tmp_data is not None:
+                if verify:
+                    graph.relocate(tmp_data.name, data_name, tmp_model)
+                staged_data.commit()
+            staged.commit()
+    finally:
+        if ck is not None:
+            ck.close()
+    report.files = [out.name] + ([data_name] if data_name else [])
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_coverage(graph_path: Path, targets: list[Target], result: MatchResult, with_base: bool, strict: bool,
+                    report: OnnxReport) -> None:
+    lines = [f"{t.name}: {why}" for t, why in result.missing]
+    report.missing = lines
+    if not result.matches:
+        hint = ("; without --base only initializers named after the targets (or carrying the dynamo exporter's "
+                "folded_from metadata) can be found: pass --base BASE_CHECKPOINT to match renamed, transposed "
+                "weights by content") if not with_base else \
+            "; the graph was exported from another model than the base checkpoint (or its weights were changed)"
+        raise OnnxError(f"{graph_path}: none of the {len(targets)} adapter target(s) were found in this graph{hint}; "
+                        "nothing was written", lines)
+    if lines and strict:
+        raise OnnxError(f"{graph_path}: {len(lines)} of {len(targets)} adapter target(s) are not in the graph "
+                        "(--strict); nothing was written. Drop --strict to fold the rest (a tensor the graph's "
+                        "outputs never use, e.g. a pooler, is left out by the exporter)", lines)
+    report.warnings += [f"not in the graph, left out: {line}" for line in lines]
+
+
+def _check_data_path(data: Path, inputs: list[Path], overwrite: bool) -> None:
+    for p in inputs:
+        if data.resolve() == p.resolve():
+            raise OutputError(f"{data}: the output's external data file would replace the input {p}; choose "
+                              "another output name")
+    if data.exists() and not overwrite:
+        raise OutputError(f"{data}: already exists (it would hold the output's external data); pass --overwrite "
+                          "to replace it")
+
+
+def _set_meta(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    keep = {p.key: p.value for p in model.metadata_props}
+    keep.update(props)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, keep)
+
+
+def _verify(tmp_model: Path, graph_path: Path, adapter_paths, weights, base, folded: bool, stack: ExitStack,
+            graph: OnnxGraph, result: MatchResult) -> tuple[Comparison, tuple[float, float]]:
+    """Build the other variant (keep-lora for a folded graph and vice versa) and compare outputs."""
+    tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".loramerge-verify-", dir=tmp_model.parent)))
+    other = tmpdir / "reference.onnx"
+    fold(graph_path, other, adapter_paths, weights=weights, base=base, keep_lora=folded)
+    half = any(graph.dtype(m.init) in (torch.float16, torch.bfloat16) for m in result.matches)
+    rtol = 1e-2 if half else 1e-4
+    cmp = compare_graphs(tmp_model, other, sample_inputs(other))
+    if not cmp.ok(rtol):
+        raise OnnxError(f"{tmp_model.name}: onnxruntime outputs of the {'folded' if folded else 'keep-lora'} graph "
+                        f"differ from the {'keep-lora' if folded else 'folded'} graph's: max abs diff "
+                        f"{cmp.max_abs:.3g}, max rel diff {cmp.max_rel:.3g} > rtol {rtol:g}; nothing was written. "
+                        "Please report this with the graph and adapter")
+    return cmp, (0.0, rtol)
