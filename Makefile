@@ -13,7 +13,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.core: $(PY) pyproject.toml constraints.txt
-	$(PIP) install $(PIPFLAGS) -e '.[fast]'
+	$(PIP) install $(PIPFLAGS) -e '.[fast,hf]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
