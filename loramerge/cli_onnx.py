@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _weights, handle_errors
+from .cli import _weights, adapter_options, handle_errors
 from .errors import UsageError
 
 FOLD_ONLY = ("base", "strict", "verify")
@@ -42,9 +42,10 @@ EXPORT_ONLY = ("dtype", "opset", "exporter", "atol", "rtol", "no_validate")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (merge math; onnxruntime checks).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@adapter_options
 @handle_errors
 def export_onnx_cmd(src, out, adapters, weights, base, strict, keep_lora, lora_inputs, verify, dtype, opset,
-                    exporter, atol, rtol, no_validate, device, overwrite):
+                    exporter, atol, rtol, no_validate, device, overwrite, adapter_opts):
     """Fold ADAPTERs into the ONNX graph SRC (a .onnx file), changing only initializer values, or
     export the model directory SRC (merged with the ADAPTERs) with torch.onnx; write OUT (.onnx)."""
     from .onnx import export_onnx
@@ -59,7 +60,7 @@ def export_onnx_cmd(src, out, adapters, weights, base, strict, keep_lora, lora_i
         mode = "exporting a model directory" if export_mode else "folding into an .onnx graph"
         raise UsageError(f"{opts}: not used when {mode} (SRC {src} is a {'directory' if export_mode else 'file'})")
     common = dict(weights=_weights(weights), keep_lora=keep_lora, lora_inputs=lora_inputs, device=device,
-                  overwrite=overwrite)
+                  overwrite=overwrite, adapter_opts=adapter_opts)
     if export_mode:
         report = export_onnx(src, out, list(adapters), dtype=dtype or "float32", opset=opset,
                              exporter=exporter or "dynamo", validate=not no_validate, atol=atol, rtol=rtol, **common)

@@ -648,3 +648,40 @@ def test_cuda_provider_when_onnxruntime_gpu_and_a_gpu(monkeypatch):
     assert runtime.providers() == ["CPUExecutionProvider"]
     with pytest.raises(OnnxError, match="onnxruntime-gpu"):
         runtime.providers("cuda")
+
+
+def test_loralib_adapter_with_reader_options_cli(tmp_path):
+    """A loralib checkpoint (alpha not stored; MergedLinear q/v groups of a fused [in, out] qkv)
+    folded through the CLI's reader options, against loralib's own unmerged forward."""
+    pytest.importorskip("loralib")
+    import sys
+
+    from conftest import FIXTURES
+    sys.path.insert(0, str(FIXTURES))
+    from layouts import LORALIB_ALPHA, LoralibNet
+
+    net = LoralibNet(alpha=LORALIB_ALPHA)
+    net.load_state_dict(load_dir(base_dir("loralib")), strict=False)
+    net.eval()  # lora_B is still zero: loralib's eval-time merge changes nothing, the graph is the base
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    g = tmp_path / "base.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (ids,), str(g), dynamo=False, input_names=["ids"], opset_version=17,
+                          dynamic_axes={"ids": {0: "b", 1: "s"}})
+    net = LoralibNet(alpha=LORALIB_ALPHA)
+    net.load_state_dict(load_dir(base_dir("loralib")), strict=False)
+    net.load_state_dict(torch.load(adapter_dir("loralib") / "lora.pt", weights_only=True), strict=False)
+    net.train()
+    with torch.no_grad():
+        ref = net(ids)
+    out = tmp_path / "o.onnx"
+    r = CliRunner().invoke(main, ["export-onnx", str(g), str(out), "-a", str(adapter_dir("loralib") / "lora.pt"),
+                                  "--base", str(base_dir("loralib")), "--lora-alpha", str(LORALIB_ALPHA),
+                                  "--enable-lora", "1,0,1", "--verify"])
+    assert r.exit_code == 0, r.output
+    assert ops(out) == ops(g)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    got = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"ids": ids.numpy()})[0]
+    assert rel(torch.from_numpy(got), ref) <= 1e-4

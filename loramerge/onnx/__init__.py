@@ -28,10 +28,10 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, adapters=(), **o
 
     src is a .onnx file: fold `adapters` into that graph (only initializer values change); options:
     weights, base (checkpoint for content matching), strict, keep_lora, lora_inputs, device,
-    overwrite, verify.
+    overwrite, verify, adapter_opts.
     src is a model directory: export it (merged with `adapters` first, if any) with torch.onnx and
     validate with onnxruntime; options: weights, dtype, opset, exporter, keep_lora, lora_inputs,
-    validate, atol, rtol, device, overwrite.
+    validate, atol, rtol, device, overwrite, adapter_opts.
     Returns an OnnxReport.
     """
     _require_onnx()

@@ -150,7 +150,8 @@ def _trace(model, output: str, path: Path, exporter: str, opset: int | None) -> 
 def export_model(model_dir, out, adapters=(), *, weights: list[float] | None = None, dtype: str = "float32",
                  opset: int | None = None, exporter: str = "dynamo", keep_lora: bool = False,
                  lora_inputs: bool = False, validate: bool = True, atol: float | None = None,
-                 rtol: float | None = None, device: str = "auto", overwrite: bool = False) -> OnnxReport:
+                 rtol: float | None = None, device: str = "auto", overwrite: bool = False,
+                 adapter_opts: dict | None = None) -> OnnxReport:
     """Export `model_dir` (merged with `adapters`, or with them as side branches if keep_lora)
     to `out` (.onnx), validated with onnxruntime against PyTorch. Raises OnnxError on a mismatch."""
     t0 = time.perf_counter()
@@ -185,7 +186,7 @@ def export_model(model_dir, out, adapters=(), *, weights: list[float] | None = N
         merged_dir = model_dir
         if adapter_paths:
             merged_dir = work / "merged"
-            apply(model_dir, adapter_paths, merged_dir, weights=weights, sync=False)
+            apply(model_dir, adapter_paths, merged_dir, weights=weights, sync=False, **(adapter_opts or {}))
             report.notes.append(f"merged {len(adapter_paths)} adapter(s) into a temporary checkpoint first"
                                 + (" (the PyTorch reference for the check)" if keep_lora else ""))
         traced_dir = model_dir if keep_lora else merged_dir
@@ -199,7 +200,7 @@ def export_model(model_dir, out, adapters=(), *, weights: list[float] | None = N
             branched = work / "branched" / "model.onnx"
             branched.parent.mkdir()
             rep = fold(raw, branched, adapter_paths, weights=weights, base=model_dir, keep_lora=True,
-                       lora_inputs=lora_inputs, device=device)
+                       lora_inputs=lora_inputs, device=device, adapter_opts=adapter_opts)
             report.matched, report.missing, report.warnings = rep.matched, rep.missing, rep.warnings
             raw = branched
 

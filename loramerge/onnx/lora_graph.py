@@ -240,7 +240,8 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in name)
 
 
-def lora_feeds(graph_path, adapters, *, weights: list[float] | None = None, base=None) -> dict:
+def lora_feeds(graph_path, adapters, *, weights: list[float] | None = None, base=None,
+               adapter_opts: dict | None = None) -> dict:
     """Inputs that make a --keep-lora --lora-inputs graph compute other adapters (any rank):
     {input name: numpy array}, to pass to InferenceSession.run along with the model inputs.
     Branches the adapters do not touch get rank-1 zero factors. Raises if an adapter targets a
@@ -258,7 +259,7 @@ def lora_feeds(graph_path, adapters, *, weights: list[float] | None = None, base
         raise OnnxError(f"{graph_path}: not a graph made with --keep-lora --lora-inputs (no LoRA inputs recorded "
                         f"in its metadata); re-create it with both options")
     meta = json.loads(meta_json)
-    loaded = load_adapters([adapters] if isinstance(adapters, (str, bytes)) else adapters)
+    loaded = load_adapters([adapters] if isinstance(adapters, (str, bytes)) else adapters, **(adapter_opts or {}))
     ck = open_checkpoint(base) if base is not None else None
     try:
         targets = collect_targets(loaded, weights, ck)

@@ -106,11 +106,12 @@ def _match_lines(result: MatchResult) -> list[str]:
 
 def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=None, strict: bool = False,
          keep_lora: bool = False, lora_inputs: bool = False, device: str = "auto", overwrite: bool = False,
-         verify: bool = False, rtol: float | None = None) -> OnnxReport:
+         verify: bool = False, adapter_opts: dict | None = None) -> OnnxReport:
     """Fold `adapters` into the ONNX graph at `graph_path`, writing `out` (see module docstring).
     keep_lora: write the base graph with LoRA side branches instead (lora_inputs: as overridable
     graph inputs). verify: also build the other variant (keep-lora or folded) and compare outputs
-    with onnxruntime before anything is committed."""
+    with onnxruntime before anything is committed. adapter_opts: what some adapter formats do not
+    store (lora_alpha, fan_in_fan_out, enable_lora, only; see loramerge.api.load_adapters)."""
     t0 = time.perf_counter()
     graph_path, out = Path(graph_path), Path(out)
     adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
@@ -122,7 +123,8 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
     if out.suffix.lower() != ".onnx":
         raise UsageError(f"{out}: the output of folding into an ONNX graph is an .onnx file; name it *.onnx")
     graph = OnnxGraph(graph_path)
-    loaded = load_adapters(adapter_paths)
+    adapter_opts = dict(adapter_opts or {})
+    loaded = load_adapters(adapter_paths, **adapter_opts)
     ck = open_checkpoint(base) if base is not None else None
     dev = engine.resolve_device(device)
     report = OnnxReport(out=out, mode="keep-lora" if keep_lora else "fold")
@@ -170,7 +172,8 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
             graph.save(tmp_model, location, tmp_data, patched)
             if verify:
                 report.comparison, report.tolerance = _verify(
-                    tmp_model, graph_path, adapter_paths, weights, base, not keep_lora, stack, graph, result)
+                    tmp_model, graph_path, adapter_paths, weights, base, not keep_lora, stack, graph, result,
+                    adapter_opts)
             if tmp_data is not None:
                 if verify:
                     graph.relocate(tmp_data.name, data_name, tmp_model)
@@ -220,11 +223,11 @@ def _set_meta(model: onnx.ModelProto, props: dict[str, str]) -> None:
 
 
 def _verify(tmp_model: Path, graph_path: Path, adapter_paths, weights, base, folded: bool, stack: ExitStack,
-            graph: OnnxGraph, result: MatchResult) -> tuple[Comparison, tuple[float, float]]:
+            graph: OnnxGraph, result: MatchResult, adapter_opts: dict) -> tuple[Comparison, tuple[float, float]]:
     """Build the other variant (keep-lora for a folded graph and vice versa) and compare outputs."""
     tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".loramerge-verify-", dir=tmp_model.parent)))
     other = tmpdir / "reference.onnx"
-    fold(graph_path, other, adapter_paths, weights=weights, base=base, keep_lora=folded)
+    fold(graph_path, other, adapter_paths, weights=weights, base=base, keep_lora=folded, adapter_opts=adapter_opts)
     half = any(graph.dtype(m.init) in (torch.float16, torch.bfloat16) for m in result.matches)
     rtol = 1e-2 if half else 1e-4
     cmp = compare_graphs(tmp_model, other, sample_inputs(other))
