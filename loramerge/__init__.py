@@ -7,7 +7,6 @@ import os as _os
 # costs nothing here. Only effective if torch is not imported yet; an explicit setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-
 from .api import ApplyReport, apply
 from .api import UnmergeReport, unmerge
 from .combine import CombineReport, combine

@@ -281,7 +281,8 @@ def unmerge(
     if weights is not None and len(weights) != len(adapter_paths):
         raise UsageError(f"--weights has {len(weights)} value(s) for {len(adapter_paths)} adapter(s); "
                          "give the weights the merge used, one per adapter")
-    problems = _not_invertible(load_adapters(adapter_paths))
+    reader_opts = {k: options[k] for k in ("lora_alpha", "fan_in_fan_out", "enable_lora", "only") if k in options}
+    problems = _not_invertible(load_adapters(adapter_paths, **reader_opts))
     if problems:
         raise AdapterError(f"cannot unmerge from {merged}: part of the merge is not invertible; nothing was "
                          "written (merge again from the original base instead)", problems)

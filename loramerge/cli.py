@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import click
@@ -15,9 +16,12 @@ def _weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(x) for x in text.split(",")]
+        weights = [float(x) for x in text.split(",")]
     except ValueError:
         raise UsageError(f"--weights {text!r}: expected comma-separated numbers, e.g. 1,0.5,-1") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--weights {text!r}: weights must be finite numbers")
+    return weights
 
 
 def handle_errors(fn):

@@ -143,6 +143,8 @@ def _math(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: tor
           accum: torch.dtype, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """The merged tensor (on `device`, or in `out`) and its float64 fix-up count; raises
     ops.NonFinite for a non-finite result."""
+    if job.kind == "copy":  # an untouched tensor from a pickled .bin: written as it is
+        return w, 0
     out_dtype = ST_TO_TORCH[job.dtype]
     rep = job.replacement
     if rep is not None:  # a full tensor saved in the adapter stands in for the base tensor
@@ -215,11 +217,13 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     read_bytes = max((j.source.nbytes for _, j in computed if j.source.offset is not None
                       and j.replacement is None), default=0)
     out_bytes = max((j.nbytes for _, j in computed), default=0)
-    # One worker: it takes jobs in order, so 2 output buffers suffice (one being written, one
-    # being filled). Several: enough that every job that can be in flight gets one (no deadlock).
+    # One worker takes jobs in order, so 2 output buffers suffice (one being written, one being
+    # filled). Several: enough that every job that can be in flight gets one (no deadlock).
     n = len(devices)
     read_pool = BufferPool(read_bytes, 2 + n, pin)
-    out_pool = BufferPool(out_bytes, 2 if n == 1 else 3 * n + 2, pin)
+    # a buffer is held by at most the futures in write_q (2n), the one being put and the one the
+    # writer holds
+    out_pool = BufferPool(out_bytes, 2 if n == 1 else 2 * n + 2, pin)
     closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fsync")
     closing = []
     free_devices: queue.Queue = queue.Queue()
@@ -250,13 +254,12 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             elif job.replacement is not None:
                 item = (fi, job, _REPLACED, None)  # the base tensor is not needed
             else:
-                buf = view = None
+                buf = None
                 if job.source.offset is not None:
                     buf, _ = read_pool.get(0, torch.uint8, (0,), stop)
                 t0 = time.perf_counter()
                 item = (fi, job, base.read(job.source, out=buf), buf)
                 stats.seconds_read += time.perf_counter() - t0
-                del view
             if not _put(read_q, item, stop):
                 return
         _put(read_q, _DONE, stop)
@@ -266,7 +269,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         try:
             while True:
                 item = _get(write_q, stop)
-                if item is _DONE:
+                if item is _DONE or stop.is_set():
                     break
                 fi, job, future = item
                 tensor = out_buf = None
@@ -306,6 +309,11 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             for w in writers.values():
                 w.abort()
 
+    # TF32 matmuls would void the exact-rounding bound; the flag is process-global, so it is set
+    # once here for all compute threads rather than toggled per call.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    if pin:
+        torch.backends.cuda.matmul.allow_tf32 = False
     threads = [_Stage(reader, "loramerge-reader"), _Stage(writer, "loramerge-writer")]
     pool = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="loramerge-compute",
                               initializer=bind_device)
@@ -334,6 +342,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         closer.shutdown(wait=True)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     for t in threads:
         t.join()
         if t.error is not None:

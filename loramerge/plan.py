@@ -115,7 +115,7 @@ def build_plan(
     virtual: dict[str, TensorRef] = {}  # output tensors the base lacks (an untied lm_head)
     for ai, (adapter, w) in enumerate(zip(adapters, weights)):
         for name, key in adapter.replacements.items():
-            _match_replacement(c, matcher, base, adapter, ai, w, name, key)
+            _match_replacement(c, matcher, base, adapter, ai, w, name, key, tied, virtual)
         for pair in adapter.pairs:
             _match_pair(c, matcher, base, config, adapter, ai, w, pair, tied, virtual)
     for name, terms in c.terms.items():
@@ -135,6 +135,8 @@ def build_plan(
         config_updates["tie_word_embeddings"] = False
         if OUTPUT_EMBEDDING not in base.tensors and OUTPUT_EMBEDDING not in virtual:
             virtual[OUTPUT_EMBEDDING] = base.tensors[tied[0]]
+        _inherit_replacement(c, tied[0], base, virtual)
+    _check_vocab(c, base, virtual)
 
     jobs = []
     sources = list(base.tensors.items())
@@ -153,6 +155,12 @@ def build_plan(
     if out_code is not None:
         # transformers reads this to pick the load dtype with dtype="auto"; keep it truthful.
         config_updates["torch_dtype"] = dtype
+    warnings = [w for a in adapters for w in a.warnings]
+    if single_file and {k: v for k, v in config_updates.items() if k != "torch_dtype"}:
+        warnings.append("the output is a single .safetensors file, so no config is written, but the model's "
+                        "config must change to load it correctly: "
+                        + ", ".join(f"{k}={v!r}" for k, v in config_updates.items() if k != "torch_dtype")
+                        + "; write to a directory instead, or edit the config you load it with")
     return Plan(
         base_path=base.path,
         adapter_paths=[a.path for a in adapters],
@@ -162,7 +170,7 @@ def build_plan(
         extra_files=list(base.extra_files),
         skipped_files=list(base.skipped_files),
         config_updates=config_updates,
-        warnings=[w for a in adapters for w in a.warnings],
+        warnings=warnings,
     )
 
 
@@ -175,28 +183,40 @@ def _job(name: str, ref: TensorRef, c: _Collector, out_code: str | None) -> Job:
 
 
 def _tied_embeddings(base: Checkpoint, config: dict) -> tuple[str, ...] | None:
-    """(input embedding name[, lm_head name]) when the base ties them, else None."""
-    if not config.get("tie_word_embeddings", False):
-        return None
+    """(input embedding name[, lm_head name]) when the base ties them, else None. Without an
+    explicit tie_word_embeddings, a language-model checkpoint that stores no lm_head is tied
+    (transformers' default is to tie; GPT-2 style configs omit the key)."""
     inputs = [n for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)]
     if len(inputs) != 1:
+        return None
+    tie = config.get("tie_word_embeddings")
+    if tie is None:
+        lm = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                 for a in config.get("architectures") or [])
+        tie = lm and OUTPUT_EMBEDDING not in base.tensors
+    if not tie:
         return None
     return (inputs[0],) + ((OUTPUT_EMBEDDING,) if OUTPUT_EMBEDDING in base.tensors else ())
 
 
-def _match_replacement(c, matcher, base, adapter, ai, w, name, key) -> None:
+def _match_replacement(c, matcher, base, adapter, ai, w, name, key, tied, virtual) -> None:
     module, _, param = name.rpartition(".")
     target, _ = matcher.match(module)
     where = f"{adapter.label}: {name}"
-    if target is None or f"{target}.{param}" not in base.tensors:
+    if target is None and name == OUTPUT_EMBEDDING and tied is not None:
+        # a trained copy of a tied lm_head (modules_to_save): it becomes its own tensor
+        virtual[OUTPUT_EMBEDDING] = base.tensors[tied[0]]
+        target = "lm_head"
+    full = f"{target}.{param}"
+    if target is None or (full not in base.tensors and full not in virtual):
         c.problems.append(f"{where}: the adapter saves a full copy of {name} but the base has no such tensor")
         return
-    full = f"{target}.{param}"
     new = tuple(adapter.tensors[key].shape)
-    old = base.tensors[full].shape
-    # A changed first dimension is a resized vocabulary (embeddings, lm_head); anything else
-    # means the adapter belongs to another model.
-    if new != old and (len(new) != len(old) or new[1:] != old[1:]):
+    old = (base.tensors.get(full) or virtual[full]).shape
+    # A changed first dimension is a resized vocabulary, allowed for embeddings and lm_head only;
+    # anything else means the adapter belongs to another model.
+    vocab = full.endswith(INPUT_EMBEDDINGS) or full == OUTPUT_EMBEDDING
+    if new != old and (not vocab or len(new) != len(old) or new[1:] != old[1:]):
         c.problems.append(f"{where}: saved tensor has shape {list(new)} but the base's {full} has "
                           f"{list(old)}; the adapter was trained for another model")
         return
@@ -206,6 +226,28 @@ def _match_replacement(c, matcher, base, adapter, ai, w, name, key) -> None:
         return
     c.add(full, Term(ai, None, w, kind="replace", key=key))
     c.shapes[full] = new
+
+
+def _inherit_replacement(c: _Collector, embedding: str, base: Checkpoint, virtual: dict) -> None:
+    """An lm_head that was tied to a replaced embedding (saved base layer, resized vocabulary) was
+    that replacement at run time: it starts from it, without the embedding's own LoRA delta."""
+    if OUTPUT_EMBEDDING not in virtual:
+        return
+    own = c.terms.get(OUTPUT_EMBEDDING, [])
+    rep = [t for t in c.terms.get(embedding, []) if t.kind == "replace"]
+    if rep and not any(t.kind == "replace" for t in own):
+        c.terms[OUTPUT_EMBEDDING] = rep + own
+        c.shapes[OUTPUT_EMBEDDING] = c.shapes[embedding]
+
+
+def _check_vocab(c: _Collector, base: Checkpoint, virtual: dict) -> None:
+    """Input and output embeddings must end with the same vocabulary size, or the output will not load."""
+    names = [n for n in list(base.tensors) + list(virtual) if n.endswith(INPUT_EMBEDDINGS) or n == OUTPUT_EMBEDDING]
+    rows = {n: c.shapes.get(n, (base.tensors.get(n) or virtual[n]).shape)[0] for n in names}
+    if len(set(rows.values())) > 1:
+        c.problems.append("the merged embeddings would disagree on the vocabulary size ("
+                          + ", ".join(f"{n}: {r}" for n, r in rows.items()) + "); a resized vocabulary needs "
+                          "both the input embedding and lm_head saved with the adapter (modules_to_save)")
 
 
 def _match_pair(c, matcher, base, config, adapter, ai, w, pair, tied, virtual) -> None:
@@ -225,12 +267,16 @@ def _match_pair(c, matcher, base, config, adapter, ai, w, pair, tied, virtual) -
             c.problems.append(f"{where}: ambiguous, matches {len(candidates)} base tensors "
                               f"({', '.join(x + '.weight' for x in candidates[:4])})")
         else:
-            c.problems.append(f"{where}: no base tensor named {pair.target_name} (nor any prefix/suffix "
+            wanted_name = (f"a tensor whose dotted name flattens to {wanted[len(kohya.FLAT):]}"
+                           if wanted.startswith(kohya.FLAT) else pair.target_name)
+            c.problems.append(f"{where}: no base tensor named {wanted_name} (nor any prefix/suffix "
                               "variant of it)")
         return
     wname = target + ".weight"
     ref = base.tensors.get(wname) or virtual[wname]
     shape = c.shapes.get(wname, ref.shape)
+    if wname == OUTPUT_EMBEDDING and wname in virtual and tied is not None and wname not in c.shapes:
+        shape = c.shapes.get(tied[0], shape)  # starts from the (possibly resized) embedding
     if pair.layout == "auto":  # formats that do not store the layout (loralib)
         pair, problem = loralib.resolve(pair, shape, adapter)
         if problem:
@@ -259,15 +305,17 @@ def _match_pair(c, matcher, base, config, adapter, ai, w, pair, tied, virtual) -
                           "true in adapter_config.json")
         return
     c.add(wname, Term(ai, pair, w))
+    # output features: the rows of W, or its columns where W is stored [in, out]
+    out_features = pair.base_shape[1] if pair.layout == "transposed" else pair.base_shape[0]
     if pair.bias_key is not None:
         bname = target + ".bias"
         bref = base.tensors.get(bname)
         if bref is None:
             c.problems.append(f"{where}: the adapter trains a bias (lora_bias) but the base has no {bname}; "
                               "PEFT cannot merge this either")
-        elif bref.shape != pair.base_shape[:1]:
+        elif bref.shape != (out_features,):
             c.problems.append(f"{where}: base {bname} has shape {list(bref.shape)}, lora_B.bias has "
-                              f"{list(pair.base_shape[:1])}")
+                              f"[{out_features}]")
         else:
             c.add(bname, Term(ai, pair, w, kind="bias"))
 

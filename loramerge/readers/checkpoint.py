@@ -44,8 +44,14 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict]:
             raw = f.read(hlen)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(pairs)
+
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
@@ -59,9 +65,16 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict]:
     spans = []
     for name, info in header.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                  and isinstance(offsets, list) and len(offsets) == 2
+                  and all(type(o) is int and o >= 0 for o in offsets))
+        except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({info!r})") from e
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({info!r}): shape and "
+                                  "data_offsets must be lists of non-negative integers; the file is corrupt")
+        shape, (begin, end) = tuple(shape), offsets
         if dtype not in ST_TO_TORCH:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which this torch "
                                   f"cannot represent (known: {', '.join(ST_TO_TORCH)})")
@@ -123,7 +136,7 @@ class Checkpoint:
         if ref.offset is None:
             return self._bin_tensor(ref)
         buf = out if out is not None else torch.empty(ref.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()).cast("B")
+        view = memoryview(buf.numpy()).cast("B")[: ref.nbytes]  # a pooled buffer may be larger
         with open(ref.file, "rb", buffering=0) as f:
             f.seek(ref.offset)
             got = 0

@@ -74,13 +74,13 @@ def _strip_prefix(module: str) -> str:
 
 
 def flat_index(base_modules) -> dict[str, list[str]]:
-    """Flattened name ('down_blocks_0_attentions_0_proj_in') -> base module paths with that name.
-    Also indexes each path without its first component, for checkpoints saved with a component
-    prefix ('unet.', 'text_encoder.')."""
+    """Flattened name ('down_blocks_0_attentions_0_proj_in') -> base module paths with that name,
+    also for each path without leading components (checkpoints saved with a prefix)."""
     index: dict[str, list[str]] = {}
     for mod in base_modules:
-        index.setdefault(mod.replace(".", "_"), []).append(mod)
-        head, _, rest = mod.partition(".")
-        if rest:
-            index.setdefault(rest.replace(".", "_"), []).append(mod)
+        parts = mod.split(".")
+        # every dot-boundary suffix: single-file checkpoints nest the model under prefixes such as
+        # 'model.diffusion_model.'; the plan still requires exactly one match
+        for k in range(len(parts)):
+            index.setdefault("_".join(parts[k:]), []).append(mod)
     return index

@@ -34,10 +34,12 @@ UNSUPPORTED_FIELDS = {
     "megatron_config": "Megatron parallel layers shard the weights differently",
     "use_bdlora": "BD-LoRA uses block-diagonal factors",
     "arrow_config": "Arrow routes between several LoRA experts at run time",
+    "kasa_config": "KaSA truncates the base weight's singular values during training",
+    "lora_ga_config": "LoRA-GA subtracts its initial delta from the base weights during training",
 }
 # init_lora_weights values whose training changed the BASE weights (the adapter is only right on
 # top of a residual base), unless PEFT converted the adapter at save time.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 # Parameters (not modules) in PEFT's layers: embedding factors and DoRA's magnitude vector.

@@ -26,6 +26,8 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
         if p_r.is_relative_to(out_r):
             raise OutputError(f"{out}: the input {p} lies inside the output path; replacing the output "
                               "would delete it, choose a new directory")
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"{out}: is a dangling symbolic link; remove it or choose another path")
     if out.exists() and not overwrite:
         if out.is_file() or (out.is_dir() and any(out.iterdir())):
             raise OutputError(f"{out}: already exists and is not empty; pass --overwrite to replace it "
@@ -59,12 +61,15 @@ class Staged:
         return self.tmp
 
     def commit(self) -> None:
+        _fsync_tree(self.tmp)  # data and directory entries on disk before the rename makes them visible
         if self.final.exists() or self.final.is_symlink():
             if not self.overwrite and not (self.final.is_dir() and not any(self.final.iterdir())):
+                self._committed = True  # keep the finished result: it may have taken hours
                 raise OutputError(f"{self.final}: appeared while merging; not replaced. The result is at {self.tmp}")
             os.rename(self.final, self._old)
         os.rename(self.tmp, self.final)
         self._committed = True
+        _fsync_dir(self.final.parent)
         _remove(self._old)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -77,3 +82,31 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     elif p.exists() or p.is_symlink():
         p.unlink()
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(p: Path) -> None:
+    """fsync every file under p (the index, config and tokenizer files; shards are already
+    synced, so this is cheap) and the directories themselves."""
+    if p.is_dir():
+        for f in p.iterdir():
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(p)
+    else:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
