@@ -38,8 +38,14 @@ def handle_errors(fn):
             click.echo(f"Error: {e}", err=True)
             sys.exit(2 if isinstance(e, UsageError) else 1)
         except KeyboardInterrupt:
-            click.echo("Error: interrupted; no output was left behind", err=True)
+            click.echo("Error: interrupted; the output being written was removed", err=True)
             sys.exit(130)
+        except MemoryError as e:
+            if debug:
+                raise
+            click.echo("Error: out of memory; merge on a device with more memory (e.g. --device cpu instead "
+                       f"of a small GPU) or free memory ({type(e).__name__})", err=True)
+            sys.exit(1)
         except Exception as e:  # a bug, not a user error: still no traceback unless asked
             if debug:
                 raise

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +37,6 @@ class EngineStats:
     seconds_read: float = 0.0
     seconds_math: float = 0.0
     seconds_write: float = 0.0
-    merged_names: list[str] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,6 +122,9 @@ def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: t
     dtype and shape that receives the result (reused across tensors, pinned when a GPU is used)."""
     try:
         y, fixed = _math(job, w, adapters, device, accum, out)
+    except torch.cuda.OutOfMemoryError:
+        raise LoraMergeError(f"{job.name}: out of memory on {device} ({list(job.shape)}, {job.dtype}); use "
+                             "--device cpu, or a GPU with more free memory") from None
     except ops.NonFinite as e:
         count, idx, value = e.args
         src = "; ".join(f"{adapters[t.adapter].label}: {t.pair.module if t.pair else t.key}"
@@ -290,7 +292,6 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     w.write(job.name, tensor)
                     if job.terms:
                         stats.merged += 1
-                        stats.merged_names.append(job.name)
                     elif job.kind == "cast":
                         stats.cast += 1
                     else:

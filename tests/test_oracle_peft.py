@@ -75,8 +75,14 @@ def test_fp32_matches_peft_merge(base, adapter, tmp_out):
         assert torch.equal(ours[name], orig[name]), name
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["fused-kernel", "torch-path"])
 @pytest.mark.parametrize("base,adapter", HALF_PAIRS, ids=[f"{b}+{a}" for b, a in HALF_PAIRS])
-def test_half_precision_is_correctly_rounded_fp64(base, adapter, tmp_out):
+def test_half_precision_is_correctly_rounded_fp64(base, adapter, kernel, tmp_out, monkeypatch):
+    """Both implementations: the fused CPU kernel, and the torch path GPUs and numba-less installs use."""
+    from loramerge import kernels
+    if kernel and not kernels.AVAILABLE:
+        pytest.skip("numba (the `fast` extra) not installed")
+    monkeypatch.setattr(kernels, "AVAILABLE", kernel)
     loramerge.apply(base_dir(base), adapter_dir(adapter), tmp_out, sync=False)
     ours = load_dir(tmp_out)
     orig = load_dir(base_dir(base))

@@ -21,7 +21,8 @@ ALIGN = 8  # the header is padded with spaces to a multiple of 8, as the referen
 
 def build_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> bytes:
     """Header bytes for tensors in the given order: (name, dtype code, shape, nbytes). Compact JSON
-    with __metadata__ first, matching safetensors' own serializer byte for byte."""
+    with __metadata__ first and space padding: for the same tensor order, byte for byte what
+    safetensors' own serializer writes (it sorts by dtype, then name; we keep the base's order)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
