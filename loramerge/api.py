@@ -85,8 +85,11 @@ def read_adapter(path: Path, lora_alpha=None, fan_in_fan_out=None, enable_lora=N
             files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".pt", ".bin", ".pth")]
             if len(files) == 1:
                 return read_adapter(files[0], lora_alpha, fan_in_fan_out, enable_lora)
-        if lora_alpha is not None:
-            raise UsageError(f"{path}: --lora-alpha is for loralib checkpoints; a PEFT adapter stores its own")
+        given = [o for o, v in (("--lora-alpha", lora_alpha), ("--fan-in-fan-out", fan_in_fan_out),
+                                ("--enable-lora", enable_lora)) if v is not None]
+        if given:
+            raise UsageError(f"{path}: {', '.join(given)} are for loralib checkpoints; a PEFT adapter stores "
+                             "its own settings in adapter_config.json")
         return read_peft_adapter(path)
     if not path.is_file():
         raise AdapterError(f"{path}: adapter not found")

@@ -110,6 +110,8 @@ class _no_tf32:
 
 
 def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
+    if torch.float64 in (w.dtype, out_dtype):
+        accum = torch.float64  # float32 math would round a float64 base before the add
     if accum == torch.float32 and block_elems is None and kernels.supports(w, out_dtype):
         # fused CPU kernel (numba): float64 accumulation, the same correctly rounded result
         y, bad = kernels.merge_half(w, a, b, factors, out_dtype, out=out)

@@ -181,3 +181,29 @@ def test_non_finite_weights_are_usage_errors(tmp_path):
     r = CliRunner().invoke(main, ["apply", str(base_dir("llama-fp32")), str(adapter_dir("llama-basic")),
                                   str(tmp_path / "o"), "--weights", "nan"])
     assert r.exit_code == 2 and "weights must be finite" in r.output
+
+
+def test_float64_base_keeps_float64_precision():
+    from loramerge import ops
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 8, generator=g, dtype=torch.float64) * (1 + 1e-12)
+    a, b = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    f = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    y, _ = ops.merge_weight(w, a, b, f, torch.float64)
+    assert (y - (w + (b.double() * f) @ a.double())).abs().max() < 1e-14
+
+
+def test_copy_range_falls_back_when_copy_file_range_returns_zero(tmp_path, monkeypatch):
+    from loramerge.writers.safetensors import SafetensorsWriter
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 10)
+    monkeypatch.setattr(os, "copy_file_range", lambda *a, **k: 0, raising=False)
+    w = SafetensorsWriter(tmp_path / "o.safetensors", [("t", "U8", (100,), 100)], None)
+    w.copy_range("t", src, 7, 100)
+    w.close()
+    assert load_file(str(tmp_path / "o.safetensors"))["t"].tolist() == list(range(7, 107))
+
+
+def test_loralib_options_with_a_peft_adapter_are_usage_errors(tmp_path):
+    with pytest.raises(loramerge.UsageError, match="--fan-in-fan-out are for loralib checkpoints"):
+        loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), tmp_path / "o", fan_in_fan_out=True)

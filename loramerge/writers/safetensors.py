@@ -90,6 +90,8 @@ class SafetensorsWriter:
                         n = os.copy_file_range(fd_in, self._fd, nbytes - done, offset + done)
                     except OSError:
                         use_cfr = False  # e.g. across filesystems on old kernels: fall back below
+                    if n == 0:
+                        use_cfr = False  # some filesystems answer 0 instead of an error: fall back
                 if not use_cfr:
                     chunk = os.pread(fd_in, min(nbytes - done, 64 << 20), offset + done)
                     self._write_all(chunk)
