@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections import Counter
@@ -308,18 +307,9 @@ def combine(
     with staged as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=metadata)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            _fsync(tmp / name)
         report.bytes_written = sum((tmp / n).stat().st_size for n in ("adapter_model.safetensors",
                                                                        "adapter_config.json"))
         staged.commit()
     report.seconds = time.perf_counter() - t0
     return report
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

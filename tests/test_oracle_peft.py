@@ -107,7 +107,6 @@ OUTPUT_PAIRS = [("llama-fp32", "llama-basic"), ("qwen2", "qwen2-bias"), ("llama-
 
 @pytest.mark.parametrize("base,adapter", OUTPUT_PAIRS, ids=[f"{b}+{a}" for b, a in OUTPUT_PAIRS])
 def test_merged_checkpoint_reproduces_unmerged_peft_outputs(base, adapter, tmp_out):
-    info = MANIFEST["bases"][base]
     cls = _model_class(base)
     loramerge.apply(base_dir(base), adapter_dir(adapter), tmp_out, dtype="float32", sync=False)
     merged = cls.from_pretrained(tmp_out, dtype=torch.float32).eval()

@@ -69,7 +69,7 @@ class Staged:
             os.rename(self.final, self._old)
         os.rename(self.tmp, self.final)
         self._committed = True
-        _fsync_dir(self.final.parent)
+        fsync_path(self.final.parent)
         _remove(self._old)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -84,8 +84,9 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
+def fsync_path(p: Path) -> None:
+    """fsync one file or directory (a directory's fsync makes its entries durable)."""
+    fd = os.open(p, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -93,20 +94,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _fsync_tree(p: Path) -> None:
-    """fsync every file under p (the index, config and tokenizer files; shards are already
-    synced, so this is cheap) and the directories themselves."""
+    """fsync every file directly under p (the index, config and tokenizer files; shards are
+    already synced, so this is cheap) and p itself."""
     if p.is_dir():
         for f in p.iterdir():
             if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        _fsync_dir(p)
-    else:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+                fsync_path(f)
+    fsync_path(p)
