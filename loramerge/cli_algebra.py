@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import _show_progress, _weights, handle_errors
+from .cli import _show_progress, _weights, adapter_options, handle_errors
 
 METHOD_HELP = ("cat/linear: exact weighted sum (rank = sum of ranks); svd: optimal rank-R approximation; "
                "ties, dare_linear, dare_ties: the papers' merges, re-factored to rank R.")
@@ -44,14 +44,17 @@ def combine_cmd(adapters, out, weights, method, rank, density, seed, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@adapter_options
 @handle_errors
-def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_run, overwrite, quiet):
+def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_run, overwrite, quiet,
+                adapter_opts):
     """Subtract ADAPTER(s) from the MERGED checkpoint and write the result to OUT; prints what can
     and cannot be recovered."""
     from .api import unmerge
 
     report = unmerge(merged, list(adapters), out, weights=_weights(weights), device=device, accum=accum,
-                     shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=_show_progress(quiet))
+                     shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=_show_progress(quiet),
+                     **adapter_opts)
     click.echo(report.summary())
 
 

@@ -207,3 +207,15 @@ def test_copy_range_falls_back_when_copy_file_range_returns_zero(tmp_path, monke
 def test_loralib_options_with_a_peft_adapter_are_usage_errors(tmp_path):
     with pytest.raises(loramerge.UsageError, match="--fan-in-fan-out are for loralib checkpoints"):
         loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), tmp_path / "o", fan_in_fan_out=True)
+
+
+def test_unmerge_cli_takes_loralib_options(tmp_path):
+    """apply then unmerge a loralib checkpoint from the command line: the base comes back."""
+    lora = str(adapter_dir("loralib") / "lora.pt")
+    opts = ["--lora-alpha", "8", "--enable-lora", "1,0,1", "--quiet"]
+    r = CliRunner().invoke(main, ["apply", str(base_dir("loralib")), lora, str(tmp_path / "m"), *opts])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["unmerge", str(tmp_path / "m"), lora, str(tmp_path / "u"), *opts])
+    assert r.exit_code == 0, r.output
+    back, orig = load_dir(tmp_path / "u"), load_dir(base_dir("loralib"))
+    assert all(rel_err(back[k], orig[k]) < 1e-6 for k in orig)
