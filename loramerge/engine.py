@@ -238,8 +238,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             torch.cuda.set_device(local.device)
 
     def work(job: Job, w, read_buf):
-        t0 = time.perf_counter()
         out_buf, out = out_pool.get(job.nbytes, ST_TO_TORCH[job.dtype], job.shape, stop)
+        t0 = time.perf_counter()  # after the wait for a free buffer, which is the writer's time
         try:
             tensor, fixed = compute(job, None if w is _REPLACED else w, adapters, local.device, accum, out)
         except BaseException:
