@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .errors import AdapterError, CheckpointError, UsageError
+from .errors import AdapterError, UsageError
 from .plan import build_plan, describe
 from .readers import kohya, loralib
-from .readers.checkpoint import load_bin_state_dict, open_checkpoint, read_safetensors_header
+from .readers.checkpoint import open_checkpoint
+from .readers.files import load_adapter_file
 from .readers.peft import read_peft_adapter
 from .types import Adapter, Plan
 from .writers.model_dir import copy_extras, write_index
@@ -93,7 +94,7 @@ def read_adapter(path: Path, lora_alpha=None, fan_in_fan_out=None, enable_lora=N
         return read_peft_adapter(path)
     if not path.is_file():
         raise AdapterError(f"{path}: adapter not found")
-    tensors = load_tensor_file(path)
+    tensors = load_adapter_file(path)
     if kohya.looks_like_kohya(tensors):
         return kohya.read_kohya(path, tensors)
     if loralib.looks_like_loralib(tensors):
@@ -101,19 +102,6 @@ def read_adapter(path: Path, lora_alpha=None, fan_in_fan_out=None, enable_lora=N
     raise AdapterError(f"{path}: not a recognized adapter: expected a PEFT directory (adapter_config.json), "
                        f"a loralib checkpoint (*.lora_A/*.lora_B) or a kohya file (lora_unet_*); first key: "
                        f"{next(iter(tensors), '(none)')!r}")
-
-
-def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one small file (an adapter), loaded safely: safetensors, or a pickle read with
-    weights_only=True so no code in it can run."""
-    if path.suffix == ".safetensors":
-        read_safetensors_header(path)  # validates size and header before loading
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        return load_bin_state_dict(path)
-    except CheckpointError as e:
-        raise AdapterError(str(e)) from e
 
 
 def apply(

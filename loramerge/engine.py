@@ -1,9 +1,10 @@
 """Execute a plan: read W -> math on the device -> cast once -> write, one tensor at a time.
 
 Knows nothing of file formats beyond "the checkpoint reads a TensorRef" and "the writer takes
-tensors in header order". Three stages overlap: a reader thread reads ahead, the calling thread
-does the math, a writer thread writes behind. Queues are bounded, so memory stays near a few
-tensors whatever the model size. Untouched tensors are copied file-to-file by the writer.
+tensors in header order". The stages overlap: a reader thread reads ahead, one compute worker per
+device does the math, a writer thread writes behind in plan order. Queues and buffer pools are
+bounded, so memory stays near a few tensors whatever the model size. Untouched tensors are
+copied file-to-file by the writer.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def resolve_devices(device: str) -> list[torch.device]:
 
 
 class _Stage(threading.Thread):
-    """A daemon thread whose exception is re-raised in the caller by join_checked()."""
+    """A daemon thread that keeps its exception in `error` for the other stages to re-raise."""
 
     def __init__(self, target, name):
         super().__init__(name=name, daemon=True)
@@ -187,19 +188,22 @@ class BufferPool:
         for _ in range(count if nbytes else 0):
             self._free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin))
 
-    def get(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], stop: threading.Event):
+    def get(self, stop: threading.Event) -> torch.Tensor:
         while True:
             try:
-                buf = self._free.get(timeout=0.1)
-                break
+                return self._free.get(timeout=0.1)
             except queue.Empty:
                 if stop.is_set():
                     raise RuntimeError("pipeline stopped") from None
-        return buf, buf[:nbytes].view(dtype).view(shape)
 
     def put(self, buf: torch.Tensor | None) -> None:
         if buf is not None:
             self._free.put(buf)
+
+
+def _copied_by_writer(job: Job) -> bool:
+    """Untouched tensors of a safetensors base go file-to-file; nothing reads or computes them."""
+    return job.kind == "copy" and job.source.offset is not None
 
 
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
@@ -215,10 +219,10 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     order = [(fi, job) for fi, f in enumerate(plan.files) for job in f.jobs]
     local = threading.local()
     pin = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
-    computed = [(fi, j) for fi, j in order if not (j.kind == "copy" and j.source.offset is not None)]
-    read_bytes = max((j.source.nbytes for _, j in computed if j.source.offset is not None
+    computed = [j for _, j in order if not _copied_by_writer(j)]
+    read_bytes = max((j.source.nbytes for j in computed if j.source.offset is not None
                       and j.replacement is None), default=0)
-    out_bytes = max((j.nbytes for _, j in computed), default=0)
+    out_bytes = max((j.nbytes for j in computed), default=0)
     # One worker takes jobs in order, so 2 output buffers suffice (one being written, one being
     # filled). Several: enough that every job that can be in flight gets one (no deadlock).
     n = len(devices)
@@ -238,7 +242,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             torch.cuda.set_device(local.device)
 
     def work(job: Job, w, read_buf):
-        out_buf, out = out_pool.get(job.nbytes, ST_TO_TORCH[job.dtype], job.shape, stop)
+        out_buf = out_pool.get(stop)
+        out = out_buf[: job.nbytes].view(ST_TO_TORCH[job.dtype]).view(job.shape)
         t0 = time.perf_counter()  # after the wait for a free buffer, which is the writer's time
         try:
             tensor, fixed = compute(job, None if w is _REPLACED else w, adapters, local.device, accum, out)
@@ -251,14 +256,12 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
 
     def reader():
         for fi, job in order:
-            if job.kind == "copy" and job.source.offset is not None:
-                item = (fi, job, None, None)  # copied file-to-file by the writer
+            if _copied_by_writer(job):
+                item = (fi, job, None, None)
             elif job.replacement is not None:
                 item = (fi, job, _REPLACED, None)  # the base tensor is not needed
             else:
-                buf = None
-                if job.source.offset is not None:
-                    buf, _ = read_pool.get(0, torch.uint8, (0,), stop)
+                buf = read_pool.get(stop) if job.source.offset is not None else None
                 t0 = time.perf_counter()
                 item = (fi, job, base.read(job.source, out=buf), buf)
                 stats.seconds_read += time.perf_counter() - t0

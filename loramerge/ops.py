@@ -21,7 +21,6 @@ import torch
 
 from . import kernels
 
-U32 = 2.0 ** -24
 # Output dtype -> (mask of the float32 mantissa bits the conversion drops, midpoint value of those
 # bits, smallest normal magnitude of the output dtype: below it the grid changes, so we recompute).
 _DROPPED_BITS = {
@@ -86,27 +85,16 @@ def merge_weight(
     float64). Shapes: w [out, in], a [R, in], b [out, R], factors [R] (float64). All on one device.
     `out` (CPU only) is a buffer the fused kernel may write into; the result may or may not be it.
     check=True raises NonFinite for a non-finite result (the fused kernel counts them as it writes,
-    sparing a pass over the output)."""
-    if w.device.type == "cuda":
-        with _no_tf32():
-            y, fixed, bad = _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, None)
-    else:
-        y, fixed, bad = _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out)
+    sparing a pass over the output).
+
+    On CUDA the error bound behind the exact rounding assumes true float32 products, so TF32
+    matmuls must be off (torch's default; engine.run switches them off for the whole run, since the
+    flag is process-global and cannot be toggled safely per call from several threads)."""
+    y, fixed, bad = _merge_weight(w, a, b, factors, out_dtype, accum, block_elems,
+                                  out if w.device.type == "cpu" else None)
     if check and bad != 0:  # bad is None when unknown (torch path): check the output
         check_finite(y)
     return y, fixed
-
-
-class _no_tf32:
-    """The error bound behind the exact rounding assumes true float32 products; TF32 matmuls keep
-    only 10 mantissa bits, so they are switched off for the duration (and restored after)."""
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
@@ -135,8 +123,8 @@ def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
     a32 = a.to(torch.float32)
     # Fold the factors into B once: one extra rounding per element of B, covered by the bound.
     bs32 = (b.to(torch.float64) * f64).to(torch.float32)
-    check = _DROPPED_BITS.get(out_dtype)
-    if check is not None:
+    dropped = _DROPPED_BITS.get(out_dtype)
+    if dropped is not None:
         # Bound coefficient: (R + 3) u covers the dot product (R terms), folding the factors into B
         # and a float64 adapter's rounding to float32; x1.25 covers the rounding of the bound itself.
         slack = 1.25 * (a.shape[0] + 3)
@@ -149,8 +137,8 @@ def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
             continue
         r = torch.addmm(wb.to(torch.float32), bs32[i:i + step], a32)
         y = r.to(out_dtype)
-        if check is not None:
-            mask, mid, tiny = check
+        if dropped is not None:
+            mask, mid, tiny = dropped
             # |r - exact| <= 2u|r| + (R+3)u E_ij with E = |B'| @ |A|. Rounding r is correct when r is
             # farther than that from the output grid's midpoint. r's distance to the midpoint is
             # dist * ulp32(r) with dist read off the dropped mantissa bits, and ulp32(r) > u|r|, so

@@ -39,11 +39,7 @@ class ModuleMatcher:
 
     def __init__(self, base_names):
         self.modules = {n[: -len(".weight")] for n in base_names if n.endswith(".weight")}
-        self._by_suffix: dict[str, list[str]] = {}
-        for mod in self.modules:
-            parts = mod.split(".")
-            for k in range(1, len(parts)):
-                self._by_suffix.setdefault(".".join(parts[k:]), []).append(mod)
+        self._by_suffix = _suffix_index(self.modules, ".", first=1)  # proper suffixes only
         self.rewrites: dict[tuple[str, str], list[str]] = {}
         self._flat: dict[str, list[str]] | None = None
 
@@ -67,9 +63,22 @@ class ModuleMatcher:
         """kohya-style names: dots flattened to underscores, matched against the base flattened
         the same way. Exactly one base module must match."""
         if self._flat is None:
-            self._flat = kohya.flat_index(self.modules)
+            # every suffix, the whole path included: single-file checkpoints nest the model under
+            # prefixes such as 'model.diffusion_model.'
+            self._flat = _suffix_index(self.modules, "_", first=0)
         found = sorted(set(self._flat.get(flat, [])))
         return (found[0], []) if len(found) == 1 else (None, found)
+
+
+def _suffix_index(modules, sep: str, first: int) -> dict[str, list[str]]:
+    """Each module path's dot-boundary suffixes, from the one without `first` leading components
+    on, joined with `sep` -> the modules that end that way."""
+    index: dict[str, list[str]] = {}
+    for mod in modules:
+        parts = mod.split(".")
+        for k in range(first, len(parts)):
+            index.setdefault(sep.join(parts[k:]), []).append(mod)
+    return index
 
 
 # Modules GPT-2-style models implement as Conv1D (weights stored [in, out]).
@@ -139,18 +148,15 @@ def build_plan(
     _check_vocab(c, base, virtual)
 
     jobs = []
-    sources = list(base.tensors.items())
-    for name, ref in sources:
+    for name, ref in base.tensors.items():
         jobs.append(_job(name, ref, c, out_code))
         for vname, vref in virtual.items():  # an untied lm_head goes right after its embedding
             if vref is ref:
                 jobs.append(_job(vname, vref, c, out_code))
     files = _layout(base, jobs, parse_size(shard_size), single_file)
 
-    for name, shape in c.shapes.items():
-        if tied is not None and name == tied[0] and config.get("vocab_size") not in (None, shape[0]):
-            config_updates["vocab_size"] = shape[0]
-        elif name.endswith(INPUT_EMBEDDINGS) and config.get("vocab_size") not in (None, shape[0]):
+    for name, shape in c.shapes.items():  # a tied embedding is one of these names too
+        if name.endswith(INPUT_EMBEDDINGS) and config.get("vocab_size") not in (None, shape[0]):
             config_updates["vocab_size"] = shape[0]
     if out_code is not None:
         # transformers reads this to pick the load dtype with dtype="auto"; keep it truthful.

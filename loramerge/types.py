@@ -158,10 +158,6 @@ class Job:
             return "merge"
         return "copy" if self.dtype == self.source.dtype else "cast"
 
-    @property
-    def delta_terms(self) -> tuple[Term, ...]:
-        return tuple(t for t in self.terms if t.kind != "replace")
-
 
 @dataclass
 class OutputFile:

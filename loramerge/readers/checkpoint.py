@@ -111,7 +111,6 @@ class Checkpoint:
         self.files: list[Path] = []
         self.format = ""           # "safetensors" | "bin"
         self.index_file: Path | None = None
-        self.metadata: dict = {}
         self.extra_files: list[Path] = []
         self.skipped_files: list[str] = []
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
@@ -239,13 +238,12 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if weight_files[0].suffix == ".safetensors":
         ck.format = "safetensors"
         for f in weight_files:
-            refs, meta = read_safetensors_header(f)
+            refs, _ = read_safetensors_header(f)
             for name, ref in sorted(refs.items(), key=lambda kv: kv[1].offset):
                 if name in ck.tensors:
                     raise CheckpointError(f"{f}: tensor {name!r} also appears in {ck.tensors[name].file.name}; "
                                           "the shards overlap, re-save the checkpoint")
                 ck.tensors[name] = ref
-            ck.metadata = ck.metadata or meta
     else:
         ck.format = "bin"
         for f in weight_files:

@@ -71,16 +71,3 @@ def _strip_prefix(module: str) -> str:
         if module.startswith(p):
             return module[len(p):]
     return module
-
-
-def flat_index(base_modules) -> dict[str, list[str]]:
-    """Flattened name ('down_blocks_0_attentions_0_proj_in') -> base module paths with that name,
-    also for each path without leading components (checkpoints saved with a prefix)."""
-    index: dict[str, list[str]] = {}
-    for mod in base_modules:
-        parts = mod.split(".")
-        # every dot-boundary suffix: single-file checkpoints nest the model under prefixes such as
-        # 'model.diffusion_model.'; the plan still requires exactly one match
-        for k in range(len(parts)):
-            index.setdefault("_".join(parts[k:]), []).append(mod)
-    return index

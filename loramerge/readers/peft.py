@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError, CheckpointError
+from ..errors import AdapterError
 from ..types import Adapter, LoraPair
-from .checkpoint import load_bin_state_dict, read_safetensors_header
+from .files import load_adapter_file
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -96,16 +96,8 @@ def _check_config(cfg_path: Path, config: dict) -> None:
 def _load_weights(root: Path, given: Path) -> dict[str, torch.Tensor]:
     candidates = [given] if given.is_file() else [root / w for w in WEIGHTS]
     for f in candidates:
-        if not f.is_file():
-            continue
-        try:
-            if f.suffix == ".safetensors":
-                read_safetensors_header(f)  # validates size and header before loading
-                from safetensors.torch import load_file
-                return load_file(str(f))
-            return load_bin_state_dict(f)
-        except CheckpointError as e:
-            raise AdapterError(str(e)) from e
+        if f.is_file():
+            return load_adapter_file(f)
     raise AdapterError(f"{root}: no adapter weights ({' or '.join(WEIGHTS)}) next to {CONFIG}")
 
 
