@@ -26,8 +26,9 @@ def _weights(text: str | None) -> list[float] | None:
 
 def handle_errors(fn):
     """Run a command; user errors become `Error: ...` + exit 1 (2 for usage), no traceback
-    unless --debug."""
+    unless --debug (an option this decorator adds to the command)."""
 
+    @click.option("--debug", is_flag=True, help="Show tracebacks.")
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
@@ -54,6 +55,24 @@ def handle_errors(fn):
             sys.exit(3)
 
     return wrapper
+
+
+def write_options(fn):
+    """The options of the commands that write a merged checkpoint (apply, unmerge)."""
+    for option in reversed([
+        click.option("--device", default="auto", show_default=True,
+                      help="auto, cpu, cuda, cuda:N, cuda:all, or a comma-separated list of devices."),
+        click.option("--accum", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
+                     help="Accumulation precision: bfloat16/float16 outputs are correctly rounded either way; "
+                          "float64 makes float32 outputs correctly rounded too."),
+        click.option("--shard-size", default=None,
+                     help="Re-shard the output (e.g. 5GB); default mirrors the input checkpoint."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace OUT if it exists (only once the new output is complete)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]):
+        fn = option(fn)
+    return fn
 
 
 def _enable_lora(text: str | None) -> tuple[bool, ...] | None:
@@ -102,16 +121,10 @@ def main():
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help="Output dtype; auto keeps each base tensor's own dtype.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--accum", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
-              help="Accumulation precision (half-precision outputs are correctly rounded either way).")
-@click.option("--shard-size", default=None, help="Re-shard the output (e.g. 5GB); default mirrors the base.")
+@write_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verify", "run_verify", is_flag=True,
               help="Then run `loramerge verify` on OUT; exit 1 if the merged checkpoint does not check out.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @adapter_options
 @handle_errors
 def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dry_run, overwrite, quiet,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import _show_progress, _weights, adapter_options, handle_errors
+from .cli import _show_progress, _weights, adapter_options, handle_errors, write_options
 
 METHOD_HELP = ("cat/linear: exact weighted sum (rank = sum of ranks); svd: optimal rank-R approximation; "
                "ties, dare_linear, dare_ties: the papers' merges, re-factored to rank R.")
@@ -20,7 +20,6 @@ METHOD_HELP = ("cat/linear: exact weighted sum (rank = sum of ranks); svd: optim
 @click.option("--density", type=float, help="Fraction of entries each task vector keeps (ties, dare_*; required there).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for dare_* (the same seed gives the same adapter).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new adapter is complete).")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @handle_errors
 def combine_cmd(adapters, out, weights, method, rank, density, seed, overwrite):
     """Combine ADAPTER(s) into one PEFT LoRA adapter at OUT (loadable by PEFT and `apply`)."""
@@ -36,14 +35,8 @@ def combine_cmd(adapters, out, weights, method, rank, density, seed, overwrite):
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--weights", help="The weights the merge used, comma-separated (default 1 each).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--accum", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
-              help="Accumulation precision (float64 makes float32 outputs correctly rounded too).")
-@click.option("--shard-size", default=None, help="Re-shard the output (e.g. 5GB); default mirrors MERGED.")
+@write_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and the recovery bounds; write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @adapter_options
 @handle_errors
 def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_run, overwrite, quiet,

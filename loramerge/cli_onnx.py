@@ -41,7 +41,6 @@ EXPORT_ONLY = ("dtype", "opset", "exporter", "atol", "rtol", "no_validate")
 @click.option("--no-validate", is_flag=True, help="Export mode: skip the onnxruntime-vs-PyTorch check.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (merge math; onnxruntime checks).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @adapter_options
 @handle_errors
 def export_onnx_cmd(src, out, adapters, weights, base, strict, keep_lora, lora_inputs, verify, dtype, opset,

@@ -26,7 +26,6 @@ def echo_report(report, as_json: bool = False) -> None:
 @click.option("--outputs/--no-outputs", default=True, show_default=True,
               help="Also compare layer outputs and (with transformers) model outputs against the unmerged adapter.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @adapter_options
 @handle_errors
 def verify_cmd(base, adapters, merged, weights, as_json, outputs, device, adapter_opts):
