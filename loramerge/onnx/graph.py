@@ -286,10 +286,7 @@ class OnnxGraph:
         except ValueError as e:
             raise OnnxError(f"{out_model}: the model proto would exceed protobuf's 2 GB limit ({e}); save the base "
                             "graph with external data (onnx.save(..., save_as_external_data=True)) and retry") from e
-        with open(out_model, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(out_model, data)
         return written
 
 
@@ -300,10 +297,15 @@ class OnnxGraph:
                 for e in t.external_data:
                     if e.key == "location" and e.value == old:
                         e.value = new
-        with open(out_model, "wb") as f:
-            f.write(self.model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(out_model, self.model.SerializeToString())
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write a model proto and make it durable before the caller's rename commits it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
