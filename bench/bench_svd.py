@@ -30,7 +30,7 @@ def child(method: str) -> None:
     import psutil
     import torch
 
-    from loramerge import algebra
+    from loramerge.arithmetic import algebra
 
     g = torch.Generator().manual_seed(0)
     terms = [algebra.FactorTerm(torch.randn(OUT, r, generator=g) * 0.01, torch.randn(r, IN, generator=g) * 0.01,

@@ -1,4 +1,8 @@
-"""loramerge: fold LoRA adapters into base model weights, exactly and in bounded memory."""
+"""loramerge: fold LoRA adapters into base model weights, exactly and in bounded memory.
+
+The public API is imported lazily: `import loramerge` (and the CLI's `--help`) does not pay for
+torch until a function is used.
+"""
 
 import os as _os
 
@@ -7,13 +11,16 @@ import os as _os
 # costs nothing here. Only effective if torch is not imported yet; an explicit setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .api import ApplyReport, apply
-from .api import UnmergeReport, unmerge
-from .combine import CombineReport, combine
-from .onnx import export_onnx
-from .errors import (AdapterError, CheckpointError, LoraMergeError, NumericsError, OutputError,
+from .errors import (AdapterError, CheckpointError, LoraMergeError, NumericsError, OutputError,  # noqa: E402
                      PlanError, UsageError)
-from .verify import VerifyReport, verify
+
+# public name -> module that defines it (imported on first use)
+_LAZY = {
+    "apply": "api", "ApplyReport": "api", "unmerge": "api", "UnmergeReport": "api",
+    "combine": "arithmetic", "CombineReport": "arithmetic",
+    "verify": "verifier", "VerifyReport": "verifier",
+    "export_onnx": "onnx",
+}
 
 __all__ = [
     "export_onnx",
@@ -23,3 +30,14 @@ __all__ = [
     "UsageError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loramerge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

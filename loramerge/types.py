@@ -63,7 +63,7 @@ class LoraPair:
     Keys index Adapter.tensors. `module` is the module path as the training code saw it (PEFT:
     without 'base_model.model.'); `target` is the base tensor name the reader expects
     (module + '.weight' unless the format says otherwise). `layout` says how B @ A lands on the
-    base tensor W (see deltas.py): 'linear' W[out, in] += B @ A; 'transposed' W[in, out] +=
+    base tensor W (see engine/deltas.py): 'linear' W[out, in] += B @ A; 'transposed' W[in, out] +=
     (B @ A).T (GPT-2 Conv1D with fan_in_fan_out, embeddings); 'conv' W[out, in, *k] +=
     (B.flatten(1) @ A.flatten(1)).view(W.shape). `base_shape` is the W shape the factors imply.
     `magnitude_key` (DoRA) names the learned magnitude vector. `groups` (loralib MergedLinear,

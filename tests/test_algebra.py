@@ -1,4 +1,4 @@
-"""loramerge.algebra: adapter arithmetic as pure math, against float64 references written here.
+"""loramerge.arithmetic.algebra: adapter arithmetic as pure math, against float64 references written here.
 
 cat must equal the weighted sum of deltas; svd must reach the Eckart-Young optimum without
 forming the dense matrix; ties/dare must follow the papers (checked against a per-element loop
@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramerge import algebra
-from loramerge.algebra import FactorTerm
+from loramerge.arithmetic import algebra
+from loramerge.arithmetic.algebra import FactorTerm
 
 
 def make_terms(seed: int, out: int, inn: int, ranks: list[int], weights: list[float],

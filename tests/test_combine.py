@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 import loramerge
 from loramerge import LoraMergeError
-from loramerge.algebra import truncate
+from loramerge.arithmetic.algebra import truncate
+from loramerge.readers.adapters import load_adapters
 from conftest import adapter_dir, base_dir, correctly_rounded, expected_delta64, load_dir, rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -297,8 +298,8 @@ def test_combine_refuses_what_is_not_linear(adapter, message, tmp_path):
 
 
 def test_combine_refuses_shape_conflicts():
-    from loramerge.combine import _group
-    a, b = loramerge.api.load_adapters([adapter_dir("llama-basic"), adapter_dir("llama-rslora")])
+    from loramerge.arithmetic.combine import _group
+    a, b = load_adapters([adapter_dir("llama-basic"), adapter_dir("llama-rslora")])
     pair = b.pairs[0]
     b.pairs[0] = type(pair)(**{**pair.__dict__, "base_shape": (3, 3)})
     with pytest.raises(LoraMergeError, match=rf"{pair.module}: the adapters give different weight shapes"):

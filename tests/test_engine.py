@@ -11,7 +11,8 @@ import torch
 
 from conftest import adapter_dir, base_dir, requires_cuda
 from loramerge import engine
-from loramerge.api import load_adapters
+from loramerge.engine import pipeline
+from loramerge.readers.adapters import load_adapters
 from loramerge.errors import NumericsError
 from loramerge.plan import build_plan
 from loramerge.readers.checkpoint import open_checkpoint
@@ -36,7 +37,7 @@ def test_many_workers_out_of_order_give_identical_bytes(tmp_path, monkeypatch):
         time.sleep(rng.random() * 0.02)  # finish in a scrambled order
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "compute", slow_compute)
+    monkeypatch.setattr(pipeline, "compute", slow_compute)
     many, stats3 = _run(tmp_path, "many", [torch.device("cpu")] * 3)
     assert stats1.merged == stats3.merged > 0
     files = sorted(p.name for p in one.iterdir())
@@ -49,7 +50,7 @@ def test_failing_compute_stops_the_pipeline(tmp_path, monkeypatch):
     def boom(job, *args, **kwargs):
         raise NumericsError(f"{job.name}: synthetic failure")
 
-    monkeypatch.setattr(engine, "compute", boom)
+    monkeypatch.setattr(pipeline, "compute", boom)
     t0 = time.perf_counter()
     with pytest.raises(NumericsError, match="synthetic failure"):
         _run(tmp_path, "fail", [torch.device("cpu")] * 2)

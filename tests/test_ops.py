@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import correctly_rounded, rel_err, requires_cuda
-from loramerge import kernels, ops
+from loramerge.engine import kernels, ops
 
 
 def _case(seed, rows, cols, rank, w_scale, delta_scale, wdtype):

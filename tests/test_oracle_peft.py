@@ -79,7 +79,7 @@ def test_fp32_matches_peft_merge(base, adapter, tmp_out):
 @pytest.mark.parametrize("base,adapter", HALF_PAIRS, ids=[f"{b}+{a}" for b, a in HALF_PAIRS])
 def test_half_precision_is_correctly_rounded_fp64(base, adapter, kernel, tmp_out, monkeypatch):
     """Both implementations: the fused CPU kernel, and the torch path GPUs and numba-less installs use."""
-    from loramerge import kernels
+    from loramerge.engine import kernels
     if kernel and not kernels.AVAILABLE:
         pytest.skip("numba (the `fast` extra) not installed")
     monkeypatch.setattr(kernels, "AVAILABLE", kernel)

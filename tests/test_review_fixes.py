@@ -184,7 +184,7 @@ def test_non_finite_weights_are_usage_errors(tmp_path):
 
 
 def test_float64_base_keeps_float64_precision():
-    from loramerge import ops
+    from loramerge.engine import ops
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 8, generator=g, dtype=torch.float64) * (1 + 1e-12)
     a, b = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from loramerge.cli import main
 PAIRS = [(p["base"], p["adapter"]) for p in MANIFEST["pairs"]]
 T = "model.layers.1.self_attn.q_proj.weight"  # the tensor the corruption tests damage
 CASES = {"fp32": ("llama-fp32", "llama-basic"), "bf16": ("llama-bf16-sharded", "llama-bf16")}
-VERIFY_MODULE = sys.modules["loramerge.verify"]  # (the package attribute `verify` is the function)
+VERIFY_MODULE = importlib.import_module("loramerge.verifier")
 
 
 def reader_opts(adapter: str) -> dict:
@@ -289,10 +289,10 @@ def test_hooks_reproduce_peft_unmerged_model(adapter):
     """The model check's reference (our hooks on the base) is PEFT's unmerged model."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from loramerge.api import load_adapters
     from loramerge.plan import build_plan
+    from loramerge.readers.adapters import load_adapters
     from loramerge.readers.checkpoint import open_checkpoint
-    from loramerge.verify_model import apply_unmerged
+    from loramerge.verifier.model import apply_unmerged
 
     base = base_dir("llama-fp32")
     adapters = load_adapters([adapter_dir(adapter)])

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from . import algebra, deltas
-from .errors import AdapterError, UsageError
-from .types import Adapter, LoraPair
-from .writers.output import Staged, check_output_path
+from ..engine import deltas
+from ..errors import AdapterError, UsageError
+from ..readers.adapters import load_adapters
+from ..types import Adapter, LoraPair
+from ..writers.output import Staged, check_output_path
+from . import algebra
 
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties")
 EXACT = ("cat", "linear")
@@ -243,7 +245,6 @@ def combine(
     w_i s_i B_i A_i, re-factored to rank `rank`. Adapters need not share ranks or targets.
     Raises a LoraMergeError subclass on user errors, before anything is written.
     """
-    from .api import load_adapters  # api imports heavy modules; keep `import loramerge.combine` light
 
     t0 = time.perf_counter()
     paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]

@@ -1,10 +1,11 @@
-"""CLI commands for adapter arithmetic: `combine` and `unmerge`. Registered in cli.py."""
+"""CLI commands for adapter arithmetic: `combine` and `unmerge`."""
 
 from __future__ import annotations
 
 import click
 
-from .cli import _show_progress, _weights, adapter_options, handle_errors, write_options
+from .errors import handle_errors
+from .options import adapter_options, parse_weights, show_progress, write_options
 
 METHOD_HELP = ("cat/linear: exact weighted sum (rank = sum of ranks); svd: optimal rank-R approximation; "
                "ties, dare_linear, dare_ties: the papers' merges, re-factored to rank R.")
@@ -23,9 +24,9 @@ METHOD_HELP = ("cat/linear: exact weighted sum (rank = sum of ranks); svd: optim
 @handle_errors
 def combine_cmd(adapters, out, weights, method, rank, density, seed, overwrite):
     """Combine ADAPTER(s) into one PEFT LoRA adapter at OUT (loadable by PEFT and `apply`)."""
-    from .combine import combine
+    from ..arithmetic import combine
 
-    report = combine(list(adapters), out, weights=_weights(weights), method=method, rank=rank,
+    report = combine(list(adapters), out, weights=parse_weights(weights), method=method, rank=rank,
                      density=density, seed=seed, overwrite=overwrite)
     click.echo(report.summary())
 
@@ -43,14 +44,9 @@ def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_r
                 adapter_opts):
     """Subtract ADAPTER(s) from the MERGED checkpoint and write the result to OUT; prints what can
     and cannot be recovered."""
-    from .api import unmerge
+    from ..api import unmerge
 
-    report = unmerge(merged, list(adapters), out, weights=_weights(weights), device=device, accum=accum,
-                     shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=_show_progress(quiet),
+    report = unmerge(merged, list(adapters), out, weights=parse_weights(weights), device=device, accum=accum,
+                     shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=show_progress(quiet),
                      **adapter_opts)
     click.echo(report.summary())
-
-
-def register(group: click.Group) -> None:
-    group.add_command(combine_cmd)
-    group.add_command(unmerge_cmd)

@@ -1,5 +1,5 @@
 """CLI command `export-onnx`: fold adapters into an existing ONNX graph, or export a checkpoint.
-Registered in cli.py. The first argument decides the mode: a .onnx file -> fold; a directory
+The first argument decides the mode: a .onnx file -> fold; a directory
 -> export with torch.onnx."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
-from .cli import _weights, adapter_options, handle_errors
-from .errors import UsageError
+from ..errors import UsageError
+from .errors import handle_errors
+from .options import adapter_options, parse_weights
 
 FOLD_ONLY = ("base", "strict", "verify")
 EXPORT_ONLY = ("dtype", "opset", "exporter", "atol", "rtol", "no_validate")
@@ -47,7 +48,7 @@ def export_onnx_cmd(src, out, adapters, weights, base, strict, keep_lora, lora_i
                     exporter, atol, rtol, no_validate, device, overwrite, adapter_opts):
     """Fold ADAPTERs into the ONNX graph SRC (a .onnx file), changing only initializer values, or
     export the model directory SRC (merged with the ADAPTERs) with torch.onnx; write OUT (.onnx)."""
-    from .onnx import export_onnx
+    from ..onnx import export_onnx
 
     given = {"base": base, "strict": strict, "verify": verify, "dtype": dtype, "opset": opset,
              "exporter": exporter, "atol": atol, "rtol": rtol, "no_validate": no_validate}
@@ -58,7 +59,7 @@ def export_onnx_cmd(src, out, adapters, weights, base, strict, keep_lora, lora_i
         opts = ", ".join("--" + k.replace("_", "-") for k in wrong)
         mode = "exporting a model directory" if export_mode else "folding into an .onnx graph"
         raise UsageError(f"{opts}: not used when {mode} (SRC {src} is a {'directory' if export_mode else 'file'})")
-    common = dict(weights=_weights(weights), keep_lora=keep_lora, lora_inputs=lora_inputs, device=device,
+    common = dict(weights=parse_weights(weights), keep_lora=keep_lora, lora_inputs=lora_inputs, device=device,
                   overwrite=overwrite, adapter_opts=adapter_opts)
     if export_mode:
         report = export_onnx(src, out, list(adapters), dtype=dtype or "float32", opset=opset,
@@ -66,7 +67,3 @@ def export_onnx_cmd(src, out, adapters, weights, base, strict, keep_lora, lora_i
     else:
         report = export_onnx(src, out, list(adapters), base=base, strict=strict, verify=verify, **common)
     click.echo(report.summary())
-
-
-def register(group: click.Group) -> None:
-    group.add_command(export_onnx_cmd)

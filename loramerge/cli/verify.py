@@ -1,4 +1,4 @@
-"""CLI command `verify` (registered in cli.py): check a merged checkpoint against its inputs."""
+"""CLI command `verify`: check a merged checkpoint against its inputs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from .cli import _weights, adapter_options, handle_errors
+from .errors import handle_errors
+from .options import adapter_options, parse_weights
 
 
 def echo_report(report, as_json: bool = False) -> None:
@@ -33,8 +34,8 @@ def verify_cmd(base, adapters, merged, weights, as_json, outputs, device, adapte
     expected value (dtype-aware tolerance), how much of each delta the output dtype kept, and
     layer/model outputs against the adapter applied unmerged. Exit 0 when everything is within
     tolerance, 1 otherwise (the failing lines name the tensor and the numbers)."""
-    from .verify import verify
+    from ..verifier import verify
 
-    report = verify(base, list(adapters), merged, weights=_weights(weights), outputs=outputs, device=device,
+    report = verify(base, list(adapters), merged, weights=parse_weights(weights), outputs=outputs, device=device,
                     **adapter_opts)
     echo_report(report, as_json)

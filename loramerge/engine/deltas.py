@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .types import Adapter, LoraPair
+from ..types import Adapter, LoraPair
 
 
 def factors(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float32,

@@ -155,7 +155,7 @@ def export_model(model_dir, out, adapters=(), *, weights: list[float] | None = N
     """Export `model_dir` (merged with `adapters`, or with them as side branches if keep_lora)
     to `out` (.onnx), validated with onnxruntime against PyTorch. Raises OnnxError on a mismatch."""
     t0 = time.perf_counter()
-    from ..api import apply  # noqa: PLC0415 - keeps import loramerge.onnx light
+    from ..api import apply  # keeps `import loramerge.onnx` light
 
     model_dir, out = Path(model_dir), Path(out)
     adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]

@@ -23,11 +23,11 @@ import onnx
 import torch
 from onnx import helper
 
-from .. import deltas
+from ..engine import deltas
 from ..errors import OnnxError
 from ..types import Adapter
 from .graph import TORCH_TO_ONNX, OnnxGraph, tensor_bytes
-from .match import Match, Target
+from .targets import Match, Target
 
 META_KEY = "loramerge.lora_branches"
 
@@ -248,9 +248,10 @@ def lora_feeds(graph_path, adapters, *, weights: list[float] | None = None, base
     tensor that has no branch in this graph."""
     import numpy as np
 
-    from ..api import load_adapters
+    from ..readers.adapters import load_adapters
     from ..readers.checkpoint import open_checkpoint
-    from .match import collect_targets, match_targets
+    from .match import match_targets
+    from .targets import collect_targets
 
     graph = OnnxGraph(graph_path)
     meta_json = next((p.value for p in graph.model.metadata_props if p.key == META_KEY), None)

@@ -20,14 +20,15 @@ import onnx
 import torch
 
 from .. import engine
-from ..api import load_adapters
+from ..readers.adapters import load_adapters
 from ..errors import OnnxError, OutputError, UsageError
 from ..readers.checkpoint import Checkpoint, open_checkpoint
 from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
 from ..writers.output import Staged, check_disk_space, check_output_path
 from .graph import OnnxGraph
 from .lora_graph import add_branches
-from .match import Match, MatchResult, Target, collect_targets, match_targets
+from .match import match_targets
+from .targets import Match, MatchResult, Target, collect_targets
 from .runtime import Comparison, compare_graphs, op_counts, sample_inputs
 
 FOLD_META_KEY = "loramerge.folded"
@@ -111,7 +112,7 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
     keep_lora: write the base graph with LoRA side branches instead (lora_inputs: as overridable
     graph inputs). verify: also build the other variant (keep-lora or folded) and compare outputs
     with onnxruntime before anything is committed. adapter_opts: what some adapter formats do not
-    store (lora_alpha, fan_in_fan_out, enable_lora, only; see loramerge.api.load_adapters)."""
+    store (lora_alpha, fan_in_fan_out, enable_lora, only; see loramerge.readers.adapters.load_adapters)."""
     t0 = time.perf_counter()
     graph_path, out = Path(graph_path), Path(out)
     adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]

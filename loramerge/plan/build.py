@@ -6,80 +6,12 @@ EVERY problem and raises once, and lays out the output files. Pure: reads no ten
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-from .errors import PlanError, UsageError
-from .readers import kohya, loralib
-from .readers.checkpoint import Checkpoint
-from .types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, OutputFile, Plan, TensorRef, Term
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'5GB', '500MB', '2GiB', 1000000 -> bytes (HF's max_shard_size convention: GB = 10^9)."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"--shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-class ModuleMatcher:
-    """Maps an adapter module path to one base module (tensor name without '.weight').
-
-    Users train on a wrapper (LlamaForCausalLM: 'model.layers.0...') and merge into a checkpoint
-    saved from the bare model ('layers.0...'), or the reverse. We accept an exact match, else the
-    unique match where one path is a dot-suffix of the other, and require that every non-exact
-    match used the same prefix rewrite (so two different modules can never be conflated).
-    """
-
-    def __init__(self, base_names):
-        self.modules = {n[: -len(".weight")] for n in base_names if n.endswith(".weight")}
-        self._by_suffix = _suffix_index(self.modules, ".", first=1)  # proper suffixes only
-        self.rewrites: dict[tuple[str, str], list[str]] = {}
-        self._flat: dict[str, list[str]] | None = None
-
-    def match(self, module: str) -> tuple[str | None, list[str]]:
-        """(base module or None, candidates when ambiguous)."""
-        if module in self.modules:
-            return module, []
-        parts = module.split(".")
-        for k in range(1, len(parts)):  # adapter path longer: strip its leading components
-            tail = ".".join(parts[k:])
-            if tail in self.modules:
-                self.rewrites.setdefault((".".join(parts[:k]) + ".", ""), []).append(module)
-                return tail, []
-        longer = self._by_suffix.get(module, [])  # base path longer: base has an extra prefix
-        if len(longer) == 1:
-            self.rewrites.setdefault(("", longer[0][: -len(module)]), []).append(module)
-            return longer[0], []
-        return None, sorted(longer)
-
-    def match_flat(self, flat: str) -> tuple[str | None, list[str]]:
-        """kohya-style names: dots flattened to underscores, matched against the base flattened
-        the same way. Exactly one base module must match."""
-        if self._flat is None:
-            # every suffix, the whole path included: single-file checkpoints nest the model under
-            # prefixes such as 'model.diffusion_model.'
-            self._flat = _suffix_index(self.modules, "_", first=0)
-        found = sorted(set(self._flat.get(flat, [])))
-        return (found[0], []) if len(found) == 1 else (None, found)
-
-
-def _suffix_index(modules, sep: str, first: int) -> dict[str, list[str]]:
-    """Each module path's dot-boundary suffixes, from the one without `first` leading components
-    on, joined with `sep` -> the modules that end that way."""
-    index: dict[str, list[str]] = {}
-    for mod in modules:
-        parts = mod.split(".")
-        for k in range(first, len(parts)):
-            index.setdefault(sep.join(parts[k:]), []).append(mod)
-    return index
-
+from ..errors import PlanError, UsageError
+from ..readers import kohya, loralib
+from ..readers.checkpoint import Checkpoint
+from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, Plan, TensorRef, Term
+from .layout import layout_files, parse_size
+from .matching import ModuleMatcher
 
 # Modules GPT-2-style models implement as Conv1D (weights stored [in, out]).
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
@@ -153,7 +85,7 @@ def build_plan(
         for vname, vref in virtual.items():  # an untied lm_head goes right after its embedding
             if vref is ref:
                 jobs.append(_job(vname, vref, c, out_code))
-    files = _layout(base, jobs, parse_size(shard_size), single_file)
+    files = layout_files(base, jobs, parse_size(shard_size), single_file)
 
     for name, shape in c.shapes.items():  # a tied embedding is one of these names too
         if name.endswith(INPUT_EMBEDDINGS) and config.get("vocab_size") not in (None, shape[0]):
@@ -336,69 +268,3 @@ def _check_terms(c, name: str, terms: list[Term], adapters: list[Adapter]) -> No
     if dora and len([t for t in terms if t.kind == "lora"]) > 1:
         c.problems.append(f"{name}: DoRA ({adapters[dora[0].adapter].label}) rescales the whole weight, so it "
                           "cannot be summed with other adapters' terms on the same tensor; apply it alone")
-
-
-def _out_name(base_file: Path) -> str:
-    name = base_file.name
-    if name.endswith(".safetensors"):
-        return name
-    # pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors
-    stem = name[: -len(".bin")] if name.endswith(".bin") else base_file.stem
-    if stem.startswith("pytorch_model"):
-        stem = "model" + stem[len("pytorch_model"):]
-    return stem + ".safetensors"
-
-
-def _layout(base: Checkpoint, jobs: list[Job], shard_size: int | None, single_file: bool) -> list[OutputFile]:
-    if single_file or (shard_size is None and len(base.files) == 1):
-        name = _out_name(base.files[0]) if shard_size is None else "model.safetensors"
-        return [OutputFile(name, jobs)]
-    if shard_size is None:  # mirror the base's shards
-        by_file: dict[Path, list[Job]] = {f: [] for f in base.files}
-        for j in jobs:
-            by_file[j.source.file].append(j)
-        return [OutputFile(_out_name(f), js) for f, js in by_file.items() if js]
-    groups: list[list[Job]] = [[]]
-    size = 0
-    for j in jobs:
-        if groups[-1] and size + j.nbytes > shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(j)
-        size += j.nbytes
-    if len(groups) == 1:
-        return [OutputFile("model.safetensors", groups[0])]
-    n = len(groups)
-    return [OutputFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
-
-
-def describe(plan: Plan, adapters: list[Adapter]) -> str:
-    """Human-readable plan for --dry-run."""
-    lines = [f"base: {plan.base_path}"]
-    for a in adapters:
-        lines.append(f"adapter: {a.path} ({a.format}, {len(a.pairs)} targets)")
-    merged = [j for j in plan.jobs if j.terms]
-    lines.append(f"targets ({len(merged)} tensors):")
-    for j in merged:
-        desc = ", ".join((f"replaced by saved {t.key}" if t.kind == "replace" else
-                          f"{'dora' if t.pair.magnitude_key else t.kind} r={t.pair.rank} scale={t.pair.scale:g}")
-                         + (f" x{t.weight:g}" if t.weight != 1 else "")
-                         + (f" [{adapters[t.adapter].path.name}]" if len(adapters) > 1 else "")
-                         for t in j.terms)
-        cast = f" {j.source.dtype}->{j.dtype}" if j.dtype != j.source.dtype else f" {j.dtype}"
-        lines.append(f"  {j.name} {list(j.shape)}{cast}: {desc}")
-    copied = sum(1 for j in plan.jobs if j.kind == "copy")
-    casted = sum(1 for j in plan.jobs if j.kind == "cast")
-    lines.append(f"untouched tensors: {copied} copied bit for bit, {casted} cast")
-    lines.append(f"output files ({len(plan.files)}{', with index' if plan.indexed else ''}):")
-    for f in plan.files:
-        lines.append(f"  {f.name}: {len(f.jobs)} tensors, {f.nbytes:,} bytes")
-    if plan.extra_files:
-        lines.append("carried over: " + ", ".join(p.name for p in plan.extra_files))
-    if plan.skipped_files:
-        lines.append("not carried over: " + ", ".join(plan.skipped_files))
-    lines.append(f"total: {plan.nbytes:,} bytes")
-    for w in plan.warnings:
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)
-

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from . import deltas
-from .readers.checkpoint import Checkpoint
-from .types import Adapter, Job, numel
-from .verify import _GRID, ModelCheck, _lin, lin_factors, lora_branch
+from ..engine import deltas
+from ..readers.checkpoint import Checkpoint
+from ..types import Adapter, Job, numel
+from .report import _GRID, ModelCheck
+from .weights import _lin, lin_factors, lora_branch
 
 INPUT_SHAPE = (2, 16)
 SEED = 0

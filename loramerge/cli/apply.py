@@ -1,0 +1,41 @@
+"""`loramerge apply`: merge adapters into a base checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+from .errors import handle_errors
+from .options import adapter_options, parse_weights, show_progress, write_options
+from .verify import echo_report
+
+
+@click.command("apply")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--weights", help="Comma-separated weight per adapter (default 1 each; negative allowed).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Output dtype; auto keeps each base tensor's own dtype.")
+@write_options
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--verify", "run_verify", is_flag=True,
+              help="Then run `loramerge verify` on OUT; exit 1 if the merged checkpoint does not check out.")
+@adapter_options
+@handle_errors
+def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dry_run, overwrite, quiet,
+              run_verify, adapter_opts):
+    """Merge ADAPTER(s) into BASE and write the merged checkpoint to OUT.
+
+    ADAPTER is a PEFT adapter directory, a loralib checkpoint (needs --lora-alpha) or a kohya
+    .safetensors file."""
+    from ..api import apply
+
+    report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
+                   accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
+                   progress=show_progress(quiet), **adapter_opts)
+    click.echo(report.summary())
+    if run_verify and not dry_run:
+        from ..verifier import verify
+
+        echo_report(verify(base, list(adapters), out, weights=parse_weights(weights), device=device, **adapter_opts))

@@ -1,0 +1,42 @@
+"""Which devices a merge runs on: --device auto|cpu|cuda|cuda:N|cuda:all|a,b."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LoraMergeError
+
+
+def resolve_device(device: str) -> torch.device:
+    """The one device for single-device work (verify, ONNX): the first of resolve_devices()."""
+    return resolve_devices(device)[0]
+
+
+def resolve_devices(device: str) -> list[torch.device]:
+    """'auto' (first GPU, else CPU), 'cpu', 'cuda', 'cuda:N', 'cuda:all' or a comma-separated list.
+    Several devices share the tensors; the output order never changes."""
+    if device == "auto":
+        return [torch.device("cuda:0" if torch.cuda.is_available() else "cpu")]
+    if device == "cuda:all":
+        if not torch.cuda.is_available():
+            raise LoraMergeError("--device cuda:all: CUDA is not available here; use --device cpu")
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    devices = []
+    for name in device.split(","):
+        try:
+            dev = torch.device(name.strip())
+        except RuntimeError as e:
+            raise LoraMergeError(f"--device {name!r}: not a device name; use auto, cpu, cuda, cuda:N or cuda:all") from e
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise LoraMergeError(f"--device {name}: CUDA is not available here; use --device cpu")
+            if dev.index is None:
+                dev = torch.device("cuda:0")
+            if dev.index >= torch.cuda.device_count():
+                raise LoraMergeError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
+        elif dev.type != "cpu":
+            raise LoraMergeError(f"--device {name}: only cpu and cuda are supported")
+        devices.append(dev)
+    if len(set(devices)) != len(devices):
+        raise LoraMergeError(f"--device {device}: a device is listed twice")
+    return devices

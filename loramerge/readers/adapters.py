@@ -1,0 +1,54 @@
+"""Read adapters of any supported format, telling the format from the files: a PEFT directory,
+a loralib checkpoint or a kohya file. Everything downstream sees normalized Adapter records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import AdapterError, UsageError
+from ..types import Adapter
+from . import kohya, loralib
+from .files import load_adapter_file
+from .peft import read_peft_adapter
+
+
+def load_adapters(paths, lora_alpha: float | None = None, fan_in_fan_out: bool | None = None,
+                  enable_lora: tuple[bool, ...] | None = None, only: str | None = None) -> list[Adapter]:
+    """Read adapters of any supported format (PEFT directory, loralib or kohya file). `only` keeps
+    the targets whose module path (or kohya key) starts with that prefix, e.g. 'lora_unet_'."""
+    adapters = []
+    for p in map(Path, paths):
+        adapter = read_adapter(p, lora_alpha, fan_in_fan_out, enable_lora)
+        if only is not None:
+            adapter.pairs = [q for q in adapter.pairs if q.module.startswith(only)]
+            adapter.replacements = {k: v for k, v in adapter.replacements.items() if k.startswith(only)}
+            if not adapter.pairs and not adapter.replacements:
+                raise UsageError(f"{p}: --only {only!r} keeps none of the adapter's targets")
+        adapters.append(adapter)
+    return adapters
+
+
+def read_adapter(path: Path, lora_alpha=None, fan_in_fan_out=None, enable_lora=None) -> Adapter:
+    """Tell the format by its files and keys: a directory with adapter_config.json is PEFT; a
+    weights file is loralib (`*.lora_A`/`*.lora_B` keys) or kohya (`lora_unet_*`/`lora_te_*`)."""
+    if path.is_dir() or path.name.startswith("adapter_model."):
+        if path.is_dir() and not (path / "adapter_config.json").exists():
+            files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".pt", ".bin", ".pth")]
+            if len(files) == 1:
+                return read_adapter(files[0], lora_alpha, fan_in_fan_out, enable_lora)
+        given = [o for o, v in (("--lora-alpha", lora_alpha), ("--fan-in-fan-out", fan_in_fan_out),
+                                ("--enable-lora", enable_lora)) if v is not None]
+        if given:
+            raise UsageError(f"{path}: {', '.join(given)} are for loralib checkpoints; a PEFT adapter stores "
+                             "its own settings in adapter_config.json")
+        return read_peft_adapter(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter not found")
+    tensors = load_adapter_file(path)
+    if kohya.looks_like_kohya(tensors):
+        return kohya.read_kohya(path, tensors)
+    if loralib.looks_like_loralib(tensors):
+        return loralib.read_loralib(path, tensors, lora_alpha, fan_in_fan_out, enable_lora)
+    raise AdapterError(f"{path}: not a recognized adapter: expected a PEFT directory (adapter_config.json), "
+                       f"a loralib checkpoint (*.lora_A/*.lora_B) or a kohya file (lora_unet_*); first key: "
+                       f"{next(iter(tensors), '(none)')!r}")

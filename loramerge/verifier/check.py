@@ -1,0 +1,117 @@
+"""Check a merged checkpoint against its inputs: `loramerge verify BASE ADAPTER... MERGED`.
+
+A merge that went wrong (a key skipped, a scale applied twice, a shard from another run) loads
+and runs; users notice only from degraded generations. This module recomputes what every tensor
+of MERGED must be and says which ones are not, with the numbers. It does not trust the merge
+code: expected values are computed in float64 from the adapter factors (deltas.factors, so every
+layout the readers produce is covered), layer outputs go through the unmerged LoRA branch.
+
+Checks, per tensor of the base (plan.build_plan says which adapter terms hit it):
+
+1. Weights. E = W + sum_i c_i * s_i * B_i @ A_i in float64, M = the merged tensor. DoRA:
+   E = m * (W + dW) / ||W + dW|| per output unit (PEFT's formula, computed here, not by
+   ops.dora_merge). A tensor the adapter saves whole (modules_to_save, resized embeddings)
+   starts from that copy instead of W, which then stands for W below.
+   Pass rules, by M's dtype:
+     bfloat16 / float16: every element within 2 ulps of E correctly rounded (ops.round_to), the
+       ulp taken at the element's magnitude max(|W|, |E|, S), S = sum over terms and ranks of
+       |c s B_ik A_kj|. loramerge is 0 ulp (it rounds once, correctly). PEFT with float32
+       adapter weights adds a float32 delta to the half-precision W and rounds again, which can
+       land on E's other neighbour: 1 ulp. PEFT with half-precision adapter weights (bf16 adapter
+       files loaded with autocast_adapter_dtype=False, or the PeftModel cast .to(bfloat16))
+       rounds the factors and the delta too; those errors scale with S, not with |E|, and reach
+       1.25 ulp on the fixtures (14 ulp at |E| alone). Real mistakes are tens to hundreds of ulps.
+     float32 / float64: max |M - E| <= 1e-6 * max |E| over the tensor (float32 accumulation,
+       ours or PEFT's, is ~1e-7 off).
+   A tensor no adapter touches must be bit-identical to the base; if MERGED stores it in
+   another float dtype (apply --dtype), it is held to the rule above with E = W. Tensors missing
+   from MERGED or not in the base are failures.
+2. Delta fidelity: loss = ||M - E|| / ||E - W||, the fraction of the adapter's change that the
+   output dtype did not keep (bf16 keeps ~8 bits, so a delta far below W's magnitude is mostly
+   rounded away). Reported per target, summarised (worst, median) and warned about above 0.1;
+   not a failure: the merge is as good as the dtype allows.
+3. Layer outputs (skipped with outputs=False): x ~ randn(8, in) (seed 0) through the merged
+   weight vs the base weight plus the unmerged LoRA branch s * (x @ A^T) @ B^T in float64, in the
+   weight's linear orientation (y = x @ W^T: transposed layouts are turned around, conv kernels
+   flattened to im2col form). Reported as max |y_M - y_ref| / max |y_ref|; it passes when every
+   output is within |x| @ tol^T, tol the per-element weight tolerance of rule 1 (plus half an ulp
+   for E's own rounding in half precision): the most that rounding the merged weight explains.
+4. Model outputs (skipped with outputs=False, or without transformers): see model.py.
+
+Memory: checks 1-3 read one base tensor and its merged twin at a time and do the float64 math
+in row blocks, like apply. Check 4 loads the model with transformers (one copy at a time, in
+float32) and is skipped with a note when that would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..engine.devices import resolve_device
+from ..errors import CheckpointError, UsageError
+from ..plan import build_plan
+from ..readers.adapters import load_adapters
+from ..readers.checkpoint import open_checkpoint
+from .model import check_model
+from .report import TensorCheck, VerifyReport, fidelity_warning
+from .weights import check_tensor
+
+
+def verify(
+    base: str | Path,
+    adapters: str | Path | list,
+    merged: str | Path,
+    *,
+    weights: list[float] | None = None,
+    outputs: bool = True,
+    device: str = "auto",
+    lora_alpha: float | None = None,
+    fan_in_fan_out: bool | None = None,
+    enable_lora: tuple[bool, ...] | None = None,
+    only: str | None = None,
+) -> VerifyReport:
+    """Check that `merged` is `base` with `adapters` (times `weights`) merged in; see the module
+    docstring for the checks and their tolerances. The reader options (lora_alpha, fan_in_fan_out,
+    enable_lora, only) are apply's: pass the ones the merge used. Raises a LoraMergeError for
+    unreadable inputs; a wrong merge is not an exception but a report with ok == False."""
+    t0 = time.perf_counter()
+    base, merged = Path(base), Path(merged)
+    adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    if not adapter_paths:
+        raise UsageError("no adapter given")
+    if not merged.exists():
+        raise CheckpointError(f"{merged}: merged checkpoint not found; pass the OUT of `loramerge apply` "
+                              "(a directory or a .safetensors file)")
+    dev = resolve_device(device)
+    base_ck = open_checkpoint(base)
+    merged_ck = open_checkpoint(merged)
+    loaded = load_adapters(adapter_paths, lora_alpha, fan_in_fan_out, enable_lora, only)
+    # The plan says what a merge of these inputs writes: every base tensor, plus e.g. an lm_head
+    # split off a tied embedding; and which adapter terms land on each.
+    plan = build_plan(base_ck, loaded, weights=weights)
+    report = VerifyReport(base=base, adapters=adapter_paths, merged=merged, device=str(dev),
+                          outputs=outputs, warnings=list(plan.warnings))
+    try:
+        for job in plan.jobs:
+            mref = merged_ck.tensors.get(job.name)
+            if mref is None:
+                report.tensors.append(TensorCheck(job.name, "missing", shape=job.shape, problems=[
+                    f"missing from MERGED (expected {job.dtype} {list(job.shape)}); the merge output is "
+                    "incomplete or from other inputs, re-run apply"]))
+            else:
+                report.tensors.append(check_tensor(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs))
+        expected = {job.name for job in plan.jobs}
+        for name, mref in merged_ck.tensors.items():
+            if name not in expected:
+                report.tensors.append(TensorCheck(name, "extra", dtype=mref.dtype, shape=mref.shape, problems=[
+                    f"in MERGED ({mref.dtype} {list(mref.shape)}) but a merge of these inputs does not write "
+                    "it (another model's shard, or a LoRA tensor left in?)"]))
+    finally:
+        base_ck.close()
+        merged_ck.close()
+    fidelity_warning(report)
+    if outputs:
+        report.model = check_model(base_ck, merged_ck, loaded, plan.jobs, dev)
+    report.seconds = time.perf_counter() - t0
+    return report
