@@ -13,11 +13,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.core: $(PY) pyproject.toml constraints.txt
-	$(PIP) install $(PIPFLAGS) -e '.[fast,hf]'
+	$(PIP) install $(PIPFLAGS) -e '.[hf]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) install $(PIPFLAGS) -e '.[fast,test,onnx,hf]'
+	$(PIP) install $(PIPFLAGS) -e '.[test,onnx,hf]'
 	touch $@
 
 install: $(VENV)/.core

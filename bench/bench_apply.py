@@ -5,11 +5,16 @@ shards and an r=16 all-linear PEFT adapter, then runs, alternating, --runs times
   loramerge  python -m loramerge apply BASE ADAPTER OUT (fsyncs its files)
   peft       transformers from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
   floor      cat of each shard into OUT, then `sync` of those files (read once, write once, durable)
+and, when named in --methods:
+  cli        the command as users run it, a cold process: python -m loramerge apply BASE ADAPTER OUT -q
+  torchpath  loramerge with LORAMERGE_NO_KERNEL=1: the torch fallback an install without numba runs
+  cat        cat of each shard into OUT without sync (the page-cache copy)
 and reports medians of wall time and of peak anonymous memory (RssAnon, polled every 10 ms, so
 the page cache of mmapped files is not counted), and the ratios the issues set targets for.
 
   python bench/bench_apply.py                      # 1.1B, 3 runs each, CPU
   python bench/bench_apply.py --preset 8b --device cuda --peft-device cuda   # on a GPU machine
+  python bench/bench_apply.py --methods loramerge,cli,torchpath,peft,floor,cat   # every variant
 """
 
 from __future__ import annotations
@@ -182,15 +187,22 @@ def main():
             out = args.workdir / f"out-{m}"
             shutil.rmtree(out, ignore_errors=True)
             stdout = ""
-            if m == "loramerge":
-                wall, anon, stdout = measure([py, "-c", LORAMERGE_SCRIPT, str(base), str(adapter), str(out), args.device])
-                stages.append(json.loads(stdout.split("STAGES ", 1)[1].splitlines()[0]))
+            if m in ("loramerge", "torchpath"):
+                env = dict(os.environ, LORAMERGE_NO_KERNEL="1") if m == "torchpath" else None
+                wall, anon, stdout = measure([py, "-c", LORAMERGE_SCRIPT, str(base), str(adapter), str(out),
+                                              args.device], env=env)
+                if m == "loramerge":
+                    stages.append(json.loads(stdout.split("STAGES ", 1)[1].splitlines()[0]))
+            elif m == "cli":
+                wall, anon, stdout = measure([py, "-m", "loramerge", "apply", str(base), str(adapter), str(out),
+                                              "--device", args.device, "-q"])
             elif m == "peft":
                 wall, anon, stdout = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
             else:
                 out.mkdir()
                 script = "; ".join(f"cat '{s}' > '{out / s.name}'" for s in shards)
-                script += "; sync " + " ".join(f"'{out / s.name}'" for s in shards)
+                if m == "floor":
+                    script += "; sync " + " ".join(f"'{out / s.name}'" for s in shards)
                 wall, anon, _ = measure(["sh", "-c", script])
             gpu = int(stdout.split("GPUMEM ", 1)[1].split()[0]) if "GPUMEM " in stdout else 0
             results[m]["wall"].append(wall)
@@ -210,13 +222,17 @@ def main():
         "medians": med, "raw": results,
         "loramerge_stage_seconds_median": {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {},
     }
-    if "loramerge" in med:
-        lm = med["loramerge"]
+    for name in ("loramerge", "cli", "torchpath"):
+        if name not in med:
+            continue
+        lm, key = med[name], "" if name == "loramerge" else name + "_"
         if "peft" in med:
-            summary["wall_vs_peft"] = lm["wall"] / med["peft"]["wall"]
-            summary["anon_vs_peft"] = lm["anon"] / med["peft"]["anon"]
+            summary[key + "wall_vs_peft"] = lm["wall"] / med["peft"]["wall"]
+            summary[key + "anon_vs_peft"] = lm["anon"] / med["peft"]["anon"]
         if "floor" in med:
-            summary["wall_vs_floor"] = lm["wall"] / med["floor"]["wall"]
+            summary[key + "wall_vs_floor"] = lm["wall"] / med["floor"]["wall"]
+        if "cat" in med:
+            summary[key + "wall_vs_cat"] = lm["wall"] / med["cat"]["wall"]
     print(json.dumps(summary, indent=2))
     if args.results:
         args.results.write_text(json.dumps(summary, indent=2))

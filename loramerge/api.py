@@ -117,12 +117,12 @@ def apply(
             out_dir = tmp.parent if single_file else tmp
             if single_file:
                 plan.files[0].name = tmp.name  # the staged file; renamed to `out` on commit
-            stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
-                               progress=bar.update if bar else None, sync=sync)
-            if not single_file:
+            if not single_file:  # first: they need only the plan, and are then off the critical path
                 if plan.indexed:
                     write_index(plan, tmp)
                 report.carried_over = copy_extras(plan, tmp)
+            stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
+                               progress=bar.update if bar else None, sync=sync)
             staged.commit()  # every file is complete and fsynced: the rename is the commit point
     finally:
         if bar is not None:

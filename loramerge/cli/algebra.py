@@ -44,6 +44,9 @@ def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_r
                 adapter_opts):
     """Subtract ADAPTER(s) from the MERGED checkpoint and write the result to OUT; prints what can
     and cannot be recovered."""
+    from ..readers.prefetch import prefetch
+
+    prefetch(merged, adapters)  # the disk reads ahead while the next line imports torch
     from ..api import unmerge
 
     report = unmerge(merged, list(adapters), out, weights=parse_weights(weights), device=device, accum=accum,

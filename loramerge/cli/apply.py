@@ -29,6 +29,9 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
 
     ADAPTER is a PEFT adapter directory, a loralib checkpoint (needs --lora-alpha) or a kohya
     .safetensors file."""
+    from ..readers.prefetch import prefetch
+
+    prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
     from ..api import apply
 
     report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
-
 # Output dtype -> (mask of the float32 mantissa bits the conversion drops, midpoint value of those
 # bits, smallest normal magnitude of the output dtype: below it the grid changes, so we recompute).
 _DROPPED_BITS = {
@@ -100,10 +98,15 @@ def merge_weight(
 def _merge_weight(w, a, b, factors, out_dtype, accum, block_elems, out):
     if torch.float64 in (w.dtype, out_dtype):
         accum = torch.float64  # float32 math would round a float64 base before the add
-    if accum == torch.float32 and block_elems is None and kernels.supports(w, out_dtype):
-        # fused CPU kernel (numba): float64 accumulation, the same correctly rounded result
-        y, bad = kernels.merge_half(w, a, b, factors, out_dtype, out=out)
-        return y, 0, bad
+    if (accum == torch.float32 and block_elems is None and w.device.type == "cpu"
+            and w.dtype in _DROPPED_BITS and out_dtype in _DROPPED_BITS):
+        # numba is imported here, on the first CPU half-precision merge, not with the engine: a GPU
+        # run or a float32 merge never pays for it
+        from . import kernels
+        if kernels.supports(w, out_dtype):
+            # fused CPU kernel (numba): float64 accumulation, the same correctly rounded result
+            y, bad = kernels.merge_half(w, a, b, factors, out_dtype, out=out)
+            return y, 0, bad
     rows, cols = w.shape
     if block_elems is None:
         block_elems = BLOCK_ELEMS_GPU if w.device.type == "cuda" else BLOCK_ELEMS_CPU

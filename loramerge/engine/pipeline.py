@@ -88,10 +88,22 @@ class BufferPool:
 
     def __init__(self, nbytes: int, count: int, pin: bool):
         self._free: queue.Queue = queue.Queue()
-        for _ in range(count if nbytes else 0):
-            self._free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin))
+        # Buffers are made on first need, by the thread that needs one: the reader starts at once
+        # instead of waiting for all of them to be allocated (page-locking is slow).
+        self._left = count if nbytes else 0
+        self._nbytes, self._pin = nbytes, pin
+        self._lock = threading.Lock()
 
     def get(self, stop: threading.Event) -> torch.Tensor:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            make = self._left > 0
+            self._left -= make
+        if make:
+            return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
         while True:
             try:
                 return self._free.get(timeout=0.1)

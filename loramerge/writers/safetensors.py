@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError
+from .writeback import Writeback
 
 ALIGN = 8  # the header is padded with spaces to a multiple of 8, as the reference writer does
 
@@ -49,6 +50,8 @@ class SafetensorsWriter:
         self.entries = entries
         self._next = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._pos = 0  # bytes in the file so far (written strictly front to back)
+        self._writeback = Writeback(self._fd)  # the disk starts on each 64 MiB, not at fsync
         self._write_all(build_header(entries, metadata))
         self.bytes_written = 0
 
@@ -70,6 +73,8 @@ class SafetensorsWriter:
                 raise OutputError(f"{self.path}: write failed ({e.strerror}); "
                                   "is the disk full? nothing was left in the output") from e
             view = view[n:]
+            self._pos += n
+        self._writeback.wrote(self._pos)
 
     def write(self, name: str, t: torch.Tensor) -> None:
         data = tensor_bytes(t.cpu())
@@ -99,6 +104,9 @@ class SafetensorsWriter:
                 if n == 0:
                     raise OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated")
                 done += n
+                if use_cfr:
+                    self._pos += n
+                    self._writeback.wrote(self._pos)
 
     @property
     def complete(self) -> bool:

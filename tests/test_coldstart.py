@@ -1,0 +1,146 @@
+"""Cold start (issue 15): the CLI imports no heavy module before it needs one, reads ahead while
+torch imports, pushes written bytes to the disk early, and allocates its buffers on first use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramerge.engine.pipeline import BufferPool
+from loramerge.readers import prefetch as pf
+from loramerge.writers import writeback
+from loramerge.writers.safetensors import SafetensorsWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "fixtures"
+HEAVY = ("torch", "numba", "transformers", "onnx", "onnxruntime", "peft", "numpy", "safetensors")
+
+
+def _imported_after(code: str) -> set[str]:
+    """Top-level packages from HEAVY that a fresh interpreter has imported after running `code`."""
+    probe = code + "\nimport sys, json\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    return set(json.loads(out.strip().splitlines()[-1])) & set(HEAVY)
+
+
+@pytest.mark.parametrize("code", [
+    "import loramerge",
+    "import loramerge.cli",
+    "from loramerge.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+    *(f"from loramerge.cli import main\ntry:\n    main([{cmd!r}, '--help'])\nexcept SystemExit:\n    pass"
+      for cmd in ("apply", "verify", "unmerge", "combine", "export-onnx")),
+])
+def test_cli_and_package_import_nothing_heavy(code):
+    assert _imported_after(code) == set()
+
+
+def test_float32_merge_does_not_import_numba(tmp_path):
+    # the fused kernel is for half precision on the CPU: a float32 merge (or a GPU run) never needs it
+    code = (f"import loramerge\nloramerge.apply({str(FIX / 'bases/llama-fp32')!r}, "
+            f"{str(FIX / 'adapters/llama-basic')!r}, {str(tmp_path / 'out')!r}, device='cpu')")
+    got = _imported_after(code)
+    assert "torch" in got and "numba" not in got
+
+
+# -- prefetch --------------------------------------------------------------------------------------
+
+def test_weight_files_follow_the_index_order(tmp_path):
+    names = ["model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x" * 10)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": names[0], "b": names[1],
+                                                                                      "c": names[0]}}))
+    assert pf.weight_files(tmp_path) == [tmp_path / names[0], tmp_path / names[1]]
+    (tmp_path / "model.safetensors.index.json").unlink()
+    assert pf.weight_files(tmp_path) == [tmp_path / names[1], tmp_path / names[0]]  # by name, configs left out
+    assert pf.weight_files(tmp_path / names[0]) == [tmp_path / names[0]]
+    assert pf.weight_files(tmp_path / "missing") == []
+
+
+def test_hints_cover_files_in_order_within_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(pf, "CHUNK", 4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"0" * 10)
+    b.write_bytes(b"1" * 6)
+    assert pf.plan_hints([a, b], 100) == [(a, 0, 4), (a, 4, 4), (a, 8, 2), (b, 0, 4), (b, 4, 2)]
+    assert pf.plan_hints([a, b], 11) == [(a, 0, 4), (a, 4, 4), (a, 8, 2), (b, 0, 1)]
+    assert pf.plan_hints([tmp_path / "gone", b], 5) == [(b, 0, 4), (b, 4, 1)]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_prefetch_hints_adapters_first_and_leaves_files_alone(tmp_path, monkeypatch):
+    base = FIX / "bases/llama-bf16-sharded"
+    adapter = FIX / "adapters/llama-bf16"
+    before = {p: p.read_bytes() for p in [*pf.weight_files(base), *pf.weight_files(adapter)]}
+    seen = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (seen.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                                         real(fd, off, n, advice)))
+    t = pf.prefetch(base, [adapter])
+    t.join(10)
+    files = list(dict.fromkeys(seen))
+    assert files == [str(p) for p in [*pf.weight_files(adapter), *pf.weight_files(base)]]
+    assert {p: p.read_bytes() for p in before} == before
+    assert pf.prefetch(tmp_path / "missing", [tmp_path / "nothing"]) is None  # nothing to read: no thread
+
+
+# -- early writeback -------------------------------------------------------------------------------
+
+def test_writer_pushes_every_byte_in_order_and_the_file_is_unchanged(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(writeback, "_fn", lambda fd, off, n, flags: (calls.append((off, n, flags)), 0)[1])
+    monkeypatch.setattr(writeback, "PUSH_BYTES", 1000)
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(40 + i, 17, generator=g) for i in range(6)}
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, str(src))
+    from loramerge.readers.checkpoint import read_safetensors_header
+    refs, _ = read_safetensors_header(src)
+    entries = [(n, "F32", tuple(t.shape), t.numel() * 4) for n, t in tensors.items()]
+    w = SafetensorsWriter(tmp_path / "out.safetensors", entries, None)
+    for i, (n, t) in enumerate(tensors.items()):
+        if i % 2:
+            w.copy_range(n, src, refs[n].offset, refs[n].nbytes)  # file-to-file, like untouched tensors
+        else:
+            w.write(n, t)
+    w.close()
+    size = (tmp_path / "out.safetensors").stat().st_size
+    assert calls and all(f == writeback.SYNC_FILE_RANGE_WRITE for _, _, f in calls)
+    assert calls[0][0] == 0 and all(o1 + n1 == o2 for (o1, n1, _), (o2, _, _) in zip(calls, calls[1:]))
+    assert calls[-1][0] + calls[-1][1] > size - 1000  # less than one push interval is left for fsync
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+
+
+def test_writeback_turns_itself_off_where_refused(monkeypatch):
+    calls = []
+    monkeypatch.setattr(writeback, "_fn", lambda *a: (calls.append(a), -1)[1])
+    wb = writeback.Writeback(0)
+    wb.wrote(writeback.PUSH_BYTES)
+    wb.wrote(3 * writeback.PUSH_BYTES)
+    assert len(calls) == 1 and not wb.enabled
+
+
+# -- buffer pool -----------------------------------------------------------------------------------
+
+def test_buffer_pool_allocates_on_demand_and_never_more_than_its_count():
+    pool = BufferPool(64, 3, pin=False)
+    assert pool._free.qsize() == 0  # nothing allocated before it is needed
+    stop = threading.Event()
+    bufs = [pool.get(stop) for _ in range(3)]
+    assert len({b.data_ptr() for b in bufs}) == 3 and all(b.numel() == 64 for b in bufs)
+    pool.put(bufs[1])
+    assert pool.get(stop).data_ptr() == bufs[1].data_ptr()  # reused, not a fourth
+    stop.set()
+    with pytest.raises(RuntimeError, match="stopped"):
+        pool.get(stop)  # all three are out: a fourth get waits (here: until the pipeline stops)
