@@ -5,23 +5,35 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import engine
 from .errors import AdapterError, UsageError
-from .plan import build_plan, describe
+from .plan import build_plan, describe, plan_json
+from .readers import hub
 from .readers.adapters import load_adapters
 from .readers.checkpoint import open_checkpoint
+from .report import JsonReport
 from .types import Adapter, Plan
 from .writers.model_dir import copy_extras, write_index
 from .writers.output import Staged, check_disk_space, check_output_path
+
+if TYPE_CHECKING:
+    from .verifier.report import VerifyReport
 
 ACCUM = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
-class ApplyReport:
+class ApplyReport(JsonReport):
+    """What apply did. JSON (--json): every field below except plan_text; `plan` as
+    plan_json (the --dry-run plan as data); `verification` is verify's report with --verify."""
+
+    json_exclude = ("plan", "plan_text")
+    json_extra = ("gbps",)
+
     out: Path
     dry_run: bool
     device: str
@@ -38,6 +50,16 @@ class ApplyReport:
     plan_text: str = ""
     plan: Plan | None = field(default=None, repr=False)
     stage_seconds: dict = field(default_factory=dict)
+    verification: VerifyReport | None = None   # set by `apply --verify`
+
+    @property
+    def ok(self) -> bool:
+        return self.verification is None or self.verification.ok
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        out["plan"] = plan_json(self.plan) if self.plan is not None else None
+        return out
 
     @property
     def gbps(self) -> float:
@@ -57,6 +79,8 @@ class ApplyReport:
         if self.not_carried_over:
             lines.append("not carried over (weights or folders): " + ", ".join(self.not_carried_over))
         lines += [f"warning: {w}" for w in self.warnings]
+        if self.verification is not None:
+            lines.append(self.verification.summary())
         return "\n".join(lines)
 
 
@@ -78,22 +102,26 @@ def apply(
     fan_in_fan_out: bool | None = None,
     enable_lora: tuple[bool, ...] | None = None,
     only: str | None = None,
+    revision: str | None = None,
 ) -> ApplyReport:
     """Merge one or more LoRA adapters into `base`, writing a new checkpoint at `out`.
 
     W' = W + sum_i weights[i] * s_i * B_i @ A_i per target, float32 math, one rounding to the output
     dtype (`dtype='auto'` keeps each tensor's own). `out` is a directory, or a file path ending in
     .safetensors for a single-file output. loralib checkpoints need `lora_alpha` (not stored), and
-    `fan_in_fan_out` / `enable_lora` where the shapes cannot tell. Raises a LoraMergeError
-    subclass on any user error, before anything is written.
+    `fan_in_fan_out` / `enable_lora` where the shapes cannot tell. `base` and `adapters` may be
+    Hugging Face Hub ids (readers/hub.py; `revision` for those without their own @REV). Raises a
+    LoraMergeError subclass on any user error, before anything is written.
     """
     t0 = time.perf_counter()
     if accum not in ACCUM:
         raise UsageError(f"--accum {accum!r}: expected float32 or float64")
-    base, out = Path(base), Path(out)
-    adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    out = Path(out)
+    adapter_paths = [a for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not adapter_paths:
         raise UsageError("no adapter given")
+    base = hub.resolve(base, "base", revision)
+    adapter_paths = hub.resolve_all(adapter_paths, "adapter", revision)
     ck = open_checkpoint(base)
     loaded = load_adapters(adapter_paths, lora_alpha, fan_in_fan_out, enable_lora, only)
     single_file = out.suffix == ".safetensors"
@@ -222,9 +250,11 @@ def unmerge(
     """Undo `apply`: W = W' - sum_i weights[i] * s_i * B_i @ A_i, in float32 (or `accum`), rounded
     once. `weights` are the ones the merge used (default 1 each). Takes apply's other options.
     The report's `recovery` lines say how exactly W comes back (see recovery_notes)."""
-    adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    adapter_paths = [a for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not adapter_paths:
         raise UsageError("no adapter given")
+    adapter_paths = hub.resolve_all(adapter_paths, "adapter", options.get("revision"))
+    merged = hub.resolve(merged, "base", options.get("revision"))
     if weights is not None and len(weights) != len(adapter_paths):
         raise UsageError(f"--weights has {len(weights)} value(s) for {len(adapter_paths)} adapter(s); "
                          "give the weights the merge used, one per adapter")

@@ -49,3 +49,8 @@ class OnnxError(LoraMergeError):
 
 class UsageError(LoraMergeError):
     """Options that contradict each other. The CLI exits 2 for these."""
+
+
+class HubError(LoraMergeError):
+    """A Hugging Face Hub id that cannot be resolved: no such repo or revision, not in the cache
+    while offline, or a cached snapshot that lacks files."""

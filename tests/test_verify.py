@@ -379,7 +379,8 @@ def test_cli_verify_exit_codes_and_output(merges, tmp_path):
     assert f"FAIL {T}: 8 of 4096 elements" in r.output and "result: FAILED" in r.output
     r = run("verify", base_dir(base), adapter_dir(adapter), bad, "--no-outputs", "--json")
     assert r.exit_code == 1
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)  # only the JSON object on stdout; the table goes to stderr
+    assert "result: FAILED" in r.stderr and data["command"] == "verify"
     assert data["ok"] is False and len(data["failures"]) == 1 and data["failures"][0].startswith(f"FAIL {T}: ")
 
     r = run("verify", base_dir(base), adapter_dir(adapter), good, "--weights", "1,2")

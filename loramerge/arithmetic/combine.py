@@ -28,6 +28,8 @@ import torch
 
 from ..engine import deltas
 from ..errors import AdapterError, UsageError
+from ..report import JsonReport
+from ..readers import hub
 from ..readers.adapters import load_adapters
 from ..types import Adapter, LoraPair
 from ..writers.output import Staged, check_output_path
@@ -40,7 +42,7 @@ OUT_DTYPE = torch.float32
 
 
 @dataclass
-class CombineReport:
+class CombineReport(JsonReport):
     out: Path
     method: str
     adapters: list[Path]
@@ -237,21 +239,24 @@ def combine(
     density: float | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    revision: str | None = None,
 ) -> CombineReport:
     """Combine PEFT LoRA adapters into one PEFT LoRA adapter directory at `out`.
 
     Per target: cat/linear give exactly sum_i w_i s_i B_i A_i (rank sum r_i); svd its optimal
     rank-`rank` approximation; ties/dare_linear/dare_ties the papers' merges of the task vectors
-    w_i s_i B_i A_i, re-factored to rank `rank`. Adapters need not share ranks or targets.
-    Raises a LoraMergeError subclass on user errors, before anything is written.
+    w_i s_i B_i A_i, re-factored to rank `rank`. Adapters need not share ranks or targets; they
+    may be Hugging Face Hub ids (`revision` for those without @REV). Raises a LoraMergeError
+    subclass on user errors, before anything is written.
     """
 
     t0 = time.perf_counter()
-    paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    paths = [a for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not paths:
         raise UsageError("no adapter given")
     out = Path(out)
     weights = _check_options(method, len(paths), weights, rank, density, seed)
+    paths = hub.resolve_all(paths, "adapter", revision)
     loaded = load_adapters(paths)
     groups = _group(loaded)
     check_output_path(out, paths, overwrite)

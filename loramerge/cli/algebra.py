@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .errors import handle_errors
-from .options import adapter_options, parse_weights, show_progress, write_options
+from .options import adapter_options, parse_weights, revision_option, show_progress, write_options
 
 METHOD_HELP = ("cat/linear: exact weighted sum (rank = sum of ranks); svd: optimal rank-R approximation; "
                "ties, dare_linear, dare_ties: the papers' merges, re-factored to rank R.")
@@ -21,14 +21,15 @@ METHOD_HELP = ("cat/linear: exact weighted sum (rank = sum of ranks); svd: optim
 @click.option("--density", type=float, help="Fraction of entries each task vector keeps (ties, dare_*; required there).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for dare_* (the same seed gives the same adapter).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new adapter is complete).")
+@revision_option
 @handle_errors
-def combine_cmd(adapters, out, weights, method, rank, density, seed, overwrite):
+def combine_cmd(adapters, out, weights, method, rank, density, seed, overwrite, revision):
     """Combine ADAPTER(s) into one PEFT LoRA adapter at OUT (loadable by PEFT and `apply`)."""
     from ..arithmetic import combine
 
     report = combine(list(adapters), out, weights=parse_weights(weights), method=method, rank=rank,
-                     density=density, seed=seed, overwrite=overwrite)
-    click.echo(report.summary())
+                     density=density, seed=seed, overwrite=overwrite, revision=revision)
+    return report
 
 
 @click.command("unmerge")
@@ -39,9 +40,10 @@ def combine_cmd(adapters, out, weights, method, rank, density, seed, overwrite):
 @write_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and the recovery bounds; write nothing.")
 @adapter_options
+@revision_option
 @handle_errors
 def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_run, overwrite, quiet,
-                adapter_opts):
+                adapter_opts, revision):
     """Subtract ADAPTER(s) from the MERGED checkpoint and write the result to OUT; prints what can
     and cannot be recovered."""
     from ..readers.prefetch import prefetch
@@ -51,5 +53,5 @@ def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_r
 
     report = unmerge(merged, list(adapters), out, weights=parse_weights(weights), device=device, accum=accum,
                      shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=show_progress(quiet),
-                     **adapter_opts)
-    click.echo(report.summary())
+                     revision=revision, **adapter_opts)
+    return report

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from .errors import handle_errors
-from .options import adapter_options, parse_weights, show_progress, write_options
-from .verify import echo_report
+from .options import adapter_options, parse_weights, revision_option, show_progress, write_options
 
 
 @click.command("apply")
@@ -22,13 +21,14 @@ from .verify import echo_report
 @click.option("--verify", "run_verify", is_flag=True,
               help="Then run `loramerge verify` on OUT; exit 1 if the merged checkpoint does not check out.")
 @adapter_options
+@revision_option
 @handle_errors
 def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dry_run, overwrite, quiet,
-              run_verify, adapter_opts):
+              run_verify, adapter_opts, revision):
     """Merge ADAPTER(s) into BASE and write the merged checkpoint to OUT.
 
     ADAPTER is a PEFT adapter directory, a loralib checkpoint (needs --lora-alpha) or a kohya
-    .safetensors file."""
+    .safetensors file. BASE and ADAPTER may be Hugging Face Hub ids (OWNER/NAME[@REV])."""
     from ..readers.prefetch import prefetch
 
     prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
@@ -36,9 +36,10 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
 
     report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
                    accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
-                   progress=show_progress(quiet), **adapter_opts)
-    click.echo(report.summary())
+                   progress=show_progress(quiet), revision=revision, **adapter_opts)
     if run_verify and not dry_run:
         from ..verifier import verify
 
-        echo_report(verify(base, list(adapters), out, weights=parse_weights(weights), device=device, **adapter_opts))
+        report.verification = verify(base, list(adapters), out, weights=parse_weights(weights), device=device,
+                                     revision=revision, **adapter_opts)
+    return report

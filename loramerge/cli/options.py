@@ -69,5 +69,13 @@ def adapter_options(fn):
     return wrapper
 
 
+def revision_option(fn):
+    """--revision: for the arguments that are Hugging Face Hub ids (readers/hub.py)."""
+    return click.option(
+        "--revision", default=None,
+        help="Branch, tag or commit of the arguments that are Hugging Face Hub ids (OWNER/NAME) and have no "
+             "@REV of their own. A local path always wins over a Hub id of the same spelling.")(fn)
+
+
 def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()

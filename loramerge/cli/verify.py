@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 import click
 
 from .errors import handle_errors
-from .options import adapter_options, parse_weights
-
-
-def echo_report(report, as_json: bool = False) -> None:
-    """Print a VerifyReport (table or JSON) and exit 1 if it failed."""
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())
-    if not report.ok:
-        sys.exit(1)
+from .options import adapter_options, parse_weights, revision_option
 
 
 @click.command("verify")
@@ -23,19 +13,19 @@ def echo_report(report, as_json: bool = False) -> None:
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.argument("merged", type=click.Path())
 @click.option("--weights", help="The weights the merge used, comma-separated (default 1 each).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--outputs/--no-outputs", default=True, show_default=True,
               help="Also compare layer outputs and (with transformers) model outputs against the unmerged adapter.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @adapter_options
+@revision_option
 @handle_errors
-def verify_cmd(base, adapters, merged, weights, as_json, outputs, device, adapter_opts):
+def verify_cmd(base, adapters, merged, weights, outputs, device, adapter_opts, revision):
     """Check that MERGED is BASE with ADAPTER(s) merged in: every tensor against the float64
     expected value (dtype-aware tolerance), how much of each delta the output dtype kept, and
     layer/model outputs against the adapter applied unmerged. Exit 0 when everything is within
-    tolerance, 1 otherwise (the failing lines name the tensor and the numbers)."""
+    tolerance, 1 otherwise (the failing lines name the tensor and the numbers). --json prints the
+    report as JSON instead of the table."""
     from ..verifier import verify
 
-    report = verify(base, list(adapters), merged, weights=parse_weights(weights), outputs=outputs, device=device,
-                    **adapter_opts)
-    echo_report(report, as_json)
+    return verify(base, list(adapters), merged, weights=parse_weights(weights), outputs=outputs, device=device,
+                  revision=revision, **adapter_opts)

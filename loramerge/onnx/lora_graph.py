@@ -248,6 +248,14 @@ def lora_feeds(graph_path, adapters, *, weights: list[float] | None = None, base
     tensor that has no branch in this graph."""
     import numpy as np
 
+    feeds = lora_input_values(graph_path, adapters, weights=weights, base=base, adapter_opts=adapter_opts)
+    return {k: np.asarray(v.numpy() if v.dtype != torch.bfloat16 else v) for k, v in feeds.items()}
+
+
+def lora_input_values(graph_path, adapters, *, weights: list[float] | None = None, base=None,
+                      adapter_opts: dict | None = None) -> dict[str, torch.Tensor]:
+    """lora_feeds as torch tensors in the graph's dtypes (bfloat16 included): {input name: value}
+    for every LoRA input of the graph."""
     from ..readers.adapters import load_adapters
     from ..readers.checkpoint import open_checkpoint
     from .match import match_targets
@@ -283,10 +291,10 @@ def lora_feeds(graph_path, adapters, *, weights: list[float] | None = None, base
             else:
                 dd, uu = (v.T, u.T) if e["usage"] == "gemm_transB" else (u, v)
                 uu = uu * e["alpha"]
-            feeds[e["down"]] = dd.to(dtype).contiguous().numpy() if dtype != torch.bfloat16 else dd.to(dtype)
-            feeds[e["up"]] = uu.to(dtype).contiguous().numpy() if dtype != torch.bfloat16 else uu.to(dtype)
+            feeds[e["down"]] = dd.to(dtype).contiguous()
+            feeds[e["up"]] = uu.to(dtype).contiguous()
     if plans:
         names = sorted(m.target.name for _, _, _, ms in plans.values() for m in ms)
         raise OnnxError(f"{graph_path}: the adapter(s) change {', '.join(names[:6])}, which have no LoRA branch in this "
                         "graph; make the --keep-lora graph with an adapter that targets them")
-    return {k: np.asarray(v) for k, v in feeds.items()}
+    return feeds

@@ -23,6 +23,7 @@ from .. import engine
 from ..readers.adapters import load_adapters
 from ..errors import OnnxError, OutputError, UsageError
 from ..readers.checkpoint import Checkpoint, open_checkpoint
+from ..report import JsonReport
 from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
 from ..writers.output import Staged, check_disk_space, check_output_path
 from .graph import OnnxGraph
@@ -35,9 +36,9 @@ FOLD_META_KEY = "loramerge.folded"
 
 
 @dataclass
-class OnnxReport:
+class OnnxReport(JsonReport):
     out: Path
-    mode: str                                   # 'fold' | 'keep-lora' | 'export'
+    mode: str                                   # 'fold' | 'keep-lora' | 'export' | 'onnx-adapter'
     matched: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -48,6 +49,7 @@ class OnnxReport:
     how: dict = field(default_factory=dict)     # match method -> count
     comparison: Comparison | None = None
     tolerance: tuple[float, float] | None = None  # (atol, rtol) of the check, if any
+    adapter_files: list[str] = field(default_factory=list)  # .onnx_adapter files (--lora-inputs)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -59,6 +61,9 @@ class OnnxReport:
             nodes_b, nodes_a = sum(self.ops_before.values()), sum(self.ops_after.values())
             lines.append(f"nodes: {nodes_b} -> {nodes_a}" + (" (unchanged)" if self.ops_before == self.ops_after else ""))
         lines.append(f"wrote {', '.join(self.files)} in {self.seconds:.2f} s")
+        if self.adapter_files:
+            lines.append(f"onnxruntime LoRA adapters (activate one per run with RunOptions.add_active_adapter): "
+                         f"{', '.join(self.adapter_files)}")
         if self.comparison is not None:
             c = self.comparison
             tol = f" (atol {self.tolerance[0]:g}, rtol {self.tolerance[1]:g})" if self.tolerance else ""

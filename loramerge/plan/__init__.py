@@ -2,8 +2,8 @@
 Pure data from the readers' metadata; see build.build_plan."""
 
 from .build import build_plan
-from .describe import describe
+from .describe import describe, plan_json
 from .layout import parse_size
 from .matching import ModuleMatcher
 
-__all__ = ["build_plan", "describe", "parse_size", "ModuleMatcher"]
+__all__ = ["build_plan", "describe", "plan_json", "parse_size", "ModuleMatcher"]

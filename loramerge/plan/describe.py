@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..types import Adapter, Plan
+from ..types import Adapter, Plan, Term
 
 
 def describe(plan: Plan, adapters: list[Adapter]) -> str:
@@ -34,3 +34,32 @@ def describe(plan: Plan, adapters: list[Adapter]) -> str:
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _term_json(t: Term) -> dict:
+    if t.pair is None:  # a full saved tensor replaces the base tensor
+        return {"adapter": t.adapter, "kind": t.kind, "key": t.key, "weight": t.weight}
+    return {"adapter": t.adapter, "kind": "dora" if t.pair.magnitude_key else t.kind, "module": t.pair.module,
+            "rank": t.pair.rank, "alpha": t.pair.alpha, "scale": t.pair.scale, "weight": t.weight}
+
+
+def plan_json(plan: Plan) -> dict:
+    """The plan as data (apply --dry-run --json, inspect --base): every tensor an adapter touches
+    with the terms that land on it (`adapter` indexes `adapters`), the untouched counts, the
+    output files."""
+    targets = [{"tensor": j.name, "shape": list(j.shape), "dtype": j.dtype, "source_dtype": j.source.dtype,
+                "terms": [_term_json(t) for t in j.terms]} for j in plan.jobs if j.terms]
+    return {
+        "base": str(plan.base_path),
+        "adapters": [str(p) for p in plan.adapter_paths],
+        "targets": targets,
+        "copied": sum(1 for j in plan.jobs if j.kind == "copy"),
+        "cast": sum(1 for j in plan.jobs if j.kind == "cast"),
+        "files": [{"name": f.name, "tensors": len(f.jobs), "bytes": f.nbytes} for f in plan.files],
+        "indexed": plan.indexed,
+        "carried_over": [p.name for p in plan.extra_files],
+        "not_carried_over": list(plan.skipped_files),
+        "config_updates": dict(plan.config_updates),
+        "bytes": plan.nbytes,
+        "warnings": list(plan.warnings),
+    }

@@ -51,6 +51,7 @@ from pathlib import Path
 from ..engine.devices import resolve_device
 from ..errors import CheckpointError, UsageError
 from ..plan import build_plan
+from ..readers import hub
 from ..readers.adapters import load_adapters
 from ..readers.checkpoint import open_checkpoint
 from .model import check_model
@@ -70,16 +71,19 @@ def verify(
     fan_in_fan_out: bool | None = None,
     enable_lora: tuple[bool, ...] | None = None,
     only: str | None = None,
+    revision: str | None = None,
 ) -> VerifyReport:
     """Check that `merged` is `base` with `adapters` (times `weights`) merged in; see the module
     docstring for the checks and their tolerances. The reader options (lora_alpha, fan_in_fan_out,
     enable_lora, only) are apply's: pass the ones the merge used. Raises a LoraMergeError for
-    unreadable inputs; a wrong merge is not an exception but a report with ok == False."""
+    unreadable inputs; a wrong merge is not an exception but a report with ok == False. Any of the
+    paths may be a Hugging Face Hub id (readers/hub.py; `revision` for those without @REV)."""
     t0 = time.perf_counter()
-    base, merged = Path(base), Path(merged)
-    adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    adapter_paths = [a for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not adapter_paths:
         raise UsageError("no adapter given")
+    base, merged = hub.resolve(base, "base", revision), hub.resolve(merged, "base", revision)
+    adapter_paths = hub.resolve_all(adapter_paths, "adapter", revision)
     if not merged.exists():
         raise CheckpointError(f"{merged}: merged checkpoint not found; pass the OUT of `loramerge apply` "
                               "(a directory or a .safetensors file)")

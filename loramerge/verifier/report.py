@@ -7,6 +7,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..report import JsonReport, jsonable
+
 # Output dtype -> (precision in bits, counting the implicit one; smallest normal exponent).
 _GRID = {"BF16": (8, -126), "F16": (11, -14), "F32": (24, -126), "F64": (53, -1022)}
 HALF_CODES = ("BF16", "F16")
@@ -55,7 +57,7 @@ class ModelCheck:
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(JsonReport):
     base: Path
     adapters: list[Path]
     merged: Path
@@ -88,6 +90,9 @@ class VerifyReport:
         if self.model is not None and self.model.status == "FAIL":
             lines.append(f"FAIL model outputs: {self.model.reason}")
         return lines
+
+    def summary(self) -> str:
+        return self.table()
 
     def table(self) -> str:
         names = ", ".join(str(a) for a in self.adapters)
@@ -128,7 +133,7 @@ class VerifyReport:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {
+        return jsonable({
             "ok": self.ok,
             "base": str(self.base),
             "adapters": [str(a) for a in self.adapters],
@@ -144,7 +149,7 @@ class VerifyReport:
             "warnings": list(self.warnings),
             "failures": self.failures(),
             "seconds": self.seconds,
-        }
+        })
 
 
 def _num(v: float | None) -> str:
