@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from ..errors import OnnxError
+from ..writers.writeback import Writeback
 
 FLOAT_TYPES: dict[int, torch.dtype] = {
     TensorProto.FLOAT: torch.float32,
@@ -34,6 +36,7 @@ TORCH_TO_ONNX = {v: k for k, v in FLOAT_TYPES.items()}
 FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 COPY_CHUNK = 64 << 20
+AHEAD = 2               # patched tensors computed ahead of the writer when saving
 ALIGN_LARGE = 1 << 20   # tensors this big start on a 64 KiB boundary in external data (as onnx.save
 ALIGNMENT = 1 << 16     # does), so onnxruntime can memory-map them
 
@@ -254,33 +257,51 @@ class OnnxGraph:
 
     def save(self, out_model: Path, out_data_name: str, data_tmp: Path | None, patched: dict) -> int:
         """Write the model proto to `out_model`. External initializers go to `data_tmp` (whose final
-        name, relative to the model, is `out_data_name`), copied range by range, except those in
-        `patched` (name -> callable returning the new tensor), which are computed here one at a time.
-        Returns the bytes of external data written."""
+        name, relative to the model, is `out_data_name`), copied range by range inside the kernel,
+        except those in `patched` (name -> callable returning the new tensor). Those are computed
+        by a worker thread up to AHEAD tensors in front of the writer, so the math overlaps the
+        copies and writes; memory stays at a few tensors. Returns the bytes of external data written."""
         written = 0
         if data_tmp is not None:
-            with open(data_tmp, "wb") as f:
-                for t in self.model.graph.initializer:
-                    if t.data_location != TensorProto.EXTERNAL:
-                        continue
-                    name = t.name
-                    pos = f.tell()
-                    length = self._external(name)[2]
-                    align = ALIGNMENT if length >= ALIGN_LARGE else 64
-                    if pos % align:
-                        f.write(b"\0" * (align - pos % align))
-                        pos = f.tell()
-                    if name in patched:
-                        data = tensor_bytes(patched[name]())
-                        if len(data) != length:
-                            raise OnnxError(f"internal error: new value of {name!r} has {len(data)} bytes, not {length}")
-                        f.write(data)
-                    else:
-                        _copy_range(*self._external(name), f, name)
-                    _set_external(t, out_data_name, pos, length)
-                    written += length
-                f.flush()
-                os.fsync(f.fileno())
+            external = [t for t in self.model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+            todo = iter([t.name for t in external if t.name in patched])
+            ahead: dict[str, Future] = {}
+            fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            out = _Out(fd)
+            try:
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fold") as pool:
+                    def top_up():
+                        while len(ahead) < AHEAD:
+                            name = next(todo, None)
+                            if name is None:
+                                return
+                            ahead[name] = pool.submit(patched[name])
+                    try:
+                        top_up()
+                        for t in external:
+                            name = t.name
+                            length = self._external(name)[2]
+                            out.pad(ALIGNMENT if length >= ALIGN_LARGE else 64)
+                            pos = out.pos
+                            if name in patched:
+                                value = ahead.pop(name).result()
+                                top_up()
+                                data = tensor_view(value)
+                                if len(data) != length:
+                                    raise OnnxError(f"internal error: new value of {name!r} has {len(data)} bytes, "
+                                                    f"not {length}")
+                                out.write(data)
+                                del value, data
+                            else:
+                                out.copy(*self._external(name), name)
+                            _set_external(t, out_data_name, pos, length)
+                            written += length
+                    finally:
+                        for f in ahead.values():
+                            f.cancel()
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         try:
             data = self.model.SerializeToString()
         except ValueError as e:
@@ -317,16 +338,64 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
     t.ClearField("raw_data")
 
 
-def _copy_range(src: Path, offset: int, length: int, dst, name: str) -> None:
-    with open(src, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            chunk = f.read(min(COPY_CHUNK, left))
-            if not chunk:
-                raise OnnxError(f"{src}: file ends inside initializer {name!r}; the external data file is truncated")
-            dst.write(chunk)
-            left -= len(chunk)
+class _Out:
+    """The output data file, written front to back through one descriptor: tensors from memory,
+    untouched ranges file to file (copy_file_range, falling back to pread/write), each 64 MiB
+    handed to the disk at once (writers.writeback) rather than all at the final fsync."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pos = fd, 0
+        self._wb = Writeback(fd)
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.pos += n
+            self._wb.wrote(self.pos)
+
+    def pad(self, align: int) -> None:
+        if self.pos % align:
+            self.write(b"\0" * (align - self.pos % align))
+
+    def copy(self, src: Path, offset: int, length: int, name: str) -> None:
+        try:
+            fin = os.open(src, os.O_RDONLY)
+        except OSError as e:
+            raise OnnxError(f"{src}: cannot read external data of initializer {name!r} ({e.strerror or e})") from e
+        try:
+            done, kernel_copy = 0, hasattr(os, "copy_file_range")
+            while done < length:
+                n = 0
+                if kernel_copy:
+                    try:
+                        n = os.copy_file_range(fin, self.fd, min(length - done, COPY_CHUNK), offset + done)
+                    except OSError:
+                        n = 0
+                    if n == 0:
+                        kernel_copy = False  # not supported here (or a short file): the slow path decides
+                    else:
+                        self.pos += n
+                        self._wb.wrote(self.pos)
+                if not kernel_copy:
+                    chunk = os.pread(fin, min(COPY_CHUNK, length - done), offset + done)
+                    if not chunk:
+                        raise OnnxError(f"{src}: file ends inside initializer {name!r}; the external data file is "
+                                        "truncated")
+                    self.write(chunk)
+                    n = len(chunk)
+                done += n
+        finally:
+            os.close(fin)
+
+
+def tensor_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor without copying them (a contiguous copy only if it is not)."""
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -13,7 +13,7 @@ import json
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -79,30 +79,53 @@ def _job(t: Target, code: str) -> Job:
     return Job(t.name, ref, code, t.terms)
 
 
+_FLIP = {"linear": "transposed", "transposed": "linear"}
+
+
+def _in_graph_layout(t: Target) -> Target | None:
+    """`t` as the merge of W.T: every term's layout flipped (deltas.factors then hands out A.T and
+    B.T), so a target stored transposed is merged in the initializer's own layout and the result
+    needs no transposed copy. None where the terms are not plain 2-D LoRA terms."""
+    if len(t.shape) != 2 or any(term.kind != "lora" or term.pair is None or term.pair.layout not in _FLIP
+                                for term in t.terms):
+        return None
+    terms = tuple(replace(term, pair=replace(term.pair, layout=_FLIP[term.pair.layout],
+                                                   base_shape=tuple(term.pair.base_shape)[::-1]))
+                  for term in t.terms)
+    return Target(t.name, t.shape[::-1], terms)
+
+
 def merged_value(graph: OnnxGraph, init: str, ms: list[Match], adapters: list[Adapter], ck: Checkpoint | None,
                  device: torch.device) -> torch.Tensor:
     """The new value of initializer `init`, in its own layout and dtype."""
     dtype = graph.dtype(init)
     code = TORCH_TO_ST[dtype]
 
-    def new_w(m: Match, current: torch.Tensor) -> torch.Tensor:
-        w = ck.read(m.target.ref) if ck is not None and m.target.ref is not None else \
-            (current.T if m.transposed else current)
+    def new_w(m: Match, current) -> torch.Tensor:
+        """`current()` reads the initializer (or its block) as stored; with a base checkpoint the
+        merge starts from the base's own values instead, and the initializer is not read at all."""
+        from_base = ck is not None and m.target.ref is not None
         # one rounding, to the precision the graph holds the values in (m.via: rounded to a half type
         # first, as exporting the merged half-precision checkpoint would), then an exact widening
         job_code = TORCH_TO_ST[m.via] if m.via is not None else code
+        flipped = _in_graph_layout(m.target) if m.transposed else None
+        if flipped is not None:
+            w = ck.read(m.target.ref).T if from_base else current()
+            y, _ = engine.compute(_job(flipped, job_code), w, adapters, device, torch.float32)
+            return y.to(dtype)
+        w = ck.read(m.target.ref) if from_base else (current().T if m.transposed else current())
         y, _ = engine.compute(_job(m.target, job_code), w, adapters, device, torch.float32)
         y = y.to(dtype)
         return y.T if m.transposed else y
 
     if ms[0].block is None:
-        return new_w(ms[0], graph.read(init)).contiguous()
+        return new_w(ms[0], lambda: graph.read(init)).contiguous()
     big = graph.read(init).clone()
     for m in ms:
         axis, start = m.block
         size = (m.target.shape[::-1] if m.transposed else m.target.shape)[axis]
         part = big.narrow(axis, start, size)
-        part.copy_(new_w(m, part.clone()))
+        part.copy_(new_w(m, lambda p=part: p.clone()))
     return big
 
 

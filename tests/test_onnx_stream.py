@@ -1,0 +1,145 @@
+"""Folding into a graph with external data (issue 15): the streamed save computes merged tensors
+ahead of the writer in the initializer's own (transposed) layout; results are checked against a
+float64 reference rounded by numpy (one correct rounding), untouched bytes against the input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from loramerge.onnx import patch  # noqa: E402
+
+H, I, R, ALPHA = 24, 40, 4, 8.0
+SHAPES = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (8, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+NP = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}
+
+
+def _build(tmp: Path, dtype: int, layers: int = 2):
+    """A graph storing each Linear weight transposed under an exporter's name, all in one external
+    data file; the base checkpoint with the same values; a PEFT adapter on every Linear."""
+    from peft import LoraConfig
+
+    g = np.random.default_rng(0)
+    npt = NP[dtype]
+    base, graph, data = {}, [], bytearray()
+    nodes, outputs, lora = [], [], {}
+    k = 0
+    for layer in range(layers):
+        norm = f"model.layers.{layer}.input_layernorm.weight"
+        base[norm] = (1 + 0.1 * g.standard_normal(H)).astype(npt)
+        graph.append((norm, base[norm], "Mul"))
+        for mod, shape in SHAPES.items():
+            name = f"model.layers.{layer}.{mod}.weight"
+            base[name] = (0.05 * g.standard_normal(shape)).astype(npt)
+            k += 1
+            graph.append((f"onnx::MatMul_{k}", np.ascontiguousarray(base[name].T), "MatMul"))
+            pre = f"base_model.model.model.layers.{layer}.{mod}"
+            lora[pre + ".lora_A.weight"] = g.standard_normal((R, shape[1])).astype(np.float32) / 4
+            lora[pre + ".lora_B.weight"] = g.standard_normal((shape[0], R)).astype(np.float32) / 64
+    inits = []
+    for name, value, op in graph:
+        if len(data) % 64:
+            data += b"\0" * (64 - len(data) % 64)
+        t = TensorProto(name=name, data_type=dtype, dims=list(value.shape), data_location=TensorProto.EXTERNAL)
+        for key, val in (("location", "model.onnx.data"), ("offset", str(len(data))), ("length", str(value.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = key, val
+        data += value.tobytes()
+        inits.append(t)
+        x = "x_h" if value.shape[0] == H else "x_i"
+        nodes.append(helper.make_node(op, [x if op == "MatMul" else "x_h", name], [name + ".out"],
+                                      name=f"/n{len(nodes)}/{op}"))
+        outputs.append(helper.make_tensor_value_info(name + ".out", dtype, [1, value.shape[-1]]))
+    ins = [helper.make_tensor_value_info("x_h", dtype, [1, H]), helper.make_tensor_value_info("x_i", dtype, [1, I])]
+    model = helper.make_model(helper.make_graph(nodes, "g", ins, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    gdir = tmp / "graph"
+    gdir.mkdir()
+    (gdir / "model.onnx").write_bytes(model.SerializeToString())
+    (gdir / "model.onnx.data").write_bytes(bytes(data))
+    bdir = tmp / "base"
+    bdir.mkdir()
+    save_file({n: torch.from_numpy(v) for n, v in base.items()}, str(bdir / "model.safetensors"))
+    (bdir / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    adir = tmp / "adapter"
+    LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "up_proj", "down_proj"]).save_pretrained(str(adir))
+    save_file({n: torch.from_numpy(v) for n, v in lora.items()}, str(adir / "adapter_model.safetensors"))
+    expected = {}
+    for (name, value, op), (bname, w) in zip(graph, base.items()):
+        if op == "MatMul":
+            pre = "base_model.model." + bname.removesuffix(".weight")
+            b, a = lora[pre + ".lora_B.weight"].astype(np.float64), lora[pre + ".lora_A.weight"].astype(np.float64)
+            exact = w.astype(np.float64) + (ALPHA / R) * (b @ a)
+            expected[name] = np.ascontiguousarray(exact.astype(npt).T)  # numpy rounds float64 -> half once
+        else:
+            expected[name] = value
+    return gdir / "model.onnx", bdir, adir, expected
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    m = onnx.load(str(path))  # loads the external data too
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.FLOAT])
+def test_transposed_external_fold_matches_the_float64_reference(tmp_path, dtype):
+    graph, base, adapter, expected = _build(tmp_path, dtype)
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    report = patch.fold(graph, out, [adapter], base=base, device="cpu")
+    assert len(report.matched) == 8 and not report.missing
+    got = _initializers(out)
+    assert set(got) == set(expected)
+    for name, want in expected.items():
+        if dtype == TensorProto.FLOAT16 or not name.startswith("onnx::"):
+            assert np.array_equal(got[name].view(np.uint8), want.view(np.uint8)), name  # correctly rounded, bit for bit
+        else:  # float32 accumulation: within float32 rounding of the exact value
+            np.testing.assert_allclose(got[name], want, rtol=2e-6, atol=1e-7)
+    m = onnx.load(str(out), load_external_data=False)
+    for t in m.graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        assert info["location"] == "folded.onnx.data" and int(info["offset"]) % 64 == 0
+
+
+def test_failure_while_saving_leaves_nothing(tmp_path, monkeypatch):
+    graph, base, adapter, _ = _build(tmp_path, TensorProto.FLOAT16, layers=3)
+    real, calls = patch.engine.compute, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk on fire")
+        return real(*a, **k)
+
+    monkeypatch.setattr(patch.engine, "compute", flaky)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        patch.fold(graph, out_dir / "folded.onnx", [adapter], base=base, device="cpu")
+    assert list(out_dir.iterdir()) == []
+    assert len(calls) < 12  # the writer stopped asking for more once one failed
+
+
+def test_copied_ranges_are_byte_identical(tmp_path):
+    # an adapter on one module only: every other initializer's bytes pass through untouched
+    graph, base, adapter, expected = _build(tmp_path, TensorProto.FLOAT16)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file
+    lora = {k: v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if "q_proj" in k}
+    save_file(lora, str(adapter / "adapter_model.safetensors"))
+    out = tmp_path / "folded.onnx"
+    patch.fold(graph, out, [adapter], base=base, device="cpu")
+    before, after = _initializers(graph), _initializers(out)
+    changed = {n for n in before if not np.array_equal(before[n].view(np.uint8), after[n].view(np.uint8))}
+    assert changed == {"onnx::MatMul_1", "onnx::MatMul_5"}  # the two q_proj weights
