@@ -9,6 +9,8 @@ and, when named in --methods:
   cli        the command as users run it, a cold process: python -m loramerge apply BASE ADAPTER OUT -q
   torchpath  loramerge with LORAMERGE_NO_KERNEL=1: the torch fallback an install without numba runs
   cat        cat of each shard into OUT without sync (the page-cache copy)
+  verify     python -m loramerge verify BASE ADAPTER MERGED --no-outputs on a merged output made once
+             before the timed runs (reads twice apply's bytes; the issue's target: <= 1.5x apply)
 and reports medians of wall time and of peak anonymous memory (RssAnon, polled every 10 ms, so
 the page cache of mmapped files is not counted), and the ratios the issues set targets for.
 
@@ -193,6 +195,14 @@ def main():
                                               args.device], env=env)
                 if m == "loramerge":
                     stages.append(json.loads(stdout.split("STAGES ", 1)[1].splitlines()[0]))
+            elif m == "verify":
+                merged = args.workdir / "out-verify-src"
+                if not (merged / "DONE").exists():
+                    shutil.rmtree(merged, ignore_errors=True)
+                    measure([py, "-c", LORAMERGE_SCRIPT, str(base), str(adapter), str(merged), args.device])
+                    (merged / "DONE").touch()
+                wall, anon, stdout = measure([py, "-m", "loramerge", "verify", str(base), str(adapter), str(merged),
+                                              "--no-outputs", "--device", args.device])
             elif m == "cli":
                 wall, anon, stdout = measure([py, "-m", "loramerge", "apply", str(base), str(adapter), str(out),
                                               "--device", args.device, "-q"])
@@ -222,6 +232,8 @@ def main():
         "medians": med, "raw": results,
         "loramerge_stage_seconds_median": {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {},
     }
+    if "verify" in med and "loramerge" in med:
+        summary["verify_vs_apply"] = med["verify"]["wall"] / med["loramerge"]["wall"]
     for name in ("loramerge", "cli", "torchpath"):
         if name not in med:
             continue
@@ -233,6 +245,7 @@ def main():
             summary[key + "wall_vs_floor"] = lm["wall"] / med["floor"]["wall"]
         if "cat" in med:
             summary[key + "wall_vs_cat"] = lm["wall"] / med["cat"]["wall"]
+    shutil.rmtree(args.workdir / "out-verify-src", ignore_errors=True)
     print(json.dumps(summary, indent=2))
     if args.results:
         args.results.write_text(json.dumps(summary, indent=2))
