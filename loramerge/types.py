@@ -180,6 +180,8 @@ class Plan:
     skipped_files: list[str]           # base directory entries deliberately not copied
     config_updates: dict
     warnings: list[str]
+    # matching problems, kept (not raised) only by build_plan(strict=False), e.g. for `inspect --base`
+    problems: list[str] = field(default_factory=list)
 
     @property
     def jobs(self) -> list[Job]:

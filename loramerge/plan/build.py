@@ -41,7 +41,10 @@ def build_plan(
     dtype: str = "auto",
     shard_size: int | str | None = None,
     single_file: bool = False,
+    strict: bool = True,
 ) -> Plan:
+    """strict=False: targets that do not fit are left out and their problems returned in
+    plan.problems instead of raised (for `inspect --base`: what would match, what would not)."""
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise UsageError(f"--weights has {len(weights)} value(s) for {len(adapters)} adapter(s); give one per adapter")
@@ -65,7 +68,7 @@ def build_plan(
         shown = "; ".join(f"strip {s!r} add {a!r} for e.g. {mods[0]}" for (s, a), mods in matcher.rewrites.items())
         c.problems.append(f"adapter module paths map onto the base with different prefix rewrites ({shown}); "
                           "the adapter and base do not come from the same architecture")
-    if c.problems:
+    if c.problems and strict:
         raise PlanError(f"{len(c.problems)} problem(s) matching the adapter(s) to the base {base.path}; "
                         "nothing was written", c.problems)
 
@@ -109,6 +112,7 @@ def build_plan(
         skipped_files=list(base.skipped_files),
         config_updates=config_updates,
         warnings=warnings,
+        problems=list(c.problems),
     )
 
 

@@ -52,3 +52,33 @@ def read_adapter(path: Path, lora_alpha=None, fan_in_fan_out=None, enable_lora=N
     raise AdapterError(f"{path}: not a recognized adapter: expected a PEFT directory (adapter_config.json), "
                        f"a loralib checkpoint (*.lora_A/*.lora_B) or a kohya file (lora_unet_*); first key: "
                        f"{next(iter(tensors), '(none)')!r}")
+
+
+def detect_format(path: Path) -> str | None:
+    """'peft', 'kohya', 'loralib', or None when `path` is not an adapter: read_adapter's tests,
+    from file names and tensor names only (a safetensors header, not its data). Used by
+    `inspect` to tell adapters from checkpoints; a new adapter format adds its test here and its
+    reader in read_adapter."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return "peft"
+        files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".pt", ".bin", ".pth")]
+        return detect_format(files[0]) if len(files) == 1 else None
+    if not path.is_file():
+        return None
+    if path.name.startswith("adapter_model.") and (path.parent / "adapter_config.json").is_file():
+        return "peft"
+    if path.suffix == ".safetensors":
+        from .checkpoint import read_safetensors_header
+
+        keys = list(read_safetensors_header(path)[0])
+    elif path.suffix in (".pt", ".bin", ".pth"):
+        keys = list(load_adapter_file(path))
+    else:
+        return None
+    if kohya.looks_like_kohya(keys):
+        return "kohya"
+    if loralib.looks_like_loralib(keys):
+        return "loralib"
+    return None
