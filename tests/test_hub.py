@@ -166,6 +166,9 @@ def test_adapter_files():
     assert hub.select_files(kohya, "adapter", "style_v2.safetensors") == (["style_v2.safetensors"], None)
     with pytest.raises(HubError, match="no file or folder 'style_v3.safetensors'"):
         hub.select_files(kohya, "adapter", "style_v3.safetensors")
+    with pytest.raises(HubError, match="for an ONNX graph name the file, e.g. OWNER/NAME/onnx/model.onnx"):
+        hub.select_files(["README.md", "onnx/model.onnx", "onnx/model.onnx_data"], "auto")
+    assert hub.kind_of(["onnx/model.onnx"], "onnx/model.onnx") == "onnx"
 
 
 # -- offline: from the cache -------------------------------------------------------------------
@@ -304,17 +307,18 @@ def test_local_paths_do_not_import_huggingface_hub():
 # -- online: what gets downloaded ----------------------------------------------------------------
 
 class FakeHub:
-    """huggingface_hub's list_repo_files / hf_hub_download / snapshot_download over a local
+    """huggingface_hub's repo_info / hf_hub_download / snapshot_download over a local
     folder per repo; downloads land in the real cache layout and are recorded."""
 
     def __init__(self, cache: Path, remotes: dict[str, dict[str, Path]]):
         self.cache, self.remotes, self.fetched = cache, remotes, []
 
-    def list_repo_files(self, repo_id, revision=None, **kw):  # set on HfApi as a bound method of the fake
+    def repo_info(self, repo_id, revision=None, **kw):  # set on HfApi as a bound method of the fake
+        from types import SimpleNamespace
         if repo_id not in self.remotes:
             from huggingface_hub.utils import RepositoryNotFoundError
             raise RepositoryNotFoundError(f"404 {repo_id}", response=_Response(404))
-        return sorted(self.remotes[repo_id])
+        return SimpleNamespace(sha="c" * 40, siblings=[SimpleNamespace(rfilename=n) for n in sorted(self.remotes[repo_id])])
 
     def _fetch(self, repo_id, names):
         files = {n: self.remotes[repo_id][n] for n in names}
@@ -327,6 +331,9 @@ class FakeHub:
 
     def snapshot_download(self, repo_id, revision=None, allow_patterns=None, **kw):
         import fnmatch
+        if repo_id.startswith("gated/"):  # listing is public, downloading needs accepted terms
+            from huggingface_hub.utils import GatedRepoError
+            raise GatedRepoError(f"403 {repo_id}", response=_Response(403))
         names = [n for n in self.remotes[repo_id] if any(fnmatch.fnmatch(n, p) for p in allow_patterns)]
         names = [n for n in names if not (self.cache / ("models--" + repo_id.replace("/", "--")) / "snapshots" /
                                           ("c" * 40) / n).exists()]
@@ -346,8 +353,8 @@ def fake_online(hf_cache, monkeypatch, tmp_path):
     remote = {**tree(base_dir("llama-bf16-sharded")), "original/consolidated.00.pth": junk,
               "pytorch_model.bin": junk, "consolidated.safetensors": junk, ".gitattributes": junk}
     adapter = {**tree(adapter_dir("llama-bf16")), "adapter_model.bin": junk, "training_args.bin": junk}
-    fake = FakeHub(hf_cache, {"acme/sharded": remote, "me/bf16": adapter})
-    monkeypatch.setattr(hf.HfApi, "list_repo_files", fake.list_repo_files)
+    fake = FakeHub(hf_cache, {"acme/sharded": remote, "me/bf16": adapter, "gated/bf16": adapter})
+    monkeypatch.setattr(hf.HfApi, "repo_info", fake.repo_info)
     monkeypatch.setattr(hf, "hf_hub_download", fake.hf_hub_download)
     monkeypatch.setattr(hf, "snapshot_download", fake.snapshot_download)
     return fake
@@ -380,3 +387,10 @@ def test_unknown_repo_online_is_one_error_line(fake_online, tmp_path):
     assert r.exit_code == 1
     assert r.stderr.strip() == ("Error: me/nope: no such local path, and no model repository me/nope on the Hugging "
                                 "Face Hub (if it is private, log in with `hf auth login` or set HF_TOKEN)")
+
+
+def test_gated_repo_is_one_error_line(fake_online, tmp_path):
+    r = run("apply", "acme/sharded", "gated/bf16", tmp_path / "out")
+    assert r.exit_code == 1 and not (tmp_path / "out").exists()
+    assert r.stderr.strip() == ("Error: gated/bf16: gated/bf16 is gated on the Hugging Face Hub: accept its terms at "
+                                f"{BOGUS_ENDPOINT}/gated/bf16 and log in (`hf auth login`, or set HF_TOKEN)")

@@ -41,6 +41,7 @@ _EXPLICIT = re.compile(rf"^hf://(?P<repo>(?:{_PART}/)?{_PART})(?:@(?P<rev>[^/@\s
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+LOOKUP_TIMEOUT = 15.0  # seconds for the one request that lists a repo's files
 
 
 @dataclass
@@ -91,13 +92,22 @@ def resolve(spec, kind: str = "auto", revision: str | None = None) -> Path:
     files, reason = None, "while offline (HF_HUB_OFFLINE=1)"
     if not offline:
         try:
-            files = hf.HfApi().list_repo_files(ref.repo, revision=ref.revision)
+            # one request, no retries (list_repo_files retries a dead connection for ~25 s)
+            info = hf.HfApi().repo_info(ref.repo, revision=ref.revision, timeout=LOOKUP_TIMEOUT)
+            files = [s.rfilename for s in (info.siblings or [])]
         except Exception as e:  # noqa: BLE001 - sorted below: user errors raise, the rest means "no Hub"
             _raise_if_user_error(hf, ref, e)
             reason = f"and the Hub cannot be reached ({type(e).__name__}: {_first_line(e)})"
     if files is None:
         return _from_cache(hf, ref, kind, reason)
-    return _download(hf, ref, kind, files)
+    try:
+        return _download(hf, ref, kind, files)
+    except HubError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a gated repo, a dropped connection, a full disk ...
+        _raise_if_user_error(hf, ref, e)
+        raise HubError(f"{ref.spec}: downloading {ref.label} failed ({type(e).__name__}: {_first_line(e)}); "
+                       "what was downloaded stays in the Hugging Face cache, run the command again to resume") from e
 
 
 def resolve_all(specs, kind: str, revision: str | None = None) -> list[Path]:
@@ -193,7 +203,9 @@ def select_files(files: list[str], kind: str, sub: str = "") -> tuple[list[str],
     if found:
         raise HubError(f"{len(found)} .safetensors files but no {st_index}; name the one to merge, "
                        "e.g. OWNER/NAME/FILE.safetensors")
-    raise HubError(f"no model.safetensors, {st_index}, pytorch_model.bin or {bin_index}: not a model checkpoint")
+    graphs = [f for f in files if f.startswith(prefix) and f.endswith(".onnx")]
+    hint = f"; for an ONNX graph name the file, e.g. OWNER/NAME/{graphs[0]}" if graphs else ""
+    raise HubError(f"no model.safetensors, {st_index}, pytorch_model.bin or {bin_index}: not a model checkpoint{hint}")
 
 
 def _shards(index_file: Path) -> list[str]:
