@@ -1,15 +1,23 @@
 """build_plan(): decide everything before any byte is written.
 
-Matches every adapter target to exactly one base tensor, checks shapes and dtypes, collects
-EVERY problem and raises once, and lays out the output files. Pure: reads no tensor data.
+One _PlanState holds what the plan has decided so far, and three passes fill it:
+1. resolve: every adapter target (a LoRA pair, a saved full tensor) gets the name of the output
+   tensor it lands on (plan.matching: exact, dot-suffix either way, kohya-flattened names);
+2. outputs: the output tensors the base does not store are decided once, from those names: an
+   lm_head tied to the input embedding becomes its own tensor when an adapter changes either;
+3. check: each target against its output tensor (shape, dtype, layout), collecting the terms.
+EVERY problem is collected and raised once; then the jobs and output files are laid out.
+Pure: reads no tensor data.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import PlanError, UsageError
 from ..readers import kohya, loralib
 from ..readers.checkpoint import Checkpoint
-from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, Plan, TensorRef, Term
+from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, LoraPair, Plan, TensorRef, Term
 from .layout import layout_files, parse_size
 from .matching import ModuleMatcher
 
@@ -22,13 +30,47 @@ INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight
 OUTPUT_EMBEDDING = "lm_head.weight"
 
 
-class _Collector:
-    """Terms per output tensor, plus every problem found along the way."""
+@dataclass(frozen=True)
+class _Target:
+    """One adapter target and the output tensor `name` it resolved to: a LoRA pair, or (pair
+    None) the full tensor the adapter saves as `saved` under `key`."""
 
-    def __init__(self):
+    adapter: int
+    weight: float
+    name: str
+    pair: LoraPair | None = None
+    saved: str = ""
+    key: str | None = None
+
+
+class _PlanState:
+    """What build_plan has decided: the output tensors (the base's, plus `extra` ones it lacks,
+    each starting from a base tensor), the terms on each, the shapes that change, and problems."""
+
+    def __init__(self, base: Checkpoint, adapters: list[Adapter]):
+        self.base = base
+        self.adapters = adapters
+        self.config = base.config() or {}
+        self.matcher = ModuleMatcher(base.tensors)
+        self.tied = _tied_embeddings(base, self.config)
+        self.untied = False                        # tie_word_embeddings must become false
+        self.extra: dict[str, TensorRef] = {}      # output tensors the base lacks -> where they start
         self.terms: dict[str, list[Term]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.problems: list[str] = []
+
+    def source(self, name: str) -> TensorRef | None:
+        return self.base.tensors.get(name) or self.extra.get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape `name` has before any LoRA delta: a replacement's, else its own; an extra
+        tensor starts as the tensor it is split from (e.g. a resized embedding)."""
+        if name in self.shapes:
+            return self.shapes[name]
+        if name in self.extra:
+            origin = self.extra[name].name
+            return self.shapes.get(origin, self.extra[name].shape)
+        return self.base.tensors[name].shape
 
     def add(self, name: str, term: Term) -> None:
         self.terms.setdefault(name, []).append(term)
@@ -51,47 +93,41 @@ def build_plan(
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPE_NAMES)}")
     out_code = None if dtype == "auto" else DTYPE_NAMES[dtype]
-    config = base.config() or {}
 
-    matcher = ModuleMatcher(base.tensors)
-    tied = _tied_embeddings(base, config)
-    c = _Collector()
-    virtual: dict[str, TensorRef] = {}  # output tensors the base lacks (an untied lm_head)
-    for ai, (adapter, w) in enumerate(zip(adapters, weights)):
-        for name, key in adapter.replacements.items():
-            _match_replacement(c, matcher, base, adapter, ai, w, name, key, tied, virtual)
-        for pair in adapter.pairs:
-            _match_pair(c, matcher, base, config, adapter, ai, w, pair, tied, virtual)
-    for name, terms in c.terms.items():
-        _check_terms(c, name, terms, adapters)
-    if len(matcher.rewrites) > 1:
-        shown = "; ".join(f"strip {s!r} add {a!r} for e.g. {mods[0]}" for (s, a), mods in matcher.rewrites.items())
-        c.problems.append(f"adapter module paths map onto the base with different prefix rewrites ({shown}); "
-                          "the adapter and base do not come from the same architecture")
-    if c.problems and strict:
-        raise PlanError(f"{len(c.problems)} problem(s) matching the adapter(s) to the base {base.path}; "
-                        "nothing was written", c.problems)
-
-    config_updates = {}
-    if tied is not None and (virtual or any(n in c.terms for n in tied)):
-        # Tied input/output embeddings that now differ must be stored apart and untied, or the
-        # reloaded model would silently share one of them for both (as PEFT's merge does).
-        config_updates["tie_word_embeddings"] = False
-        if OUTPUT_EMBEDDING not in base.tensors and OUTPUT_EMBEDDING not in virtual:
-            virtual[OUTPUT_EMBEDDING] = base.tensors[tied[0]]
-        _inherit_replacement(c, tied[0], base, virtual)
-    _check_vocab(c, base, virtual)
+    st = _PlanState(base, adapters)
+    targets = _resolve(st, weights)
+    _decide_outputs(st, targets)
+    for t in targets:
+        if t.pair is None:
+            _check_replacement(st, t)
+    for t in targets:
+        if t.pair is not None:
+            _check_pair(st, t)
+    for name, terms in st.terms.items():
+        _check_terms(st, name, terms)
+    if len(st.matcher.rewrites) > 1:
+        shown = "; ".join(f"strip {s!r} add {a!r} for e.g. {mods[0]}" for (s, a), mods in st.matcher.rewrites.items())
+        st.problems.append(f"adapter module paths map onto the base with different prefix rewrites ({shown}); "
+                           "the adapter and base do not come from the same architecture")
+    _inherit_replacement(st)
+    _check_vocab(st)
+    if st.problems and strict:
+        raise PlanError(f"{len(st.problems)} problem(s) matching the adapter(s) to the base {base.path}; "
+                        "nothing was written", st.problems)
 
     jobs = []
     for name, ref in base.tensors.items():
-        jobs.append(_job(name, ref, c, out_code))
-        for vname, vref in virtual.items():  # an untied lm_head goes right after its embedding
-            if vref is ref:
-                jobs.append(_job(vname, vref, c, out_code))
+        jobs.append(_job(st, name, ref, out_code))
+        for xname, xref in st.extra.items():  # an untied lm_head goes right after its embedding
+            if xref is ref:
+                jobs.append(_job(st, xname, xref, out_code))
     files = layout_files(base, jobs, parse_size(shard_size), single_file)
 
-    for name, shape in c.shapes.items():  # a tied embedding is one of these names too
-        if name.endswith(INPUT_EMBEDDINGS) and config.get("vocab_size") not in (None, shape[0]):
+    config_updates = {}
+    if st.untied:
+        config_updates["tie_word_embeddings"] = False
+    for name, shape in st.shapes.items():  # a tied embedding is one of these names too
+        if name.endswith(INPUT_EMBEDDINGS) and st.config.get("vocab_size") not in (None, shape[0]):
             config_updates["vocab_size"] = shape[0]
     if out_code is not None:
         # transformers reads this to pick the load dtype with dtype="auto"; keep it truthful.
@@ -112,16 +148,16 @@ def build_plan(
         skipped_files=list(base.skipped_files),
         config_updates=config_updates,
         warnings=warnings,
-        problems=list(c.problems),
+        problems=list(st.problems),
     )
 
 
-def _job(name: str, ref: TensorRef, c: _Collector, out_code: str | None) -> Job:
+def _job(st: _PlanState, name: str, ref: TensorRef, out_code: str | None) -> Job:
     code = ref.dtype
     if out_code is not None and code in FLOAT_CODES:
         code = out_code
-    shape = c.shapes.get(name)
-    return Job(name, ref, code, tuple(c.terms.get(name, ())), shape if shape != ref.shape else None)
+    shape = st.shapes.get(name)
+    return Job(name, ref, code, tuple(st.terms.get(name, ())), shape if shape != ref.shape else None)
 
 
 def _tied_embeddings(base: Checkpoint, config: dict) -> tuple[str, ...] | None:
@@ -141,134 +177,171 @@ def _tied_embeddings(base: Checkpoint, config: dict) -> tuple[str, ...] | None:
     return (inputs[0],) + ((OUTPUT_EMBEDDING,) if OUTPUT_EMBEDDING in base.tensors else ())
 
 
-def _match_replacement(c, matcher, base, adapter, ai, w, name, key, tied, virtual) -> None:
-    module, _, param = name.rpartition(".")
-    target, _ = matcher.match(module)
-    where = f"{adapter.label}: {name}"
-    if target is None and name == OUTPUT_EMBEDDING and tied is not None:
-        # a trained copy of a tied lm_head (modules_to_save): it becomes its own tensor
-        virtual[OUTPUT_EMBEDDING] = base.tensors[tied[0]]
-        target = "lm_head"
-    full = f"{target}.{param}"
-    if target is None or (full not in base.tensors and full not in virtual):
-        c.problems.append(f"{where}: the adapter saves a full copy of {name} but the base has no such tensor")
-        return
-    new = tuple(adapter.tensors[key].shape)
-    old = (base.tensors.get(full) or virtual[full]).shape
-    # A changed first dimension is a resized vocabulary, allowed for embeddings and lm_head only;
-    # anything else means the adapter belongs to another model.
-    vocab = full.endswith(INPUT_EMBEDDINGS) or full == OUTPUT_EMBEDDING
-    if new != old and (not vocab or len(new) != len(old) or new[1:] != old[1:]):
-        c.problems.append(f"{where}: saved tensor has shape {list(new)} but the base's {full} has "
-                          f"{list(old)}; the adapter was trained for another model")
-        return
-    if w != 1:
-        c.problems.append(f"{where}: a saved full tensor cannot be weighted (weight {w:g}); merge this "
-                          "adapter with weight 1")
-        return
-    c.add(full, Term(ai, None, w, kind="replace", key=key))
-    c.shapes[full] = new
+# -- pass 1: names ----------------------------------------------------------------------------
+
+def _resolve(st: _PlanState, weights: list[float]) -> list[_Target]:
+    """Every target of every adapter, with the output tensor it lands on; the unresolvable ones
+    become problems. A target naming an lm_head the base does not store (it is tied to the
+    input embedding) resolves to that name: pass 2 makes it an output tensor."""
+    targets = []
+    for ai, (adapter, w) in enumerate(zip(st.adapters, weights)):
+        for name, key in adapter.replacements.items():
+            module, _, param = name.rpartition(".")
+            found, _ = st.matcher.match(module)
+            full = f"{found}.{param}" if found is not None else None
+            if full is None and name == OUTPUT_EMBEDDING and st.tied is not None:
+                full = name  # a trained copy of a tied lm_head (modules_to_save)
+            if full is None or (full not in st.base.tensors and full != OUTPUT_EMBEDDING):
+                st.problems.append(f"{adapter.label}: {name}: the adapter saves a full copy of {name} but the "
+                                   "base has no such tensor")
+                continue
+            targets.append(_Target(ai, w, full, saved=name, key=key))
+        for pair in adapter.pairs:
+            found = _resolve_pair(st, adapter, pair)
+            if found is not None:
+                targets.append(_Target(ai, w, found, pair=pair))
+    return targets
 
 
-def _inherit_replacement(c: _Collector, embedding: str, base: Checkpoint, virtual: dict) -> None:
-    """An lm_head that was tied to a replaced embedding (saved base layer, resized vocabulary) was
-    that replacement at run time: it starts from it, without the embedding's own LoRA delta."""
-    if OUTPUT_EMBEDDING not in virtual:
-        return
-    own = c.terms.get(OUTPUT_EMBEDDING, [])
-    rep = [t for t in c.terms.get(embedding, []) if t.kind == "replace"]
-    if rep and not any(t.kind == "replace" for t in own):
-        c.terms[OUTPUT_EMBEDDING] = rep + own
-        c.shapes[OUTPUT_EMBEDDING] = c.shapes[embedding]
-
-
-def _check_vocab(c: _Collector, base: Checkpoint, virtual: dict) -> None:
-    """Input and output embeddings must end with the same vocabulary size, or the output will not load."""
-    names = [n for n in list(base.tensors) + list(virtual) if n.endswith(INPUT_EMBEDDINGS) or n == OUTPUT_EMBEDDING]
-    rows = {n: c.shapes.get(n, (base.tensors.get(n) or virtual[n]).shape)[0] for n in names}
-    if len(set(rows.values())) > 1:
-        c.problems.append("the merged embeddings would disagree on the vocabulary size ("
-                          + ", ".join(f"{n}: {r}" for n, r in rows.items()) + "); a resized vocabulary needs "
-                          "both the input embedding and lm_head saved with the adapter (modules_to_save)")
-
-
-def _match_pair(c, matcher, base, config, adapter, ai, w, pair, tied, virtual) -> None:
-    where = f"{adapter.label}: {pair.module}"
+def _resolve_pair(st: _PlanState, adapter: Adapter, pair: LoraPair) -> str | None:
     wanted = pair.target_name.removesuffix(".weight")
     if wanted.startswith(kohya.FLAT):
-        target, candidates = matcher.match_flat(wanted[len(kohya.FLAT):])
+        found, candidates = st.matcher.match_flat(wanted[len(kohya.FLAT):])
     else:
-        target, candidates = matcher.match(wanted)
-    if target is None and pair.target_name == OUTPUT_EMBEDDING and tied is not None:
-        # lm_head tied to the input embedding and not stored: the merged lm_head becomes its own
-        # tensor, starting from the embedding's values.
-        virtual[OUTPUT_EMBEDDING] = base.tensors[tied[0]]
-        target = wanted
-    if target is None:
-        if candidates:
-            c.problems.append(f"{where}: ambiguous, matches {len(candidates)} base tensors "
-                              f"({', '.join(x + '.weight' for x in candidates[:4])})")
-        else:
-            wanted_name = (f"a tensor whose dotted name flattens to {wanted[len(kohya.FLAT):]}"
-                           if wanted.startswith(kohya.FLAT) else pair.target_name)
-            c.problems.append(f"{where}: no base tensor named {wanted_name} (nor any prefix/suffix "
-                              "variant of it)")
+        found, candidates = st.matcher.match(wanted)
+    if found is not None:
+        return found + ".weight"
+    if pair.target_name == OUTPUT_EMBEDDING and st.tied is not None:
+        return OUTPUT_EMBEDDING  # lm_head tied to the input embedding and not stored
+    where = f"{adapter.label}: {pair.module}"
+    if candidates:
+        st.problems.append(f"{where}: ambiguous, matches {len(candidates)} base tensors "
+                           f"({', '.join(x + '.weight' for x in candidates[:4])})")
+    else:
+        wanted_name = (f"a tensor whose dotted name flattens to {wanted[len(kohya.FLAT):]}"
+                       if wanted.startswith(kohya.FLAT) else pair.target_name)
+        st.problems.append(f"{where}: no base tensor named {wanted_name} (nor any prefix/suffix variant of it)")
+    return None
+
+
+# -- pass 2: output tensors -------------------------------------------------------------------
+
+def _decide_outputs(st: _PlanState, targets: list[_Target]) -> None:
+    """Tied input/output embeddings that an adapter changes must be stored apart and untied, or
+    the reloaded model would silently share one of them for both (as PEFT's merge does). An
+    lm_head the base does not store then becomes its own tensor, starting from the embedding."""
+    if st.tied is None:
         return
-    wname = target + ".weight"
-    ref = base.tensors.get(wname) or virtual[wname]
-    shape = c.shapes.get(wname, ref.shape)
-    if wname == OUTPUT_EMBEDDING and wname in virtual and tied is not None and wname not in c.shapes:
-        shape = c.shapes.get(tied[0], shape)  # starts from the (possibly resized) embedding
+    touched = {t.name for t in targets} & {OUTPUT_EMBEDDING, *st.tied}
+    if not touched:
+        return
+    st.untied = True
+    if OUTPUT_EMBEDDING not in st.base.tensors:
+        st.extra[OUTPUT_EMBEDDING] = st.base.tensors[st.tied[0]]
+
+
+# -- pass 3: checks and terms -----------------------------------------------------------------
+
+def _check_replacement(st: _PlanState, t: _Target) -> None:
+    adapter = st.adapters[t.adapter]
+    where = f"{adapter.label}: {t.saved}"
+    new = tuple(adapter.tensors[t.key].shape)
+    old = st.source(t.name).shape
+    # A changed first dimension is a resized vocabulary, allowed for embeddings and lm_head only;
+    # anything else means the adapter belongs to another model.
+    vocab = t.name.endswith(INPUT_EMBEDDINGS) or t.name == OUTPUT_EMBEDDING
+    if new != old and (not vocab or len(new) != len(old) or new[1:] != old[1:]):
+        st.problems.append(f"{where}: saved tensor has shape {list(new)} but the base's {t.name} has "
+                           f"{list(old)}; the adapter was trained for another model")
+        return
+    if t.weight != 1:
+        st.problems.append(f"{where}: a saved full tensor cannot be weighted (weight {t.weight:g}); merge this "
+                           "adapter with weight 1")
+        return
+    st.add(t.name, Term(t.adapter, None, t.weight, kind="replace", key=t.key))
+    st.shapes[t.name] = new
+
+
+def _check_pair(st: _PlanState, t: _Target) -> None:
+    adapter, pair, wname = st.adapters[t.adapter], t.pair, t.name
+    where = f"{adapter.label}: {pair.module}"
+    ref = st.source(wname)
+    shape = st.shape(wname)
     if pair.layout == "auto":  # formats that do not store the layout (loralib)
         pair, problem = loralib.resolve(pair, shape, adapter)
         if problem:
-            c.problems.append(f"{where}: {wname}: {problem}")
+            st.problems.append(f"{where}: {wname}: {problem}")
             return
     if ref.dtype not in FLOAT_CODES:
-        c.problems.append(f"{where}: base tensor {wname} is {ref.dtype}, a quantized/integer type; merge "
-                          "into the original floating-point (unquantized) base instead")
+        st.problems.append(f"{where}: base tensor {wname} is {ref.dtype}, a quantized/integer type; merge "
+                           "into the original floating-point (unquantized) base instead")
         return
     if shape != pair.base_shape:
         if pair.layout == "linear" and len(shape) == 2 and shape == pair.base_shape[::-1]:
-            c.problems.append(f"{where}: base tensor {wname} is {list(shape)}, the transpose of the adapter's "
-                              f"{list(pair.base_shape)}: the layer stores its weight [in, out] (a GPT-2 style "
-                              "Conv1D) but the adapter says fan_in_fan_out=false; set it to true in "
-                              "adapter_config.json if this adapter was trained on that layer")
+            st.problems.append(f"{where}: base tensor {wname} is {list(shape)}, the transpose of the adapter's "
+                               f"{list(pair.base_shape)}: the layer stores its weight [in, out] (a GPT-2 style "
+                               "Conv1D) but the adapter says fan_in_fan_out=false; set it to true in "
+                               "adapter_config.json if this adapter was trained on that layer")
         else:
-            c.problems.append(f"{where}: base tensor {wname} has shape {list(shape)} but the adapter's "
-                              f"lora_B @ lora_A gives {list(pair.base_shape)}; the adapter was trained for "
-                              "another model")
+            st.problems.append(f"{where}: base tensor {wname} has shape {list(shape)} but the adapter's "
+                               f"lora_B @ lora_A gives {list(pair.base_shape)}; the adapter was trained for "
+                               "another model")
         return
-    if (pair.layout == "linear" and config.get("model_type") in CONV1D_MODEL_TYPES
-            and wanted.rsplit(".", 1)[-1] in CONV1D_MODULES):
+    module = wname.removesuffix(".weight")
+    if (pair.layout == "linear" and st.config.get("model_type") in CONV1D_MODEL_TYPES
+            and module.rsplit(".", 1)[-1] in CONV1D_MODULES):
         # Square Conv1D weights (c_proj) fit either way round: only the config can tell.
-        c.problems.append(f"{where}: {config['model_type']} implements {wanted.rsplit('.', 1)[-1]} as Conv1D "
-                          "(weight stored [in, out]) but the adapter says fan_in_fan_out=false; set it to "
-                          "true in adapter_config.json")
+        st.problems.append(f"{where}: {st.config['model_type']} implements {module.rsplit('.', 1)[-1]} as Conv1D "
+                           "(weight stored [in, out]) but the adapter says fan_in_fan_out=false; set it to "
+                           "true in adapter_config.json")
         return
-    c.add(wname, Term(ai, pair, w))
+    st.add(wname, Term(t.adapter, pair, t.weight))
     # output features: the rows of W, or its columns where W is stored [in, out]
     out_features = pair.base_shape[1] if pair.layout == "transposed" else pair.base_shape[0]
     if pair.bias_key is not None:
-        bname = target + ".bias"
-        bref = base.tensors.get(bname)
+        bname = module + ".bias"
+        bref = st.base.tensors.get(bname)
         if bref is None:
-            c.problems.append(f"{where}: the adapter trains a bias (lora_bias) but the base has no {bname}; "
-                              "PEFT cannot merge this either")
+            st.problems.append(f"{where}: the adapter trains a bias (lora_bias) but the base has no {bname}; "
+                               "PEFT cannot merge this either")
         elif bref.shape != (out_features,):
-            c.problems.append(f"{where}: base {bname} has shape {list(bref.shape)}, lora_B.bias has "
-                              f"[{out_features}]")
+            st.problems.append(f"{where}: base {bname} has shape {list(bref.shape)}, lora_B.bias has "
+                               f"[{out_features}]")
         else:
-            c.add(bname, Term(ai, pair, w, kind="bias"))
+            st.add(bname, Term(t.adapter, pair, t.weight, kind="bias"))
 
 
-def _check_terms(c, name: str, terms: list[Term], adapters: list[Adapter]) -> None:
+def _check_terms(st: _PlanState, name: str, terms: list[Term]) -> None:
     if sum(t.kind == "replace" for t in terms) > 1:
-        c.problems.append(f"{name}: replaced by full saved copies from several adapters; merge them one at a time")
+        st.problems.append(f"{name}: replaced by full saved copies from several adapters; merge them one at a time")
     dora = [t for t in terms if t.pair is not None and t.pair.magnitude_key]
+    label = st.adapters[dora[0].adapter].label if dora else ""
     if dora and dora[0].weight != 1:
-        c.problems.append(f"{name}: DoRA ({adapters[dora[0].adapter].label}) is not linear in the adapter, so "
-                          f"it cannot be weighted ({dora[0].weight:g}); apply it with weight 1")
+        st.problems.append(f"{name}: DoRA ({label}) is not linear in the adapter, so it cannot be weighted "
+                           f"({dora[0].weight:g}); apply it with weight 1")
     if dora and len([t for t in terms if t.kind == "lora"]) > 1:
-        c.problems.append(f"{name}: DoRA ({adapters[dora[0].adapter].label}) rescales the whole weight, so it "
-                          "cannot be summed with other adapters' terms on the same tensor; apply it alone")
+        st.problems.append(f"{name}: DoRA ({label}) rescales the whole weight, so it cannot be summed with "
+                           "other adapters' terms on the same tensor; apply it alone")
+
+
+def _inherit_replacement(st: _PlanState) -> None:
+    """An lm_head that was tied to a replaced embedding (saved base layer, resized vocabulary) was
+    that replacement at run time: it starts from it, without the embedding's own LoRA delta."""
+    if OUTPUT_EMBEDDING not in st.extra:
+        return
+    embedding = st.tied[0]
+    own = st.terms.get(OUTPUT_EMBEDDING, [])
+    rep = [t for t in st.terms.get(embedding, []) if t.kind == "replace"]
+    if rep and not any(t.kind == "replace" for t in own):
+        st.terms[OUTPUT_EMBEDDING] = rep + own
+        st.shapes[OUTPUT_EMBEDDING] = st.shapes[embedding]
+
+
+def _check_vocab(st: _PlanState) -> None:
+    """Input and output embeddings must end with the same vocabulary size, or the output will not load."""
+    names = [n for n in [*st.base.tensors, *st.extra] if n.endswith(INPUT_EMBEDDINGS) or n == OUTPUT_EMBEDDING]
+    rows = {n: st.shape(n)[0] for n in names}
+    if len(set(rows.values())) > 1:
+        st.problems.append("the merged embeddings would disagree on the vocabulary size ("
+                           + ", ".join(f"{n}: {r}" for n, r in rows.items()) + "); a resized vocabulary needs "
+                           "both the input embedding and lm_head saved with the adapter (modules_to_save)")
