@@ -1,5 +1,6 @@
 """Adapter module paths -> base tensor names: exact, by unique dot-suffix in either direction
-(wrapper vs bare model checkpoints), or kohya's flattened names. One prefix rewrite for all."""
+(wrapper vs bare model checkpoints), or kohya's flattened names (by suffix either way, too).
+One prefix rewrite for all."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class ModuleMatcher:
         self._by_suffix = _suffix_index(self.modules, ".", first=1)  # proper suffixes only
         self.rewrites: dict[tuple[str, str], list[str]] = {}
         self._flat: dict[str, list[str]] | None = None
+        self._flat_whole: dict[str, list[str]] = {}
 
     def match(self, module: str) -> tuple[str | None, list[str]]:
         """(base module or None, candidates when ambiguous)."""
@@ -37,13 +39,31 @@ class ModuleMatcher:
 
     def match_flat(self, flat: str) -> tuple[str | None, list[str]]:
         """kohya-style names: dots flattened to underscores, matched against the base flattened
-        the same way. Exactly one base module must match."""
+        the same way. Exactly one base module must match: one whose flattened path ends with the
+        name (single-file checkpoints nest the model under prefixes such as
+        'model.diffusion_model.'), else one whose whole flattened path is what is left of the name
+        without its leading components (a CLIP text encoder trained as 'text_model.encoder...',
+        saved by transformers 5 as 'encoder...'). The split points of a flattened name are not
+        known, so the name is cut at each underscore, longest rest first; only a whole base path
+        may match the rest, so a bare component such as 'proj' never does."""
         if self._flat is None:
-            # every suffix, the whole path included: single-file checkpoints nest the model under
-            # prefixes such as 'model.diffusion_model.'
-            self._flat = _suffix_index(self.modules, "_", first=0)
+            self._flat = _suffix_index(self.modules, "_", first=0)  # every suffix, the whole path included
+            self._flat_whole = {}
+            for mod in self.modules:
+                self._flat_whole.setdefault(mod.replace(".", "_"), []).append(mod)
         found = sorted(set(self._flat.get(flat, [])))
-        return (found[0], []) if len(found) == 1 else (None, found)
+        if found:
+            return (found[0], []) if len(found) == 1 else (None, found)
+        parts = flat.split("_")
+        for k in range(1, len(parts)):  # the adapter's name is longer: cut its leading components
+            rest = "_".join(parts[k:])
+            whole = sorted(self._flat_whole.get(rest, []))
+            if len(whole) == 1:
+                self.rewrites.setdefault(("_".join(parts[:k]) + "_", ""), []).append(flat)
+                return whole[0], []
+            if whole:
+                return None, whole
+        return None, []
 
 
 def _suffix_index(modules, sep: str, first: int) -> dict[str, list[str]]:
