@@ -85,9 +85,57 @@ class LoraPair:
     magnitude_key: str | None = None
     groups: tuple[bool, ...] | None = None
 
+    term_kind = "lora"  # the Term kind the plan gives this record (TunerTarget: 'delta' or 'scale')
+
     @property
     def group_rank(self) -> int:
         return self.rank // sum(self.groups) if self.groups else self.rank
+
+    @property
+    def target_name(self) -> str:
+        return self.target or self.module + ".weight"
+
+
+@dataclass(frozen=True)
+class TunerTarget:
+    """One target of a PEFT tuner other than LoRA, normalized by a reader (readers/tuners.py,
+    readers/lycoris.py); its math is engine/tuners.py. Lives in Adapter.pairs beside LoRA pairs.
+
+    `tuner` names the math: 'adalora' and 'vera' add a low-rank delta, 'loha' and 'lokr' a dense
+    one (Hadamard / Kronecker products), all linear in the adapter (Term kind 'delta'); 'ia3'
+    multiplies W by a learned vector along one axis (Term kind 'scale'). `keys` maps the tuner's
+    tensor roles (engine/tuners.py lists them) to keys of Adapter.tensors. `scale` is the constant
+    factor of the delta (alpha/r, AdaLoRA's alpha/ranknum; 1 for IA3 and VeRA). `axis` (IA3) is
+    'out' (output units; the bias is scaled too) or 'in' (inputs: PEFT's feedforward_modules).
+    `base_shape` is what the tensors tell of W's shape, 0 where they cannot (IA3 and VeRA see one
+    axis; flattened conv factors only W's 2-D view): the plan resolves it against the base
+    (readers/tuners.resolve) before anything uses it. `layout` is as for LoraPair. `origin` is
+    'peft' or 'lycoris' (kohya-named files): the implementation whose math defines the delta where
+    the two differ (LoKr on Conv1d with a full w2).
+    """
+
+    module: str
+    tuner: str
+    keys: tuple[tuple[str, str], ...]
+    scale: float
+    base_shape: tuple[int, ...]
+    layout: str = "linear"
+    rank: int = 0
+    alpha: float = 0.0
+    target: str = ""
+    axis: str = ""
+    origin: str = "peft"
+    # LoRA-only features, absent here: lets the plan and --dry-run treat both records alike
+    bias_key = None
+    magnitude_key = None
+    groups = None
+
+    def key(self, role: str) -> str | None:
+        return next((k for r, k in self.keys if r == role), None)
+
+    @property
+    def term_kind(self) -> str:
+        return "scale" if self.tuner == "ia3" else "delta"
 
     @property
     def target_name(self) -> str:
@@ -98,7 +146,7 @@ class LoraPair:
 class Adapter:
     path: Path
     format: str
-    pairs: list[LoraPair]
+    pairs: list[LoraPair | TunerTarget]
     tensors: dict[str, torch.Tensor] = field(repr=False)
     config: dict = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)
@@ -116,10 +164,13 @@ class Term:
     """One adapter's contribution to one output tensor. `weight` is the user's c_i; the
     effective factor is weight * pair.scale. kind 'lora' adds a low-rank delta to a weight (or,
     with pair.magnitude_key, applies DoRA), 'bias' adds scale * lora_B.bias to a bias, 'replace'
-    substitutes the adapter's full tensor `key` for the base tensor (applied before any delta)."""
+    substitutes the adapter's full tensor `key` for the base tensor (applied before any delta).
+    With a TunerTarget: 'delta' adds weight * scale * its delta (AdaLoRA, LoHa, LoKr, VeRA);
+    'scale' multiplies the weight or bias by IA3's vector to the power `weight` (1 merges, -1
+    divides it out again)."""
 
     adapter: int
-    pair: LoraPair | None
+    pair: LoraPair | TunerTarget | None
     weight: float
     kind: str = "lora"
     key: str | None = None

@@ -1,7 +1,8 @@
 """The math of one job: the output tensor from the base tensor and the job's adapter terms.
 
 Pure of file formats: the pipeline hands in W (or nothing, when the adapter replaces it) and an
-output buffer; the math itself lives in ops (merge, DoRA, bias, cast) and deltas (factor layouts).
+output buffer; the math itself lives in ops (merge, DoRA, bias, cast), deltas (factor layouts)
+and tuners (the other PEFT tuners' deltas and IA3's multipliers).
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import LoraMergeError, NumericsError
-from ..types import ST_TO_TORCH, Adapter, Job
-from . import deltas, ops
+from ..types import ST_TO_TORCH, Adapter, Job, Term
+from . import deltas, ops, tuners
 
 
 def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: torch.device,
@@ -50,18 +51,24 @@ def _math(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: tor
     if rep is not None:  # a full tensor saved in the adapter stands in for the base tensor
         w = adapters[rep.adapter].tensors[rep.key]
     w = w.to(device, non_blocking=True)
-    lora = [t for t in job.terms if t.kind == "lora"]
+    lora = [t for t in job.terms if t.kind in ("lora", "delta")]
     bias = [t for t in job.terms if t.kind == "bias"]
-    if lora and not lora[0].pair.magnitude_key:
+    scales = [t for t in job.terms if t.kind == "scale"]
+    if lora and not scales and all(tuners.is_lowrank(t.pair) for t in lora):
         # All adapters' terms for this tensor in one product: [B1 B2 ..] @ [A1; A2; ..], each
-        # rank column carrying its own factor c_i * s_i, so the sum is rounded once.
-        lefts, rights = zip(*(deltas.factors(adapters[t.adapter], t.pair, torch.float32, device) for t in lora))
-        factors = torch.cat([torch.full((t.pair.rank,), t.factor, dtype=torch.float64) for t in lora])
+        # rank column carrying its own factor (c_i * s_i; AdaLoRA's E and VeRA's lambda_d fold in
+        # here), so the sum is rounded once.
+        lefts, rights, factors = zip(*(_factored(t, adapters, tuple(w.shape), device) for t in lora))
+        if len({x.dtype for x in lefts}) > 1:  # LoRA float32 beside a tuner's float64 factors
+            lefts, rights = [x.double() for x in lefts], [x.double() for x in rights]
         w2 = w.reshape(w.shape[0], -1)
-        y, fixed = ops.merge_weight(w2, torch.cat(rights), torch.cat(lefts, dim=1), factors, out_dtype,
+        y, fixed = ops.merge_weight(w2, torch.cat(rights), torch.cat(lefts, dim=1), torch.cat(factors), out_dtype,
                                     accum=accum, out=None if out is None else out.view(w2.shape), check=True)
         return y.reshape(w.shape), fixed
-    if lora:  # DoRA; the plan allows it only alone on its tensor
+    dora = bool(lora) and lora[0].pair.magnitude_key is not None
+    if scales or (lora and not dora):
+        y = _general(job, w, adapters, device, out_dtype, out)  # LoHa/LoKr (+ LoRA-like terms), or IA3
+    elif dora:  # the plan allows DoRA only alone on its tensor
         t = lora[0]
         left, right = deltas.factors(adapters[t.adapter], t.pair, torch.float64, device)
         y = ops.dora_merge(w, left, right, t.pair.scale, adapters[t.adapter].tensors[t.pair.magnitude_key],
@@ -72,3 +79,44 @@ def _math(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: tor
         y = ops.cast(w, out_dtype)
     ops.check_finite(y)
     return y, 0
+
+
+def _factored(t: Term, adapters: list[Adapter], shape: tuple[int, ...], device):
+    """(left, right, per-rank factors) of a low-rank term in W's 2-D view, weight and scale folded
+    into the factors (float64): LoRA in float32, AdaLoRA/VeRA in float64 (their per-rank vectors
+    and VeRA's lambda_b are applied exactly; ops.merge_weight rounds the result once)."""
+    if t.kind == "lora":
+        left, right = deltas.factors(adapters[t.adapter], t.pair, torch.float32, device)
+        return left, right, torch.full((t.pair.rank,), t.factor, dtype=torch.float64)
+    left, right, per_rank = tuners.lowrank(adapters[t.adapter], t.pair, shape, device)
+    return left, right, (per_rank * t.factor).cpu()
+
+
+def _general(job: Job, w: torch.Tensor, adapters: list[Adapter], device: torch.device, out_dtype: torch.dtype,
+             out: torch.Tensor | None) -> torch.Tensor:
+    """Terms no single low-rank product holds (LoHa, LoKr, beside any LoRA-like terms; or IA3's
+    multipliers): float64 row blocks of W's 2-D view, each rounded once to the output dtype.
+    float64 carries ~1e-16 relative error, so the rounding is the correct one except for values
+    within that of a midpoint (as ops.dora_merge)."""
+    shape = tuple(w.shape)
+    mults, lows, dense = [], [], []
+    for t in job.terms:
+        a = adapters[t.adapter]
+        if t.kind == "scale":
+            mults.append((tuners.ia3_multiplier(a, t.pair, shape, device), t.weight))
+        elif t.kind == "lora":
+            left, right = deltas.factors(a, t.pair, torch.float64, device)
+            lows.append((left, right, torch.full((t.pair.rank,), t.factor, dtype=torch.float64, device=device)))
+        elif t.kind == "delta" and tuners.is_lowrank(t.pair):
+            left, right, per_rank = tuners.lowrank(a, t.pair, shape, device)
+            lows.append((left, right, per_rank * t.factor))
+        elif t.kind == "delta":
+            dense.append((tuners.dense(a, t.pair, shape, device), t.factor))
+    rows, cols = tuners.view2d(shape)
+    y = out.view(rows, cols) if out is not None and device.type == "cpu" else \
+        torch.empty((rows, cols), dtype=out_dtype, device=device)
+    step = max(1, (ops.BLOCK_ELEMS_GPU if device.type == "cuda" else ops.BLOCK_ELEMS_CPU) // max(cols, 1))
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        y[i:j] = ops.round_to(tuners.merge_rows(w, i, j, mults, lows, dense), out_dtype)
+    return y.reshape(shape)

@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PlanError, UsageError
-from ..readers import kohya, loralib
+from ..readers import kohya, loralib, tuners
 from ..readers.checkpoint import Checkpoint
-from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, LoraPair, Plan, TensorRef, Term
+from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, LoraPair, Plan, TensorRef, Term, TunerTarget
+from .kinds import term_problems
 from .layout import layout_files, parse_size
 from .matching import ModuleMatcher
 
@@ -38,7 +39,7 @@ class _Target:
     adapter: int
     weight: float
     name: str
-    pair: LoraPair | None = None
+    pair: LoraPair | TunerTarget | None = None
     saved: str = ""
     key: str | None = None
 
@@ -203,7 +204,7 @@ def _resolve(st: _PlanState, weights: list[float]) -> list[_Target]:
     return targets
 
 
-def _resolve_pair(st: _PlanState, adapter: Adapter, pair: LoraPair) -> str | None:
+def _resolve_pair(st: _PlanState, adapter: Adapter, pair: LoraPair | TunerTarget) -> str | None:
     wanted = pair.target_name.removesuffix(".weight")
     if wanted.startswith(kohya.FLAT):
         found, candidates = st.matcher.match_flat(wanted[len(kohya.FLAT):])
@@ -272,6 +273,11 @@ def _check_pair(st: _PlanState, t: _Target) -> None:
         if problem:
             st.problems.append(f"{where}: {wname}: {problem}")
             return
+    if isinstance(pair, TunerTarget):  # IA3, VeRA and flattened convs: shape known only with W's
+        pair, problem = tuners.resolve(pair, shape, adapter)
+        if problem:
+            st.problems.append(f"{where}: {wname}: {problem}")
+            return
     if ref.dtype not in FLOAT_CODES:
         st.problems.append(f"{where}: base tensor {wname} is {ref.dtype}, a quantized/integer type; merge "
                            "into the original floating-point (unquantized) base instead")
@@ -295,7 +301,7 @@ def _check_pair(st: _PlanState, t: _Target) -> None:
                            "(weight stored [in, out]) but the adapter says fan_in_fan_out=false; set it to "
                            "true in adapter_config.json")
         return
-    st.add(wname, Term(t.adapter, pair, t.weight))
+    st.add(wname, Term(t.adapter, pair, t.weight, kind=pair.term_kind))
     # output features: the rows of W, or its columns where W is stored [in, out]
     out_features = pair.base_shape[1] if pair.layout == "transposed" else pair.base_shape[0]
     if pair.bias_key is not None:
@@ -309,17 +315,26 @@ def _check_pair(st: _PlanState, t: _Target) -> None:
                                f"[{out_features}]")
         else:
             st.add(bname, Term(t.adapter, pair, t.weight, kind="bias"))
+    if isinstance(pair, TunerTarget) and pair.tuner == "ia3" and pair.axis == "out":
+        # PEFT's IA3 merge scales the bias of an output-scaled layer too (y = (xW^T + b) * l)
+        bname = module + ".bias"
+        bref = st.base.tensors.get(bname)
+        if bref is not None and bref.shape == (out_features,):
+            st.add(bname, Term(t.adapter, pair, t.weight, kind="scale"))
+        elif bref is not None:
+            st.problems.append(f"{where}: base {bname} has shape {list(bref.shape)}, ia3_l has {out_features}")
 
 
 def _check_terms(st: _PlanState, name: str, terms: list[Term]) -> None:
     if sum(t.kind == "replace" for t in terms) > 1:
         st.problems.append(f"{name}: replaced by full saved copies from several adapters; merge them one at a time")
+    st.problems += term_problems(name, terms, st.adapters)
     dora = [t for t in terms if t.pair is not None and t.pair.magnitude_key]
     label = st.adapters[dora[0].adapter].label if dora else ""
     if dora and dora[0].weight != 1:
         st.problems.append(f"{name}: DoRA ({label}) is not linear in the adapter, so it cannot be weighted "
                            f"({dora[0].weight:g}); apply it with weight 1")
-    if dora and len([t for t in terms if t.kind == "lora"]) > 1:
+    if dora and len([t for t in terms if t.kind in ("lora", "delta")]) > 1:
         st.problems.append(f"{name}: DoRA ({label}) rescales the whole weight, so it cannot be summed with "
                            "other adapters' terms on the same tensor; apply it alone")
 

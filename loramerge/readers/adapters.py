@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ..errors import AdapterError, UsageError
 from ..types import Adapter
-from . import kohya, loralib
+from . import kohya, loralib, tuners
 from .files import load_adapter_file
-from .peft import read_peft_adapter
+from .peft import read_config, read_peft_adapter
 
 
 def load_adapters(paths, lora_alpha: float | None = None, fan_in_fan_out: bool | None = None,
@@ -29,8 +29,9 @@ def load_adapters(paths, lora_alpha: float | None = None, fan_in_fan_out: bool |
 
 
 def read_adapter(path: Path, lora_alpha=None, fan_in_fan_out=None, enable_lora=None) -> Adapter:
-    """Tell the format by its files and keys: a directory with adapter_config.json is PEFT; a
-    weights file is loralib (`*.lora_A`/`*.lora_B` keys) or kohya (`lora_unet_*`/`lora_te_*`)."""
+    """Tell the format by its files and keys: a directory with adapter_config.json is PEFT (LoRA, or
+    by its peft_type another tuner: readers/tuners.py); a weights file is loralib
+    (`*.lora_A`/`*.lora_B` keys) or kohya (`lora_unet_*`/`lora_te_*`)."""
     if path.is_dir() or path.name.startswith("adapter_model."):
         if path.is_dir() and not (path / "adapter_config.json").exists():
             files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".pt", ".bin", ".pth")]
@@ -41,6 +42,9 @@ def read_adapter(path: Path, lora_alpha=None, fan_in_fan_out=None, enable_lora=N
         if given:
             raise UsageError(f"{path}: {', '.join(given)} are for loralib checkpoints; a PEFT adapter stores "
                              "its own settings in adapter_config.json")
+        root, cfg_path, config = read_config(path)
+        if str(config.get("peft_type", "LORA")).upper() in tuners.PEFT_TYPES:
+            return tuners.read_tuner_adapter(path, root, cfg_path, config)
         return read_peft_adapter(path)
     if not path.is_file():
         raise AdapterError(f"{path}: adapter not found")

@@ -49,6 +49,16 @@ _EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embeddin
 
 def read_peft_adapter(path: str | Path) -> Adapter:
     path = Path(path)
+    root, cfg_path, config = read_config(path)
+    _check_config(cfg_path, config)
+    tensors = _load_weights(root, path)
+    pairs, replacements = _pairs(root, config, tensors)
+    return Adapter(path=root, format="peft", pairs=pairs, tensors=tensors, config=config,
+                   replacements=replacements)
+
+
+def read_config(path: Path) -> tuple[Path, Path, dict]:
+    """(adapter directory, its adapter_config.json, the parsed config) for a PEFT adapter path."""
     root = path.parent if path.is_file() else path
     cfg_path = root / CONFIG
     if not root.exists():
@@ -62,18 +72,14 @@ def read_peft_adapter(path: str | Path) -> Adapter:
             raise ValueError("top level is not an object")
     except ValueError as e:
         raise AdapterError(f"{cfg_path}: invalid JSON ({e}); re-save the adapter") from e
-
-    _check_config(cfg_path, config)
-    tensors = _load_weights(root, path)
-    pairs, replacements = _pairs(root, config, tensors)
-    return Adapter(path=root, format="peft", pairs=pairs, tensors=tensors, config=config,
-                   replacements=replacements)
+    return root, cfg_path, config
 
 
 def _check_config(cfg_path: Path, config: dict) -> None:
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
-        raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}; loramerge merges LoRA adapters only")
+        raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}; loramerge merges the PEFT tuners whose "
+                           "merge is a closed formula: LORA, ADALORA, IA3, LOHA, LOKR and VERA")
     problems = []
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
