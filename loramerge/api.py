@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import engine
+from .engine import tuners
 from .errors import AdapterError, UsageError
 from .plan import build_plan, describe, plan_json
 from .readers import hub
@@ -211,13 +212,19 @@ def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
     Float32 with float32 accumulation: each pass has |error| <= u|result| + (R+3) u E_ij,
     u = 2^-24, E = |B'| @ |A| (ops.merge_weight's bound), so |R - W| <= u(|M| + |R|) + 2(R+3) u E_ij.
     """
-    merged = [j for j in plan.jobs if any(t.kind in ("lora", "bias") for t in j.terms)]
+    merged = [j for j in plan.jobs if any(t.kind != "replace" for t in j.terms)]
     by_dtype: dict[str, int] = {}
     for j in merged:
-        by_dtype[j.dtype] = by_dtype.get(j.dtype, 0) + 1
+        # LoHa/LoKr deltas and IA3 are always computed in float64 and rounded once (engine/compute.py)
+        f64 = any(t.kind == "scale" or (t.kind == "delta" and not tuners.is_lowrank(t.pair)) for t in j.terms)
+        code = "F32-exact" if j.dtype == "F32" and f64 and accum == "float32" else j.dtype
+        by_dtype[code] = by_dtype.get(code, 0) + 1
     notes = []
     for code, n in sorted(by_dtype.items()):
-        if code == "F32" and accum == "float32":
+        if code == "F32-exact":
+            notes.append(f"float32 ({n} tensors with LoHa/LoKr/IA3 terms, merged in float64): |W_rec - W| <= 1 ulp "
+                         "of the merged value (<= 2^-23 relative); most elements come back bit for bit")
+        elif code == "F32" and accum == "float32":
             notes.append(f"float32 ({n} tensors): recovered to float32 rounding, not bit for bit: per element "
                          "|W_rec - W| <= 2^-24 (|W_merged| + |W_rec|) + 2 (R+3) 2^-24 (|B'| |A|)_ij "
                          "(R = total rank; about 1e-7 relative)")
@@ -231,6 +238,12 @@ def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
                          f"{name} grid and that rounding error is lost. Bound per element: |W_rec - W| <= 1 ulp "
                          f"of the merged value <= 2^-{p - 1} |W_merged| ({2.0 ** (1 - p):.2%} relative); most "
                          "elements come back bit for bit")
+    ia3 = sum(1 for j in merged if any(t.kind == "scale" for t in j.terms))
+    if ia3:
+        # M = round(W l) = W l + e1, R = round(M / l) = round(W + e1 / l): W is on the grid, so
+        # |R - W| <= 2 |e1| / |l| <= ulp(M) / |l|, about 2^(1-p) |W| since |M| ~ |W l|.
+        notes.append(f"IA3 ({ia3} tensors): divided back by ia3_l, |W_rec - W| <= ulp(W_merged) / |l| (about one "
+                     "ulp of W); entries of l near 0 amplify the merge's rounding error by 1/|l|")
     if any(j.dtype != j.source.dtype for j in merged):
         notes.append("note: --dtype changed the tensors' dtype; the bounds above are in the output dtype")
     notes.append("these bounds hold if the merged checkpoint was written by `loramerge apply` with the same "

@@ -179,7 +179,7 @@ def test_non_finite_result_names_the_tensor(llama, tmp_path):
 
 def test_debug_shows_traceback(llama, tmp_path):
     base, adapter = llama
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT"}))
     r = run("apply", base, adapter, tmp_path / "out", "--debug")
     assert r.exit_code != 0 and isinstance(r.exception, Exception)
-    assert "peft_type is 'IA3'" in str(r.exception)
+    assert "peft_type is 'OFT'" in str(r.exception)

@@ -119,3 +119,181 @@ def test_merged_checkpoint_reproduces_unmerged_peft_outputs(adapter, tmp_out):
                 c = unmerged(input_ids=ids).logits
     assert rel_err(a, b) < 1e-4
     assert rel_err(c, b) > 1e-3, "the adapter must change the outputs (else this test proves nothing)"
+
+
+# -- verify, unmerge ----------------------------------------------------------------------------
+
+VERIFY = ["adalora-gpt2", "ia3-qwen2", "ia3-gpt2", "loha-tunernet", "lokr-llama", "vera-llama", "loha-bf16"]
+
+
+@pytest.mark.parametrize("adapter", VERIFY)
+def test_verify_accepts_our_merge_and_peft_merge(adapter, tmp_path):
+    ours = tmp_path / "ours"
+    loramerge.apply(base_of(adapter), tdir(adapter), ours, sync=False)
+    r = loramerge.verify(base_of(adapter), tdir(adapter), ours)
+    assert r.ok, r.table()
+    assert r.targets and all(t.max_ulps == 0 for t in r.targets if t.dtype in ("BF16", "F16"))
+    if ADAPTERS[adapter][0] != "tunernet":
+        assert r.model.status == "ok", r.model.reason  # the hooks reproduce the unmerged tuner
+        # PEFT's own merge, saved by transformers, passes too
+        theirs = tmp_path / "theirs"
+        model = peft.PeftModel.from_pretrained(base_model(adapter), tdir(adapter)).merge_and_unload()
+        model.save_pretrained(theirs)
+        r = loramerge.verify(base_of(adapter), tdir(adapter), theirs, outputs=False)
+        assert r.ok, r.table()
+
+
+@pytest.mark.parametrize("adapter", ["ia3-gpt2", "lokr-tunernet", "vera-gpt2", "adalora-llama"])
+def test_verify_catches_a_merge_applied_twice(adapter, tmp_path):
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    loramerge.apply(base_of(adapter), tdir(adapter), once, sync=False)
+    loramerge.apply(once, tdir(adapter), twice, sync=False)
+    r = loramerge.verify(base_of(adapter), tdir(adapter), twice, outputs=False)
+    assert not r.ok and len(r.failures()) == len(r.targets)
+    r = loramerge.verify(base_of(adapter), tdir(adapter), base_of(adapter), outputs=False)  # not merged at all
+    assert not r.ok
+
+
+@pytest.mark.parametrize("adapter", ["ia3-gpt2", "ia3-qwen2", "loha-llama", "lokr-bf16", "vera-fp16", "adalora-gpt2"])
+def test_unmerge_gives_the_base_back(adapter, tmp_path):
+    merged, back = tmp_path / "merged", tmp_path / "back"
+    loramerge.apply(base_of(adapter), tdir(adapter), merged, sync=False)
+    report = loramerge.unmerge(merged, tdir(adapter), back, sync=False)
+    orig, got = load_dir(base_of(adapter)), load_dir(back)
+    for name, w in orig.items():
+        if w.dtype == torch.float32:
+            assert rel_err(got[name], w) <= 1e-6, name
+        else:  # half precision: at most one ulp of the merged value away (api.recovery_notes); IA3
+            # divides the merge's rounding error by l: ulp(M) / |l| <= 2^(1-p) |W| (1 + u) < 2 ulp(W)
+            m = (w if adapter.startswith("ia3") else load_dir(merged)[name]).double()
+            bf = w.dtype == torch.bfloat16
+            ulp = (2.0 ** (torch.frexp(m)[1] - (8 if bf else 11))).clamp_min(2.0 ** (-133 if bf else -24))
+            ulp = 2 * ulp if adapter.startswith("ia3") else ulp
+            err = (got[name].double() - w.double()).abs()
+            assert bool((err <= ulp * 1.0001 + 1e-30).all()), name
+            assert float((err == 0).double().mean()) > 0.9, name  # most come back bit for bit
+    assert any("divided back by ia3_l" in n for n in report.recovery) == adapter.startswith("ia3")
+
+
+def test_ia3_with_a_zero_cannot_be_divided_out(tmp_path):
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "ia3"
+    shutil.copytree(tdir("ia3-gpt2"), bad)
+    sd = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in sd if k.endswith("h.1.attn.c_attn.ia3_l"))
+    sd[key][3, 0] = 0.0
+    save_file(sd, str(bad / "adapter_model.safetensors"))
+    merged = tmp_path / "merged"
+    loramerge.apply(base_of("ia3-gpt2"), bad, merged, sync=False)  # merging is fine
+    with pytest.raises(LoraMergeError, match=r"cannot divide IA3 .* 1 zero entry \(first at index 3\)"):
+        loramerge.unmerge(merged, bad, tmp_path / "back", sync=False)
+    assert not (tmp_path / "back").exists()
+
+
+# -- refusals -----------------------------------------------------------------------------------
+
+def test_vera_without_saved_projections_is_refused(tmp_out):
+    with pytest.raises(LoraMergeError, match="save_projection=False") as e:
+        loramerge.apply(base_of("vera-nosave"), tdir("vera-nosave"), tmp_out)
+    assert "projection_prng_key=0" in str(e.value) and "save_projection=True" in str(e.value)
+    assert not tmp_out.exists()
+
+
+def test_ia3_weights_are_exponents(tmp_out):
+    with pytest.raises(LoraMergeError, match="its weight is an exponent"):
+        loramerge.apply(base_of("ia3-llama"), tdir("ia3-llama"), tmp_out, weights=[0.5])
+    # additive tuners are linear: any weight, and summing with LoRA on one tensor, is fine
+    report = loramerge.apply(base_of("loha-llama"), [tdir("loha-llama"), FIXTURES / "adapters" / "llama-basic"],
+                             tmp_out, weights=[0.5, -2.0], sync=False)
+    assert report.tensors_merged > 0
+
+
+def test_ia3_and_an_additive_adapter_on_one_tensor_is_refused(tmp_out):
+    with pytest.raises(LoraMergeError, match="IA3 .* multiplies this tensor and loha .* training order"):
+        loramerge.apply(base_of("ia3-llama"), [tdir("ia3-llama"), tdir("loha-llama")], tmp_out)
+    assert not tmp_out.exists()
+
+
+def test_sum_of_tuners_and_lora_matches_fp64(tmp_out):
+    """LoHa (dense) + LoKr + VeRA + AdaLoRA (low-rank) + LoRA on shared tensors, weighted: one
+    float64 sum, rounded once (the reference is each adapter's own merge delta from PEFT)."""
+    names = ["loha-llama", "lokr-llama", "vera-llama", "adalora-llama"]
+    weights = [0.7, -1.3, 2.0, 0.5]
+    loramerge.apply(base_of(names[0]), [tdir(n) for n in names], tmp_out, weights=weights, dtype="float64",
+                    sync=False)
+    orig = load_dir(base_of(names[0]))
+    expected = {k: v.double() for k, v in orig.items()}
+    for n, c in zip(names, weights):
+        merged = peft_merged(n, torch.float64)
+        for k in expected:
+            expected[k] += c * (merged[k] - orig[k].double())
+    ours = load_dir(tmp_out)
+    for k, v in expected.items():  # (AdaLoRA divides by PEFT's float32 ranknum + 1e-5, PEFT in
+        assert rel_err(ours[k], v) <= 1e-9, k  # float64 by the float64 one: 1e-8 of the delta)
+
+
+def test_config_that_does_not_match_the_weights_is_refused(tmp_path):
+    bad = tmp_path / "loha"
+    shutil.copytree(tdir("loha-llama"), bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {}
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoraMergeError, match=r"gives rank 4 .* have rank 2"):
+        loramerge.apply(base_of("loha-llama"), bad, tmp_path / "o")
+    cfg = json.loads((tdir("ia3-llama") / "adapter_config.json").read_text())
+    cfg["feedforward_modules"] = ["up_proj"]
+    bad = tmp_path / "ia3"
+    shutil.copytree(tdir("ia3-llama"), bad)
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoraMergeError, match=r"feedforward_modules (selects|does not select) this module"):
+        loramerge.apply(base_of("ia3-llama"), bad, tmp_path / "o")
+
+
+def test_adapter_for_another_model_is_refused(tmp_out):
+    """fixtures/bases/convnet has a `stem` of the same shape, a smaller `seq` and no `group`."""
+    with pytest.raises(LoraMergeError, match="2 problem") as e:
+        loramerge.apply(FIXTURES / "bases" / "convnet", tdir("loha-tunernet-flat"), tmp_out)
+    assert "seq.weight: base tensor has shape [8, 16, 3] but the adapter's LoHa tensors imply [12, 72] (as [out, in * kernel]" in str(e.value)
+    assert "group: no base tensor named group.weight" in str(e.value)
+
+
+def test_combine_refuses_tuners(tmp_out):
+    with pytest.raises(LoraMergeError, match="is a loha adapter, not LoRA"):
+        loramerge.combine([tdir("loha-llama"), FIXTURES / "adapters" / "llama-basic"], tmp_out)
+
+
+def test_dry_run_names_each_kind(tmp_out):
+    text = loramerge.apply(base_of("ia3-qwen2"), tdir("ia3-qwen2"), tmp_out, dry_run=True).plan_text
+    assert "q_proj.weight [64, 64] F16: ia3 scales outputs" in text
+    assert "q_proj.bias [64] F16: ia3 scales the bias" in text and "down_proj.weight [64, 128] F16: ia3 scales inputs" in text
+    text = loramerge.apply(base_of("lokr-tunernet"), tdir("lokr-tunernet"), tmp_out, dry_run=True).plan_text
+    assert "seq.weight [12, 24, 3] F32: lokr r=8 scale=0.5" in text and "(peft-lokr, 4 targets)" in text
+
+
+# -- ONNX ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adapter", ["adalora-llama", "ia3-llama", "loha-llama", "lokr-llama", "vera-llama"])
+def test_onnx_fold_matches_unmerged_peft(adapter, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from test_onnx import Wrapper, export_graph, feeds, rel, run
+
+    from loramerge.errors import OnnxError
+    from loramerge.onnx import fold
+    g = export_graph(base_model(adapter, torch.float32), "logits", "torchscript", tmp_path / "base.onnx")
+    out = tmp_path / "o.onnx"
+    report = fold(g, out, [tdir(adapter)], base=base_of(adapter))
+    assert not report.missing and len(report.matched) > 0
+    pm = peft.PeftModel.from_pretrained(base_model(adapter, torch.float32), tdir(adapter)).eval()
+    f = feeds()
+    with torch.no_grad():
+        ref = Wrapper(pm, "logits")(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"]))
+    assert rel(run(out), ref) <= 1e-4
+    kept = tmp_path / "k.onnx"
+    if adapter in ("adalora-llama", "vera-llama"):  # low-rank: a side branch
+        fold(g, kept, [tdir(adapter)], base=base_of(adapter), keep_lora=True)
+        assert rel(run(kept), ref) <= 1e-4
+    else:
+        with pytest.raises(OnnxError, match="no low-rank side branch"):
+            fold(g, kept, [tdir(adapter)], base=base_of(adapter), keep_lora=True)
+    with pytest.raises(LoraMergeError, match="pass --base"):
+        fold(g, tmp_path / "n.onnx", [tdir(adapter)])

@@ -145,6 +145,12 @@ def _modules(modules: list[str]) -> str:
 def _group(adapters: list[Adapter]) -> dict[str, list[tuple[int, LoraPair]]]:
     problems = []
     for adapter in adapters:
+        if adapter.format.startswith("peft-"):  # AdaLoRA, IA3, LoHa, LoKr, VeRA (readers/tuners.py)
+            kind = adapter.format.removeprefix("peft-")
+            problems.append(f"{adapter.label}: is a {kind} adapter, not LoRA; combine sums and compresses LoRA "
+                            f"factors B @ A, which a {kind} adapter does not have: merge it with `loramerge apply` "
+                            "(several adapters at once, weighted, where the math allows)")
+            continue
         if adapter.format != "peft":
             # Module paths of other formats (kohya's lora_unet_..., loralib's state-dict names) are
             # not what PEFT would look up, so the output would load onto nothing.

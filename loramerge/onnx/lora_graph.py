@@ -23,7 +23,7 @@ import onnx
 import torch
 from onnx import helper
 
-from ..engine import deltas
+from ..engine import deltas, tuners
 from ..errors import OnnxError
 from ..types import Adapter
 from .graph import TORCH_TO_ONNX, OnnxGraph, tensor_bytes
@@ -48,7 +48,16 @@ def _factors(m: Match, adapters: list[Adapter]) -> tuple[torch.Tensor, torch.Ten
             d = term.factor * adapters[term.adapter].tensors[term.pair.bias_key].to(torch.float64)
             bias = d if bias is None else bias + d
             continue
-        left, right = deltas.factors(adapters[term.adapter], term.pair, torch.float64)
+        if term.kind in ("delta", "scale") and not tuners.is_lowrank(term.pair):
+            raise OnnxError(f"{t.name}: {term.pair.tuner} ({adapters[term.adapter].label}) is no low-rank side branch "
+                            f"({'it scales the weight' if term.kind == 'scale' else 'its delta is full rank'}), so "
+                            "--keep-lora (and fold --verify, which compares against it) cannot express it; fold "
+                            "without --verify and check the result with `loramerge verify`")
+        if term.kind == "delta":  # AdaLoRA, VeRA: B diag(e) A, e folded into the left factor
+            left, right, per_rank = tuners.lowrank(adapters[term.adapter], term.pair, t.shape)
+            left = left * per_rank
+        else:
+            left, right = deltas.factors(adapters[term.adapter], term.pair, torch.float64)
         lefts.append(left * term.factor)
         rights.append(right)
     if not lefts:

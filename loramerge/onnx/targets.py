@@ -10,7 +10,7 @@ import torch
 from ..errors import OnnxError, PlanError
 from ..plan import build_plan
 from ..readers.checkpoint import Checkpoint
-from ..types import Adapter, Term, TensorRef
+from ..types import Adapter, Term, TensorRef, TunerTarget
 
 
 @dataclass
@@ -96,6 +96,10 @@ def collect_targets(adapters: list[Adapter], weights: list[float] | None, base: 
         for name, key in adapter.replacements.items():
             add(name, tuple(adapter.tensors[key].shape), Term(ai, None, w, kind="replace", key=key))
         for pair in adapter.pairs:
+            if isinstance(pair, TunerTarget):
+                problems.append(f"{adapter.label}: {pair.module}: a {pair.tuner} target's base tensor shape is "
+                                "decided against the base checkpoint; pass --base BASE_CHECKPOINT")
+                continue
             if pair.layout not in ("linear", "transposed", "conv") or pair.target_name.startswith("flat:"):
                 problems.append(f"{adapter.label}: {pair.module}: which base tensor this targets (and in which "
                                 "layout) is decided against the base checkpoint; pass --base BASE_CHECKPOINT")

@@ -13,9 +13,8 @@ def describe(plan: Plan, adapters: list[Adapter]) -> str:
     merged = [j for j in plan.jobs if j.terms]
     lines.append(f"targets ({len(merged)} tensors):")
     for j in merged:
-        desc = ", ".join((f"replaced by saved {t.key}" if t.kind == "replace" else
-                          f"{'dora' if t.pair.magnitude_key else t.kind} r={t.pair.rank} scale={t.pair.scale:g}")
-                         + (f" x{t.weight:g}" if t.weight != 1 else "")
+        desc = ", ".join(_term_text(t, j.name)
+                         + (f" x{t.weight:g}" if t.weight != 1 and t.kind != "scale" else "")
                          + (f" [{adapters[t.adapter].path.name}]" if len(adapters) > 1 else "")
                          for t in j.terms)
         cast = f" {j.source.dtype}->{j.dtype}" if j.dtype != j.source.dtype else f" {j.dtype}"
@@ -36,11 +35,30 @@ def describe(plan: Plan, adapters: list[Adapter]) -> str:
     return "\n".join(lines)
 
 
+def _kind(t: Term) -> str:
+    """lora, dora, bias, replace, or the tuner's name (adalora, ia3, loha, lokr, vera)."""
+    if t.pair is None:
+        return t.kind
+    return getattr(t.pair, "tuner", None) or ("dora" if t.pair.magnitude_key else t.kind)
+
+
+def _term_text(t: Term, name: str) -> str:
+    if t.kind == "replace":
+        return f"replaced by saved {t.key}"
+    if t.kind == "scale":  # IA3: W' = W * l (weight 1) or W / l (weight -1, unmerge)
+        what = "the bias" if name.endswith(".bias") else {"out": "outputs", "in": "inputs"}[t.pair.axis]
+        return f"ia3 scales {what}" + (" (divided out)" if t.weight == -1 else "")
+    return f"{_kind(t)} r={t.pair.rank} scale={t.pair.scale:g}"
+
+
 def _term_json(t: Term) -> dict:
     if t.pair is None:  # a full saved tensor replaces the base tensor
         return {"adapter": t.adapter, "kind": t.kind, "key": t.key, "weight": t.weight}
-    return {"adapter": t.adapter, "kind": "dora" if t.pair.magnitude_key else t.kind, "module": t.pair.module,
-            "rank": t.pair.rank, "alpha": t.pair.alpha, "scale": t.pair.scale, "weight": t.weight}
+    out = {"adapter": t.adapter, "kind": _kind(t), "module": t.pair.module,
+           "rank": t.pair.rank, "alpha": t.pair.alpha, "scale": t.pair.scale, "weight": t.weight}
+    if t.kind == "scale":
+        out["axis"] = t.pair.axis
+    return out
 
 
 def plan_json(plan: Plan) -> dict:

@@ -224,7 +224,8 @@ def resolve(rec: TunerTarget, shape: tuple[int, ...], adapter: Adapter) -> tuple
     t = rec.tuner
     if t in ("loha", "lokr") or (t == "adalora" and rec.layout != "transposed"):
         ok = lycoris.fits(rec.base_shape, shape)
-        implied = f"[{rec.base_shape[0]}, {' x '.join(map(str, rec.base_shape[1:]))}]"
+        implied = (f"{list(rec.base_shape)}" if len(rec.base_shape) > 2 else
+                   f"{list(rec.base_shape)} (as [out, in * kernel] for a conv)")
     elif t == "adalora":
         ok, implied = shape == rec.base_shape, str(list(rec.base_shape))
     elif t == "vera":

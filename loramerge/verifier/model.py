@@ -1,7 +1,8 @@
 """Check 4 of verify: model outputs, with transformers (the `hf` extra).
 
 The base model runs with the adapter applied UNMERGED, by forward hooks that add each LoRA
-branch s * (x @ A^T) @ B^T to its layer's output (loramerge's own, not PEFT's, so no PEFT is
+branch s * (x @ A^T) @ B^T to its layer's output (the other tuners: their delta's branch, or
+IA3's vector on the layer's output or input) (loramerge's own, not PEFT's, so no PEFT is
 needed and PEFT's bugs cannot hide ours), then the merged checkpoint runs on the same fixed random
 token ids. Both load in float32, so the difference measures the merge, not the compute dtype.
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import deltas
+from ..engine import deltas, tuners
 from ..readers.checkpoint import Checkpoint
 from ..types import Adapter, Job, numel
 from .report import _GRID, ModelCheck
@@ -178,7 +179,7 @@ def _targets(model, jobs: list[Job], adapters: list[Adapter]) -> list[tuple[torc
             return f"{job.name} is not a parameter of the transformers model (renamed on load?)"
         mod_name, _, attr = pname.rpartition(".")
         module = model.get_submodule(mod_name)
-        spec = specs.setdefault(mod_name, {"module": module, "lora": [], "bias": []})
+        spec = specs.setdefault(mod_name, {"module": module, "lora": [], "bias": [], "tuner": []})
         for t in job.terms:
             if t.kind == "replace":
                 # A saved full tensor (modules_to_save, resized vocabulary) has no unmerged form: it
@@ -188,13 +189,45 @@ def _targets(model, jobs: list[Job], adapters: list[Adapter]) -> list[tuple[torc
                 setattr(module, attr, nn.Parameter(r.to(module.weight.device, torch.float32), requires_grad=False))
             elif (t.kind, attr) in (("lora", "weight"), ("bias", "bias")):
                 spec[t.kind].append(t)
+            elif t.kind in ("delta", "scale") and attr == "weight" and (t.kind == "delta" or t.weight == 1):
+                spec["tuner"].append(t)
+            elif (t.kind, attr, t.weight) == ("scale", "bias", 1):
+                pass  # IA3 scales the layer's whole output, bias included: the weight's hook does it
             else:
                 return f"{job.name}: the hooks cannot apply a {t.kind!r} term to {attr!r} unmerged"
     for mod_name, spec in specs.items():
         if spec["lora"] and not isinstance(spec["module"], (nn.Linear, Conv1D, nn.Embedding)):
             return (f"{mod_name} is a {type(spec['module']).__name__}; the hooks apply LoRA to Linear, Conv1D "
                     "and Embedding layers only")
-    return [(spec["module"], spec) for spec in specs.values() if spec["lora"] or spec["bias"]]
+        if spec["tuner"] and not isinstance(spec["module"], (nn.Linear, Conv1D)):
+            return (f"{mod_name} is a {type(spec['module']).__name__}; the hooks apply AdaLoRA, IA3, LoHa, LoKr "
+                    "and VeRA to Linear and Conv1D layers only")
+    return [(spec["module"], spec) for spec in specs.values() if spec["lora"] or spec["bias"] or spec["tuner"]]
+
+
+def _tuner_parts(module, spec: dict, adapters: list[Adapter], dtype, dev):
+    """The unmerged form of the other tuners' terms on `module` (engine/tuners.py's math, linear
+    orientation): low-rank branches, one dense delta, IA3's output and input vectors."""
+    shape = tuple(module.weight.shape)
+    branches, dense, scale_out, scale_in = [], None, None, None
+    for t in spec["tuner"]:
+        a, rec = adapters[t.adapter], t.pair
+        transposed = rec.layout == "transposed"
+        if t.kind == "scale":  # PEFT's unmerged IA3: y = base(x) * l, or base(x * l) (feedforward)
+            l = a.tensors[rec.key("l")].reshape(-1).to(dev, torch.float64)
+            if rec.axis == "out":
+                scale_out = l if scale_out is None else scale_out * l
+            else:
+                scale_in = l if scale_in is None else scale_in * l
+        elif tuners.is_lowrank(rec):
+            left, right, per_rank = tuners.lowrank(a, rec, shape, dev)
+            fl = (right.T * per_rank, left.T) if transposed else (left * per_rank, right)
+            branches.append(((fl[0].to(dtype), fl[1].to(dtype)), t.factor))
+        else:  # LoHa / LoKr: PEFT's unmerged forward is F.linear(x, delta) too
+            d = _lin(tuners.dense(a, rec, shape, dev)(0, shape[0]) * t.factor, transposed)
+            dense = d if dense is None else dense + d
+    cast = (lambda v: None if v is None else v.to(dev, dtype))
+    return branches, cast(dense), cast(scale_out), cast(scale_in)
 
 
 def _make_hook(module, spec: dict, adapters: list[Adapter]):
@@ -216,12 +249,21 @@ def _make_hook(module, spec: dict, adapters: list[Adapter]):
         mag = adapter.tensors[t.pair.magnitude_key].to(torch.float64).reshape(-1)
         dora_scale = (mag / torch.linalg.vector_norm(wd, dim=1)).to(dev, dtype)
     embedding = isinstance(module, torch.nn.Embedding)
+    more, dense, scale_out, scale_in = _tuner_parts(module, spec, adapters, dtype, dev)
+    branches += more
+    transposed = any(t.pair.layout == "transposed" for t in spec["tuner"])
 
     def hook(mod, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()))
         if embedding:  # token ids: the branch sees them one-hot, as rows of W
             x = torch.nn.functional.one_hot(x, mod.weight.shape[0]).to(dtype)
         extra = sum(lora_branch(x, fl, f) for fl, f in branches) if branches else 0
+        if dense is not None:
+            extra = extra + x @ dense.T
+        if scale_in is not None:  # base(x * l) = base(x) + (x * (l - 1)) W^T
+            extra = extra + (x * (scale_in - 1)) @ _lin(mod.weight, transposed).T
+        if scale_out is not None:
+            output = output * scale_out
         if dora_scale is not None:
             b = mod.bias if getattr(mod, "bias", None) is not None else 0
             output = (output - b + extra) * dora_scale + b

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import deltas
+from ..engine import deltas, tuners
 from ..engine.ops import BLOCK_ELEMS_CPU, BLOCK_ELEMS_GPU, round_to
 from ..readers.checkpoint import Checkpoint
 from ..types import FLOAT_CODES, ST_TO_TORCH, Adapter, Job, LoraPair, TensorRef
@@ -52,20 +52,25 @@ class _Target:
     effects: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (left, right) on device
     branches: list[tuple[tuple[torch.Tensor, torch.Tensor], float]] = field(default_factory=list)  # LoRA terms
     magnitude: torch.Tensor | None = None   # DoRA m [out] on device
+    multiplier: torch.Tensor | None = None  # IA3: E = W * multiplier (broadcast, linear orientation)
+    dense: list = field(default_factory=list)  # LoHa/LoKr: (rows function, factor)
     note: str = ""
 
 
 def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.device) -> _Target | str:
     """The expected-value recipe for a job (float64, on the device), or why it cannot be checked."""
     for t in job.terms:
-        if t.kind not in ("lora", "bias", "replace"):
+        if t.kind not in ("lora", "bias", "replace", "delta", "scale"):
             return (f"term of kind {t.kind!r} from {adapters[t.adapter].label}: verify does not know its math, "
                     "so this tensor cannot be checked; update loramerge")
-    lora = [t for t in job.terms if t.kind == "lora"]
-    transposed = bool(lora) and lora[0].pair.layout == "transposed"
-    if any((t.pair.layout == "transposed") != transposed for t in lora):
+    lora = [t for t in job.terms if t.kind in ("lora", "delta", "scale")]
+    transposed = bool(lora) and lora[0].pair.layout == "transposed" and w.dim() > 1
+    if any((t.pair.layout == "transposed") != transposed for t in lora if w.dim() > 1):
         return "adapters disagree on the layout of this tensor (transposed and not); cannot check it"
     tg = _Target(_lin(w, transposed), transposed)
+    if not _prepare_tuners(tg, job, tuple(w.shape), adapters, dev):
+        return "a LoHa/LoKr delta on a transposed (Conv1D) weight: PEFT has no such layer; cannot check it"
+    lora = [t for t in lora if t.kind == "lora"]
     for t in lora:
         fl = lin_factors(adapters[t.adapter], t.pair, torch.float64, dev)
         tg.effects.append((fl[0] * t.factor, fl[1]))
@@ -82,15 +87,46 @@ def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.devi
     return tg
 
 
+def _prepare_tuners(tg: _Target, job: Job, shape: tuple[int, ...], adapters: list[Adapter], dev) -> bool:
+    """The other tuners' part of the recipe (engine/tuners.py's math, in linear orientation):
+    low-rank deltas join the LoRA effects and branches, LoHa/LoKr become dense row functions,
+    IA3 a multiplier. False if a term cannot be put in linear orientation."""
+    for t in job.terms:
+        a = adapters[t.adapter]
+        if t.kind == "scale":
+            m = tuners.ia3_multiplier(a, t.pair, shape, dev)
+            m = m.reshape(-1, 1) if m.dim() == 1 else m.expand(shape).reshape(shape[0], -1) if m.dim() > 2 else m
+            m = m.T if tg.transposed else m
+            m = m if t.weight == 1 else 1 / m
+            tg.multiplier = m if tg.multiplier is None else tg.multiplier * m
+        elif t.kind == "delta" and tuners.is_lowrank(t.pair):
+            left, right, per_rank = tuners.lowrank(a, t.pair, shape, dev)
+            fl = (right.T * per_rank, left.T) if tg.transposed else (left * per_rank, right)
+            tg.effects.append((fl[0] * t.factor, fl[1]))
+            tg.branches.append((fl, t.factor))
+        elif t.kind == "delta":
+            if tg.transposed:
+                return False
+            tg.dense.append((tuners.dense(a, t.pair, shape, dev), t.factor))
+    return True
+
+
 def _blocks(tg: _Target, m_lin: torch.Tensor, dev: torch.device):
-    """Yield (row slice, W, M, E, dora_scale) in float64 on the device: E is the exact expected
-    value, dora_scale DoRA's per-row factor m / ||W + dW|| (None without DoRA)."""
+    """Yield (row slice, W, M, E, dora_scale, U) in float64 on the device: E is the exact expected
+    value, dora_scale DoRA's per-row factor m / ||W + dW|| (None without DoRA), U the weight the
+    unmerged layer applies besides its LoRA branches (W, times IA3's vector, plus LoHa/LoKr's
+    dense delta)."""
     rows, cols = m_lin.shape
     step = max(1, (BLOCK_ELEMS_GPU if dev.type == "cuda" else BLOCK_ELEMS_CPU) // max(cols, 1))
     for i in range(0, rows, step):
         sl = slice(i, min(i + step, rows))
         w = tg.start[sl].to(dev, torch.float64)
-        e = w.clone()
+        u = w
+        if tg.multiplier is not None:
+            u = u * (tg.multiplier[sl] if tg.multiplier.shape[0] > 1 else tg.multiplier)
+        for rows_of, factor in tg.dense:
+            u = u + factor * rows_of(sl.start, sl.stop)
+        e = u.clone()
         for left, right in tg.effects:
             e.addmm_(left[sl], right)
         scale = None
@@ -98,7 +134,7 @@ def _blocks(tg: _Target, m_lin: torch.Tensor, dev: torch.device):
             # PEFT's DoRA: each output row of W + dW rescaled to the learned magnitude
             scale = tg.magnitude[sl] / torch.linalg.vector_norm(e, dim=1)
             e.mul_(scale.unsqueeze(1))
-        yield sl, w, m_lin[sl].to(dev).to(torch.float64), e, scale
+        yield sl, w, m_lin[sl].to(dev).to(torch.float64), e, scale, u
 
 
 def check_tensor(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Checkpoint,
@@ -128,7 +164,7 @@ def check_tensor(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Chec
         tc.problems.append(tg)
         return tc
     tc.note = tg.note
-    _check_values(tc, tg, m, dev, layer and bool(tg.branches))
+    _check_values(tc, tg, m, dev, layer and bool(tg.branches or tg.dense or tg.multiplier is not None))
     return tc
 
 
@@ -158,15 +194,18 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
     if layer:
         x = torch.randn(LAYER_ROWS, m_lin.shape[1], generator=torch.Generator().manual_seed(SEED),
                         dtype=torch.float64).to(dev)
-        branch = sum(lora_branch(x, fl, f) for fl, f in tg.branches)
+        branch = sum((lora_branch(x, fl, f) for fl, f in tg.branches),
+                     torch.zeros(LAYER_ROWS, m_lin.shape[0], dtype=torch.float64, device=dev))
         y_m, y_ref, bound = (torch.zeros(LAYER_ROWS, m_lin.shape[0], dtype=torch.float64, device=dev)
                              for _ in range(3))
-    for sl, wb, mb, e, dora_scale in _blocks(tg, m_lin, dev):
+    for sl, wb, mb, e, dora_scale, ub in _blocks(tg, m_lin, dev):
         # The element's magnitude: W, E, or the delta's terms s * sum_k |B_ik A_kj| when they are larger
         # (a tool that rounds the factors or the delta to the output dtype errs relative to those).
         mag = torch.maximum(e.abs(), wb.abs())
         if tg.effects:
             mag = torch.maximum(mag, sum(left[sl].abs() @ right.abs() for left, right in tg.effects))
+        if tg.dense:
+            mag = torch.maximum(mag, (ub - wb).abs())
         tol_ulp = _ulp(mag, code)
         # half: compare with E correctly rounded (a correct merge is 0 ulp off); float: with E itself
         err = (mb - round_to(e, out_dtype).to(torch.float64)).abs() if half else (mb - e).abs()
@@ -186,7 +225,7 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
         dot += float(((mb - wb) * delta).sum())
         if layer:
             y_m[:, sl] = x @ mb.T
-            y = x @ wb.T + branch[:, sl]
+            y = x @ ub.T + branch[:, sl]
             y_ref[:, sl] = y if dora_scale is None else y * dora_scale
             if half:
                 # |M - E| <= |M - round(E)| + |round(E) - E| <= (tol + 1/2) ulp per element
@@ -201,7 +240,7 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
     float_tol = FLOAT_TOL_REL * max_e
     if not half and max_err > float_tol:
         # the float rule's tolerance depends on the whole tensor's max |E|: count in a second pass
-        bad = sum(int(((mb - e).abs() > float_tol).sum()) for _, _, mb, e, _ in _blocks(tg, m_lin, dev))
+        bad = sum(int(((mb - e).abs() > float_tol).sum()) for _, _, mb, e, *_ in _blocks(tg, m_lin, dev))
     tc.bad_elements = bad
     _, r, c, mv, ev, wv = worst
     tc.worst = {"index": _index(r, c, tuple(m.shape), tg.transposed), "merged": mv, "expected": ev, "base": wv}
