@@ -297,3 +297,13 @@ def test_onnx_fold_matches_unmerged_peft(adapter, tmp_path):
             fold(g, kept, [tdir(adapter)], base=base_of(adapter), keep_lora=True)
     with pytest.raises(LoraMergeError, match="pass --base"):
         fold(g, tmp_path / "n.onnx", [tdir(adapter)])
+
+
+def test_inspect_names_the_tuner_and_its_base_tensors():
+    from loramerge.inspector import inspect
+    r = inspect(tdir("ia3-qwen2"), base=base_of("ia3-qwen2"))
+    q = next(t for t in r.details["targets"] if t["module"] == "model.layers.0.self_attn.q_proj")
+    assert (q["tuner"], q["axis"], q["base_tensor"], q["base_bias"]) == \
+        ("ia3", "out", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias")
+    assert "keys" not in q and r.details["matched"] == 9
+    assert "model.layers.0.mlp.down_proj: ia3 scales inputs linear" in r.summary()

@@ -12,7 +12,7 @@ from ..types import TORCH_TO_ST, Adapter, LoraPair
 from .kinds import Kind, counts
 
 # LoraPair fields that name tensors inside the adapter file: not part of the description
-_KEY_FIELDS = ("a_key", "b_key", "bias_key", "magnitude_key")
+_KEY_FIELDS = ("a_key", "b_key", "bias_key", "magnitude_key", "keys")
 TEXT_TARGETS = 40  # targets listed in the text output
 
 
@@ -62,7 +62,7 @@ def _describe(path: Path, fmt: str, options: dict) -> dict:
             t["base_tensor"] = tensor
             if pair is not None:  # what the plan resolved against the base (loralib: layout, groups)
                 t.update(layout=pair.layout, groups=jsonable(pair.groups), base_shape=list(pair.base_shape))
-            if t["bias"]:
+            if t["bias"] or (t.get("tuner") == "ia3" and t["axis"] == "out"):  # IA3 scales the bias too
                 t["base_bias"] = hits.get(("bias", t["module"]), (None, None))[0]
         for r, key in zip(details["replacements"], adapter.replacements.values()):
             r["base_tensor"] = hits.get(("replace", key), (None, None))[0]
@@ -87,6 +87,8 @@ def _match(adapter: Adapter, base: Path) -> tuple[dict, list[str]]:
     for job in plan.jobs:
         for t in job.terms:
             kind = "lora" if t.kind not in ("replace", "bias") else t.kind
+            if t.kind == "scale" and job.name.endswith(".bias"):  # IA3 scales the bias too
+                kind = "bias"
             hits[(kind, t.key if t.kind == "replace" else t.pair.module)] = (job.name, t.pair)
     return hits, list(plan.problems)
 
@@ -104,7 +106,12 @@ def text(d: dict) -> list[str]:
         hit = ""
         if "base_tensor" in t:
             hit = f" -> {t['base_tensor']}" if t["base_tensor"] else " -> (no match)"
-        lines.append(f"  {t['module']}: r={t['rank']} alpha={alpha} scale={scale} {t['layout']}{extra}{hit}")
+        what = f"r={t['rank']} alpha={alpha} scale={scale}"
+        if t.get("tuner") == "ia3":  # other PEFT tuners (readers/tuners.py): name them
+            what = f"ia3 scales {'inputs' if t['axis'] == 'in' else 'outputs'}"
+        elif t.get("tuner"):
+            what = f"{t['tuner']} {what}"
+        lines.append(f"  {t['module']}: {what} {t['layout']}{extra}{hit}")
     if len(d["targets"]) > TEXT_TARGETS:
         lines.append(f"  ... and {len(d['targets']) - TEXT_TARGETS} more (--json lists every target)")
     for r in d["replacements"]:

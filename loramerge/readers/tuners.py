@@ -239,7 +239,8 @@ def resolve(rec: TunerTarget, shape: tuple[int, ...], adapter: Adapter) -> tuple
     if not ok:
         return None, (f"base tensor has shape {list(shape)} but the adapter's {NAMES[t]} tensors imply {implied}; "
                       "the adapter was trained for another model")
-    return dataclasses.replace(rec, base_shape=shape), None
+    layout = "conv" if rec.layout == "linear" and len(shape) > 2 else rec.layout  # flattened conv factors
+    return dataclasses.replace(rec, base_shape=shape, layout=layout), None
 
 
 def _ia3_fits(rec: TunerTarget, shape: tuple[int, ...], adapter: Adapter) -> tuple[bool, str]:
