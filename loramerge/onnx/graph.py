@@ -21,6 +21,7 @@ from onnx import TensorProto, numpy_helper
 
 from ..errors import OnnxError
 from ..writers.writeback import Writeback
+from . import sketch
 
 FLOAT_TYPES: dict[int, torch.dtype] = {
     TensorProto.FLOAT: torch.float32,
@@ -225,7 +226,8 @@ class OnnxGraph:
         return t.view(dtype).reshape(self.shape(name))
 
     def digest(self, name: str) -> bytes:
-        return hashlib.blake2b(self.read_bytes(name), digest_size=16).digest()
+        return sketch.digest(self.read(name)) if self.dtype(name) is not None else \
+            hashlib.blake2b(self.read_bytes(name), digest_size=16).digest()
 
     # -- writing -------------------------------------------------------------------------
     def clone_initializer(self, name: str, new_name: str, uses: list[tuple[onnx.NodeProto, int]]) -> str:
@@ -406,7 +408,5 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def tensor_digest(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    if t.numel() == 0:
-        return hashlib.blake2b(b"", digest_size=16).digest()
-    return hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=16).digest()
+    """Content digest of a tensor or any view of it (a transposed view is not copied): sketch.py."""
+    return sketch.digest(t)

@@ -1,0 +1,55 @@
+"""numba kernel behind sketch.digest: two exact bilinear forms of a tensor's 16-bit limbs mod P.
+Imported only when a content match needs it. See sketch.py for the math."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+P = (1 << 31) - 1
+CHUNK = 1 << 15  # limb (< 2^16) * weight (< 2^31) summed 2^15 times stays below 2^63
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def forms(bits, row_w, col_w, canon, emask, mmask, fmax, nan):  # pragma: no cover - compiled
+    """bits [rows, cols] (int16/32/64 element bit patterns); row_w [2, limbs, rows], col_w
+    [2, limbs, cols] in [1, P). Returns [2]: sum_ij sum_l limb_l(x_ij) row_w[f, l, i] col_w[f, l, j]
+    mod P, with x_ij = the canonical bits when canon (zero/subnormal -> 0, NaN -> nan, magnitude
+    at or above fmax -> signed infinity)."""
+    rows, cols = bits.shape
+    limbs = row_w.shape[1]
+    width = 16 * limbs
+    magmask = (np.int64(1) << (width - 1)) - 1 if width < 64 else np.int64(0x7FFFFFFFFFFFFFFF)
+    part0 = np.zeros(rows, np.int64)
+    part1 = np.zeros(rows, np.int64)
+    for i in numba.prange(rows):
+        s0 = np.int64(0)
+        s1 = np.int64(0)
+        for l in range(limbs):
+            shift = 16 * l
+            r0 = np.int64(0)
+            r1 = np.int64(0)
+            for j0 in range(0, cols, CHUNK):
+                a0 = np.int64(0)
+                a1 = np.int64(0)
+                for j in range(j0, min(cols, j0 + CHUNK)):
+                    e = np.int64(bits[i, j])
+                    if canon:
+                        mag = e & magmask
+                        sign = e & ~magmask
+                        e = (0 if (mag & emask) == 0 else nan if mag > emask
+                             else (sign | emask) if mag >= fmax else e)
+                    limb = (e >> shift) & 0xFFFF
+                    a0 += limb * col_w[0, l, j]
+                    a1 += limb * col_w[1, l, j]
+                r0 = (r0 + a0 % P) % P
+                r1 = (r1 + a1 % P) % P
+            s0 = (s0 + r0 * row_w[0, l, i]) % P
+            s1 = (s1 + r1 * row_w[1, l, i]) % P
+        part0[i] = s0
+        part1[i] = s1
+    out = np.zeros(2, np.int64)
+    for i in range(rows):
+        out[0] = (out[0] + part0[i]) % P
+        out[1] = (out[1] + part1[i]) % P
+    return out

@@ -1,0 +1,77 @@
+"""The content digest ONNX matching uses (onnx/sketch.py): equal exactly for equal bits (or equal
+canonical values), any view digested like its contiguous copy, a single changed element always
+seen; checked against blake2b of the bytes and against torch's own canonicalization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramerge.onnx import sketch
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+numba_only = pytest.mark.skipif(sketch._numba_kernel() is None, reason="numba not installed")
+
+
+def _rand(shape, dtype, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+@numba_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_views_digest_like_their_contiguous_copies(dtype):
+    w = _rand((300, 260), dtype)
+    assert w.numel() >= sketch.SMALL
+    d = sketch.digest(w)
+    assert sketch.digest(w.clone()) == d
+    t = w.T.contiguous()  # a graph storing W.T ...
+    assert sketch.digest(t.T) == d  # ... seen through a transposed view: no copy, same digest
+    assert sketch.digest(w.T) == sketch.digest(t)
+    assert sketch.digest(w.T) != d  # W and W.T are different contents
+    big = _rand((300, 600), dtype, seed=1)
+    block = big.narrow(1, 100, 260)  # a strided block of a packed tensor
+    assert sketch.digest(block) == sketch.digest(block.contiguous())
+
+
+@numba_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_changed_element_changes_the_digest(dtype):
+    w = _rand((257, 256), dtype)
+    d = sketch.digest(w)
+    flat = w.view(-1)
+    for idx in (0, 1, 255, 256, 40000, flat.numel() - 1):
+        for bit in (0, w.element_size() * 8 - 2):  # the lowest bit and a high exponent bit
+            ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+            v = w.clone()
+            v.view(-1).view(ints)[idx] ^= 1 << bit
+            assert sketch.digest(v) != d, (idx, bit)
+
+
+@numba_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_canonical_classes_match_torchs_canonicalization(dtype):
+    fi = torch.finfo(dtype)
+    w = _rand((260, 256), dtype, seed=2)
+    specials = torch.tensor([0.0, -0.0, fi.tiny / 4, -fi.tiny / 2, fi.tiny, fi.max, -fi.max, float("inf"),
+                             float("-inf"), float("nan")], dtype=torch.float64).to(dtype)
+    flat = w.view(-1)
+    flat[: len(specials)] = specials
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+    flat.view(ints)[20] = flat[len(specials) - 1:len(specials)].view(ints)[0] | 1  # a NaN with another payload
+    ref = sketch.canonical_values(w)
+    assert sketch.digest(w, canonical=True) == sketch.digest(ref)  # the kernel's classes are torch's
+    assert sketch.digest(w) != sketch.digest(ref)  # raw digests still see the difference
+    v = w.clone()
+    v.view(-1)[3] = 0.0  # a subnormal flushed to zero: same canonical content
+    assert sketch.digest(v, canonical=True) == sketch.digest(w, canonical=True)
+    v.view(-1)[30] += 1  # a real change stays a change
+    assert sketch.digest(v, canonical=True) != sketch.digest(w, canonical=True)
+
+
+def test_small_tensors_and_the_fallback_are_blake2b(monkeypatch):
+    import hashlib
+    small = _rand((10, 10), torch.float16)
+    assert sketch.digest(small) == hashlib.blake2b(small.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+    monkeypatch.setattr(sketch, "_kernel", False)  # as without numba
+    w = _rand((300, 260), torch.float16)
+    assert sketch.digest(w.T) == sketch.digest(w.T.contiguous()) != sketch.digest(w)
