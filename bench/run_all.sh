@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every issue-15 benchmark, one command per machine (each step fits a 10-minute command limit).
+# Results (JSON) go to $RESULTS (default bench/results/); inputs are generated locally, no network.
+#
+#   bench/run_all.sh cpu          # quiet CPU machine, 1.1B: apply (kernel, torch path, cold CLI),
+#                                 # verify, PEFT, cat+sync, cat; then ONNX fold at 8B shapes, 8 layers
+#   bench/run_all.sh h200-apply   # H200: 8B bf16 --device cuda: apply, cold CLI, verify vs cat+sync
+#   bench/run_all.sh h200-cpu     # same checkpoint, --device cpu (all cores)
+#   bench/run_all.sh h200-onnx    # 8B fp16 graph with external data (16 GB) fold vs copy; frees the
+#                                 # apply checkpoint first (a 64 GB disk holds graph + base + output)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+RESULTS=${RESULTS:-bench/results}
+WORK=${WORK:-bench/work}
+mkdir -p "$RESULTS" "$WORK"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stamp=$(date -u +%Y%m%d-%H%M)
+
+case "${1:-}" in
+  cpu)
+    "$PY" bench/bench_apply.py --preset 1b --runs 3 --workdir "$WORK" \
+      --methods loramerge,cli,torchpath,verify,peft,floor,cat --results "$RESULTS/cpu-1b-issue15-$stamp.json"
+    "$PY" bench/bench_onnx_scale.py --layers 8 --runs 3 --workdir "$WORK" \
+      --results "$RESULTS/cpu-onnx-8b-l8-$stamp.json" --clean
+    ;;
+  h200-apply)
+    "$PY" bench/bench_apply.py --preset 8b --device cuda --runs 3 --workdir "$WORK" \
+      --methods loramerge,cli,verify,floor --results "$RESULTS/gpu-h200-8b-issue15-$stamp.json"
+    ;;
+  h200-cpu)
+    "$PY" bench/bench_apply.py --preset 8b --device cpu --runs 3 --workdir "$WORK" \
+      --methods loramerge,cli,floor --results "$RESULTS/gpu-h200-8b-cpu16-issue15-$stamp.json"
+    ;;
+  h200-onnx)
+    rm -rf "$WORK"/base-8b "$WORK"/adapter-8b-* "$WORK"/out-*
+    "$PY" bench/bench_onnx_scale.py --preset 8b --device cuda --runs 2 --workdir "$WORK" \
+      --results "$RESULTS/gpu-h200-onnx-8b-$stamp.json" --clean
+    ;;
+  *)
+    sed -n '2,12p' "$0"
+    exit 2
+    ;;
+esac
