@@ -3,8 +3,10 @@
 Needs the `onnx` extra (onnx, onnxruntime, onnxscript); export also needs `hf` (transformers).
 Importing loramerge does not import onnx: the submodules are loaded when used.
 
-Modules: graph (reading/writing one .onnx file and its external data), match (which initializer
-holds which base tensor), patch (fold), lora_graph (--keep-lora side branches), export
+Modules: graph (reading/writing one .onnx file and its external data), targets (what a fold works
+on), match (which initializer holds which base tensor: one function per strategy), content
+(whether an initializer holds a tensor's values), shared (initializers several modules use),
+patch (fold), lora_graph (--keep-lora side branches), feeds (inputs for those), export
 (torch.onnx + validation), runtime (onnxruntime providers, IR/opset limits, comparisons),
 ort_adapter (onnxruntime .onnx_adapter files for --keep-lora --lora-inputs graphs).
 """
@@ -105,7 +107,7 @@ def _adapter_file(src: Path, out: Path, adapters, options: dict, t0: float):
 
 def __getattr__(name):  # lazy re-exports: loramerge.onnx.fold, .export_model, .compare_graphs, ...
     table = {"fold": "patch", "OnnxReport": "patch", "export_model": "export", "compare_graphs": "runtime",
-             "sample_inputs": "runtime", "runtime_limits": "runtime", "lora_feeds": "lora_graph"}
+             "sample_inputs": "runtime", "runtime_limits": "runtime", "lora_feeds": "feeds"}
     if name in table:
         import importlib
         return getattr(importlib.import_module(f"{__name__}.{table[name]}"), name)

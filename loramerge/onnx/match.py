@@ -2,32 +2,38 @@
 
 Exporters rename and transpose Linear weights (TorchScript: `onnx::MatMul_123` holding W.T;
 dynamo: `val_76` holding W.T, with a `folded_from` note naming the parameter), so names alone
-rarely work. In order of trust:
+rarely work. One function per strategy proposes candidates, in order of trust:
 
-1. name: an initializer named after the target (the exporter kept the parameter as it is);
-2. folded_from: the dynamo exporter's record that an initializer was folded from the parameter;
-3. content: with the base checkpoint at hand, W (or W.T, for MatMul/Gemm and GPT-2 Conv1D
-   layouts) cast to the initializer's dtype is byte-equal to the initializer. Initializers are
-   hashed once (blake2b), so this is one pass over the graph and one over the targets.
+1. by_name: an initializer named after the target (the exporter kept the parameter as it is);
+2. by_folded_from: the dynamo exporter's record that an initializer was folded from the parameter;
+3. by_content: with the base checkpoint at hand, W (or W.T, for MatMul/Gemm and GPT-2 Conv1D
+   layouts) cast to the initializer's dtype equals the initializer (content.py: compared in a
+   canonical form that forgives how half-precision converters store tiny and huge values);
+4. by_block: W as a block of a bigger initializer packed by a graph optimizer (fused QKV).
 
 Name and folded_from matches are checked against the base's content when it is given. Several
-initializers with identical content are told apart by graph position (the module path the
-exporters put in node names or metadata); if that does not decide, we refuse. A target packed
-into a bigger initializer by a graph optimizer (fused QKV) is found as a block of it.
+candidates with identical content are told apart by graph position (the module path the
+exporters put in node names or metadata); if that does not decide, we refuse (settle()).
+
+A target found by none of them is `missing` (skipped, with the evidence) only when no
+initializer that could hold it is left: none of its shape or transpose, and no packed
+initializer with room for it, that is not accounted for by some base tensor. Otherwise it is
+`unmatched`, which the fold refuses: a partly adapted graph must never pass for a whole one.
+
+Shared initializers are sorted out after matching (shared.py decides, patch.py edits the graph).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..engine import ops
 from ..errors import OnnxError
 from ..readers.checkpoint import Checkpoint
-from .graph import OnnxGraph, tensor_digest
+from .content import (BlockIndex, DigestCache, block_holders, content_digest, differing, orientations, raw_digest,
+                      variants, whole_holders)
+from .graph import OnnxGraph
 from .targets import Match, MatchResult, Target
 
-
-# -- name matching --------------------------------------------------------------------------
 
 class _Names:
     """Source names (initializer names and folded_from parameters) looked up by exact name or
@@ -53,14 +59,312 @@ class _Names:
         return sorted(self.by_suffix.get(name, []))
 
 
-def _scope_matches(scopes: set[str], module: str) -> bool:
+class _Context:
+    """What every strategy reads: the graph, the base, and indexes built once."""
+
+    def __init__(self, graph: OnnxGraph, base: Checkpoint | None):
+        self.graph, self.base = graph, base
+        self.float_inits = [n for n in graph.inits if graph.dtype(n) is not None]
+        self.digest = DigestCache(graph)
+        self.sources: dict[str, list[tuple[str, str]]] = {}   # source name -> [(init, how)]
+        self.packed_sources: dict[str, list[str]] = {}        # folded_from with several sources
+        for n in self.float_inits:
+            self.sources.setdefault(n, []).append((n, "name"))
+        for init, srcs in graph.folded_from.items():
+            if init not in graph.inits or graph.dtype(init) is None:
+                continue
+            if len(srcs) == 1:
+                self.sources.setdefault(srcs[0], []).append((init, "folded_from"))
+            else:
+                for s in srcs:
+                    self.packed_sources.setdefault(s, []).append(init)
+        self.names = _Names(self.sources)
+        self.packed_names = _Names(self.packed_sources)
+        self._w: tuple[str, torch.Tensor] | None = None
+
+    def base_value(self, t: Target) -> torch.Tensor:
+        if self._w is None or self._w[0] != t.name:
+            self._w = None  # one tensor at a time
+            self._w = (t.name, self.base.read(t.ref))
+        return self._w[1]
+
+    def holds(self, init: str, v: torch.Tensor) -> tuple[bool, str]:
+        """Whether `init` holds `v` (a base value in the initializer's dtype and layout); the note
+        says where its bits differ from `v` (a converter's rounding of tiny or huge values)."""
+        if self.graph.shape(init) != tuple(v.shape) or content_digest(v) != self.digest(init):
+            return False, ""
+        if raw_digest(v) == self.digest.exact(init):
+            return True, ""
+        k = differing(self.graph.read(init), v)
+        return True, (f"{k} element(s) differ from a plain cast, all tiny or overflowing values that the graph's "
+                      "half-precision converter stored its own way" if k else "")
+
+
+# -- strategies: each returns (candidates, reasons why a lead did not pan out) -------------------
+
+def by_name(ctx: _Context, t: Target) -> tuple[list[Match], list[str]]:
+    return _provenance(ctx, t, "name")
+
+
+def by_folded_from(ctx: _Context, t: Target) -> tuple[list[Match], list[str]]:
+    return _provenance(ctx, t, "folded_from")
+
+
+def _provenance(ctx: _Context, t: Target, kind: str) -> tuple[list[Match], list[str]]:
+    graph, cands, why = ctx.graph, [], []
+    for src in ctx.names.lookup(t.name):
+        for init, how in ctx.sources[src]:
+            if how != kind:
+                continue
+            shape = graph.shape(init)
+            orients = []
+            if shape == t.shape:
+                orients.append(False)
+            if len(shape) == 2 and shape == t.shape[::-1] and shape != t.shape:
+                orients.append(True)
+            if len(shape) == 2 and shape[0] == shape[1] == t.shape[0] == t.shape[-1]:
+                orients = [False, True]
+            if not orients:
+                why.append(f"initializer {init} ({how} match) has shape {list(shape)}, not {list(t.shape)} or its "
+                           "transpose")
+                continue
+            if ctx.base is not None:
+                found = []
+                for o in orients:
+                    for via, wc in variants(ctx.base_value(t), graph.dtype(init)):
+                        ok, note = ctx.holds(init, wc.T if o else wc)
+                        if ok:
+                            found.append(Match(t, init, o, how, via=via, note=note))
+                            break
+                if not found:
+                    why.append(f"initializer {init} ({how} match) holds other values than the base tensor {t.name}: "
+                               "the graph was exported from another checkpoint, or already has an adapter folded in")
+                cands += found
+                continue
+            if len(orients) == 2:
+                if how == "name":
+                    orients = [False]  # a kept parameter name means the parameter itself
+                else:
+                    o = consumer_orientation(graph, init, t.layout)
+                    orients = [o] if o is not None else []
+                    if o is None:
+                        why.append(f"initializer {init} is square and folded from {src}; whether it is W or W.T "
+                                   "cannot be told: pass --base BASE_CHECKPOINT")
+            cands += [Match(t, init, o, how) for o in orients]
+    return cands, why
+
+
+class _ContentIndex:
+    """Initializers whose shape fits one of `targets`, by (dtype, shape, canonical digest)."""
+
+    def __init__(self, ctx: _Context, targets: list[Target]):
+        shapes = {s for t in targets for s in ({t.shape, t.shape[::-1]} if len(t.shape) == 2 else {t.shape})}
+        self.index: dict[tuple, list[str]] = {}
+        for n in ctx.float_inits:
+            shape = ctx.graph.shape(n)
+            if shape in shapes:
+                self.index.setdefault((ctx.graph.dtype(n), shape, ctx.digest(n)), []).append(n)
+        self.dtypes = {k[0] for k in self.index}
+
+
+def by_content(ctx: _Context, index: _ContentIndex, t: Target) -> list[Match]:
+    w = ctx.base_value(t)
+    cands = []
+    for dt in index.dtypes:
+        for via, wc in variants(w, dt):
+            for transposed, v in orientations(wc):
+                for init in index.index.get((dt, tuple(v.shape), content_digest(v)), ()):
+                    ok, note = ctx.holds(init, v)
+                    if ok:
+                        cands.append(Match(t, init, transposed, "content", via=via, note=note))
+            if cands:
+                break  # the plain cast first; rounding through a half type only if that fails
+    return cands
+
+
+def by_block(ctx: _Context, blocks: BlockIndex, t: Target) -> list[Match]:
+    return [Match(t, n, transposed, "content", block=block, note="a block of a packed initializer")
+            for n, transposed, block in blocks.find(ctx.base_value(t))]
+
+
+# -- putting it together ------------------------------------------------------------------------
+
+def match_targets(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None) -> MatchResult:
+    """Where each target lives in `graph`. Raises OnnxError only for ambiguity (identical
+    candidates that graph position cannot tell apart); misses are in result.missing/unmatched."""
+    ctx = _Context(graph, base)
+    result = MatchResult()
+    reasons: dict[str, list[str]] = {}
+    left = []
+    for t in targets:
+        cands, why = [], []
+        for strategy in (by_name, by_folded_from):
+            c, w = strategy(ctx, t)
+            cands, why = cands + c, why + w
+        if cands:
+            settle(graph, t, cands, result)
+        else:
+            left.append(t)
+            reasons[t.name] = why
+    if left and base is not None:
+        index = _ContentIndex(ctx, left)
+        left = [t for t in left if not settle(graph, t, by_content(ctx, index, t), result)]
+        flat = [t for t in left if len(t.shape) == 2]
+        if flat:
+            claimed = {m.init for m in result.matches}
+            dims = {d for t in flat for d in t.shape}
+            blocks = BlockIndex(graph, [n for n in ctx.float_inits if n not in claimed], dims)
+            left = [t for t in left if len(t.shape) != 2 or not settle(graph, t, by_block(ctx, blocks, t), result)]
+    if left:
+        _explain_misses(ctx, left, reasons, result)
+    return result
+
+
+def settle(graph: OnnxGraph, t: Target, cands: list[Match], result: MatchResult) -> bool:
+    """One candidate: take it. Several: the graph position decides, or we refuse. False if none."""
+    if not cands:
+        return False
+    uniq = {(m.init, m.transposed, m.block): m for m in cands}
+    cands = list(uniq.values())
+    if len({(m.init, m.block) for m in cands}) == 1 and len(cands) == 2:
+        # a square initializer that equals both W and W.T (symmetric, e.g. all zeros): the layout
+        # is read off its consumer
+        o = consumer_orientation(graph, cands[0].init, t.layout)
+        cands = [m for m in cands if m.transposed == o] or cands[:1]
+    if len(cands) == 1:
+        result.matches.append(cands[0])
+        return True
+    placed = [m for m in cands if scope_matches(graph.scopes(m.init), t.module)]
+    if len(placed) == 1:
+        placed[0].note = "; ".join(filter(None, [f"resolved by graph position among {len(cands)} identical "
+                                                 "initializers", placed[0].note]))
+        result.matches.append(placed[0])
+        return True
+    listed = ", ".join(sorted(m.init for m in cands)[:6])
+    raise OnnxError(f"{graph.path}: base tensor {t.name} matches {len(cands)} initializers with identical content "
+                    f"({listed}) and the graph's node names/metadata do not say which one belongs to module "
+                    f"{t.module}; folding into the wrong one would silently change another layer. Re-export the "
+                    "graph with node names kept (torch.onnx.export does by default), or fold into a graph where "
+                    "these weights differ")
+
+
+def _fits(shape: tuple[int, ...], t: Target) -> bool:
+    return shape == t.shape or (len(shape) == 2 and shape == t.shape[::-1])
+
+
+def _explain_misses(ctx: _Context, left: list[Target], reasons: dict[str, list[str]], result: MatchResult) -> None:
+    """Sort the targets no strategy found into `missing` (nothing left in the graph could hold
+    them) and `unmatched` (something could), with the evidence either way. An initializer could
+    hold a target when it has its shape (or the transpose), or is a 2-D initializer with a long
+    enough run not covered by known blocks (a packed weight), and no base tensor accounts for it."""
+    graph = ctx.graph
+    claimed_whole = {m.init for m in result.matches if m.block is None}
+    spans: dict[str, list[tuple[int, int, int]]] = {}  # init -> (axis, start, end) of known blocks
+    for m in result.matches:
+        if m.block is not None:
+            size = (m.target.shape[::-1] if m.transposed else m.target.shape)[m.block[0]]
+            spans.setdefault(m.init, []).append((m.block[0], m.block[1], m.block[1] + size))
+    free = [n for n in ctx.float_inits if n not in claimed_whole]
+    whole = [n for n in free if any(_fits(graph.shape(n), t) for t in left)]
+    roomy = [n for n in free if n not in whole and any(_room(graph.shape(n), spans.get(n, []), t) for t in left)]
+    held: dict[str, list[str]] = {}   # init -> the base tensors (or parameter names) it holds whole
+    in_blocks: dict[str, list[str]] = {}   # packed init -> base tensors found as its blocks
+    unknown_blocks = False
+    if ctx.base is not None:
+        held = whole_holders(graph, ctx.base, whole + roomy, ctx.digest)
+        packed = [n for n in roomy if n not in held]
+        if packed:
+            found = block_holders(graph, ctx.base, packed)
+            unknown_blocks = found is None
+            for n, blocks in (found or {}).items():
+                spans.setdefault(n, []).extend((axis, s, e) for _, axis, s, e in blocks)
+                in_blocks[n] = [name for name, *_ in blocks]
+    else:  # no content to go by: an initializer named after (or folded from) a parameter holds it
+        for n in whole + roomy:
+            srcs = [s for s, entries in ctx.sources.items() if any(i == n for i, _ in entries)]
+            srcs += [s for s, inits in ctx.packed_sources.items() if n in inits]
+            named = [s for s in srcs if "." in s and "/" not in s and "::" not in s]
+            if named:
+                held[n] = named
+    for t in left:
+        # without a base, an initializer named after (or folded from) t itself is t's, not another's
+        mine = set(ctx.names.lookup(t.name)) | set(ctx.packed_names.lookup(t.name))
+        others = {n for n, names in held.items() if not mine & set(names)}
+        could = [n for n in whole if n not in others and _fits(graph.shape(n), t)]
+        could += [n for n in roomy if n not in others
+                  and (unknown_blocks or _room(graph.shape(n), spans.get(n, []), t))]
+        packed_src = sorted({i for s in ctx.packed_names.lookup(t.name) for i in ctx.packed_sources[s]})
+        why = "; ".join(reasons.get(t.name, []))
+        if could:
+            result.unmatched.append((t, _unmatched_text(ctx, t, could, why, packed_src)))
+        else:
+            packed = {n: in_blocks.get(n, []) for n in roomy if n not in held and _room(graph.shape(n), [], t)}
+            result.missing.append((t, _absent_text(graph, t, held, packed, why)))
+
+
+def _room(shape: tuple[int, ...], spans: list[tuple[int, int, int]], t: Target) -> bool:
+    """Whether a packed 2-D initializer has an uncovered run long enough for W or W.T."""
+    if len(shape) != 2 or len(t.shape) != 2:
+        return False
+    for rows, cols in (t.shape, t.shape[::-1]):
+        for axis, length, other in ((0, rows, cols), (1, cols, rows)):
+            if shape[1 - axis] != other or shape[axis] <= length:
+                continue
+            pos, best = 0, 0
+            for a, s, e in sorted(x for x in spans if x[0] == axis):
+                best, pos = max(best, s - pos), max(pos, e)
+            if max(best, shape[axis] - pos) >= length:
+                return True
+    return False
+
+
+def _unmatched_text(ctx: _Context, t: Target, could: list[str], why: str, packed_src: list[str]) -> str:
+    def kind(n: str) -> str:
+        if _fits(ctx.graph.shape(n), t):
+            return "its shape or transpose" + (", holding no base tensor" if ctx.base is not None else "")
+        return "packed, with room" + (" that no base tensor accounts for" if ctx.base is not None else "")
+
+    shown = ", ".join(f"{n} {list(ctx.graph.shape(n))} ({kind(n)})" for n in could[:4]) + (
+        f" and {len(could) - 4} more" if len(could) > 4 else "")
+    if ctx.base is None:
+        how = ("packed with other tensors by a graph optimizer (folded_from lists several sources)" if packed_src
+               else "no initializer is named after it or folded from it")
+        return (f"{how}, but {shown} could hold it; pass --base BASE_CHECKPOINT so it is identified by content"
+                + (f" ({why})" if why else ""))
+    return (f"not found by name, provenance or content, but {shown} could hold it"
+            + (f": {why}" if why else ": the graph's copy differs from the base checkpoint beyond rounding (another "
+               "checkpoint, or an adapter already folded in)"))
+
+
+def _absent_text(graph: OnnxGraph, t: Target, held: dict[str, list[str]], packed: dict[str, list[str]],
+                 why: str) -> str:
+    """The evidence that nothing in the graph could hold t: what its look-alikes hold instead."""
+
+    def listed(names) -> str:
+        names = sorted(set(names))
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    same = [n for n in held if _fits(graph.shape(n), t)]
+    evidence = [f"the {len(same)} initializer(s) of shape {list(t.shape)} or its transpose not matched to other "
+                f"targets hold other base tensors ({listed(x for n in same for x in held[n])})" if same else
+                f"no initializer of shape {list(t.shape)} or its transpose is left unmatched"]
+    if packed:
+        evidence.append(f"the rest of the {len(packed)} packed initializer(s) big enough for it hold other base "
+                        f"tensors ({listed(x for v in packed.values() for x in v)})")
+    return (f"absent from the graph: {'; '.join(evidence)}. Exporters drop what the graph's outputs never use "
+            "(e.g. a pooler)" + (f" ({why})" if why else ""))
+
+
+# -- reading the graph's structure ------------------------------------------------------------
+
+def scope_matches(scopes: set[str], module: str) -> bool:
     for s in scopes:
         if s == module or s.endswith("." + module) or module.endswith("." + s):
             return True
     return False
 
 
-def _consumer_orientation(graph: OnnxGraph, init: str, layout: str) -> bool | None:
+def consumer_orientation(graph: OnnxGraph, init: str, layout: str) -> bool | None:
     """Whether `init` holds W.T, read off how the graph uses it: MatMul's right operand is
     [in, out], Gemm's B is [out, in] with transB=1, Gather reads rows (embeddings)."""
     votes = set()
@@ -76,313 +380,3 @@ def _consumer_orientation(graph: OnnxGraph, init: str, layout: str) -> bool | No
         elif node.op_type == "Gather" and idx == 0:
             votes.add(False)
     return votes.pop() if len(votes) == 1 else None
-
-
-def match_targets(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None) -> MatchResult:
-    result = MatchResult()
-    float_inits = [n for n in graph.inits if graph.dtype(n) is not None]
-
-    sources: dict[str, list[tuple[str, str]]] = {}
-    packed_sources: dict[str, list[str]] = {}
-    for n in float_inits:
-        sources.setdefault(n, []).append((n, "name"))
-    for init, srcs in graph.folded_from.items():
-        if init not in graph.inits or graph.dtype(init) is None:
-            continue
-        if len(srcs) == 1:
-            sources.setdefault(srcs[0], []).append((init, "folded_from"))
-        else:
-            for s in srcs:
-                packed_sources.setdefault(s, []).append(init)
-    names = _Names(sources)
-    packed_names = _Names(packed_sources)
-
-    w_cache: dict[str, torch.Tensor] = {}
-
-    def base_value(t: Target) -> torch.Tensor:
-        if t.name not in w_cache:
-            w_cache.clear()  # one tensor at a time
-            w_cache[t.name] = base.read(t.ref)
-        return w_cache[t.name]
-
-    def content_equal(t: Target, init: str, transposed: bool) -> tuple[bool, torch.dtype | None]:
-        digest = graph.digest(init)
-        for via, w in _variants(base_value(t), graph.dtype(init)):
-            if tensor_digest(w.T if transposed else w) == digest:
-                return True, via
-        return False, None
-
-    remaining: list[Target] = []
-    mismatched: dict[str, str] = {}
-    for t in targets:
-        cands: list[Match] = []
-        for src in names.lookup(t.name):
-            for init, how in sources[src]:
-                shape = graph.shape(init)
-                orients = []
-                if shape == t.shape:
-                    orients.append(False)
-                if len(shape) == 2 and shape == t.shape[::-1] and shape != t.shape:
-                    orients.append(True)
-                if len(shape) == 2 and shape[0] == shape[1] == t.shape[0] == t.shape[-1]:
-                    orients = [False, True]
-                if not orients:
-                    mismatched[t.name] = (f"initializer {init} ({how} match) has shape {list(shape)}, not "
-                                          f"{list(t.shape)} or its transpose")
-                    continue
-                vias = {}
-                if base is not None:
-                    ok = []
-                    for o in orients:
-                        eq, vias[o] = content_equal(t, init, o)
-                        if eq:
-                            ok.append(o)
-                    if not ok:
-                        mismatched[t.name] = (f"initializer {init} ({how} match) holds other values than the base "
-                                              f"tensor {t.name}: the graph was exported from another checkpoint, "
-                                              "or already has an adapter folded in")
-                    orients = ok
-                elif len(orients) == 2:
-                    if how == "name":
-                        orients = [False]  # a kept parameter name means the parameter itself
-                    else:
-                        o = _consumer_orientation(graph, init, t.layout)
-                        orients = [o] if o is not None else []
-                        if o is None:
-                            mismatched[t.name] = (f"initializer {init} is square and folded from {src}; whether "
-                                                  "it is W or W.T cannot be told: pass --base BASE_CHECKPOINT")
-                for o in orients:
-                    cands.append(Match(t, init, o, how, via=vias.get(o)))
-        if cands:
-            _settle(graph, t, cands, result)
-        else:
-            remaining.append(t)
-
-    if remaining and base is not None:
-        _match_by_content(graph, remaining, base_value, result, float_inits)
-        done = {id(m.target) for m in result.matches}
-        remaining = [t for t in remaining if id(t) not in done]
-    for t in remaining:
-        if t.name in mismatched:
-            why = mismatched[t.name]
-        elif packed_names.lookup(t.name):
-            inits = sorted({i for s in packed_names.lookup(t.name) for i in packed_sources[s]})
-            why = (f"packed with other tensors into {', '.join(inits)} by a graph optimizer (folded_from lists "
-                   "several sources); pass --base BASE_CHECKPOINT so its block can be located by content")
-        elif base is None:
-            why = ("no initializer named after it, nor folded from it; exporters rename and transpose Linear "
-                   "weights (onnx::MatMul_N, val_N): pass --base BASE_CHECKPOINT to find them by content")
-        else:
-            why = ("no initializer holds its values (nor their transpose, nor a block of a packed tensor); "
-                   "exporters leave out what the graph's outputs never use (e.g. a pooler)")
-        result.missing.append((t, why))
-    _unshare(graph, result)
-    _check_shared(graph, result, base is not None)
-    return result
-
-
-def _unshare(graph: OnnxGraph, result: MatchResult) -> None:
-    """Exporters store identical weights once (TorchScript deduplicates initializers; tied
-    embeddings share one tensor). When an initializer is used by several modules and the nodes'
-    module paths say which use belongs to which target, each target gets its own copy of the
-    initializer (same values) used by its own nodes; other modules keep the original, unchanged.
-    Only initializers are added and node inputs renamed: the node multiset stays the same."""
-    for init, ms in list(result.by_init().items()):
-        whole = [m for m in ms if m.block is None]
-        if not whole or len(whole) != len(ms):
-            continue
-        claimants = {m.target.module: m for m in whole}
-        consumers = graph.consumers.get(init, [])
-        if len(consumers) < 2:
-            continue
-        owner: list[Match | None] = []
-        foreign = unknown = 0
-        for node, _ in consumers:
-            scopes = graph.node_scopes(node)
-            hits = [m for mod, m in claimants.items() if _scope_matches(scopes, mod)]
-            if len(hits) == 1:
-                owner.append(hits[0])
-                continue
-            owner.append(None)
-            if scopes and not hits:
-                foreign += 1  # a module no adapter targets (e.g. the other side of tied embeddings)
-            else:
-                unknown += 1
-        owned = {id(m) for m in owner if m is not None}
-        if len(claimants) == 1:
-            if not (foreign and owned):
-                kinds = {"lookup" if n.op_type == "Gather" and i == 0 else "matmul" for n, i in graph.uses(init)}
-                if len(kinds) > 1:
-                    t = whole[0].target
-                    raise OnnxError(
-                        f"{graph.path}: initializer {init} is used both as an embedding table (Gather) and as a matmul "
-                        f"weight: tied input/output embeddings. The adapter changes only {t.name}, and the graph's "
-                        "node names/metadata do not say which use belongs to it, so folding would change both. "
-                        "Re-export with node names kept (torch.onnx.export does by default)")
-                continue  # one target and no positive evidence of another user: the common case
-        elif unknown or len(owned) < len(claimants):
-            continue  # _check_shared refuses with the full story
-        keep_original = foreign > 0 or unknown > 0
-        for k, m in enumerate(claimants.values()):
-            if not keep_original and k == 0:
-                continue
-            mine = [(node, idx) for (node, idx), o in zip(consumers, owner) if o is m]
-            new = graph.clone_initializer(init, f"{init}__{m.target.module}", mine)
-            m.init = new
-            m.note = (m.note + "; " if m.note else "") + (f"own copy of initializer {init}, which the exporter "
-                                                          f"shared with other modules (resolved by graph position)")
-
-
-def _settle(graph: OnnxGraph, t: Target, cands: list[Match], result: MatchResult) -> None:
-    """One candidate: take it. Several: the graph position decides, or we refuse."""
-    uniq = {(m.init, m.transposed, m.block): m for m in cands}
-    cands = list(uniq.values())
-    if len({(m.init, m.block) for m in cands}) == 1 and len(cands) == 2:
-        # a square initializer that equals both W and W.T (symmetric, e.g. all zeros): the layout
-        # is read off its consumer
-        o = _consumer_orientation(graph, cands[0].init, t.layout)
-        cands = [m for m in cands if m.transposed == o] or cands[:1]
-    if len(cands) == 1:
-        result.matches.append(cands[0])
-        return
-    placed = [m for m in cands if _scope_matches(graph.scopes(m.init), t.module)]
-    if len(placed) == 1:
-        placed[0].note = f"resolved by graph position among {len(cands)} identical initializers"
-        result.matches.append(placed[0])
-        return
-    listed = ", ".join(sorted(m.init for m in cands)[:6])
-    raise OnnxError(f"{graph.path}: base tensor {t.name} matches {len(cands)} initializers with identical content "
-                    f"({listed}) and the graph's node names/metadata do not say which one belongs to module "
-                    f"{t.module}; folding into the wrong one would silently change another layer. Re-export the "
-                    "graph with node names kept (torch.onnx.export does by default), or fold into a graph where "
-                    "these weights differ")
-
-
-def _variants(w: torch.Tensor, dtype: torch.dtype):
-    """(via, W as the graph may hold it in `dtype`): cast directly; or, for a wider dtype, first
-    rounded to float16/bfloat16 (a model exported in half precision whose exporter folded an
-    upcast into the weight, e.g. TorchScript's fp32 o_proj weights of an fp16 Llama)."""
-    yield None, ops.cast(w, dtype)
-    size = torch.empty((), dtype=dtype).element_size()
-    for via in (torch.float16, torch.bfloat16):
-        if via != w.dtype and via != dtype and size > 2 and w.element_size() > 2:
-            yield via, ops.cast(w, via).to(dtype)
-
-
-def _match_by_content(graph: OnnxGraph, targets: list[Target], base_value, result: MatchResult,
-                      float_inits: list[str]) -> None:
-    shapes = set()
-    for t in targets:
-        shapes.add(t.shape)
-        if len(t.shape) == 2:
-            shapes.add(t.shape[::-1])
-    index: dict[tuple, list[str]] = {}
-    dtypes = set()
-    for n in float_inits:
-        shape = graph.shape(n)
-        if shape in shapes:
-            index.setdefault((graph.dtype(n), shape, graph.digest(n)), []).append(n)
-            dtypes.add(graph.dtype(n))
-    blocks = None
-    for t in targets:
-        w = base_value(t)
-        cands = []
-        for dt in dtypes:
-            for via, wc in _variants(w, dt):
-                for transposed, v in ((False, wc), (True, wc.T)) if wc.dim() == 2 else ((False, wc),):
-                    for init in index.get((dt, tuple(v.shape), tensor_digest(v)), ()):
-                        cands.append(Match(t, init, transposed, "content", via=via))
-                if cands:
-                    break  # the plain cast first; rounding through a half type only if that fails
-        if cands:
-            _settle(graph, t, cands, result)
-            continue
-        if w.dim() == 2:
-            if blocks is None:
-                blocks = _BlockIndex(graph, float_inits, targets, {m.init for m in result.matches})
-            cands = blocks.find(t, w)
-            if cands:
-                _settle(graph, t, cands, result)
-
-
-class _BlockIndex:
-    """Finds W (or W.T) as a contiguous block of a bigger 2-D initializer (a packed QKV weight).
-    Every candidate initializer is read once; the digest of each of its rows (or columns) is
-    indexed, and a target's first row (column) proposes offsets that are then compared in full."""
-
-    MAX_LINES = 4_000_000  # memory guard: about 400 MB of index
-
-    def __init__(self, graph: OnnxGraph, float_inits: list[str], targets: list[Target], claimed: set[str]):
-        self.graph = graph
-        dims = {d for t in targets if len(t.shape) == 2 for d in t.shape}
-        self.lines: dict[tuple, list[tuple[str, int, int]]] = {}
-        self.skipped = False
-        todo = []
-        for n in float_inits:
-            shape = graph.shape(n)
-            if len(shape) != 2 or n in claimed or not (shape[0] in dims or shape[1] in dims):
-                continue
-            todo.append((n, [axis for axis in (0, 1) if shape[1 - axis] in dims]))
-        if sum(graph.shape(n)[a] for n, axes in todo for a in axes) > self.MAX_LINES:
-            self.skipped = True  # most of a big graph is unmatched: it is another model's graph
-            return
-        for n, axes in todo:
-            big = graph.read(n)
-            for axis in axes:
-                view = big if axis == 0 else big.T
-                for i in range(view.shape[0]):
-                    self.lines.setdefault((big.dtype, tensor_digest(view[i])), []).append((n, axis, i))
-
-    def find(self, t: Target, w: torch.Tensor) -> list[Match]:
-        out = []
-        for dt in {k[0] for k in self.lines}:
-            wc = ops.cast(w, dt)
-            for transposed, v in ((False, wc), (True, wc.T)):
-                for axis in (0, 1):
-                    first = v[0] if axis == 0 else v[:, 0]
-                    for n, ax, start in self.lines.get((dt, tensor_digest(first)), ()):
-                        shape = self.graph.shape(n)
-                        if ax != axis or shape[1 - axis] != v.shape[1 - axis] or start + v.shape[axis] > shape[axis]:
-                            continue
-                        if shape[axis] == v.shape[axis]:
-                            continue
-                        big = self.graph.read(n)
-                        if tensor_digest(big.narrow(axis, start, v.shape[axis])) == tensor_digest(v):
-                            out.append(Match(t, n, transposed, "content", block=(axis, start),
-                                             note="a block of a packed initializer"))
-        return out
-
-
-def _check_shared(graph: OnnxGraph, result: MatchResult, with_base: bool) -> None:
-    """One initializer claimed by several base tensors (the exporter shared identical weights):
-    one delta would land on all of them. Disjoint blocks of a packed initializer are fine.
-    Without a base, two adapter names found at the same initializer are one tensor (adapters
-    trained on a wrapper and on the bare model): their terms are combined."""
-    for init, ms in result.by_init().items():
-        if len(ms) < 2:
-            continue
-        names = sorted({m.target.name for m in ms})
-        whole = [m for m in ms if m.block is None]
-        if whole:
-            same = len({(m.transposed, m.target.shape) for m in ms}) == 1 and not any(m.block for m in ms)
-            if not with_base and same:
-                keep = ms[0]
-                keep.target = Target(keep.target.name, keep.target.shape,
-                                     tuple(t for m in ms for t in m.target.terms), keep.target.ref)
-                for m in ms[1:]:
-                    result.matches.remove(m)
-                continue
-            raise OnnxError(f"{graph.path}: initializer {init} holds several base tensors with identical content "
-                            f"({', '.join(names)}): the exporter stored them once and shares it, and the graph's node "
-                            "names/metadata do not say which node belongs to which module. Folding different deltas "
-                            "into it would change all of them; re-export with node names kept (torch.onnx.export "
-                            "does by default)")
-        spans = []
-        for m in ms:
-            size = (m.target.shape[::-1] if m.transposed else m.target.shape)[m.block[0]]
-            spans.append((m.block[0], m.block[1], m.block[1] + size))
-        spans.sort()
-        for (a0, s0, e0), (a1, s1, e1) in zip(spans, spans[1:]):
-            if a0 != a1 or s1 < e0:
-                raise OnnxError(f"{graph.path}: blocks of packed initializer {init} for {', '.join(names)} overlap "
-                                "or run along different axes; cannot fold into it")

@@ -12,7 +12,7 @@ that adapter, never a leftover default on some other branch:
     session.run(None, inputs, options)
 
 One file is active per run (onnxruntime refuses two active adapters that set the same input).
-The values are lora_graph.lora_input_values', the same ones lora_feeds gives as numpy arrays.
+The values are feeds.lora_input_values', the same ones lora_feeds gives as numpy arrays.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from ..errors import OnnxError, UsageError
 from ..writers.output import Staged, check_output_path
-from .lora_graph import lora_input_values
+from .feeds import lora_input_values
 
 SUFFIX = ".onnx_adapter"
 _BF16 = 16  # onnx.TensorProto.BFLOAT16

@@ -29,6 +29,7 @@ from ..writers.output import Staged, check_disk_space, check_output_path
 from .graph import OnnxGraph
 from .lora_graph import add_branches
 from .match import match_targets
+from .shared import check_shared, shared_uses
 from .targets import Match, MatchResult, Target, collect_targets
 from .runtime import Comparison, compare_graphs, op_counts, sample_inputs
 
@@ -133,6 +134,26 @@ def _match_lines(result: MatchResult) -> list[str]:
     return [m.describe() for m in result.matches]
 
 
+def locate(graph: OnnxGraph, targets: list[Target], ck: Checkpoint | None) -> MatchResult:
+    """Match the targets to initializers, then give each target that shares an initializer with
+    other modules its own copy (same values, used by its own nodes), and refuse what is shared in
+    ways the graph cannot tell apart."""
+    result = match_targets(graph, targets, ck)
+    unshare(graph, result)
+    check_shared(graph, result, ck is not None)
+    return result
+
+
+def unshare(graph: OnnxGraph, result: MatchResult) -> None:
+    """Carry out shared.shared_uses(): only initializers are added and node inputs renamed, so the
+    node multiset stays the same."""
+    for m, uses in shared_uses(graph, result):
+        old = m.init
+        m.init = graph.clone_initializer(old, f"{old}__{m.target.module}", uses)
+        m.note = "; ".join(filter(None, [m.note, f"own copy of initializer {old}, which the exporter shared with "
+                                                 "other modules (resolved by graph position)"]))
+
+
 def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=None, strict: bool = False,
          keep_lora: bool = False, lora_inputs: bool = False, device: str = "auto", overwrite: bool = False,
          verify: bool = False, adapter_opts: dict | None = None) -> OnnxReport:
@@ -165,7 +186,7 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
             _check_data_path(out.parent / data_name, inputs, overwrite)
         check_disk_space(out, graph_path.stat().st_size + sum(f.stat().st_size for f in graph.external_files()))
         targets = collect_targets(loaded, weights, ck)
-        result = match_targets(graph, targets, ck)
+        result = locate(graph, targets, ck)
         _check_coverage(graph_path, targets, result, ck is not None, strict, report)
 
         for p in graph.model.metadata_props:
@@ -220,13 +241,19 @@ def _check_coverage(graph_path: Path, targets: list[Target], result: MatchResult
                     report: OnnxReport) -> None:
     lines = [f"{t.name}: {why}" for t, why in result.missing]
     report.missing = lines
+    unmatched = [f"{t.name}: {why}" for t, why in result.unmatched]
     if not result.matches:
+        lines = unmatched + lines
         hint = ("; without --base only initializers named after the targets (or carrying the dynamo exporter's "
                 "folded_from metadata) can be found: pass --base BASE_CHECKPOINT to match renamed, transposed "
                 "weights by content") if not with_base else \
             "; the graph was exported from another model than the base checkpoint (or its weights were changed)"
         raise OnnxError(f"{graph_path}: none of the {len(targets)} adapter target(s) were found in this graph{hint}; "
                         "nothing was written", lines)
+    if unmatched:
+        raise OnnxError(f"{graph_path}: {len(unmatched)} of {len(targets)} adapter target(s) were not found, but the "
+                        "graph holds initializers that could be them; folding only the others would write a partly "
+                        "adapted model. Nothing was written", unmatched)
     if lines and strict:
         raise OnnxError(f"{graph_path}: {len(lines)} of {len(targets)} adapter target(s) are not in the graph "
                         "(--strict); nothing was written. Drop --strict to fold the rest (a tensor the graph's "

@@ -55,7 +55,11 @@ class Match:
 @dataclass
 class MatchResult:
     matches: list[Match] = field(default_factory=list)
-    missing: list[tuple[Target, str]] = field(default_factory=list)   # (target, why)
+    # (target, why): not in the graph, and no initializer is left that could hold it (an exporter
+    # dropped it, e.g. a pooler the graph's outputs never use); folding the rest is complete
+    missing: list[tuple[Target, str]] = field(default_factory=list)
+    # (target, why): not found, although initializers that could hold it are left: an error
+    unmatched: list[tuple[Target, str]] = field(default_factory=list)
 
     def by_init(self) -> dict[str, list[Match]]:
         out: dict[str, list[Match]] = {}
