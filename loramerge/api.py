@@ -131,7 +131,7 @@ def apply(
     report = ApplyReport(out=out, dry_run=dry_run, device=",".join(map(str, devices)), plan=plan,
                          warnings=list(plan.warnings))
     report.plan_text = describe(plan, loaded)
-    check_output_path(out, [base, *adapter_paths], overwrite)
+    report.warnings += check_output_path(out, [base, *adapter_paths], overwrite)
     if dry_run:
         return report
     check_disk_space(out, plan.nbytes)

@@ -9,6 +9,9 @@ A LoraMergeError becomes one `Error: ...` line on stderr and exit 1 (2 for usage
 anything else an `internal error` line (exit 3); tracebacks only with --debug. With --json an
 error also prints {"command": ..., "ok": false, "error": {"type", "message", "problems",
 "exit_code"}} on stdout, so a script can always parse stdout.
+
+Ctrl-C, SIGTERM and SIGHUP stop a command the same way (writers/signals.py): the staged output is
+removed, `Error: interrupted ...`, exit 128 + the signal number (130, 143, 129).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import functools
 import json
 import os
 import sys
+import threading
 
 import click
 
 from ..errors import LoraMergeError, UsageError
+from ..writers import signals
 
 
 def handle_errors(fn):
@@ -35,14 +40,16 @@ def handle_errors(fn):
         ctx = click.get_current_context(silent=True)
         command = ctx.info_name if ctx is not None else fn.__name__
         try:
-            with _stdout_to_stderr(as_json):
+            with _stdout_to_stderr(as_json), signals.handling():
                 report = fn(*args, **kwargs)
         except LoraMergeError as e:
             if debug:
                 raise
             _fail(command, as_json, e, str(e), 2 if isinstance(e, UsageError) else 1)
         except KeyboardInterrupt as e:
-            _fail(command, as_json, e, "interrupted; the output being written was removed", 130)
+            name = f" ({e})" if isinstance(e, signals.Terminated) else ""
+            _fail(command, as_json, e, f"interrupted{name}; the output being written was removed",
+                  signals.exit_status(e))
         except MemoryError as e:
             if debug:
                 raise
@@ -72,13 +79,24 @@ def emit(command: str, report, as_json: bool) -> None:
 
 
 def _fail(command: str, as_json: bool, e: BaseException, message: str, code: int):
-    click.echo(f"Error: {message}", err=True)
-    if as_json:
-        error = {"type": type(e).__name__ if isinstance(e, LoraMergeError) else
-                 ("interrupted" if code == 130 else "internal"),
-                 "message": getattr(e, "message", message) if isinstance(e, LoraMergeError) else message,
-                 "problems": list(getattr(e, "problems", [])), "exit_code": code}
-        click.echo(json.dumps({"command": command, "ok": False, "error": error}, indent=2))
+    interrupted = isinstance(e, KeyboardInterrupt)
+    try:
+        click.echo(f"Error: {message}", err=True)
+        if as_json:
+            error = {"type": type(e).__name__ if isinstance(e, LoraMergeError) else
+                     ("interrupted" if interrupted else "internal"),
+                     "message": getattr(e, "message", message) if isinstance(e, LoraMergeError) else message,
+                     "problems": list(getattr(e, "problems", [])), "exit_code": code}
+            click.echo(json.dumps({"command": command, "ok": False, "error": error}, indent=2))
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # SIGHUP: the terminal may be gone
+        if not interrupted:
+            raise
+    if interrupted and any(t.name.startswith("loramerge-") and t.is_alive() for t in threading.enumerate()):
+        # engine threads still finishing a tensor are daemons of a process that is done: exit now
+        # instead of waiting for them (os._exit also skips an interpreter teardown they could crash)
+        os._exit(code)
     sys.exit(code)
 
 

@@ -9,10 +9,11 @@ copied file-to-file by the writer.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,63 @@ class _Stage(threading.Thread):
             self._fn()
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self.error = e
+
+
+class _Workers:
+    """Daemon threads running submitted calls in submission order (like a ThreadPoolExecutor).
+    Daemons, because an interrupted run must not wait for the tensor being computed: the
+    executor's threads would hold up the interpreter's exit until it is done (seconds for a big
+    tensor on a CPU)."""
+
+    def __init__(self, n: int, name: str, initializer=None):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._loop, args=(initializer,), name=f"{name}_{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self, initializer) -> None:
+        broken = None
+        if initializer is not None:
+            try:
+                initializer()
+            except BaseException as e:  # noqa: BLE001 - every call then fails with it
+                broken = e
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            if broken is not None:
+                future.set_exception(broken)
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._q.put((future, fn, args))
+        return future
+
+    def shutdown(self, wait: bool) -> None:
+        """wait: finish every call submitted, then stop. Otherwise cancel what has not started and
+        return at once (a call that runs finishes in the background)."""
+        while not wait:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._q.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
 
 
 def _put(q: queue.Queue, item, stop: threading.Event, *others: _Stage) -> bool:
@@ -145,7 +203,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     # a buffer is held by at most the futures in write_q (2n), the one being put and the one the
     # writer holds
     out_pool = BufferPool(out_bytes, 2 if n == 1 else 2 * n + 2, pin)
-    closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fsync")
+    closer = _Workers(1, "loramerge-fsync")
     closing = []
     free_devices: queue.Queue = queue.Queue()
     for d in devices:
@@ -183,6 +241,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             if not _put(read_q, item, stop):
                 return
         _put(read_q, _DONE, stop)
+
+    delay = float(os.environ.get("LORAMERGE_TEST_WRITE_DELAY") or 0)
 
     def writer():
         writers: dict[int, SafetensorsWriter] = {}
@@ -222,6 +282,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     writers.pop(fi)
                 stats.bytes_written += job.nbytes
                 stats.seconds_write += time.perf_counter() - t0
+                if delay:
+                    time.sleep(delay)  # test hook: a slow disk, to interrupt a merge midway
                 if progress is not None:
                     progress(job.nbytes)
         finally:
@@ -234,8 +296,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     if pin:
         torch.backends.cuda.matmul.allow_tf32 = False
     threads = [_Stage(reader, "loramerge-reader"), _Stage(writer, "loramerge-writer")]
-    pool = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="loramerge-compute",
-                              initializer=bind_device)
+    pool = _Workers(len(devices), "loramerge-compute", initializer=bind_device)
     for t in threads:
         t.start()
     try:
@@ -253,15 +314,21 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         if threads[1].error is not None:
             raise threads[1].error
     except BaseException:
+        # Stop promptly (Ctrl-C and SIGTERM must surface within a second): the stages see `stop`
+        # within 0.1 s unless inside one read, computation or write; those finish in the
+        # background (daemon threads) while the caller removes the staging.
         stop.set()
+        pool.shutdown(wait=False)
+        closer.shutdown(wait=False)
+        deadline = time.monotonic() + 0.3
         for t in threads:
-            t.join(timeout=10)
-        raise
-    finally:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        closer.shutdown(wait=True)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        raise
+    stop.set()
+    pool.shutdown(wait=True)
+    closer.shutdown(wait=True)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     for t in threads:
         t.join()
         if t.error is not None:

@@ -28,7 +28,7 @@ import onnx
 import torch
 
 from ..errors import OnnxError, UsageError
-from ..writers.output import Staged, check_output_path
+from ..writers.output import Staged, check_output_path, commit_all
 from .graph import OnnxGraph
 from .patch import OnnxReport, _check_data_path, _set_meta, fold
 from .runtime import _compare, fit_ir_version, op_counts, runtime_limits, session
@@ -218,7 +218,7 @@ def export_model(model_dir, out, adapters=(), *, weights: list[float] | None = N
         tmp_model = stack.enter_context(staged)
         staged_data = tmp_data = None
         if data_name:
-            staged_data = Staged(out.parent / data_name, is_dir=False, overwrite=overwrite)
+            staged_data = Staged(out.parent / data_name, is_dir=False, overwrite=overwrite, group=staged)
             tmp_data = stack.enter_context(staged_data)
         graph.save(tmp_model, tmp_data.name if tmp_data else "", tmp_data, {})
         report.ops_after = op_counts(graph.model)
@@ -231,8 +231,7 @@ def export_model(model_dir, out, adapters=(), *, weights: list[float] | None = N
             report.notes.append("not validated (--no-validate)")
         if tmp_data is not None:
             graph.relocate(tmp_data.name, data_name, tmp_model)
-            staged_data.commit()
-        staged.commit()
+        commit_all(*[s for s in (staged_data, staged) if s is not None])  # model and data: one commit
     m = onnx.load(str(out), load_external_data=False)
     report.notes.append(f"opset {next((o.version for o in m.opset_import if o.domain in ('', 'ai.onnx')), '?')}, "
                         f"IR version {m.ir_version}, exporter {exporter}, inputs {', '.join(names)}, output {output}")

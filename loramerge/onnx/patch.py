@@ -25,7 +25,7 @@ from ..errors import OnnxError, OutputError, UsageError
 from ..readers.checkpoint import Checkpoint, open_checkpoint
 from ..report import JsonReport
 from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
-from ..writers.output import Staged, check_disk_space, check_output_path
+from ..writers.output import Staged, check_disk_space, check_output_path, commit_all
 from .graph import OnnxGraph
 from .lora_graph import add_branches
 from .match import match_targets
@@ -216,7 +216,7 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
             tmp_model = stack.enter_context(staged)
             staged_data = tmp_data = None
             if data_name is not None:
-                staged_data = Staged(out.parent / data_name, is_dir=False, overwrite=overwrite)
+                staged_data = Staged(out.parent / data_name, is_dir=False, overwrite=overwrite, group=staged)
                 tmp_data = stack.enter_context(staged_data)
             location = (tmp_data.name if verify else data_name) if tmp_data is not None else ""
             graph.save(tmp_model, location, tmp_data, patched)
@@ -224,11 +224,9 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
                 report.comparison, report.tolerance = _verify(
                     tmp_model, graph_path, adapter_paths, weights, base, not keep_lora, stack, graph, result,
                     adapter_opts)
-            if tmp_data is not None:
-                if verify:
-                    graph.relocate(tmp_data.name, data_name, tmp_model)
-                staged_data.commit()
-            staged.commit()
+            if tmp_data is not None and verify:
+                graph.relocate(tmp_data.name, data_name, tmp_model)
+            commit_all(*[s for s in (staged_data, staged) if s is not None])  # model and data: one commit
     finally:
         if ck is not None:
             ck.close()

@@ -1,21 +1,32 @@
 """Where outputs land: always a temporary sibling, renamed into place only when complete.
 
 A failed or interrupted run leaves nothing at OUT (and no stale temporary); an existing OUT is
-replaced only with overwrite=True, and only after the new output is complete.
+replaced only with overwrite=True, and only after the new output is complete. The replacement is
+atomic: rename() for a file, an exchange of the two names (renameat2 RENAME_EXCHANGE) for a
+directory where the filesystem has it; elsewhere the old directory is moved aside and the new one
+moved in, and a crash between the two renames is finished by the next run (staging.py), as is a
+crash in the middle of committing an output of several files (a model and its external data).
+Staging left by runs that died is swept away by every run into the same directory; a live run's
+staging is never touched. A write that fails (a full disk, a quota, a file size limit) is one
+OutputError line, with the staging removed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from ..errors import OutputError
+from . import signals, staging
 
 
-def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse outputs that would write into, over, or around an input, or clobber data."""
+def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> list[str]:
+    """Refuse outputs that would write into, over, or around an input, or clobber data. First
+    finishes or removes what runs into the same directory left behind when they died (returns
+    one line per thing done), so that OUT is what those runs committed."""
+    done = staging.sweep(out.parent) if out.parent.is_dir() else []
     out_r = out.resolve()
     for p in inputs:
         p_r = p.resolve()
@@ -34,6 +45,7 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
                               "(it is replaced only once the new output is complete)")
     if not out.parent.exists():
         raise OutputError(f"{out}: parent directory {out.parent} does not exist; create it first")
+    return done
 
 
 def check_disk_space(out: Path, nbytes: int) -> None:
@@ -44,44 +56,116 @@ def check_disk_space(out: Path, nbytes: int) -> None:
 
 
 class Staged:
-    """Context manager: yields a temporary path next to `final`; commit() moves it into place."""
+    """Context manager: yields a temporary path next to `final`; commit() moves it into place.
+    While it is open, the run holds the lock that tells other runs its staging is alive.
+    Outputs of several files (a model and its external data) are staged with one `group` (the
+    first Staged) and committed together by commit_all()."""
 
-    def __init__(self, final: Path, is_dir: bool, overwrite: bool):
+    def __init__(self, final: Path, is_dir: bool, overwrite: bool, group: Staged | None = None):
         self.final = final
         self.is_dir = is_dir
         self.overwrite = overwrite
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = final.parent / f".{final.name}.loramerge-tmp-{tag}"
-        self._old = final.parent / f".{final.name}.loramerge-old-{tag}"
+        self.tag = group.tag if group is not None else staging.new_tag()
+        self.tmp = staging.entry(final, "tmp", self.tag)
+        self._old = staging.entry(final, "old", self.tag)
+        self._lock = staging.Lock(final, self.tag) if group is None else None
         self._committed = False
 
     def __enter__(self) -> Path:
-        if self.is_dir:
-            self.tmp.mkdir()
+        try:
+            if self._lock is not None:
+                self._lock.acquire()  # before the staging exists: a sweep never sees it unowned
+            if self.is_dir:
+                self.tmp.mkdir()
+        except OSError as e:
+            self._release()
+            raise _write_error(self.final, e) from e
         return self.tmp
 
     def commit(self) -> None:
-        _fsync_tree(self.tmp)  # data and directory entries on disk before the rename makes them visible
-        if self.final.exists() or self.final.is_symlink():
-            if not self.overwrite and not (self.final.is_dir() and not any(self.final.iterdir())):
-                self._committed = True  # keep the finished result: it may have taken hours
-                raise OutputError(f"{self.final}: appeared while merging; not replaced. The result is at {self.tmp}")
+        commit_all(self)
+
+    def _check_replace(self) -> None:
+        if (self.final.exists() or self.final.is_symlink()) and not self.overwrite and \
+                not (self.final.is_dir() and not any(self.final.iterdir())):
+            keep = self.final.with_name(f"{self.final.name}.new-{self.tag}")
+            os.rename(self.tmp, keep)
+            self._committed = True  # keep the finished result: it may have taken hours
+            raise OutputError(f"{self.final}: appeared while merging; not replaced. The result is at {keep}")
+
+    def _install(self) -> None:
+        """Atomic where the filesystem allows (staging.install); otherwise the old output is moved
+        aside first and a crash before the second rename is finished by the next run."""
+        exists = self.final.exists() or self.final.is_symlink()
+        if not exists or not (self.final.is_dir() or self.is_dir):
+            os.replace(self.tmp, self.final)  # a new name, or a file over a file: one atomic rename
+        elif staging.exchange(self.tmp, self.final):
+            self._old = self.tmp  # the previous output is now at the staging name
+        else:
             os.rename(self.final, self._old)
-        os.rename(self.tmp, self.final)
+            _hook("between-renames")
+            os.rename(self.tmp, self.final)
         self._committed = True
-        fsync_path(self.final.parent)
-        _remove(self._old)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._committed:
-            _remove(self.tmp)
+        try:
+            if not self._committed:
+                with signals.deferred():
+                    staging.remove(self.tmp, staging.entry(self.final, "trash", self.tag))
+        finally:
+            self._release()
+        if isinstance(exc, OSError) and (exc.errno in _WRITE_ERRORS
+                                         or str(exc.filename or "").startswith(str(self.tmp))):
+            raise _write_error(self.final, exc) from exc
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
+def commit_all(*outputs: Staged) -> None:
+    """Move staged outputs into place: everything durable first, then the renames, with signals
+    held back. Several outputs are one commit: a marker written before the first rename tells
+    the next run to finish the others if this process dies midway (staging.sweep)."""
+    for s in outputs:
+        _fsync_tree(s.tmp)  # data and directory entries on disk before a rename makes them visible
+    marker = staging.entry(outputs[0].final, "commit", outputs[0].tag) if len(outputs) > 1 else None
+    with signals.deferred():  # a signal now would land between renames: it waits for them
+        for s in outputs:
+            s._check_replace()
+        if marker is not None:
+            marker.touch()
+            fsync_path(marker.parent)
+        for s in outputs:
+            s._install()
+            _hook("after-commit")
+        if marker is not None:
+            marker.unlink()
+    fsync_path(outputs[0].final.parent)
+    for s in outputs:
+        if s._old.exists() or s._old.is_symlink():
+            staging.remove(s._old)
+
+
+_WRITE_ERRORS = {errno.ENOSPC: "the disk is full: free space or choose another disk",
+                 errno.EDQUOT: "the disk quota is exhausted: free space or choose another disk",
+                 errno.EFBIG: "the file is larger than this filesystem or process allows (ulimit -f)",
+                 errno.EROFS: "the filesystem is read-only",
+                 errno.EIO: "the disk reported an I/O error"}
+
+
+def _write_error(final: Path, e: OSError) -> OutputError:
+    hint = _WRITE_ERRORS.get(e.errno, "check the disk and permissions")
+    where = f" ({e.filename})" if e.filename else ""
+    return OutputError(f"{final}: writing the output failed: {e.strerror or e}{where}; {hint}. Nothing was "
+                       f"written to {final}: the partial output was removed")
+
+
+def _hook(point: str) -> None:
+    """Test hook: LORAMERGE_TEST_CRASH=POINT kills this process at that point, as a power cut
+    or SIGKILL would, to test what the next run finds."""
+    if os.environ.get("LORAMERGE_TEST_CRASH") == point:
+        os.kill(os.getpid(), 9)
 
 
 def fsync_path(p: Path) -> None:

@@ -1,0 +1,373 @@
+"""Faults that arrive from outside (issue 14): signals, dead runs' staging, crashes between the
+renames of an --overwrite, full disks. Real subprocesses receive real signals and real kills;
+full disks are a fault-injecting os.write, a process file-size limit (RLIMIT_FSIZE: the kernel
+refuses the write) and, where unprivileged user namespaces exist, a real tiny tmpfs.
+
+Every test checks the same promises: a clear `Error:` line and the right exit status, no staging
+left beside OUT, the inputs byte for byte as they were, and a previous OUT intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import adapter_dir, base_dir
+
+import loramerge
+from loramerge.cli import main
+from loramerge.errors import OutputError
+from loramerge.writers import staging
+
+BASE, ADAPTER = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+
+
+def digest_tree(p: Path) -> dict[str, str]:
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return {str(f.relative_to(p.parent)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(n for n in os.listdir(parent) if ".loramerge-" in n)
+
+
+@pytest.fixture
+def inputs():
+    before = {**digest_tree(BASE), **digest_tree(ADAPTER)}
+    yield
+    assert {**digest_tree(BASE), **digest_tree(ADAPTER)} == before, "an input changed"
+
+
+@pytest.fixture
+def previous(tmp_path):
+    """A previous output at tmp_path/out, and its digests."""
+    out = tmp_path / "out"
+    loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), out)
+    return out, digest_tree(out)
+
+
+def cli(*args, env=None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "loramerge", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kw)
+
+
+def wait_for_staging(parent: Path, proc: subprocess.Popen, shards: int = 1, timeout: float = 60) -> None:
+    """Until the staging directory holds `shards` files (the merge is well under way)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()
+        tmp = [parent / n for n in os.listdir(parent) if ".loramerge-tmp-" in n]
+        if tmp and tmp[0].is_dir() and sum(f.suffix == ".safetensors" for f in tmp[0].iterdir()) >= shards:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the merge never got under way")
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_mid_merge_removes_staging_and_keeps_previous_output(sig, inputs, previous, tmp_path):
+    out, before = previous
+    # a slow disk (0.3 s per tensor): the merge of 4 shards is under way for seconds
+    proc = cli("apply", BASE, ADAPTER, out, "--overwrite", env={"LORAMERGE_TEST_WRITE_DELAY": "0.3"})
+    wait_for_staging(tmp_path, proc, shards=2)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    took = time.monotonic() - sent
+    assert proc.returncode == 128 + sig, err
+    assert err.startswith("Error: interrupted") and "Traceback" not in err, err
+    if sig != signal.SIGINT:
+        assert signal.Signals(sig).name in err
+    assert leftovers(tmp_path) == [] and digest_tree(out) == before
+    assert took < 5, f"took {took:.1f} s to stop"  # bench/bench_interrupt.py measures it properly
+
+
+def test_a_live_runs_staging_is_never_touched_and_dead_ones_are_swept(inputs, tmp_path):
+    slow = cli("apply", BASE, ADAPTER, tmp_path / "a", env={"LORAMERGE_TEST_WRITE_DELAY": "0.2"})
+    wait_for_staging(tmp_path, slow)
+    killed = cli("apply", BASE, ADAPTER, tmp_path / "b", env={"LORAMERGE_TEST_WRITE_DELAY": "0.2"})
+    while not any(n.startswith(".b.loramerge-tmp-") for n in os.listdir(tmp_path)):
+        time.sleep(0.02)
+    killed.kill()  # SIGKILL: nothing can clean up; the kernel drops its lock
+    killed.wait()
+    stale = [n for n in leftovers(tmp_path) if n.startswith(".b.")]
+    assert any(".loramerge-tmp-" in n for n in stale) and any(".loramerge-lock-" in n for n in stale)
+    live = [n for n in leftovers(tmp_path) if n.startswith(".a.")]
+    # a third run into the same directory sweeps b's staging and leaves a's alone
+    report = loramerge.apply(BASE, ADAPTER, tmp_path / "c")
+    assert any(f"left by process {killed.pid}" in w for w in report.warnings), report.warnings
+    now = leftovers(tmp_path)
+    assert not any(n.startswith(".b.") for n in now) and set(live) <= set(now)
+    assert slow.wait(timeout=60) == 0, slow.communicate()
+    assert leftovers(tmp_path) == [] and digest_tree(tmp_path / "a") == {
+        k.replace("c/", "a/", 1): v for k, v in digest_tree(tmp_path / "c").items()}
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _stage(parent: Path, name: str, tag: str, record: dict | None, kinds=("tmp",)) -> None:
+    for kind in kinds:
+        p = parent / f".{name}.loramerge-{kind}-{tag}"
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    if record is not None:
+        (parent / f".{name}.loramerge-lock-{tag}").write_text(json.dumps(record))
+
+
+def test_sweep_guards_against_pid_reuse_and_other_hosts(tmp_path):
+    me = staging.identity()
+    dead = _dead_pid()
+    # lock files whose flock is free, written by processes that could not lock (locked: False),
+    # so the record decides: a pid now used by a later process (us, started at another time) is
+    # stale; our own live identity is not; another host's is not ours to judge
+    _stage(tmp_path, "reused", f"{os.getpid()}-aaaaaaaaaaaa", {**me, "start": (me["start"] or 0) + 1, "locked": False})
+    _stage(tmp_path, "alive", f"{os.getpid()}-bbbbbbbbbbbb", {**me, "locked": False})
+    _stage(tmp_path, "remote", f"{dead}-cccccccccccc", {**me, "pid": dead, "host": "elsewhere", "locked": False})
+    _stage(tmp_path, "gone", f"{dead}-dddddddddddd", {**me, "pid": dead, "locked": False})
+    _stage(tmp_path, "oldboot", f"{os.getpid()}-eeeeeeeeeeee", {**me, "boot_id": "another-boot", "locked": False})
+    # a lock file whose owner held the flock (locked: True) and is gone: the free flock decides,
+    # whatever its pid says now
+    _stage(tmp_path, "flocked", f"{os.getpid()}-ffffffffffff", {**me, "locked": True})
+    # entries of versions without lock files (TAG = pid-hex8): their pid decides
+    _stage(tmp_path, "v0dead", f"{dead}-0123abcd", None)
+    _stage(tmp_path, "v0live", f"{os.getpid()}-0123abcd", None)
+    done = staging.sweep(tmp_path)
+    left = {n.split(".loramerge-")[0].lstrip(".") for n in leftovers(tmp_path)}
+    assert left == {"alive", "remote", "v0live"}, (left, done)
+    assert len([d for d in done if d.startswith("removed")]) == 5
+
+
+def test_a_held_lock_means_alive(tmp_path):
+    """The flock is the truth while it is held, whatever the record says."""
+    final = tmp_path / "x"
+    with staging_lock(final) as tag:
+        _stage(tmp_path, "x", tag, None)
+        assert staging.sweep(tmp_path) == []
+        assert (tmp_path / f".x.loramerge-tmp-{tag}").is_dir()
+    assert len(staging.sweep(tmp_path)) == 1 and leftovers(tmp_path) == []
+
+
+class staging_lock:
+    def __init__(self, final: Path):
+        self.tag = staging.new_tag()
+        self.lock = staging.Lock(final, self.tag)
+
+    def __enter__(self):
+        self.lock.acquire()
+        # keep the lock file after release() so the sweep judges the entry by its free flock
+        self.keep = self.lock.path.read_bytes()
+        return self.tag
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        self.lock.path.write_bytes(self.keep)
+
+
+# -- --overwrite: crash points -------------------------------------------------------------------
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_crash_during_overwrite_never_leaves_no_output(exchange, inputs, previous, tmp_path):
+    out, before = previous
+    expected = tmp_path / "expected"
+    loramerge.apply(BASE, ADAPTER, expected)
+    point = "after-commit" if exchange else "between-renames"
+    env = {"LORAMERGE_TEST_CRASH": point, **({} if exchange else {"LORAMERGE_NO_EXCHANGE": "1"})}
+    proc = cli("apply", BASE, ADAPTER, out, "--overwrite", env=env)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    if exchange:  # one atomic step: OUT is already the new output; the old one waits at the staging name
+        assert digest_tree(out) == _as(digest_tree(expected), "out")
+        assert any(".loramerge-tmp-" in n for n in leftovers(tmp_path))
+    else:  # between the two renames: OUT is gone, the old and the complete new output are beside it
+        assert not out.exists()
+        kinds = {n.split(".loramerge-")[1].split("-")[0] for n in leftovers(tmp_path)}
+        assert kinds == {"old", "tmp", "lock"}, leftovers(tmp_path)
+    # the next run into this directory (here a dry run into another OUT) finishes the swap
+    report = loramerge.apply(BASE, ADAPTER, tmp_path / "other", dry_run=True)
+    assert leftovers(tmp_path) == []
+    assert digest_tree(out) == _as(digest_tree(expected), "out")
+    if not exchange:
+        assert any("finished replacing it" in w for w in report.warnings), report.warnings
+
+
+def test_crash_between_renames_before_the_new_output_is_in_place_puts_the_old_back(previous, tmp_path):
+    """If only the moved-aside old output is left (the new one gone too), it goes back."""
+    out, before = previous
+    tag = f"{_dead_pid()}-0123456789ab"
+    os.rename(out, tmp_path / f".out.loramerge-old-{tag}")
+    (tmp_path / f".out.loramerge-lock-{tag}").write_text(json.dumps({**staging.identity(), "locked": True}))
+    staging.sweep(tmp_path)
+    assert digest_tree(out) == before and leftovers(tmp_path) == []
+
+
+def _as(digests: dict, name: str) -> dict:
+    return {name + "/" + k.split("/", 1)[1]: v for k, v in digests.items()}
+
+
+# -- full disks ------------------------------------------------------------------------------------
+
+class _Disk:
+    """os.write / os.copy_file_range that fail with `err` once `budget` bytes went to files under
+    `root` (other writes, e.g. pytest's, are untouched)."""
+
+    def __init__(self, monkeypatch, root: Path, budget: int, err: int = errno.ENOSPC):
+        self.root, self.budget, self.err = str(root), budget, err
+        self.written = 0
+        self._write, self._cfr = os.write, os.copy_file_range
+        monkeypatch.setattr(os, "write", self.write)
+        monkeypatch.setattr(os, "copy_file_range", self.copy_file_range)
+
+    def _mine(self, fd: int) -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}").startswith(self.root)
+        except OSError:
+            return False
+
+    def _take(self, fd: int, n: int) -> None:
+        if self._mine(fd):
+            if self.written + n > self.budget:
+                raise OSError(self.err, os.strerror(self.err))
+            self.written += n
+
+    def write(self, fd, data):
+        self._take(fd, len(data))
+        return self._write(fd, data)
+
+    def copy_file_range(self, src, dst, count, offset_src=None, offset_dst=None):
+        self._take(dst, count)
+        return self._cfr(src, dst, count, offset_src, offset_dst)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_mid_write(err, inputs, previous, tmp_path, monkeypatch):
+    out, before = previous
+    disk = _Disk(monkeypatch, tmp_path, budget=BASE_BYTES() // 2, err=err)
+    res = CliRunner().invoke(main, ["apply", str(BASE), str(ADAPTER), str(out), "--overwrite"])
+    assert disk.written > 0
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("Error: ") and "Traceback" not in res.output
+    assert os.strerror(err) in res.output and ("disk" in res.output or "quota" in res.output)
+    assert leftovers(tmp_path) == [] and digest_tree(out) == before
+
+
+def test_fsync_failing_at_close_is_a_write_error(inputs, tmp_path, monkeypatch):
+    """Delayed allocation: write() succeeded, the disk says no at fsync."""
+    real = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OutputError, match="Input/output error"):
+        loramerge.apply(BASE, ADAPTER, tmp_path / "out")
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def BASE_BYTES() -> int:
+    return sum(f.stat().st_size for f in BASE.glob("*.safetensors"))
+
+
+def test_file_size_limit_is_a_clear_error(inputs, previous, tmp_path):
+    """The kernel refuses the write (EFBIG) past RLIMIT_FSIZE, mid-shard: no injection involved."""
+    import resource
+
+    out, before = previous
+    limit = min(f.stat().st_size for f in BASE.glob("*.safetensors")) // 2
+
+    def limit_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = cli("apply", BASE, ADAPTER, out, "--overwrite", preexec_fn=limit_size)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert err.startswith("Error: ") and "File too large" in err and "Traceback" not in err, err
+    assert leftovers(tmp_path) == [] and digest_tree(out) == before
+
+
+def _userns_tmpfs() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _userns_tmpfs(), reason="no unprivileged user namespaces to mount a small tmpfs")
+def test_real_tiny_filesystem_fills_mid_write(inputs, tmp_path):
+    """A 2 MiB tmpfs, mounted in a user namespace, with a previous output on it and ballast that
+    leaves room for the tensors (so the free-space check passes) but not for all of the output."""
+    script = tmp_path / "inside.py"
+    script.write_text(f"""
+import hashlib, json, os, subprocess, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+def tree(p):
+    return {{str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(p.rglob("*")) if f.is_file()}}
+subprocess.run([sys.executable, "-m", "loramerge", "apply", {str(base_dir("llama-fp32"))!r},
+                {str(adapter_dir("llama-basic"))!r}, str(d / "out")], check=True, capture_output=True)
+before = tree(d / "out")
+need = sum(f.stat().st_size for f in Path({str(BASE)!r}).glob("*.safetensors"))
+free = os.statvfs(d).f_bavail * os.statvfs(d).f_frsize
+(d / "ballast").write_bytes(b"0" * max(0, free - need - 4096))
+r = subprocess.run([sys.executable, "-m", "loramerge", "apply", {str(BASE)!r}, {str(ADAPTER)!r}, str(d / "out"),
+                    "--overwrite"], capture_output=True, text=True)
+print(json.dumps({{"rc": r.returncode, "err": r.stderr, "left": sorted(os.listdir(d)),
+                   "same": tree(d / "out") == before}}))
+""")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=2m tmpfs {mnt} && "
+                        f"{sys.executable} {script} {mnt}"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(loramerge.__file__).parent.parent)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["rc"] == 1 and res["err"].startswith("Error: ") and "No space left on device" in res["err"], res
+    assert res["left"] == ["ballast", "out"] and res["same"], res
+
+
+def test_crash_between_the_files_of_an_onnx_output_is_finished_by_the_next_run(tmp_path):
+    """A folded graph with external data is two files, committed together: a crash after the
+    first rename leaves a marker that makes the next run put the second in place too."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from test_onnx import _load, export_graph
+
+    g = export_graph(_load("llama-fp32"), "logits", "torchscript", tmp_path / "g0.onnx")
+    src = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(str(g)), str(src), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    out, ref = tmp_path / "out" / "f.onnx", tmp_path / "ref" / "f.onnx"
+    for d in (out.parent, ref.parent):
+        d.mkdir()
+    args = [src, "-a", adapter_dir("llama-basic"), "--base", base_dir("llama-fp32")]
+    loramerge.export_onnx(src, out, [adapter_dir("llama-rslora")], base=base_dir("llama-fp32"))  # the previous
+    subprocess.run([sys.executable, "-m", "loramerge", "export-onnx", src, ref, *args[1:]], check=True)
+    proc = cli("export-onnx", src, out, *args[1:], "--overwrite", env={"LORAMERGE_TEST_CRASH": "after-commit"})
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    # the data file is the new one, the model still the previous one: an inconsistent pair...
+    assert (out.parent / "f.onnx.data").read_bytes() == (ref.parent / "f.onnx.data").read_bytes()
+    assert out.read_bytes() != ref.read_bytes()
+    assert {n.split(".loramerge-")[1].split("-")[0] for n in leftovers(out.parent)} == {"commit", "tmp", "lock"}
+    # ...until the next run into that directory finishes the commit
+    staging.sweep(out.parent)
+    assert out.read_bytes() == ref.read_bytes() and leftovers(out.parent) == []
