@@ -13,6 +13,7 @@ from . import engine
 from .engine import tuners
 from .errors import AdapterError, UsageError
 from .plan import build_plan, describe, plan_json
+from .plan.codecs import qlora_codec
 from .readers import hub
 from .readers.adapters import load_adapters
 from .readers.checkpoint import open_checkpoint
@@ -104,6 +105,9 @@ def apply(
     enable_lora: tuple[bool, ...] | None = None,
     only: str | None = None,
     revision: str | None = None,
+    qlora: str | None = None,
+    qlora_double_quant: bool = True,
+    qlora_kernel: str = "cuda",
 ) -> ApplyReport:
     """Merge one or more LoRA adapters into `base`, writing a new checkpoint at `out`.
 
@@ -111,12 +115,17 @@ def apply(
     dtype (`dtype='auto'` keeps each tensor's own). `out` is a directory, or a file path ending in
     .safetensors for a single-file output. loralib checkpoints need `lora_alpha` (not stored), and
     `fan_in_fan_out` / `enable_lora` where the shapes cannot tell. `base` and `adapters` may be
-    Hugging Face Hub ids (readers/hub.py; `revision` for those without their own @REV). Raises a
+    Hugging Face Hub ids (readers/hub.py; `revision` for those without their own @REV).
+    `qlora` ('nf4' | 'fp4') merges each linear target into the bitsandbytes 4-bit round trip of its
+    base weight, as a QLoRA adapter saw it (blocksize 64, absmax double-quantized unless
+    `qlora_double_quant` is False; `qlora_kernel` 'cuda' or 'cpu' picks whose roundings). FP8 and
+    bitsandbytes 4-bit bases are read through their codecs (see loramerge.codecs). Raises a
     LoraMergeError subclass on any user error, before anything is written.
     """
     t0 = time.perf_counter()
     if accum not in ACCUM:
         raise UsageError(f"--accum {accum!r}: expected float32 or float64")
+    qlora_spec = qlora_codec(qlora, qlora_double_quant, qlora_kernel)
     out = Path(out)
     adapter_paths = [a for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not adapter_paths:
@@ -126,7 +135,8 @@ def apply(
     ck = open_checkpoint(base)
     loaded = load_adapters(adapter_paths, lora_alpha, fan_in_fan_out, enable_lora, only)
     single_file = out.suffix == ".safetensors"
-    plan = build_plan(ck, loaded, weights=weights, dtype=dtype, shard_size=shard_size, single_file=single_file)
+    plan = build_plan(ck, loaded, weights=weights, dtype=dtype, shard_size=shard_size, single_file=single_file,
+                      qlora=qlora_spec)
     devices = engine.resolve_devices(device)
     report = ApplyReport(out=out, dry_run=dry_run, device=",".join(map(str, devices)), plan=plan,
                          warnings=list(plan.warnings))
@@ -271,6 +281,9 @@ def unmerge(
     if weights is not None and len(weights) != len(adapter_paths):
         raise UsageError(f"--weights has {len(weights)} value(s) for {len(adapter_paths)} adapter(s); "
                          "give the weights the merge used, one per adapter")
+    if options.get("qlora"):
+        raise UsageError("unmerge takes no --qlora: subtracting the delta from a QLoRA merge gives back the "
+                         "quantized base, not the original; keep the original base instead")
     reader_opts = {k: options[k] for k in ("lora_alpha", "fan_in_fan_out", "enable_lora", "only") if k in options}
     problems = _not_invertible(load_adapters(adapter_paths, **reader_opts))
     if problems:

@@ -27,7 +27,7 @@ for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
         ST_TO_TORCH[_code] = getattr(torch, _name)
 TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 
-# Dtypes the merge math may write. float8 bases are quantized: merging into them is refused.
+# Dtypes the merge math may write. Quantized tensors go through a codec (types.Codec).
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -181,15 +181,66 @@ class Term:
 
 
 @dataclass(frozen=True)
+class Codec:
+    """How stored tensors become values (a job's `decode`) or values become stored tensors (its
+    `encode`); the math lives in loramerge.codecs. kind 'fp8': float8_e4m3fn + float32
+    weight_scale_inv per `block` (rows, cols); 'bnb4': a bitsandbytes 4-bit checkpoint (packed
+    codes, absmax, quant_map[, nested_absmax, nested_quant_map]; `dtype`, `offset` and `shape`
+    from its quant_state); 'qlora': a plain float weight seen through bitsandbytes'
+    quantize/dequantize (what a QLoRA adapter was trained against)."""
+
+    kind: str
+    block: tuple[int, int] = (0, 0)
+    quant_type: str = ""               # bnb4/qlora: 'nf4' | 'fp4'
+    blocksize: int = 64
+    double_quant: bool = False
+    nested_blocksize: int = 256
+    offset: float = 0.0                # bnb4 with double quantization: absmax's stored mean
+    dtype: str = ""                    # bnb4: the dtype bitsandbytes dequantizes to
+    kernel: str = "cuda"               # qlora: which bitsandbytes backend's rounding to reproduce
+
+    def label(self) -> str:
+        if self.kind == "fp8":
+            return f"fp8 e4m3, {self.block[0]}x{self.block[1]} blocks"
+        dq = ", double-quantized absmax" if self.double_quant else ""
+        if self.kind == "bnb4":
+            return f"bitsandbytes {self.quant_type}, blocksize {self.blocksize}{dq}"
+        return f"QLoRA base: {self.quant_type} round trip, blocksize {self.blocksize}{dq}, {self.kernel} kernel"
+
+
+@dataclass(frozen=True)
+class Output:
+    """A further tensor a job writes after its main one (e.g. an FP8 weight's scales)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
 class Job:
-    """One output tensor: the base tensor `source`, cast to `dtype`, plus `terms`.
-    No terms and dtype == source dtype means a bit-for-bit copy."""
+    """One unit of work: the output tensor `name` from the base tensor `source`, cast to `dtype`,
+    plus `terms`. No terms, no codecs and dtype == source dtype means a bit-for-bit copy.
+
+    A job may read further base tensors (`inputs`, after source: an FP8 weight's scales, a
+    bitsandbytes weight's absmax and code tables) and write further tensors (`outputs`, right
+    after `name` in the same file: the requantized weight's fresh scales). `decode` turns the
+    stored tensors into the values the float math starts from, `encode` turns its result back
+    into stored tensors; None means plain floats."""
 
     name: str
     source: TensorRef
     dtype: str
     terms: tuple[Term, ...] = ()
-    out_shape: tuple[int, ...] | None = None   # set when a replacement changes the shape
+    out_shape: tuple[int, ...] | None = None   # set when a replacement or a codec changes the shape
+    inputs: tuple[TensorRef, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    decode: Codec | None = None
+    encode: Codec | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -200,13 +251,25 @@ class Job:
         return next((t for t in self.terms if t.kind == "replace"), None)
 
     @property
-    def nbytes(self) -> int:
+    def main_nbytes(self) -> int:
         return numel(self.shape) * itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.main_nbytes + sum(o.nbytes for o in self.outputs)
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """(name, dtype, shape, nbytes) of every tensor the job writes, in file order."""
+        return [(self.name, self.dtype, self.shape, self.main_nbytes)] + [
+            (o.name, o.dtype, o.shape, o.nbytes) for o in self.outputs]
 
     @property
     def kind(self) -> str:
         if self.terms:
             return "merge"
+        if self.decode is not None or self.encode is not None:
+            return "cast"
         return "copy" if self.dtype == self.source.dtype else "cast"
 
 
@@ -233,6 +296,7 @@ class Plan:
     warnings: list[str]
     # matching problems, kept (not raised) only by build_plan(strict=False), e.g. for `inspect --base`
     problems: list[str] = field(default_factory=list)
+    config_removals: list[str] = field(default_factory=list)   # config.json keys the output drops
 
     @property
     def jobs(self) -> list[Job]:

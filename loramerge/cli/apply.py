@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from .errors import handle_errors
-from .options import adapter_options, parse_weights, revision_option, show_progress, write_options
+from .options import (adapter_options, parse_weights, qlora_options, revision_option, show_progress,
+                      write_options)
 
 
 @click.command("apply")
@@ -20,15 +21,18 @@ from .options import adapter_options, parse_weights, revision_option, show_progr
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--verify", "run_verify", is_flag=True,
               help="Then run `loramerge verify` on OUT; exit 1 if the merged checkpoint does not check out.")
+@qlora_options
 @adapter_options
 @revision_option
 @handle_errors
 def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dry_run, overwrite, quiet,
-              run_verify, adapter_opts, revision):
+              run_verify, qlora_opts, adapter_opts, revision):
     """Merge ADAPTER(s) into BASE and write the merged checkpoint to OUT.
 
     ADAPTER is a PEFT adapter directory, a loralib checkpoint (needs --lora-alpha) or a kohya
-    .safetensors file. BASE and ADAPTER may be Hugging Face Hub ids (OWNER/NAME[@REV])."""
+    .safetensors file. BASE and ADAPTER may be Hugging Face Hub ids (OWNER/NAME[@REV]). BASE may be
+    an FP8 block-scaled checkpoint (kept FP8 with --dtype auto: requantized with fresh scales) or a
+    bitsandbytes 4-bit one (dequantized)."""
     from ..readers.prefetch import prefetch
 
     prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
@@ -36,10 +40,10 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
 
     report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
                    accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
-                   progress=show_progress(quiet), revision=revision, **adapter_opts)
+                   progress=show_progress(quiet), revision=revision, **qlora_opts, **adapter_opts)
     if run_verify and not dry_run:
         from ..verifier import verify
 
         report.verification = verify(base, list(adapters), out, weights=parse_weights(weights), device=device,
-                                     revision=revision, **adapter_opts)
+                                     revision=revision, **qlora_opts, **adapter_opts)
     return report

@@ -77,5 +77,24 @@ def revision_option(fn):
              "@REV of their own. A local path always wins over a Hub id of the same spelling.")(fn)
 
 
+def qlora_options(fn):
+    """--qlora and its two modifiers; the command receives them as one dict, `qlora_opts` (apply's and
+    verify's keyword arguments qlora=, qlora_double_quant=, qlora_kernel=)."""
+    @click.option("--qlora", type=click.Choice(["nf4", "fp4"]), default=None,
+                  help="The adapter was trained with QLoRA: merge into the bitsandbytes 4-bit round trip of the "
+                       "base (what the adapter saw), not the base itself.")
+    @click.option("--no-qlora-double-quant", "qlora_double_quant", is_flag=True, flag_value=False, default=True,
+                  help="With --qlora: the training config had bnb_4bit_use_double_quant=False.")
+    @click.option("--qlora-kernel", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+                  help="With --qlora: reproduce bitsandbytes' CUDA kernels (where QLoRA trains) or its CPU ones; "
+                       "they differ in rare roundings.")
+    @functools.wraps(fn)
+    def wrapper(*args, qlora, qlora_double_quant, qlora_kernel, **kwargs):
+        opts = dict(qlora=qlora, qlora_double_quant=qlora_double_quant, qlora_kernel=qlora_kernel)
+        return fn(*args, qlora_opts=opts, **kwargs)
+
+    return wrapper
+
+
 def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()

@@ -11,16 +11,22 @@ import torch
 
 from ..errors import LoraMergeError, NumericsError
 from ..types import ST_TO_TORCH, Adapter, Job, Term
-from . import deltas, ops, tuners
+from . import coded, deltas, ops, tuners
 
 
 def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: torch.device,
-            accum: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+            accum: torch.dtype, out: torch.Tensor | None = None,
+            extra: tuple = ()) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], int]:
     """(the output tensor for one job on the CPU, elements recomputed in float64). `w` is the base
-    tensor, or None when the adapter replaces it; `out`, if given, is a CPU buffer of the job's
-    dtype and shape that receives the result (reused across tensors, pinned when a GPU is used)."""
+    tensor, or None when the adapter replaces it; `extra` the job's further inputs (job.inputs);
+    `out`, if given, is a CPU buffer of the job's dtype and shape that receives the result (reused
+    across tensors, pinned when a GPU is used). A job with further outputs (job.outputs) returns
+    the tuple of its tensors, the main one first."""
     try:
-        y, fixed = _math(job, w, adapters, device, accum, out)
+        if job.decode is not None or job.encode is not None:
+            y, fixed = coded.run(job, w, extra, adapters, device, accum, out, _plain)
+        else:
+            y, fixed = _math(job, w, adapters, device, accum, out)
     except torch.cuda.OutOfMemoryError:
         raise LoraMergeError(f"{job.name}: out of memory on {device} ({list(job.shape)}, {job.dtype}); use "
                              "--device cpu, or a GPU with more free memory") from None
@@ -33,11 +39,17 @@ def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: t
             hint = "; the value overflows float16 (max 65504): use --dtype bfloat16 or float32"
         raise NumericsError(f"{job.name}: merged result has {count} non-finite value(s) (first at flat index "
                             f"{idx}: {value}) from {src}{hint}; nothing was written") from None
+    if isinstance(y, tuple):
+        return (_to_out(y[0], out), *(t.cpu() for t in y[1:])), fixed
+    return _to_out(y, out), fixed
+
+
+def _to_out(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
-        return y.cpu(), fixed
+        return y.cpu()
     if y.data_ptr() != out.data_ptr():
         out.copy_(y)  # device -> pinned host copy on GPU; already in place for the CPU kernel
-    return out, fixed
+    return out
 
 
 def _math(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: torch.device,
@@ -46,7 +58,13 @@ def _math(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: tor
     ops.NonFinite for a non-finite result."""
     if job.kind == "copy":  # an untouched tensor from a pickled .bin: written as it is
         return w, 0
-    out_dtype = ST_TO_TORCH[job.dtype]
+    return _plain(job, w, adapters, device, accum, out, ST_TO_TORCH[job.dtype])
+
+
+def _plain(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: torch.device,
+           accum: torch.dtype, out: torch.Tensor | None, out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """The float math of a job into `out_dtype`: W (decoded, where a codec stores it) plus the
+    terms, rounded once."""
     rep = job.replacement
     if rep is not None:  # a full tensor saved in the adapter stands in for the base tensor
         w = adapters[rep.adapter].tensors[rep.key]

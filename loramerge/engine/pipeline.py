@@ -195,7 +195,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     computed = [j for _, j in order if not _copied_by_writer(j)]
     read_bytes = max((j.source.nbytes for j in computed if j.source.offset is not None
                       and j.replacement is None), default=0)
-    out_bytes = max((j.nbytes for j in computed), default=0)
+    out_bytes = max((j.main_nbytes for j in computed), default=0)
     # One worker takes jobs in order, so 2 output buffers suffice (one being written, one being
     # filled). Several: enough that every job that can be in flight gets one (no deadlock).
     n = len(devices)
@@ -214,12 +214,12 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         if local.device.type == "cuda":
             torch.cuda.set_device(local.device)
 
-    def work(job: Job, w, read_buf):
+    def work(job: Job, w, extra, read_buf):
         out_buf = out_pool.get(stop)
-        out = out_buf[: job.nbytes].view(ST_TO_TORCH[job.dtype]).view(job.shape)
+        out = out_buf[: job.main_nbytes].view(ST_TO_TORCH[job.dtype]).view(job.shape)
         t0 = time.perf_counter()  # after the wait for a free buffer, which is the writer's time
         try:
-            tensor, fixed = compute(job, None if w is _REPLACED else w, adapters, local.device, accum, out)
+            tensor, fixed = compute(job, None if w is _REPLACED else w, adapters, local.device, accum, out, extra)
         except BaseException:
             out_pool.put(out_buf)
             raise
@@ -230,13 +230,15 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     def reader():
         for fi, job in order:
             if _copied_by_writer(job):
-                item = (fi, job, None, None)
+                item = (fi, job, None, (), None)
             elif job.replacement is not None:
-                item = (fi, job, _REPLACED, None)  # the base tensor is not needed
+                item = (fi, job, _REPLACED, (), None)  # the base tensor is not needed
             else:
                 buf = read_pool.get(stop) if job.source.offset is not None else None
                 t0 = time.perf_counter()
-                item = (fi, job, base.read(job.source, out=buf), buf)
+                # a job's further inputs (an FP8 weight's scales, a 4-bit weight's absmax) are small
+                extra = tuple(base.read(ref) for ref in job.inputs)
+                item = (fi, job, base.read(job.source, out=buf), extra, buf)
                 stats.seconds_read += time.perf_counter() - t0
             if not _put(read_q, item, stop):
                 return
@@ -261,13 +263,14 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 w = writers.get(fi)
                 if w is None:
                     f = plan.files[fi]
-                    entries = [(j.name, j.dtype, j.shape, j.nbytes) for j in f.jobs]
+                    entries = [e for j in f.jobs for e in j.entries]
                     w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, {"format": "pt"})
                 if tensor is None:
-                    w.copy_range(job.name, job.source.file, job.source.offset, job.nbytes)
+                    w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes)
                     stats.copied += 1
                 else:
-                    w.write(job.name, tensor)
+                    for (name, *_), t in zip(job.entries, tensor if isinstance(tensor, tuple) else (tensor,)):
+                        w.write(name, t)
                     if job.terms:
                         stats.merged += 1
                     elif job.kind == "cast":
@@ -304,9 +307,9 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             item = _get(read_q, stop, *threads)
             if item is _DONE:
                 break
-            fi, job, w, read_buf = item
-            future = None if w is None else pool.submit(work, job, w, read_buf)
-            del w, read_buf
+            fi, job, w, extra, read_buf = item
+            future = None if w is None else pool.submit(work, job, w, extra, read_buf)
+            del w, extra, read_buf
             if not _put(write_q, (fi, job, future), stop, *threads):
                 break
         _put(write_q, _DONE, stop, *threads)

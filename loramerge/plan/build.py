@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from ..errors import PlanError, UsageError
 from ..readers import kohya, loralib, tuners
 from ..readers.checkpoint import Checkpoint
-from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Job, LoraPair, Plan, TensorRef, Term, TunerTarget
+from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Codec, Job, LoraPair, Plan, TensorRef, Term, TunerTarget
 from .kinds import term_problems
+from . import codecs as codec_plan
 from .layout import layout_files, parse_size
 from .matching import ModuleMatcher
 
@@ -71,7 +72,7 @@ class _PlanState:
         if name in self.extra:
             origin = self.extra[name].name
             return self.shapes.get(origin, self.extra[name].shape)
-        return self.base.tensors[name].shape
+        return codec_plan.logical_shape(self.base, name, self.base.tensors[name])
 
     def add(self, name: str, term: Term) -> None:
         self.terms.setdefault(name, []).append(term)
@@ -85,9 +86,13 @@ def build_plan(
     shard_size: int | str | None = None,
     single_file: bool = False,
     strict: bool = True,
+    qlora: Codec | None = None,
 ) -> Plan:
     """strict=False: targets that do not fit are left out and their problems returned in
-    plan.problems instead of raised (for `inspect --base`: what would match, what would not)."""
+    plan.problems instead of raised (for `inspect --base`: what would match, what would not).
+    `qlora` (a Codec of kind 'qlora') merges every linear LoRA target into its bitsandbytes 4-bit
+    round trip, the base a QLoRA adapter was trained against. Quantized bases (FP8, bitsandbytes
+    4-bit) get their codecs and companion tensors here (plan/codecs.py)."""
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise UsageError(f"--weights has {len(weights)} value(s) for {len(adapters)} adapter(s); give one per adapter")
@@ -95,6 +100,7 @@ def build_plan(
         raise UsageError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPE_NAMES)}")
     out_code = None if dtype == "auto" else DTYPE_NAMES[dtype]
 
+    qlora_warnings = codec_plan.check_qlora(base, qlora)
     st = _PlanState(base, adapters)
     targets = _resolve(st, weights)
     _decide_outputs(st, targets)
@@ -117,8 +123,11 @@ def build_plan(
                         "nothing was written", st.problems)
 
     jobs = []
+    skip = codec_plan.consumed(base, st.terms, out_code)
     for name, ref in base.tensors.items():
-        jobs.append(_job(st, name, ref, out_code))
+        if name in skip:  # an FP8 scale or bitsandbytes part: it travels with its weight's job
+            continue
+        jobs.append(codec_plan.with_codecs(_job(st, name, ref, out_code), base, out_code, qlora))
         for xname, xref in st.extra.items():  # an untied lm_head goes right after its embedding
             if xref is ref:
                 jobs.append(_job(st, xname, xref, out_code))
@@ -133,7 +142,7 @@ def build_plan(
     if out_code is not None:
         # transformers reads this to pick the load dtype with dtype="auto"; keep it truthful.
         config_updates["torch_dtype"] = dtype
-    warnings = [w for a in adapters for w in a.warnings]
+    warnings = [w for a in adapters for w in a.warnings] + qlora_warnings
     if single_file and {k: v for k, v in config_updates.items() if k != "torch_dtype"}:
         warnings.append("the output is a single .safetensors file, so no config is written, but the model's "
                         "config must change to load it correctly: "
@@ -150,6 +159,7 @@ def build_plan(
         config_updates=config_updates,
         warnings=warnings,
         problems=list(st.problems),
+        config_removals=codec_plan.config_removals(base, out_code),
     )
 
 
@@ -247,7 +257,7 @@ def _check_replacement(st: _PlanState, t: _Target) -> None:
     adapter = st.adapters[t.adapter]
     where = f"{adapter.label}: {t.saved}"
     new = tuple(adapter.tensors[t.key].shape)
-    old = st.source(t.name).shape
+    old = codec_plan.logical_shape(st.base, t.name, st.source(t.name))
     # A changed first dimension is a resized vocabulary, allowed for embeddings and lm_head only;
     # anything else means the adapter belongs to another model.
     vocab = t.name.endswith(INPUT_EMBEDDINGS) or t.name == OUTPUT_EMBEDDING
@@ -278,9 +288,12 @@ def _check_pair(st: _PlanState, t: _Target) -> None:
         if problem:
             st.problems.append(f"{where}: {wname}: {problem}")
             return
-    if ref.dtype not in FLOAT_CODES:
-        st.problems.append(f"{where}: base tensor {wname} is {ref.dtype}, a quantized/integer type; merge "
-                           "into the original floating-point (unquantized) base instead")
+    if ref.dtype not in FLOAT_CODES and not codec_plan.decodable(st.base, wname):
+        st.problems.append(f"{where}: base tensor {wname} is {ref.dtype}" + (
+            "; an FP8 weight can be merged only with its checkpoint's config.json (its quantization_config says "
+            "how it is scaled): pass the model directory" if ref.dtype.startswith("F8") else
+            ", a quantized/integer type loramerge cannot decode; merge into the original floating-point "
+            "(unquantized) base instead"))
         return
     if shape != pair.base_shape:
         if pair.layout == "linear" and len(shape) == 2 and shape == pair.base_shape[::-1]:

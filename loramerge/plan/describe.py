@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..types import Adapter, Plan, Term
+from ..types import Adapter, Codec, Job, Plan, Term
 
 
 def describe(plan: Plan, adapters: list[Adapter]) -> str:
@@ -18,10 +18,16 @@ def describe(plan: Plan, adapters: list[Adapter]) -> str:
                          + (f" [{adapters[t.adapter].path.name}]" if len(adapters) > 1 else "")
                          for t in j.terms)
         cast = f" {j.source.dtype}->{j.dtype}" if j.dtype != j.source.dtype else f" {j.dtype}"
-        lines.append(f"  {j.name} {list(j.shape)}{cast}: {desc}")
+        lines.append(f"  {j.name} {list(j.shape)}{cast}{codec_text(j)}: {desc}")
     copied = sum(1 for j in plan.jobs if j.kind == "copy")
     casted = sum(1 for j in plan.jobs if j.kind == "cast")
     lines.append(f"untouched tensors: {copied} copied bit for bit, {casted} cast")
+    decoded: dict[str, list[str]] = {}
+    for j in plan.jobs:
+        if not j.terms and j.decode is not None:
+            decoded.setdefault(f"{j.decode.label()} -> {j.dtype}", []).append(j.name)
+    for how, names in decoded.items():
+        lines.append(f"  dequantized ({how}): {len(names)} tensors, e.g. {names[0]}")
     lines.append(f"output files ({len(plan.files)}{', with index' if plan.indexed else ''}):")
     for f in plan.files:
         lines.append(f"  {f.name}: {len(f.jobs)} tensors, {f.nbytes:,} bytes")
@@ -51,6 +57,21 @@ def _term_text(t: Term, name: str) -> str:
     return f"{_kind(t)} r={t.pair.rank} scale={t.pair.scale:g}"
 
 
+def codec_text(j: Job) -> str:
+    """How a job reads and writes its tensors, when that is not plain floats."""
+    parts = []
+    if j.decode is not None:
+        parts.append(f"read as {j.decode.label()}" + (f" (+{', '.join(r.name.rsplit('.', 1)[-1] for r in j.inputs)})"
+                                                      if j.inputs else ""))
+    if j.encode is not None:
+        parts.append(f"written as {j.encode.label()} with fresh scales ({', '.join(o.name for o in j.outputs)})")
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
+def _codec_json(c: Codec | None) -> dict | None:
+    return None if c is None else {"kind": c.kind, "label": c.label()}
+
+
 def _term_json(t: Term) -> dict:
     if t.pair is None:  # a full saved tensor replaces the base tensor
         return {"adapter": t.adapter, "kind": t.kind, "key": t.key, "weight": t.weight}
@@ -66,7 +87,9 @@ def plan_json(plan: Plan) -> dict:
     with the terms that land on it (`adapter` indexes `adapters`), the untouched counts, the
     output files."""
     targets = [{"tensor": j.name, "shape": list(j.shape), "dtype": j.dtype, "source_dtype": j.source.dtype,
-                "terms": [_term_json(t) for t in j.terms]} for j in plan.jobs if j.terms]
+                "terms": [_term_json(t) for t in j.terms], "decode": _codec_json(j.decode),
+                "encode": _codec_json(j.encode), "inputs": [r.name for r in j.inputs],
+                "outputs": [o.name for o in j.outputs]} for j in plan.jobs if j.terms]
     return {
         "base": str(plan.base_path),
         "adapters": [str(p) for p in plan.adapter_paths],
@@ -78,6 +101,8 @@ def plan_json(plan: Plan) -> dict:
         "carried_over": [p.name for p in plan.extra_files],
         "not_carried_over": list(plan.skipped_files),
         "config_updates": dict(plan.config_updates),
+        "config_removals": list(plan.config_removals),
+        "dequantized": sum(1 for j in plan.jobs if not j.terms and j.decode is not None),
         "bytes": plan.nbytes,
         "warnings": list(plan.warnings),
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from . import quantized
 from ..types import ST_TO_TORCH, TORCH_TO_ST, TensorRef, itemsize, numel
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -114,6 +115,7 @@ class Checkpoint:
         self.extra_files: list[Path] = []
         self.skipped_files: list[str] = []
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self.quant: quantized.QuantLayout | None = None   # FP8 / bitsandbytes 4-bit weights, if any
 
     @property
     def root(self) -> Path | None:
@@ -257,6 +259,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         _check_index(ck)
     if not ck.tensors:
         raise CheckpointError(f"{path}: checkpoint holds no tensors")
+    ck.quant = quantized.detect(ck.tensors, ck.config(), path, ck.read)
     return ck
 
 

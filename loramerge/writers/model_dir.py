@@ -14,18 +14,21 @@ INDEX = "model.safetensors.index.json"
 
 
 def write_index(plan: Plan, out_dir: Path) -> None:
-    weight_map = {j.name: f.name for f in plan.files for j in f.jobs}
+    weight_map = {name: f.name for f in plan.files for j in f.jobs for name, *_ in j.entries}
     index = {"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}
     (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_extras(plan: Plan, out_dir: Path) -> list[str]:
-    """Copy non-weight files; apply plan.config_updates to config.json. Returns names copied."""
+    """Copy non-weight files; apply plan.config_updates and config_removals to config.json (e.g. a
+    dequantized output drops quantization_config). Returns names copied."""
     copied = []
     for src in plan.extra_files:
         dst = out_dir / src.name
-        if src.name == "config.json" and plan.config_updates:
+        if src.name == "config.json" and (plan.config_updates or plan.config_removals):
             cfg = json.loads(src.read_text())
+            for key in plan.config_removals:
+                cfg.pop(key, None)
             for key, value in plan.config_updates.items():
                 cfg[key] = value
                 if key == "torch_dtype" and "dtype" in cfg:  # transformers>=4.56 writes "dtype"
