@@ -354,7 +354,8 @@ def test_json_report(merges):
     base, adapter = CASES["bf16"]
     data = json.loads(json.dumps(check(base, adapter, merges(base, adapter), outputs=True).to_json()))
     assert data["ok"] is True and data["failures"] == []
-    assert data["tolerance"] == {"half_ulps": 2.0, "float_rel": 1e-6, "fidelity_warn": 0.1}
+    assert data["tolerance"] == {"half_ulps": 2.0, "float_rel": 1e-6, "fp8_ulps": 0.5 + 1e-6, "fp8_scale_rel": 2.0 ** -23,
+                                 "fidelity_warn": 0.1}
     by_name = {t["name"]: t for t in data["tensors"]}
     assert by_name[T]["kind"] == "merge" and by_name[T]["dtype"] == "BF16" and by_name[T]["shape"] == [64, 64]
     assert by_name[T]["max_ulps"] == 0 and by_name[T]["ok"] is True and 0 < by_name[T]["delta_loss"] < 0.1

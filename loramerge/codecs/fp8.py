@@ -25,7 +25,7 @@ E4M3_MAX = 448.0
 FP8 = torch.float8_e4m3fn
 
 
-def _expand(s: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+def expand(s: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
     """Per-block values [..., Rb, Cb] broadcast to every element [..., rows, cols]."""
     return s.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
 
@@ -34,7 +34,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """W = q * s, exact in float64 (rounded once to `dtype` if another is asked for)."""
     rows, cols = q.shape[-2:]
-    w = q.to(torch.float64) * _expand(scale.to(device=q.device, dtype=torch.float64), rows, cols, block)
+    w = q.to(torch.float64) * expand(scale.to(device=q.device, dtype=torch.float64), rows, cols, block)
     return w if dtype == torch.float64 else round_to(w, dtype)
 
 
@@ -54,7 +54,7 @@ def quantize(y: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, tor
     amax = block_amax(y, block)
     scale = (amax / E4M3_MAX).to(torch.float32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    ratio = y / _expand(scale.to(torch.float64), rows, cols, block)
+    ratio = y / expand(scale.to(torch.float64), rows, cols, block)
     q = round_to(ratio.clamp_(-E4M3_MAX, E4M3_MAX), FP8)
     return q, scale
 

@@ -51,10 +51,13 @@ from pathlib import Path
 from ..engine.devices import resolve_device
 from ..errors import CheckpointError, UsageError
 from ..plan import build_plan
+from ..plan.codecs import qlora_codec
 from ..readers import hub
 from ..readers.adapters import load_adapters
 from ..readers.checkpoint import open_checkpoint
+from ..types import DTYPE_NAMES, FLOAT_CODES
 from .model import check_model
+from .quantized import check_coded
 from .report import TensorCheck, VerifyReport, fidelity_warning
 from .weights import check_tensor
 
@@ -72,13 +75,19 @@ def verify(
     enable_lora: tuple[bool, ...] | None = None,
     only: str | None = None,
     revision: str | None = None,
+    qlora: str | None = None,
+    qlora_double_quant: bool = True,
+    qlora_kernel: str = "cuda",
 ) -> VerifyReport:
     """Check that `merged` is `base` with `adapters` (times `weights`) merged in; see the module
     docstring for the checks and their tolerances. The reader options (lora_alpha, fan_in_fan_out,
     enable_lora, only) are apply's: pass the ones the merge used. Raises a LoraMergeError for
     unreadable inputs; a wrong merge is not an exception but a report with ok == False. Any of the
-    paths may be a Hugging Face Hub id (readers/hub.py; `revision` for those without @REV)."""
+    paths may be a Hugging Face Hub id (readers/hub.py; `revision` for those without @REV). Pass
+    apply's `qlora` options for a QLoRA merge: the expected values then start from the 4-bit round
+    trip of the base, and the report says how far a plain merge would be from them."""
     t0 = time.perf_counter()
+    qlora_spec = qlora_codec(qlora, qlora_double_quant, qlora_kernel)
     adapter_paths = [a for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not adapter_paths:
         raise UsageError("no adapter given")
@@ -93,7 +102,7 @@ def verify(
     loaded = load_adapters(adapter_paths, lora_alpha, fan_in_fan_out, enable_lora, only)
     # The plan says what a merge of these inputs writes: every base tensor, plus e.g. an lm_head
     # split off a tied embedding; and which adapter terms land on each.
-    plan = build_plan(base_ck, loaded, weights=weights)
+    plan = build_plan(base_ck, loaded, weights=weights, dtype=_fp8_dequantized_to(base_ck, merged_ck), qlora=qlora_spec)
     report = VerifyReport(base=base, adapters=adapter_paths, merged=merged, device=str(dev),
                           outputs=outputs, warnings=list(plan.warnings))
     try:
@@ -103,9 +112,11 @@ def verify(
                 report.tensors.append(TensorCheck(job.name, "missing", shape=job.shape, problems=[
                     f"missing from MERGED (expected {job.dtype} {list(job.shape)}); the merge output is "
                     "incomplete or from other inputs, re-run apply"]))
+            elif job.decode is not None or job.encode is not None:
+                report.tensors.append(check_coded(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs))
             else:
                 report.tensors.append(check_tensor(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs))
-        expected = {job.name for job in plan.jobs}
+        expected = {name for job in plan.jobs for name, *_ in job.entries}
         for name, mref in merged_ck.tensors.items():
             if name not in expected:
                 report.tensors.append(TensorCheck(name, "extra", dtype=mref.dtype, shape=mref.shape, problems=[
@@ -119,3 +130,15 @@ def verify(
         report.model = check_model(base_ck, merged_ck, loaded, plan.jobs, dev)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _fp8_dequantized_to(base_ck, merged_ck) -> str:
+    """An FP8 base merged with --dtype X is dequantized everywhere: verify plans the same merge. The
+    dtype is read off MERGED (a weight that is FP8 in the base and a float there)."""
+    if base_ck.quant is None or base_ck.quant.method != "fp8" or merged_ck.quant is not None:
+        return "auto"
+    for name in base_ck.quant.groups:
+        ref = merged_ck.tensors.get(name)
+        if ref is not None and ref.dtype in FLOAT_CODES:
+            return {code: dtype for dtype, code in DTYPE_NAMES.items()}[ref.dtype]
+    return "auto"

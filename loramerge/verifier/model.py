@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .. import codecs
 from ..engine import deltas, tuners
 from ..readers.checkpoint import Checkpoint
 from ..types import Adapter, Job, numel
@@ -63,9 +64,14 @@ def check_model(base_ck: Checkpoint, merged_ck: Checkpoint, adapters: list[Adapt
                 if r.dtype in ("BF16", "F16")), default=None)
 
     try:
-        model = _load(cls, base_ck.root, device)
+        if any(j.decode is not None for j in jobs):
+            model = _load_decoded(cls, base_ck, jobs, device)
+        else:
+            model = _load(cls, base_ck.root, device)
     except Exception as e:  # noqa: BLE001 - any load failure means "cannot run this check"
         return ModelCheck("skipped", f"transformers cannot load BASE: {type(e).__name__}: {str(e)[:200]}")
+    if isinstance(model, str):
+        return ModelCheck("skipped", model)
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
     if not vocab:
         return ModelCheck("skipped", "the model config has no vocab_size to draw token ids from")
@@ -119,6 +125,33 @@ def _load(cls, path: Path, device: torch.device):
     finally:
         if shown:
             logging.enable_progress_bar()
+
+
+def _load_decoded(cls, base_ck: Checkpoint, jobs: list[Job], device: torch.device):
+    """The base model in float32 with every weight as the merge starts from it: a quantized base
+    (FP8, bitsandbytes 4-bit) dequantized by its codec, and --qlora targets as their 4-bit round
+    trip (what the adapter was trained against). Built from the config (quantization_config
+    dropped) and loaded with those values; a reason string when a parameter stays unset."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(base_ck.root)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = cls.from_config(config, dtype=torch.float32)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unset = set(params)
+    with torch.no_grad():
+        for job in jobs:
+            pname = _resolve(job.name, set(params))
+            if pname is None or params[pname].shape != job.shape:
+                continue
+            stored = [base_ck.read(job.source), *(base_ck.read(r) for r in job.inputs)]
+            value = codecs.decode(job.decode, stored, job.shape, "cpu") if job.decode is not None else stored[0]
+            params[pname].copy_(value.to(torch.float32))
+            unset -= {n for n, p in params.items() if p is params[pname]}  # tied twins are set too
+    if unset:
+        return f"the base's tensors do not cover the model's parameter {sorted(unset)[0]}"
+    return model.to(device).eval()
 
 
 def _available_memory(device: torch.device) -> int | None:

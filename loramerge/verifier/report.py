@@ -14,6 +14,10 @@ _GRID = {"BF16": (8, -126), "F16": (11, -14), "F32": (24, -126), "F64": (53, -10
 HALF_CODES = ("BF16", "F16")
 HALF_TOL_ULPS = 2.0
 FLOAT_TOL_REL = 1e-6
+# FP8 outputs: each value within half an e4m3 step (at its block's scale) of the exact result, plus
+# this much for float64 summation-order noise; each scale within 2^-23 of amax / 448.
+FP8_TOL_ULPS = 0.5 + 1e-6
+FP8_SCALE_TOL_REL = 2.0 ** -23
 # A target whose delta lost more than this to the output dtype gets a warning.
 FIDELITY_WARN = 0.1
 LAYER_ROWS = 8
@@ -35,6 +39,9 @@ class TensorCheck:
     delta_ratio: float | None = None    # the applied change M - W as a multiple of E - W
     layer_rel: float | None = None      # max |y_M - y_ref| / max |y_ref|
     worst: dict | None = None           # where the largest error is: index, merged, expected, base
+    delta_dropped: float | None = None  # FP8 output: share of the elements dW touches whose stored value
+                                        # is the one W alone would get at the new scale
+    qlora_shift: float | None = None    # --qlora: ||W_q - W|| / ||dW||, how far a plain merge would be
     problems: list[str] = field(default_factory=list)
     note: str = ""
 
@@ -114,6 +121,7 @@ class VerifyReport(JsonReport):
         if fid:
             lines.append(f"delta fidelity (share of the adapter's change lost to the output dtype): "
                          f"worst {fid['worst']:.3g} ({fid['worst_tensor']}), median {fid['median']:.3g}")
+        lines += self._quantized_lines()
         if not self.outputs:
             lines.append("layer and model outputs: not checked (--no-outputs)")
         elif self.model is not None:
@@ -132,6 +140,22 @@ class VerifyReport(JsonReport):
                      f"{len(copies)} untouched, {len(failures)} failure(s), {self.seconds:.2f} s)")
         return "\n".join(lines)
 
+    def _quantized_lines(self) -> list[str]:
+        lines = []
+        fp8 = [t for t in self.targets if t.delta_dropped is not None]
+        if fp8:
+            worst = max(fp8, key=lambda t: t.delta_dropped)
+            lines.append(f"FP8: {len(fp8)} target(s) requantized with fresh scales; in {statistics.median(t.delta_dropped for t in fp8):.1%} "
+                         f"of their elements (median; worst {worst.name}: {worst.delta_dropped:.1%}) the adapter's "
+                         "change did not survive at all (the FP8 value is the one W alone would get)")
+        shifts = [t for t in self.targets if t.qlora_shift is not None]
+        if shifts:
+            worst = max(shifts, key=lambda t: t.qlora_shift)
+            lines.append(f"QLoRA: a plain merge into the unquantized base would differ from this one by "
+                         f"{statistics.median(t.qlora_shift for t in shifts):.3g}x the adapter's own change (median "
+                         f"||W_q - W|| / ||dW||; worst {worst.name}: {worst.qlora_shift:.3g}x)")
+        return lines
+
     def to_json(self) -> dict:
         return jsonable({
             "ok": self.ok,
@@ -140,6 +164,7 @@ class VerifyReport(JsonReport):
             "merged": str(self.merged),
             "device": self.device,
             "tolerance": {"half_ulps": HALF_TOL_ULPS, "float_rel": FLOAT_TOL_REL,
+                          "fp8_ulps": FP8_TOL_ULPS, "fp8_scale_rel": FP8_SCALE_TOL_REL,
                           "fidelity_warn": FIDELITY_WARN},
             "tensors": [{**asdict(t), "shape": list(t.shape), "ok": t.ok} for t in self.tensors],
             "fidelity": self.fidelity(),
@@ -165,7 +190,12 @@ def fidelity_warning(report: VerifyReport) -> None:
         return
     worst = max(lossy, key=lambda t: t.delta_loss)
     fix = {"BF16": "re-merge with --dtype float32, or --dtype float16 (8x finer grid) if the weights fit "
-                   "its range (|w| < 65504)"}.get(worst.dtype, "re-merge with --dtype float32")
+                   "its range (|w| < 65504)",
+           "F8_E4M3": "FP8 keeps 4 significant bits, so a delta much smaller than the weights survives only "
+                      "partly or not at all" + (f" (not at all in {worst.delta_dropped:.0%} of {worst.name}'s elements)"
+                                                if worst.delta_dropped is not None else "")
+                      + "; re-merge with --dtype bfloat16 for a plain bf16 checkpoint that keeps it"
+           }.get(worst.dtype, "re-merge with --dtype float32")
     report.warnings.append(
         f"{len(lossy)} of {len(report.targets)} target(s) lost more than {FIDELITY_WARN:.0%} of the adapter's "
         f"change to rounding; worst {worst.name}: {worst.dtype} kept only {max(0.0, 1 - worst.delta_loss):.0%} "

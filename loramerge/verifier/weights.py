@@ -191,13 +191,7 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
     bad = 0
     sq_err = sq_delta = dot = 0.0
     worst = None                        # (score, row, col, merged, expected, base)
-    if layer:
-        x = torch.randn(LAYER_ROWS, m_lin.shape[1], generator=torch.Generator().manual_seed(SEED),
-                        dtype=torch.float64).to(dev)
-        branch = sum((lora_branch(x, fl, f) for fl, f in tg.branches),
-                     torch.zeros(LAYER_ROWS, m_lin.shape[0], dtype=torch.float64, device=dev))
-        y_m, y_ref, bound = (torch.zeros(LAYER_ROWS, m_lin.shape[0], dtype=torch.float64, device=dev)
-                             for _ in range(3))
+    outs = LayerOutputs(tg, m_lin, dev) if layer else None
     for sl, wb, mb, e, dora_scale, ub in _blocks(tg, m_lin, dev):
         # The element's magnitude: W, E, or the delta's terms s * sum_k |B_ik A_kj| when they are larger
         # (a tool that rounds the factors or the delta to the output dtype errs relative to those).
@@ -223,13 +217,9 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
         sq_err += float(((mb - e) ** 2).sum())
         sq_delta += float((delta ** 2).sum())
         dot += float(((mb - wb) * delta).sum())
-        if layer:
-            y_m[:, sl] = x @ mb.T
-            y = x @ ub.T + branch[:, sl]
-            y_ref[:, sl] = y if dora_scale is None else y * dora_scale
-            if half:
-                # |M - E| <= |M - round(E)| + |round(E) - E| <= (tol + 1/2) ulp per element
-                bound[:, sl] = x.abs() @ ((HALF_TOL_ULPS + 0.5) * tol_ulp).T
+        if outs is not None:
+            # half: |M - E| <= |M - round(E)| + |round(E) - E| <= (tol + 1/2) ulp per element
+            outs.add(sl, ub, mb, dora_scale, (HALF_TOL_ULPS + 0.5) * tol_ulp if half else None)
 
     n = m_lin.numel()
     tc.max_ulps = max_ulps
@@ -250,17 +240,42 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
         tc.problems.append(
             f"{bad} of {n} elements {what}, max rel err {tc.max_rel:.3g}); worst at {tc.worst['index']}: "
             f"merged {mv:.6g}, expected {ev:.6g}, base {wv:.6g}" + _diagnose(tc, bad, n))
-    if layer:
-        if not half:
-            bound = x.abs().sum(dim=1, keepdim=True) * float_tol
-        diff = (y_m - y_ref).abs()
-        denom = float(y_ref.abs().max())
+    if outs is not None:
+        outs.finish(tc, None if half else outs.x.abs().sum(dim=1, keepdim=True) * float_tol)
+
+
+class LayerOutputs:
+    """Check 3, gathered over row blocks: x @ M^T against x @ W^T plus the unmerged LoRA branch
+    (DoRA's scale applied), with a bound |x| @ tol^T from the per-element weight tolerance."""
+
+    def __init__(self, tg: _Target, m_lin: torch.Tensor, dev: torch.device):
+        self.x = torch.randn(LAYER_ROWS, m_lin.shape[1], generator=torch.Generator().manual_seed(SEED),
+                             dtype=torch.float64).to(dev)
+        self.branch = sum((lora_branch(self.x, fl, f) for fl, f in tg.branches),
+                          torch.zeros(LAYER_ROWS, m_lin.shape[0], dtype=torch.float64, device=dev))
+        self.y_m, self.y_ref, self.bound = (torch.zeros(LAYER_ROWS, m_lin.shape[0], dtype=torch.float64, device=dev)
+                                            for _ in range(3))
+
+    def add(self, sl: slice, ub: torch.Tensor, mb: torch.Tensor, dora_scale, tol: torch.Tensor | None) -> None:
+        """One row block: M, and U (the weight the unmerged layer applies besides its branches)."""
+        self.y_m[:, sl] = self.x @ mb.T
+        y = self.x @ ub.T + self.branch[:, sl]
+        self.y_ref[:, sl] = y if dora_scale is None else y * dora_scale
+        if tol is not None:
+            self.bound[:, sl] = self.x.abs() @ tol.T
+
+    def finish(self, tc: TensorCheck, bound: torch.Tensor | None = None) -> None:
+        """Record the layer error in tc, and a problem where it exceeds the bound (`bound` replaces
+        the per-block one, e.g. for the float rule's whole-tensor tolerance)."""
+        bound = self.bound if bound is None else bound
+        diff = (self.y_m - self.y_ref).abs()
+        denom = float(self.y_ref.abs().max())
         tc.layer_rel = float(diff.max()) / denom if denom > 0 else float(diff.max())
         over = diff > bound * (1 + 1e-9)
         if bool(over.any()):
             tc.problems.append(
                 f"layer output: {int(over.sum())} of {over.numel()} outputs of x @ W^T (x ~ randn({LAYER_ROWS}, "
-                f"{m_lin.shape[1]}), seed {SEED}) differ from base + LoRA branch s(xA^T)B^T by more than the "
+                f"{self.x.shape[1]}), seed {SEED}) differ from base + LoRA branch s(xA^T)B^T by more than the "
                 f"weight tolerance allows (max rel err {tc.layer_rel:.3g})")
 
 
