@@ -242,6 +242,11 @@ def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
             p = 24 if code == "F32" else 53
             notes.append(f"{'float32' if code == 'F32' else 'float64'} ({n} tensors): |W_rec - W| <= 1 ulp of the "
                          f"merged value (<= 2^-{p - 1} relative); most elements come back bit for bit")
+        elif code == "F8_E4M3":
+            notes.append(f"FP8 ({n} tensors): NOT exactly recoverable: the merge and the unmerge each requantize "
+                         "to 3 mantissa bits at fresh block scales. Bound per element: |W_rec - W| <= half an e4m3 "
+                         "step at the merged block's scale plus half a step at the unmerged one (each step <= 1/8 of "
+                         "the value, 1/16 at the block's top)")
         else:
             name, p = {"BF16": ("bfloat16", 8), "F16": ("float16", 11)}[code]
             notes.append(f"{name} ({n} tensors): NOT exactly recoverable: the merge rounded W + delta to the "
