@@ -100,7 +100,7 @@ def build_plan(
         raise UsageError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPE_NAMES)}")
     out_code = None if dtype == "auto" else DTYPE_NAMES[dtype]
 
-    qlora_warnings = codec_plan.check_qlora(base, qlora)
+    qlora_warnings = codec_plan.check_base(base, qlora)
     st = _PlanState(base, adapters)
     targets = _resolve(st, weights)
     _decide_outputs(st, targets)

@@ -38,8 +38,11 @@ def qlora_codec(quant_type: str | None, double_quant: bool = True, kernel: str =
     return Codec("qlora", quant_type=quant_type, blocksize=64, double_quant=double_quant, kernel=kernel)
 
 
-def check_qlora(base: Checkpoint, qlora: Codec | None) -> list[str]:
-    """Refuse --qlora where it cannot mean anything; warnings for where it is redundant."""
+def check_base(base: Checkpoint, qlora: Codec | None) -> list[str]:
+    """Refuse a quantized layout loramerge cannot read, and --qlora where it cannot mean anything;
+    warnings for where it is redundant."""
+    if base.quant_error is not None:
+        raise base.quant_error
     if qlora is None or base.quant is None:
         return []
     if base.quant.method == "fp8":

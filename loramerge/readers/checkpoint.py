@@ -116,6 +116,7 @@ class Checkpoint:
         self.skipped_files: list[str] = []
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
         self.quant: quantized.QuantLayout | None = None   # FP8 / bitsandbytes 4-bit weights, if any
+        self.quant_error: CheckpointError | None = None    # a quantized layout loramerge cannot read
 
     @property
     def root(self) -> Path | None:
@@ -259,7 +260,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         _check_index(ck)
     if not ck.tensors:
         raise CheckpointError(f"{path}: checkpoint holds no tensors")
-    ck.quant = quantized.detect(ck.tensors, ck.config(), path, ck.read)
+    try:
+        ck.quant = quantized.detect(ck.tensors, ck.config(), path, ck.read)
+    except CheckpointError as e:  # raised by whatever merges or verifies it; `inspect` still describes it
+        ck.quant_error = e
     return ck
 
 
