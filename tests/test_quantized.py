@@ -230,3 +230,24 @@ def test_fp8_bands_give_the_same_bytes_as_one_band(tmp_path, monkeypatch):
     apply(Q / "fp8-llama", A / "fp8-llama", tmp_path / "bands")
     a, b = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "bands/model.safetensors"))
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_fp8_merge_on_gpu_gives_the_cpu_bytes(tmp_path, dtype):
+    apply(Q / "fp8-partial", A / "fp8-partial", tmp_path / "cpu", dtype=dtype, device="cpu")
+    apply(Q / "fp8-partial", A / "fp8-partial", tmp_path / "gpu", dtype=dtype, device="cuda")
+    a, b = load_file(str(tmp_path / "cpu/model.safetensors")), load_file(str(tmp_path / "gpu/model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_qlora_cuda_kernel_merge_matches_bitsandbytes_on_gpu(tmp_path):
+    F = pytest.importorskip("bitsandbytes.functional")
+    out = tmp_path / "out"
+    apply(Q / "llama-bf16", A / "qlora-llama", out, qlora="nf4", device="cuda")
+    base, merged = load_dir(Q / "llama-bf16"), load_dir(out)
+    for name, d in _expected(base, A / "qlora-llama").items():
+        packed, state = F.quantize_4bit(base[name].cuda(), blocksize=64, compress_statistics=True, quant_type="nf4")
+        want = correctly_rounded(F.dequantize_4bit(packed, state).cpu().double() + d, torch.bfloat16)
+        assert torch.equal(merged[name].view(torch.int16), want.view(torch.int16)), name
