@@ -192,11 +192,20 @@ def test_ia3_with_a_zero_cannot_be_divided_out(tmp_path):
 
 # -- refusals -----------------------------------------------------------------------------------
 
-def test_vera_without_saved_projections_is_refused(tmp_out):
-    with pytest.raises(LoraMergeError, match="save_projection=False") as e:
-        loramerge.apply(base_of("vera-nosave"), tdir("vera-nosave"), tmp_out)
-    assert "projection_prng_key=0" in str(e.value) and "save_projection=True" in str(e.value)
-    assert not tmp_out.exists()
+def test_vera_without_saved_projections_regenerates_them_as_peft_does(tmp_out):
+    """save_projection=False: PEFT draws vera_A/vera_B from projection_prng_key on load, sized by the
+    largest adapted layer; so do we (same torch generator calls), and the merge equals PEFT's."""
+    report = loramerge.apply(base_of("vera-nosave"), tdir("vera-nosave"), tmp_out, sync=False)
+    assert any("regenerated from projection_prng_key=0" in w for w in report.warnings)
+    ours, theirs, orig = load_dir(tmp_out), peft_merged("vera-nosave"), load_dir(base_of("vera-nosave"))
+    changed = [k for k in ours if not torch.equal(ours[k], orig[k])]
+    assert len(changed) == 9  # q [64, 64], v [32, 64], down [64, 128]: projections sized [4, 128], [64, 4]
+    for k in ours:
+        assert rel_err(ours[k], theirs[k]) <= FP32_TOL, k
+    # sizing needs every layer: merging part of the adapter cannot know the largest
+    with pytest.raises(LoraMergeError, match="only 3 of 9 are merged"):
+        loramerge.apply(base_of("vera-nosave"), tdir("vera-nosave"), tmp_out.with_name("part"),
+                        only="model.layers.0.")
 
 
 def test_ia3_weights_are_exponents(tmp_out):
@@ -307,3 +316,43 @@ def test_inspect_names_the_tuner_and_its_base_tensors():
         ("ia3", "out", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias")
     assert "keys" not in q and r.details["matched"] == 9
     assert "model.layers.0.mlp.down_proj: ia3 scales inputs linear" in r.summary()
+
+
+# -- LoHa / LoKr in kohya naming, as LyCORIS writes them (fixtures/make_lycoris.py) --------------
+
+LYCORIS = FIXTURES / "lycoris"
+
+
+@pytest.mark.parametrize("name", ["loha", "lokr", "lokr-full"])
+def test_lycoris_kohya_files_match_lycoris(name, tmp_path):
+    """Oracle: LyCORIS' own delta (its modules' get_weight, checked against its unmerged forward
+    when the fixture was made), W + delta in float64. fp32 within 1e-6; fp16 correctly rounded."""
+    base, adapter = LYCORIS / "base", LYCORIS / f"{name}.safetensors"
+    expected = load_dir(LYCORIS / f"expected-{name}.safetensors")
+    orig = load_dir(base)
+    report = loramerge.apply(base, adapter, tmp_path / "fp32", sync=False)
+    assert report.tensors_merged == len(expected) == 6
+    ours = load_dir(tmp_path / "fp32")
+    for k, w in orig.items():
+        if k in expected:
+            assert rel_err(ours[k], expected[k]) <= 1e-6, k
+        else:
+            assert torch.equal(ours[k], w), k
+    loramerge.apply(base, adapter, tmp_path / "fp16", dtype="float16", sync=False)
+    ours = load_dir(tmp_path / "fp16")
+    for k, e in expected.items():
+        assert torch.equal(ours[k].view(torch.int16), correctly_rounded(e, torch.float16).view(torch.int16)), k
+    r = loramerge.verify(base, adapter, tmp_path / "fp32", outputs=False)
+    assert r.ok and len(r.targets) == 6, r.table()
+
+
+def test_lycoris_dora_and_unknown_algorithms_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(LYCORIS / "loha.safetensors"))
+    sd["lora_unet_proj_in.dora_scale"] = torch.ones(64, 1)
+    sd["lora_unet_attn1_to_q.oft_blocks"] = torch.zeros(4, 16, 16)
+    save_file(sd, str(tmp_path / "x.safetensors"))
+    with pytest.raises(LoraMergeError, match="not a usable kohya LoRA file") as e:
+        loramerge.apply(LYCORIS / "base", tmp_path / "x.safetensors", tmp_path / "o")
+    assert "lora_unet_proj_in.dora_scale: a LyCORIS/DoRA 'dora_scale' tensor; only LoRA, LoHa and LoKr" in str(e.value)
+    assert "lora_unet_attn1_to_q.oft_blocks: a LyCORIS/DoRA 'oft' tensor" in str(e.value)

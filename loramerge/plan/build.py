@@ -112,6 +112,7 @@ def build_plan(
             _check_pair(st, t)
     for name, terms in st.terms.items():
         _check_terms(st, name, terms)
+    st.problems += tuners.regenerate_projections(adapters, st.terms)  # unsaved VeRA projections
     if len(st.matcher.rewrites) > 1:
         shown = "; ".join(f"strip {s!r} add {a!r} for e.g. {mods[0]}" for (s, a), mods in st.matcher.rewrites.items())
         st.problems.append(f"adapter module paths map onto the base with different prefix rewrites ({shown}); "

@@ -2,7 +2,10 @@
 
 Keys: `lora_unet_<path with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
 (and `lora_te_`, `lora_te1_`, `lora_te2_` for text encoders). scale = alpha / rank, rank read off
-lora_down; a missing alpha means alpha = rank (kohya's own default). Because the names are
+lora_down; a missing alpha means alpha = rank (kohya's own default). LyCORIS writes LoHa and
+LoKr under the same names (`.hada_w1_a` ..., `.lokr_w1` ...; readers/lycoris.py) with LyCORIS'
+scale rules: alpha / rank, a missing or zero alpha meaning no scaling, and a LoKr made of two full
+matrices (no rank) unscaled. Their DoRA (`dora_scale`), full diffs and other algorithms are refused. Because the names are
 flattened, the base tensor is found by flattening the base's names the same way; a flattened name
 must match exactly one base module (resolved in the plan), and a key that matches none is an
 error, never a skipped line in a log.
@@ -16,13 +19,16 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from ..types import Adapter, LoraPair
+from ..types import Adapter, LoraPair, TunerTarget
+from . import lycoris
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
 FLAT = "flat:"
-_KEY = re.compile(r"^(?P<module>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-# LyCORIS and DoRA variants use other keys; they are not LoRA and are refused by name.
-_OTHER = ("hada_", "lokr_", "oft_", "dora_scale", ".diff", "lora_mid")
+_LYCORIS = "|".join(s for slots in lycoris.SLOTS.values() for s in slots)
+_KEY = re.compile(r"^(?P<module>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|"
+                  + _LYCORIS + r")$")
+# Other LyCORIS algorithms and DoRA variants use other keys; they are refused by name.
+_OTHER = ("oft_", "dora_scale", ".diff", "lora_mid", "boft_", "ia3_", "glora", "scalar")
 
 
 def looks_like_kohya(keys) -> bool:
@@ -36,12 +42,21 @@ def read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> Adapter:
         m = _KEY.match(key)
         if m is None:
             kind = next((o for o in _OTHER if o in key), None)
-            problems.append(f"{key}: " + (f"a LyCORIS/DoRA '{kind.strip('._')}' tensor, not plain LoRA; not supported"
-                                          if kind else "not a kohya LoRA key (lora_down/lora_up/alpha)"))
+            problems.append(f"{key}: " + (f"a LyCORIS/DoRA '{kind.strip('._')}' tensor; only LoRA, LoHa and LoKr "
+                                          "are supported" if kind else
+                                          "not a kohya LoRA key (lora_down/lora_up/alpha, hada_*, lokr_*)"))
             continue
         modules.setdefault(m.group("module"), {})[m.group("part").split(".")[0]] = key
     pairs = []
     for module, slots in sorted(modules.items()):
+        tuner = next((lycoris.tuner_of(s) for s in slots if lycoris.tuner_of(s)), None)
+        if tuner is not None:
+            rec = _lycoris_target(tuner, module, slots, tensors)
+            if isinstance(rec, str):
+                problems.append(f"{module}: {rec}")
+            else:
+                pairs.append(rec)
+            continue
         if "lora_down" not in slots or "lora_up" not in slots:
             problems.append(f"{module}: needs both lora_down.weight and lora_up.weight")
             continue
@@ -62,7 +77,7 @@ def read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> Adapter:
     if problems:
         raise AdapterError(f"{path}: not a usable kohya LoRA file", problems)
     if not pairs:
-        raise AdapterError(f"{path}: no lora_down/lora_up pairs found")
+        raise AdapterError(f"{path}: no lora_down/lora_up pairs (nor LoHa/LoKr tensors) found")
     return Adapter(path=path, format="kohya", pairs=pairs, tensors=tensors)
 
 
@@ -71,3 +86,24 @@ def _strip_prefix(module: str) -> str:
         if module.startswith(p):
             return module[len(p):]
     return module
+
+
+def _lycoris_target(tuner: str, module: str, slots: dict[str, str], tensors) -> TunerTarget | str:
+    """A LoHa/LoKr target from one module's LyCORIS tensors, or the problem with them."""
+    own = lycoris.SLOTS[tuner]
+    stray = [s for s in slots if s != "alpha" and s not in own]
+    if stray:
+        return f"mixes {tuner} tensors with {', '.join(sorted(stray))}"
+    roles = {own[s]: k for s, k in slots.items() if s != "alpha"}
+    shape, rank, problem = lycoris.shapes(tuner, roles, tensors)
+    if problem:
+        return problem
+    alpha = float(tensors[slots["alpha"]].item()) if "alpha" in slots else 0.0
+    if rank is None:  # LoKr of two full matrices: LyCORIS sets alpha = dim, i.e. no scaling
+        scale, rank = 1.0, 0
+    else:
+        alpha = alpha or float(rank)  # missing or 0: alpha = dim
+        scale = alpha / rank
+    return TunerTarget(module, tuner, tuple(sorted(roles.items())), scale, shape,
+                       "conv" if len(shape) > 2 else "linear", rank, alpha, target=FLAT + _strip_prefix(module),
+                       origin="lycoris")

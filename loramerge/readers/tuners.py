@@ -10,13 +10,16 @@ the tuner. Each target becomes a TunerTarget whose scale and shape rules are PEF
   LOHA/LOKR  hada_* / lokr_* (readers/lycoris.py); scale alpha / r with rank_pattern/alpha_pattern.
   VERA     vera_lambda_b [out], vera_lambda_d [r], and the shared base_model.vera_A [r, in_max] /
            base_model.vera_B [out_max, r] that save_projection=True (the default) stores. Without
-           them PEFT regenerates the projections from projection_prng_key; we refuse instead.
+           them, PEFT regenerates the projections on load from projection_prng_key, sized by the
+           largest adapted layer: so do we, once the plan knows every layer's shape
+           (regenerate_projections), with the same torch generator calls.
 modules_to_save and trained biases become replacements, as for LoRA (readers/peft.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -36,6 +39,8 @@ SLOTS = {
     **lycoris.SLOTS,
 }
 VERA_SHARED = {"A": "base_model.vera_A", "B": "base_model.vera_B"}
+# where regenerated projections go in Adapter.tensors (not names PEFT would save)
+REGENERATED = {"A": "loramerge.regenerated.vera_A", "B": "loramerge.regenerated.vera_B"}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<slot>[A-Za-z0-9_]+)$")
 NAMES = {"adalora": "AdaLoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr", "vera": "VeRA"}
 
@@ -176,14 +181,22 @@ def _ia3(tuner, module, roles, tensors, config):
 
 
 def _vera(tuner, module, roles, tensors, config):
-    missing = [k for k in VERA_SHARED.values() if k not in tensors]
-    if missing:
-        return (f"the shared VeRA projections ({', '.join(missing)}) are not in the adapter file: it was saved "
-                f"with save_projection=False, and PEFT regenerates them from projection_prng_key="
-                f"{config.get('projection_prng_key')!r} with torch's random generator on load. loramerge merges "
-                "only saved projections: load the adapter with PEFT and save it again with save_projection=True")
     if "lambda_b" not in roles or "lambda_d" not in roles:
         return "VeRA needs vera_lambda_b and vera_lambda_d"
+    missing = [k for k in VERA_SHARED.values() if k not in tensors]
+    if len(missing) == 1:
+        return f"the adapter file has one shared VeRA projection but not {missing[0]}; the file is incomplete"
+    if missing:  # save_projection=False: regenerated once the plan knows the layer sizes
+        key = config.get("projection_prng_key")
+        if not isinstance(key, int) or isinstance(key, bool):
+            return (f"the shared VeRA projections are not saved and projection_prng_key={key!r} is not an "
+                    "integer seed to regenerate them from")
+        roles = {**roles, **REGENERATED}
+        problem = _floats({k: v for k, v in roles.items() if v in tensors}, tensors)
+        lam_d = tensors[roles["lambda_d"]]
+        if problem or lam_d.numel() != config["r"]:
+            return problem or f"vera_lambda_d has {lam_d.numel()} entries but r={config['r']} in {CONFIG}"
+        return _vera_target(tuner, module, roles, tensors, config)
     roles = {**roles, **VERA_SHARED}
     problem = _floats(roles, tensors)
     if problem:
@@ -196,8 +209,12 @@ def _vera(tuner, module, roles, tensors, config):
                 f"{CONFIG} do not agree on the rank")
     if lam_b.numel() > b.shape[0]:
         return f"vera_lambda_b has {lam_b.numel()} outputs but the shared vera_B only {b.shape[0]} rows"
+    return _vera_target(tuner, module, roles, tensors, config)
+
+
+def _vera_target(tuner, module, roles, tensors, config):
+    r, out = tensors[roles["lambda_d"]].numel(), tensors[roles["lambda_b"]].numel()
     keys = tuple((role, roles[role]) for role in ("A", "B", "lambda_d", "lambda_b"))
-    out = lam_b.numel()
     if config.get("fan_in_fan_out"):
         return TunerTarget(module, tuner, keys, 1.0, (0, out), "transposed", r)
     return TunerTarget(module, tuner, keys, 1.0, (out, 0), "linear", r)
@@ -230,7 +247,7 @@ def resolve(rec: TunerTarget, shape: tuple[int, ...], adapter: Adapter) -> tuple
         ok, implied = shape == rec.base_shape, str(list(rec.base_shape))
     elif t == "vera":
         out_ax = 1 if rec.layout == "transposed" else 0
-        cols = adapter.tensors[rec.key("A")].shape[1]
+        cols = adapter.tensors[rec.key("A")].shape[1] if rec.key("A") in adapter.tensors else max(shape)
         ok = len(shape) == 2 and shape[out_ax] == max(rec.base_shape) and shape[1 - out_ax] <= cols
         implied = (f"{max(rec.base_shape)} outputs (on axis {out_ax}) and at most {cols} inputs (the shared "
                    "vera_A's width)")
@@ -254,3 +271,35 @@ def _ia3_fits(rec: TunerTarget, shape: tuple[int, ...], adapter: Adapter) -> tup
     axis = (1 if rec.layout == "linear" else 0) if rec.axis == "in" else (0 if rec.layout == "linear" else 1)
     what = f"a 2-D weight with {n} {'inputs' if rec.axis == 'in' else 'outputs'} on axis {axis}"
     return len(shape) == 2 and shape[axis] == n, what
+
+
+def regenerate_projections(adapters: list[Adapter], terms: dict[str, list]) -> list[str]:
+    """VeRA adapters saved without their shared projections: make them as PEFT does on load
+    (VeraModel._init_vera_A_vera_B: one CPU torch.Generator seeded with projection_prng_key draws
+    vera_A [r, in_max] then vera_B [out_max, r], each uniform in +-sqrt(3) * sqrt(2) / sqrt(fan_in)),
+    sized by the largest adapted layer, which the plan's resolved targets (in `terms`) tell.
+    Puts them in adapter.tensors; returns the problems (a sizing that cannot be known)."""
+    problems = []
+    for ai, adapter in enumerate(adapters):
+        recs = {t.pair.module: t.pair for ts in terms.values() for t in ts
+                if t.adapter == ai and isinstance(t.pair, TunerTarget) and t.pair.key("A") == REGENERATED["A"]}
+        if not recs or REGENERATED["A"] in adapter.tensors:  # none, or made by an earlier plan
+            continue
+        total = sum(k.endswith(".vera_lambda_d") for k in adapter.tensors)
+        if len(recs) != total:
+            problems.append(f"{adapter.label}: regenerating the unsaved VeRA projections needs every VeRA layer's "
+                            f"size (PEFT sizes them by the largest), but only {len(recs)} of {total} are merged "
+                            "(--only?); merge the whole adapter, or save it with save_projection=True")
+            continue
+        dims = [(s[1], s[0]) if r.layout == "transposed" else (s[0], s[1]) for r in recs.values()
+                for s in [r.base_shape]]
+        out_max, in_max = max(d[0] for d in dims), max(d[1] for d in dims)
+        rank = next(iter(recs.values())).rank
+        gen = torch.Generator(device="cpu").manual_seed(adapter.config["projection_prng_key"])
+        for key, shape in ((REGENERATED["A"], (rank, in_max)), (REGENERATED["B"], (out_max, rank))):
+            bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))  # PEFT's _kaiming_init, fan_in
+            adapter.tensors[key] = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+        adapter.warnings.append(f"{adapter.label}: VeRA projections were not saved (save_projection=False); "
+                                f"regenerated from projection_prng_key={adapter.config['projection_prng_key']} as "
+                                "PEFT does on load: the result matches PEFT with this torch's random generator")
+    return problems
