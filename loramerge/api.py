@@ -203,6 +203,10 @@ def _not_invertible(adapters: list[Adapter]) -> list[str]:
             problems.append(f"{a.label}: {shown} {'was' if len(replaced) == 1 else 'were'} replaced by the "
                             "adapter's full tensors (modules_to_save or trained layers); the original base "
                             "tensors are not stored anywhere")
+        tokens = [tr.target for tr in getattr(a, "tokens", None) or []]
+        if tokens:
+            problems.append(f"{a.label}: trained token rows of {', '.join(tokens)} (trainable_token_indices) "
+                            "replaced the base's rows, and PEFT does not save the rows they overwrote")
     return problems
 
 

@@ -142,6 +142,17 @@ class TunerTarget:
         return self.target or self.module + ".weight"
 
 
+@dataclass(frozen=True)
+class TokenRows:
+    """PEFT TrainableTokens (trainable_token_indices, beside LoRA): rows `indices` of the tensor
+    `target` (named as the training code saw it: an input embedding or an lm_head) become the
+    adapter's tensor `key` [len(indices), dim]. Not a delta: the trained rows are the new values."""
+
+    target: str
+    key: str
+    indices: tuple[int, ...]
+
+
 @dataclass
 class Adapter:
     path: Path
@@ -153,6 +164,7 @@ class Adapter:
     # Full tensors that replace base tensors (PEFT modules_to_save, saved embedding base layers,
     # trained biases): base tensor name as the training code saw it -> key in `tensors`.
     replacements: dict[str, str] = field(default_factory=dict)
+    tokens: list[TokenRows] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -167,13 +179,15 @@ class Term:
     substitutes the adapter's full tensor `key` for the base tensor (applied before any delta).
     With a TunerTarget: 'delta' adds weight * scale * its delta (AdaLoRA, LoHa, LoKr, VeRA);
     'scale' multiplies the weight or bias by IA3's vector to the power `weight` (1 merges, -1
-    divides it out again)."""
+    divides it out again). 'rows' writes the adapter's tensor `key` into rows `rows` of the tensor
+    (trainable tokens), after any replacement and before any delta."""
 
     adapter: int
     pair: LoraPair | TunerTarget | None
     weight: float
     kind: str = "lora"
     key: str | None = None
+    rows: tuple[int, ...] | None = None
 
     @property
     def factor(self) -> float:
@@ -297,6 +311,9 @@ class Plan:
     # matching problems, kept (not raised) only by build_plan(strict=False), e.g. for `inspect --base`
     problems: list[str] = field(default_factory=list)
     config_removals: list[str] = field(default_factory=list)   # config.json keys the output drops
+    # output tensors that stay tied to another and take its changes (an lm_head sharing the input
+    # embedding's trained token rows): not written, the model ties them on load -> the tensor
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def jobs(self) -> list[Job]:

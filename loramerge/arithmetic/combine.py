@@ -162,6 +162,11 @@ def _group(adapters: list[Adapter]) -> dict[str, list[tuple[int, LoraPair]]]:
             problems.append(f"{adapter.label}: carries full replacement tensors (modules_to_save or trained "
                             f"layers, e.g. {next(iter(repl))}); they cannot be weighted or summed like LoRA "
                             "deltas: merge that adapter with `loramerge apply` instead")
+        tokens = getattr(adapter, "tokens", None)
+        if tokens:
+            problems.append(f"{adapter.label}: trains token rows (trainable_token_indices, e.g. {tokens[0].target}); "
+                            "they are new values, not deltas, and cannot be weighted or summed: merge that adapter "
+                            "with `loramerge apply` instead")
         refused: dict[tuple[str, str], list[str]] = {}  # one line per reason, not per target
         for pair in adapter.pairs:
             why = _unsupported(pair)

@@ -68,7 +68,7 @@ def _plain(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: to
     rep = job.replacement
     if rep is not None:  # a full tensor saved in the adapter stands in for the base tensor
         w = adapters[rep.adapter].tensors[rep.key]
-    w = w.to(device, non_blocking=True)
+    w = with_rows(job, w.to(device, non_blocking=True), adapters)
     lora = [t for t in job.terms if t.kind in ("lora", "delta")]
     bias = [t for t in job.terms if t.kind == "bias"]
     scales = [t for t in job.terms if t.kind == "scale"]
@@ -138,3 +138,21 @@ def _general(job: Job, w: torch.Tensor, adapters: list[Adapter], device: torch.d
         j = min(rows, i + step)
         y[i:j] = ops.round_to(tuners.merge_rows(w, i, j, mults, lows, dense), out_dtype)
     return y.reshape(shape)
+
+
+def with_rows(job: Job, w: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
+    """W with the job's trained token rows written in (PEFT's index_copy), before any LoRA of the
+    same adapter adds to them (PEFT's LoRA wraps the token layer). W is widened to hold the rows
+    exactly (float32 rows in a float16 W), so that they are rounded once, with the rest, to the
+    output dtype. Always a copy: W may be a saved replacement, or a .bin checkpoint's cached
+    tensor that a tied twin (an untied lm_head) reads again."""
+    rows = [t for t in job.terms if t.kind == "rows"]
+    if not rows:
+        return w
+    dtype = w.dtype
+    for t in rows:
+        dtype = torch.promote_types(dtype, adapters[t.adapter].tensors[t.key].dtype)
+    w = w.to(dtype, copy=True)
+    for t in rows:
+        w[torch.tensor(t.rows, device=w.device)] = adapters[t.adapter].tensors[t.key].to(w.device, dtype)
+    return w

@@ -48,6 +48,7 @@ def _describe(path: Path, fmt: str, options: dict) -> dict:
         "replacements": [{"tensor": name, "shape": list(adapter.tensors[key].shape),
                           "dtype": TORCH_TO_ST.get(adapter.tensors[key].dtype, str(adapter.tensors[key].dtype))}
                          for name, key in adapter.replacements.items()],
+        "tokens": [{"tensor": tr.target, "ids": list(tr.indices)} for tr in adapter.tokens],
         "tensors": len(adapter.tensors),
         "bytes": sum(t.numel() * t.element_size() for t in adapter.tensors.values()),
         "dtypes": counts(TORCH_TO_ST.get(t.dtype, str(t.dtype)) for t in adapter.tensors.values()),
@@ -66,6 +67,8 @@ def _describe(path: Path, fmt: str, options: dict) -> dict:
                 t["base_bias"] = hits.get(("bias", t["module"]), (None, None))[0]
         for r, key in zip(details["replacements"], adapter.replacements.values()):
             r["base_tensor"] = hits.get(("replace", key), (None, None))[0]
+        for r, tr in zip(details["tokens"], adapter.tokens):  # a tied lm_head may share the rows
+            r["base_tensors"] = hits.get(("rows", tr.key), [])
         details.update({"base": str(base), "matched": sum(t["base_tensor"] is not None for t in details["targets"]),
                         "unmatched": problems})
     details["warnings"] = warnings + list(adapter.warnings)
@@ -73,7 +76,8 @@ def _describe(path: Path, fmt: str, options: dict) -> dict:
 
 
 def _match(adapter: Adapter, base: Path) -> tuple[dict, list[str]]:
-    """{(term kind, module or saved key): (base tensor, the pair as the plan resolved it)} for
+    """{(term kind, module or saved key): (base tensor, the pair as the plan resolved it)}, and
+    {("rows", saved key): [base tensors]} for trained token rows, for
     everything of `adapter` that fits `base`, and the plan's problem lines for what does not."""
     from ..plan import build_plan
     from ..readers.checkpoint import open_checkpoint
@@ -86,6 +90,9 @@ def _match(adapter: Adapter, base: Path) -> tuple[dict, list[str]]:
     hits = {}
     for job in plan.jobs:
         for t in job.terms:
+            if t.kind == "rows":  # trained token rows: every tensor they land on (a tied lm_head too)
+                hits.setdefault(("rows", t.key), []).append(job.name)
+                continue
             kind = "lora" if t.kind not in ("replace", "bias") else t.kind
             if t.kind == "scale" and job.name.endswith(".bias"):  # IA3 scales the bias too
                 kind = "bias"
@@ -116,6 +123,10 @@ def text(d: dict) -> list[str]:
         lines.append(f"  ... and {len(d['targets']) - TEXT_TARGETS} more (--json lists every target)")
     for r in d["replacements"]:
         lines.append(f"  {r['tensor']}: full saved tensor {r['dtype']} {r['shape']} (replaces the base's)")
+    for r in d["tokens"]:
+        ids = ", ".join(map(str, r["ids"][:8])) + (", ..." if len(r["ids"]) > 8 else "")
+        hit = (" -> " + (", ".join(r["base_tensors"]) or "(no match)")) if "base_tensors" in r else ""
+        lines.append(f"  {r['tensor']}: {len(r['ids'])} trained token rows (ids {ids}){hit}")
     if "base" in d:
         lines.append(f"against {d['base']}: {d['matched']} of {len(d['targets'])} target(s) match"
                      + (f"; {len(d['unmatched'])} problem(s):" if d["unmatched"] else ""))

@@ -41,6 +41,9 @@ def _factors(m: Match, adapters: list[Adapter]) -> tuple[torch.Tensor, torch.Ten
         if term.kind == "replace":
             raise OnnxError(f"{t.name}: the adapter replaces this tensor with a saved full copy "
                             "(modules_to_save); that is no side branch: fold it (drop --keep-lora)")
+        if term.kind == "rows":
+            raise OnnxError(f"{t.name}: the adapter replaces trained token rows of this tensor "
+                            "(trainable_token_indices); that is no side branch: fold it (drop --keep-lora)")
         if term.pair is not None and term.pair.magnitude_key:
             raise OnnxError(f"{t.name}: DoRA rescales the whole weight, which is no additive side branch; "
                             "fold it instead (drop --keep-lora)")

@@ -84,6 +84,8 @@ def collect_targets(adapters: list[Adapter], weights: list[float] | None, base: 
                                 "change: export the merged model instead (loramerge export-onnx MODEL_DIR OUT.onnx "
                                 "--adapter ...)")
             targets.append(Target(job.name, job.source.shape, job.terms, job.source))
+        for alias, origin in plan.aliases.items():  # a tied lm_head sharing the embedding's token rows
+            targets += [Target(alias, t.shape, t.terms, t.ref) for t in targets if t.name == origin]
         return targets
 
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
@@ -97,6 +99,10 @@ def collect_targets(adapters: list[Adapter], weights: list[float] | None, base: 
         entry[1].append(term)
 
     for ai, (adapter, w) in enumerate(zip(adapters, weights)):
+        for tr in adapter.tokens:
+            problems.append(f"{adapter.label}: {tr.target}: trained token rows (trainable_token_indices) are placed "
+                            "against the base checkpoint (tied embeddings decide where they go); pass --base "
+                            "BASE_CHECKPOINT")
         for name, key in adapter.replacements.items():
             add(name, tuple(adapter.tensors[key].shape), Term(ai, None, w, kind="replace", key=key))
         for pair in adapter.pairs:

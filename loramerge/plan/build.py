@@ -1,7 +1,7 @@
 """build_plan(): decide everything before any byte is written.
 
-One _PlanState holds what the plan has decided so far, and three passes fill it:
-1. resolve: every adapter target (a LoRA pair, a saved full tensor) gets the name of the output
+One PlanState holds what the plan has decided so far, and three passes fill it:
+1. resolve: every adapter target (a LoRA pair, a saved full tensor, trained token rows) gets the name of the output
    tensor it lands on (plan.matching: exact, dot-suffix either way, kohya-flattened names);
 2. outputs: the output tensors the base does not store are decided once, from those names: an
    lm_head tied to the input embedding becomes its own tensor when an adapter changes either;
@@ -12,70 +12,19 @@ Pure: reads no tensor data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import PlanError, UsageError
 from ..readers import kohya, loralib, tuners
 from ..readers.checkpoint import Checkpoint
 from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Codec, Job, LoraPair, Plan, TensorRef, Term, TunerTarget
-from .kinds import term_problems
 from . import codecs as codec_plan
+from .kinds import term_problems
 from .layout import layout_files, parse_size
-from .matching import ModuleMatcher
+from .state import INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, PlanState, Target
+from .tokens import check_rows, resolve_rows, rows_problems, share_tied_rows
 
 # Modules GPT-2-style models implement as Conv1D (weights stored [in, out]).
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
-# Names of input-embedding tensors an output embedding (lm_head) can be tied to.
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
-                    "tok_embeddings.weight", "shared.weight")
-OUTPUT_EMBEDDING = "lm_head.weight"
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One adapter target and the output tensor `name` it resolved to: a LoRA pair, or (pair
-    None) the full tensor the adapter saves as `saved` under `key`."""
-
-    adapter: int
-    weight: float
-    name: str
-    pair: LoraPair | TunerTarget | None = None
-    saved: str = ""
-    key: str | None = None
-
-
-class _PlanState:
-    """What build_plan has decided: the output tensors (the base's, plus `extra` ones it lacks,
-    each starting from a base tensor), the terms on each, the shapes that change, and problems."""
-
-    def __init__(self, base: Checkpoint, adapters: list[Adapter]):
-        self.base = base
-        self.adapters = adapters
-        self.config = base.config() or {}
-        self.matcher = ModuleMatcher(base.tensors)
-        self.tied = _tied_embeddings(base, self.config)
-        self.untied = False                        # tie_word_embeddings must become false
-        self.extra: dict[str, TensorRef] = {}      # output tensors the base lacks -> where they start
-        self.terms: dict[str, list[Term]] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.problems: list[str] = []
-
-    def source(self, name: str) -> TensorRef | None:
-        return self.base.tensors.get(name) or self.extra.get(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The shape `name` has before any LoRA delta: a replacement's, else its own; an extra
-        tensor starts as the tensor it is split from (e.g. a resized embedding)."""
-        if name in self.shapes:
-            return self.shapes[name]
-        if name in self.extra:
-            origin = self.extra[name].name
-            return self.shapes.get(origin, self.extra[name].shape)
-        return codec_plan.logical_shape(self.base, name, self.base.tensors[name])
-
-    def add(self, name: str, term: Term) -> None:
-        self.terms.setdefault(name, []).append(term)
 
 
 def build_plan(
@@ -101,15 +50,17 @@ def build_plan(
     out_code = None if dtype == "auto" else DTYPE_NAMES[dtype]
 
     qlora_warnings = codec_plan.check_base(base, qlora)
-    st = _PlanState(base, adapters)
-    targets = _resolve(st, weights)
-    _decide_outputs(st, targets)
+    st = PlanState(base, adapters)
+    targets = _decide_outputs(st, _resolve(st, weights))
     for t in targets:
-        if t.pair is None:
+        if t.key is not None:
             _check_replacement(st, t)
     for t in targets:
         if t.pair is not None:
             _check_pair(st, t)
+    for t in targets:
+        if t.rows is not None:
+            check_rows(st, t)
     for name, terms in st.terms.items():
         _check_terms(st, name, terms)
     st.problems += tuners.regenerate_projections(adapters, st.terms)  # unsaved VeRA projections
@@ -161,10 +112,11 @@ def build_plan(
         warnings=warnings,
         problems=list(st.problems),
         config_removals=codec_plan.config_removals(base, out_code),
+        aliases=dict(st.aliases),
     )
 
 
-def _job(st: _PlanState, name: str, ref: TensorRef, out_code: str | None) -> Job:
+def _job(st: PlanState, name: str, ref: TensorRef, out_code: str | None) -> Job:
     code = ref.dtype
     if out_code is not None and code in FLOAT_CODES:
         code = out_code
@@ -172,26 +124,9 @@ def _job(st: _PlanState, name: str, ref: TensorRef, out_code: str | None) -> Job
     return Job(name, ref, code, tuple(st.terms.get(name, ())), shape if shape != ref.shape else None)
 
 
-def _tied_embeddings(base: Checkpoint, config: dict) -> tuple[str, ...] | None:
-    """(input embedding name[, lm_head name]) when the base ties them, else None. Without an
-    explicit tie_word_embeddings, a language-model checkpoint that stores no lm_head is tied
-    (transformers' default is to tie; GPT-2 style configs omit the key)."""
-    inputs = [n for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)]
-    if len(inputs) != 1:
-        return None
-    tie = config.get("tie_word_embeddings")
-    if tie is None:
-        lm = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
-                 for a in config.get("architectures") or [])
-        tie = lm and OUTPUT_EMBEDDING not in base.tensors
-    if not tie:
-        return None
-    return (inputs[0],) + ((OUTPUT_EMBEDDING,) if OUTPUT_EMBEDDING in base.tensors else ())
-
-
 # -- pass 1: names ----------------------------------------------------------------------------
 
-def _resolve(st: _PlanState, weights: list[float]) -> list[_Target]:
+def _resolve(st: PlanState, weights: list[float]) -> list[Target]:
     """Every target of every adapter, with the output tensor it lands on; the unresolvable ones
     become problems. A target naming an lm_head the base does not store (it is tied to the
     input embedding) resolves to that name: pass 2 makes it an output tensor."""
@@ -207,15 +142,16 @@ def _resolve(st: _PlanState, weights: list[float]) -> list[_Target]:
                 st.problems.append(f"{adapter.label}: {name}: the adapter saves a full copy of {name} but the "
                                    "base has no such tensor")
                 continue
-            targets.append(_Target(ai, w, full, saved=name, key=key))
+            targets.append(Target(ai, w, full, saved=name, key=key))
         for pair in adapter.pairs:
             found = _resolve_pair(st, adapter, pair)
             if found is not None:
-                targets.append(_Target(ai, w, found, pair=pair))
+                targets.append(Target(ai, w, found, pair=pair))
+        targets += resolve_rows(st, ai, w, adapter)
     return targets
 
 
-def _resolve_pair(st: _PlanState, adapter: Adapter, pair: LoraPair | TunerTarget) -> str | None:
+def _resolve_pair(st: PlanState, adapter: Adapter, pair: LoraPair | TunerTarget) -> str | None:
     wanted = pair.target_name.removesuffix(".weight")
     if wanted.startswith(kohya.FLAT):
         found, candidates = st.matcher.match_flat(wanted[len(kohya.FLAT):])
@@ -238,23 +174,30 @@ def _resolve_pair(st: _PlanState, adapter: Adapter, pair: LoraPair | TunerTarget
 
 # -- pass 2: output tensors -------------------------------------------------------------------
 
-def _decide_outputs(st: _PlanState, targets: list[_Target]) -> None:
+def _decide_outputs(st: PlanState, targets: list[Target]) -> list[Target]:
     """Tied input/output embeddings that an adapter changes must be stored apart and untied, or
     the reloaded model would silently share one of them for both (as PEFT's merge does). An
-    lm_head the base does not store then becomes its own tensor, starting from the embedding."""
+    lm_head the base does not store then becomes its own tensor, starting from the embedding.
+    Token rows PEFT applies to both (tokens.py) do not tell them apart: they go into each output
+    tensor that holds the lm_head. Returns the targets, lm_head's share of those rows included."""
+    targets, shared = share_tied_rows(st, targets)
     if st.tied is None:
-        return
-    touched = {t.name for t in targets} & {OUTPUT_EMBEDDING, *st.tied}
-    if not touched:
-        return
-    st.untied = True
-    if OUTPUT_EMBEDDING not in st.base.tensors:
-        st.extra[OUTPUT_EMBEDDING] = st.base.tensors[st.tied[0]]
+        return targets
+    touched = {t.name for t in targets if not any(t is s for s in shared)} & {OUTPUT_EMBEDDING, *st.tied}
+    if touched:
+        st.untied = True
+        if OUTPUT_EMBEDDING not in st.base.tensors:
+            st.extra[OUTPUT_EMBEDDING] = st.base.tensors[st.tied[0]]
+    if OUTPUT_EMBEDDING in st.base.tensors or OUTPUT_EMBEDDING in st.extra:
+        targets += [Target(t.adapter, t.weight, OUTPUT_EMBEDDING, rows=t.rows) for t in shared]
+    elif shared:
+        st.aliases[OUTPUT_EMBEDDING] = st.tied[0]  # stays tied: the embedding's rows are lm_head's
+    return targets
 
 
 # -- pass 3: checks and terms -----------------------------------------------------------------
 
-def _check_replacement(st: _PlanState, t: _Target) -> None:
+def _check_replacement(st: PlanState, t: Target) -> None:
     adapter = st.adapters[t.adapter]
     where = f"{adapter.label}: {t.saved}"
     new = tuple(adapter.tensors[t.key].shape)
@@ -274,7 +217,7 @@ def _check_replacement(st: _PlanState, t: _Target) -> None:
     st.shapes[t.name] = new
 
 
-def _check_pair(st: _PlanState, t: _Target) -> None:
+def _check_pair(st: PlanState, t: Target) -> None:
     adapter, pair, wname = st.adapters[t.adapter], t.pair, t.name
     where = f"{adapter.label}: {pair.module}"
     ref = st.source(wname)
@@ -339,10 +282,11 @@ def _check_pair(st: _PlanState, t: _Target) -> None:
             st.problems.append(f"{where}: base {bname} has shape {list(bref.shape)}, ia3_l has {out_features}")
 
 
-def _check_terms(st: _PlanState, name: str, terms: list[Term]) -> None:
+def _check_terms(st: PlanState, name: str, terms: list[Term]) -> None:
     if sum(t.kind == "replace" for t in terms) > 1:
         st.problems.append(f"{name}: replaced by full saved copies from several adapters; merge them one at a time")
     st.problems += term_problems(name, terms, st.adapters)
+    st.problems += rows_problems(st, name, terms)
     dora = [t for t in terms if t.pair is not None and t.pair.magnitude_key]
     label = st.adapters[dora[0].adapter].label if dora else ""
     if dora and dora[0].weight != 1:
@@ -353,7 +297,7 @@ def _check_terms(st: _PlanState, name: str, terms: list[Term]) -> None:
                            "other adapters' terms on the same tensor; apply it alone")
 
 
-def _inherit_replacement(st: _PlanState) -> None:
+def _inherit_replacement(st: PlanState) -> None:
     """An lm_head that was tied to a replaced embedding (saved base layer, resized vocabulary) was
     that replacement at run time: it starts from it, without the embedding's own LoRA delta."""
     if OUTPUT_EMBEDDING not in st.extra:
@@ -366,7 +310,7 @@ def _inherit_replacement(st: _PlanState) -> None:
         st.shapes[OUTPUT_EMBEDDING] = st.shapes[embedding]
 
 
-def _check_vocab(st: _PlanState) -> None:
+def _check_vocab(st: PlanState) -> None:
     """Input and output embeddings must end with the same vocabulary size, or the output will not load."""
     names = [n for n in [*st.base.tensors, *st.extra] if n.endswith(INPUT_EMBEDDINGS) or n == OUTPUT_EMBEDDING]
     rows = {n: st.shape(n)[0] for n in names}

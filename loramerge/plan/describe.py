@@ -51,6 +51,8 @@ def _kind(t: Term) -> str:
 def _term_text(t: Term, name: str) -> str:
     if t.kind == "replace":
         return f"replaced by saved {t.key}"
+    if t.kind == "rows":
+        return f"{len(t.rows)} token rows replaced by saved {t.key}"
     if t.kind == "scale":  # IA3: W' = W * l (weight 1) or W / l (weight -1, unmerge)
         what = "the bias" if name.endswith(".bias") else {"out": "outputs", "in": "inputs"}[t.pair.axis]
         return f"ia3 scales {what}" + (" (divided out)" if t.weight == -1 else "")
@@ -73,8 +75,9 @@ def _codec_json(c: Codec | None) -> dict | None:
 
 
 def _term_json(t: Term) -> dict:
-    if t.pair is None:  # a full saved tensor replaces the base tensor
-        return {"adapter": t.adapter, "kind": t.kind, "key": t.key, "weight": t.weight}
+    if t.pair is None:  # a full saved tensor replaces the base tensor, or trained token rows
+        out = {"adapter": t.adapter, "kind": t.kind, "key": t.key, "weight": t.weight}
+        return out if t.rows is None else {**out, "token_ids": list(t.rows)}
     out = {"adapter": t.adapter, "kind": _kind(t), "module": t.pair.module,
            "rank": t.pair.rank, "alpha": t.pair.alpha, "scale": t.pair.scale, "weight": t.weight}
     if t.kind == "scale":

@@ -22,7 +22,8 @@ def load_adapters(paths, lora_alpha: float | None = None, fan_in_fan_out: bool |
         if only is not None:
             adapter.pairs = [q for q in adapter.pairs if q.module.startswith(only)]
             adapter.replacements = {k: v for k, v in adapter.replacements.items() if k.startswith(only)}
-            if not adapter.pairs and not adapter.replacements:
+            adapter.tokens = [tr for tr in adapter.tokens if tr.target.startswith(only)]
+            if not adapter.pairs and not adapter.replacements and not adapter.tokens:
                 raise UsageError(f"{p}: --only {only!r} keeps none of the adapter's targets")
         adapters.append(adapter)
     return adapters

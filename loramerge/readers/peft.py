@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from ..types import Adapter, LoraPair
+from ..types import Adapter, LoraPair, TokenRows
 from .files import load_adapter_file
 
 CONFIG = "adapter_config.json"
@@ -25,7 +25,6 @@ PREFIX = "base_model.model."
 # Config fields that change the merged weights and are not supported yet. Each is refused with
 # its reason rather than ignored: ignoring any of them gives a silently wrong model.
 UNSUPPORTED_FIELDS = {
-    "trainable_token_indices": "trainable_token_indices replaces embedding rows",
     "layer_replication": "layer_replication duplicates layers, changing the model's structure",
     "target_parameters": "target_parameters adapts nn.Parameters directly (e.g. MoE experts)",
     "use_qalora": "QA-LoRA merges into group-quantized weights",
@@ -43,6 +42,8 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 # Parameters (not modules) in PEFT's layers: embedding factors and DoRA's magnitude vector.
+# TrainableTokens beside LoRA (trainable_token_indices): the trained rows of an embedding/lm_head.
+_TOKENS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.(?P<adapter>[^.]+))?$")
 _EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                       r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 
@@ -52,9 +53,9 @@ def read_peft_adapter(path: str | Path) -> Adapter:
     root, cfg_path, config = read_config(path)
     _check_config(cfg_path, config)
     tensors = _load_weights(root, path)
-    pairs, replacements = _pairs(root, config, tensors)
+    pairs, replacements, tokens = _pairs(root, config, tensors)
     return Adapter(path=root, format="peft", pairs=pairs, tensors=tensors, config=config,
-                   replacements=replacements)
+                   replacements=replacements, tokens=tokens)
 
 
 def read_config(path: Path) -> tuple[Path, Path, dict]:
@@ -170,8 +171,13 @@ def _classify(config: dict, tensors: dict[str, torch.Tensor]):
     """Split the adapter's keys into per-module LoRA slots, full replacement tensors, and unknowns."""
     modules: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
+    tokens: dict[str, str] = {}
     unknown = []
     for key in tensors:
+        m = _TOKENS_KEY.match(key)
+        if m:
+            tokens[_strip(m.group("module"))] = key
+            continue
         m = _KEY.match(key)
         if m and not (m.group("part") == "lora_A" and m.group("param") == "bias"):
             slot = m.group("part") + ("_bias" if m.group("param") == "bias" else "")
@@ -181,7 +187,7 @@ def _classify(config: dict, tensors: dict[str, torch.Tensor]):
         if m:
             modules.setdefault(_strip(m.group("module")), {})[m.group("part")] = key
             continue
-        name = _strip(key)
+        name = _strip(key).replace(".token_adapter.base_layer.", ".base_layer.")
         if ".base_layer." in name:
             # The base weights PEFT saves for targeted embeddings (save_embedding_layers, e.g. after
             # resizing the vocabulary): they replace the base tensor, the LoRA delta goes on top.
@@ -190,7 +196,7 @@ def _classify(config: dict, tensors: dict[str, torch.Tensor]):
             replacements[name] = key
         else:
             unknown.append(key)
-    return modules, replacements, unknown
+    return modules, replacements, tokens, unknown
 
 
 def _layout(config: dict, module: str, a: torch.Tensor, b: torch.Tensor, embedding: bool):
@@ -205,8 +211,9 @@ def _layout(config: dict, module: str, a: torch.Tensor, b: torch.Tensor, embeddi
 
 
 def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]):
-    modules, replacements, unknown = _classify(config, tensors)
+    modules, replacements, token_keys, unknown = _classify(config, tensors)
     problems = []
+    tokens = _token_rows(config, token_keys, tensors, problems)
     if unknown:
         problems.append(f"{len(unknown)} tensor(s) are neither LoRA factors nor modules_to_save copies, "
                         f"e.g. {unknown[0]!r}; this adapter format is not supported")
@@ -267,6 +274,50 @@ def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]):
                               magnitude_key=magnitude_key))
     if problems:
         raise AdapterError(f"{root}: adapter weights do not match {CONFIG}", problems)
-    if not pairs and not replacements:
+    if not pairs and not replacements and not tokens:
         raise AdapterError(f"{root}: the adapter holds no LoRA weights (lora_A/lora_B); nothing to merge")
-    return pairs, replacements
+    return pairs, replacements, tokens
+
+
+def _token_rows(config: dict, keys: dict[str, str], tensors: dict[str, torch.Tensor],
+                problems: list[str]) -> list[TokenRows]:
+    """PEFT's trainable_token_indices: a list of token ids for the input embedding (PEFT ties a
+    tied lm_head to it and may save that copy too), or {module name: ids}, a module matching when
+    its path ends with the name. The weights hold the trained rows, [len(ids), dim], per module."""
+    spec = config.get("trainable_token_indices")
+    if not keys and spec in (None, [], {}):
+        return []
+    if isinstance(spec, list):
+        by_name = None
+    elif isinstance(spec, dict) and all(isinstance(k, str) for k in spec):
+        by_name = spec
+    else:
+        problems.append(f"trainable_token_indices={spec!r}: expected a list of token ids or "
+                        "{module name: [token ids]}")
+        return []
+    if not keys:
+        problems.append(f"trainable_token_indices={spec!r} but the weights hold no trainable_tokens_delta; "
+                        "the adapter file is incomplete")
+        return []
+    rows = []
+    for module, key in keys.items():
+        names = [] if by_name is None else [n for n in by_name if module == n or module.endswith("." + n)]
+        if by_name is not None and len(names) != 1:
+            problems.append(f"{module}: has trained token rows but trainable_token_indices names "
+                            f"{'none of its' if not names else 'several of its'} module names ({list(by_name)})")
+            continue
+        ids = spec if by_name is None else by_name[names[0]]
+        delta = tensors[key]
+        if not (isinstance(ids, list) and ids and all(type(i) is int and i >= 0 for i in ids)):
+            problems.append(f"{module}: trainable token ids {ids!r}: expected a non-empty list of token ids")
+        elif len(set(ids)) != len(ids):
+            problems.append(f"{module}: trainable token ids {ids} repeat an id; PEFT's row copy would then "
+                            "depend on the order of writes")
+        elif delta.dim() != 2 or delta.shape[0] != len(ids) or not delta.is_floating_point():
+            problems.append(f"{module}: {key} is {delta.dtype} {list(delta.shape)}, expected floating point "
+                            f"[{len(ids)}, dim] for {len(ids)} token ids")
+        elif not torch.isfinite(delta).all():
+            problems.append(f"{module}: {key} contains NaN or Inf; the adapter is broken")
+        else:
+            rows.append(TokenRows(module + ".weight", key, tuple(ids)))
+    return rows

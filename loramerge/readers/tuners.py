@@ -53,7 +53,8 @@ def read_tuner_adapter(path: Path, root: Path, cfg_path: Path, config: dict) -> 
     tensors = _load_weights(root, path)
     if tuner == "vera" and config.get("bias") == "vera_only":
         config = {**config, "bias": "all"}  # the trained biases are saved whole either way
-    lora_slots, replacements, unknown = _classify(config, tensors)
+    lora_slots, replacements, tokens, unknown = _classify(config, tensors)
+    unknown += list(tokens.values())  # trained token rows belong to LoRA's config: refused below
     problems = [f"{m}: LoRA tensors ({', '.join(sorted(s))}) in a {NAMES[tuner]} adapter; the file does not "
                 f"belong to this {CONFIG}" for m, s in lora_slots.items()]
     modules: dict[str, dict[str, str]] = {}

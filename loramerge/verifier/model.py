@@ -10,7 +10,8 @@ This is the one check that holds a whole model: the base, then the merged model 
 It is skipped, with the reason, when transformers is missing, when BASE or MERGED is not a
 model directory, when the float32 model would not fit in memory, or when an adapted tensor is
 not a parameter of a layer the hooks know (Linear, GPT-2 Conv1D, Embedding). Tensors the
-adapter replaces whole (modules_to_save) have no unmerged form: they are put in place as they are.
+adapter replaces whole (modules_to_save) and trained token rows have no unmerged form: they are put
+in place as they are.
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ def _targets(model, jobs: list[Job], adapters: list[Adapter]) -> list[tuple[torc
     from transformers.pytorch_utils import Conv1D
 
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    written = {_resolve(j.name, params) for j in jobs}  # parameters the merge writes out
     specs: dict[str, dict] = {}
     for job in jobs:
         if not job.terms:
@@ -220,6 +222,8 @@ def _targets(model, jobs: list[Job], adapters: list[Adapter]) -> list[tuple[torc
                 # take the new row count as it comes.
                 r = adapters[t.adapter].tensors[t.key]
                 setattr(module, attr, nn.Parameter(r.to(module.weight.device, torch.float32), requires_grad=False))
+            elif t.kind == "rows":
+                _put_rows(model, module, attr, pname, t, adapters, written)
             elif (t.kind, attr) in (("lora", "weight"), ("bias", "bias")):
                 spec[t.kind].append(t)
             elif t.kind in ("delta", "scale") and attr == "weight" and (t.kind == "delta" or t.weight == 1):
@@ -261,6 +265,23 @@ def _tuner_parts(module, spec: dict, adapters: list[Adapter], dtype, dev):
             dense = d if dense is None else dense + d
     cast = (lambda v: None if v is None else v.to(dev, dtype))
     return branches, cast(dense), cast(scale_out), cast(scale_in)
+
+
+def _put_rows(model, module, attr: str, pname: str, t, adapters: list[Adapter], written: set) -> None:
+    """Trained token rows, as PEFT's TrainableTokens layer puts them (no unmerged form to hook):
+    in place where a tied twin (lm_head) shares them and the merge keeps the tie, in a parameter
+    of the layer's own where the merge writes the twin apart (then the twin has its own terms)."""
+    from torch import nn
+
+    param = getattr(module, attr)
+    twins = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param and n != pname]
+    new = param.detach().clone()
+    new[list(t.rows)] = adapters[t.adapter].tensors[t.key].to(new.device, new.dtype)
+    if any(n in written for n in twins):
+        setattr(module, attr, nn.Parameter(new, requires_grad=False))
+    else:
+        with torch.no_grad():
+            param.copy_(new)
 
 
 def _make_hook(module, spec: dict, adapters: list[Adapter]):

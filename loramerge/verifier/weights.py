@@ -60,13 +60,18 @@ class _Target:
 def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.device) -> _Target | str:
     """The expected-value recipe for a job (float64, on the device), or why it cannot be checked."""
     for t in job.terms:
-        if t.kind not in ("lora", "bias", "replace", "delta", "scale"):
+        if t.kind not in ("lora", "bias", "replace", "delta", "scale", "rows"):
             return (f"term of kind {t.kind!r} from {adapters[t.adapter].label}: verify does not know its math, "
                     "so this tensor cannot be checked; update loramerge")
     lora = [t for t in job.terms if t.kind in ("lora", "delta", "scale")]
     transposed = bool(lora) and lora[0].pair.layout == "transposed" and w.dim() > 1
     if any((t.pair.layout == "transposed") != transposed for t in lora if w.dim() > 1):
         return "adapters disagree on the layout of this tensor (transposed and not); cannot check it"
+    rows = [t for t in job.terms if t.kind == "rows"]
+    if rows:  # trained token rows are the start's values there (PEFT's index_copy); deltas add to them
+        w = w.to(torch.float64, copy=True)
+        for t in rows:
+            w[list(t.rows)] = adapters[t.adapter].tensors[t.key].to(torch.float64)
     tg = _Target(_lin(w, transposed), transposed)
     if not _prepare_tuners(tg, job, tuple(w.shape), adapters, dev):
         return "a LoHa/LoKr delta on a transposed (Conv1D) weight: PEFT has no such layer; cannot check it"
@@ -82,6 +87,8 @@ def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.devi
         if t.kind == "bias":  # a bias is a [out, 1] tensor; its delta a rank-1 effect with right = [[1]]
             d = deltas.bias_delta(adapters[t.adapter], t.pair).to(dev)
             tg.effects.append(((d * t.weight).reshape(-1, 1), torch.ones((1, 1), dtype=torch.float64, device=dev)))
+    if rows:
+        tg.note = f"{sum(len(t.rows) for t in rows)} token rows" + (" + " + tg.note if tg.note else "")
     if job.replacement is not None:
         tg.note = "replaced" + (" + " + tg.note if tg.note else "")
     return tg
