@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from conftest import MANIFEST, adapter_dir, base_dir
 from loramerge.cli import main
 
-ADAPTER_KEYS = {"command", "ok", "path", "kind", "format", "targets", "replacements", "tensors", "bytes", "dtypes",
+ADAPTER_KEYS = {"command", "ok", "path", "kind", "format", "targets", "replacements", "tokens", "tensors", "bytes", "dtypes",
                 "base_model", "config", "warnings", "seconds"}
 TARGET_KEYS = {"module", "rank", "alpha", "scale", "target", "dora", "bias", "base_shape", "layout", "groups"}
 CHECKPOINT_KEYS = {"command", "ok", "path", "kind", "format", "files", "index", "tensors", "parameters", "bytes",
