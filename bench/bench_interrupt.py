@@ -53,7 +53,8 @@ def build(workdir: Path, size: int, n: int) -> tuple[Path, Path]:
 def one(base: Path, adapter: Path, out_parent: Path, sig: int, after: float, env: dict) -> dict:
     out = out_parent / "merged"
     proc = subprocess.Popen([sys.executable, "-m", "loramerge", "apply", str(base), str(adapter), str(out), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=out_parent)  # not the checkout: -m would import the loramerge beside it
     started = time.monotonic()
     time.sleep(after)
     staged = [n for n in os.listdir(out_parent) if ".loramerge-tmp-" in n]

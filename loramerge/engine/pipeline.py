@@ -317,15 +317,13 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         if threads[1].error is not None:
             raise threads[1].error
     except BaseException:
-        # Stop promptly (Ctrl-C and SIGTERM must surface within a second): the stages see `stop`
-        # within 0.1 s unless inside one read, computation or write; those finish in the
-        # background (daemon threads) while the caller removes the staging.
+        # Stop at once (Ctrl-C and SIGTERM must surface within a second): the stages see `stop`
+        # within 0.1 s unless inside one read, computation or write, which is not waited for
+        # (daemon threads; the caller removes the staging by renaming it away first, so a
+        # straggler cannot write into it).
         stop.set()
         pool.shutdown(wait=False)
         closer.shutdown(wait=False)
-        deadline = time.monotonic() + 0.3
-        for t in threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
         torch.backends.cuda.matmul.allow_tf32 = tf32
         raise
     stop.set()
