@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,8 +20,9 @@ from .readers.adapters import load_adapters
 from .readers.checkpoint import open_checkpoint
 from .report import JsonReport
 from .types import Adapter, Plan
+from .writers import manifest
 from .writers.model_dir import copy_extras, write_index
-from .writers.output import Staged, check_disk_space, check_output_path
+from .writers.output import Staged, check_disk_space, check_output_path, commit_all
 
 if TYPE_CHECKING:
     from .verifier.report import VerifyReport
@@ -108,6 +110,7 @@ def apply(
     qlora: str | None = None,
     qlora_double_quant: bool = True,
     qlora_kernel: str = "cuda",
+    _command: str = "apply",
 ) -> ApplyReport:
     """Merge one or more LoRA adapters into `base`, writing a new checkpoint at `out`.
 
@@ -150,19 +153,30 @@ def apply(
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="merging", leave=False)
+    inputs = {"base": manifest.base_inputs(ck), "adapters": manifest.adapter_inputs(loaded, weights)}
+    options = {"weights": weights, "dtype": dtype, "accum": accum, "shard_size": shard_size, "qlora": qlora}
     staged = Staged(out, is_dir=not single_file, overwrite=overwrite)
+    # a single file's manifest is a sibling, committed with it (overwritten with it: OUT was checked)
+    beside = Staged(manifest.sibling(out), is_dir=False, overwrite=True, group=staged) if single_file else None
+    written: dict[str, dict] = {}
     try:
-        with staged as tmp:
+        with staged as tmp, (beside or contextlib.nullcontext()) as tmp_manifest:
             out_dir = tmp.parent if single_file else tmp
             if single_file:
                 plan.files[0].name = tmp.name  # the staged file; renamed to `out` on commit
             if not single_file:  # first: they need only the plan, and are then off the critical path
                 if plan.indexed:
-                    write_index(plan, tmp)
-                report.carried_over = copy_extras(plan, tmp)
+                    write_index(plan, tmp, written)
+                report.carried_over = copy_extras(plan, tmp, written)
             stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
                                progress=bar.update if bar else None, sync=sync)
-            staged.commit()  # every file is complete and fsynced: the rename is the commit point
+            written.update({out.name if single_file else k: v for k, v in stats.files.items()})
+            record = manifest.dumps(manifest.build(_command, inputs, written, options=options,
+                                                   targets=plan_json(plan)["targets"],
+                                                   output_dtypes=manifest.output_dtypes(plan)))
+            (tmp_manifest or tmp / manifest.NAME).write_bytes(record)
+            # every file is complete and fsynced: the rename is the commit point
+            commit_all(*([staged, beside] if beside is not None else [staged]))
     finally:
         if bar is not None:
             bar.close()
@@ -299,7 +313,7 @@ def unmerge(
         raise AdapterError(f"cannot unmerge from {merged}: part of the merge is not invertible; nothing was "
                          "written (merge again from the original base instead)", problems)
     negated = [-float(w) for w in (weights if weights is not None else [1.0] * len(adapter_paths))]
-    report = apply(merged, adapter_paths, out, weights=negated, **options)
+    report = apply(merged, adapter_paths, out, weights=negated, _command="unmerge", **options)
     result = UnmergeReport(**{f.name: getattr(report, f.name) for f in fields(ApplyReport)})
     result.recovery = recovery_notes(report.plan, options.get("accum", "float32"))
     return result

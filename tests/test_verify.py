@@ -53,10 +53,13 @@ def merges(tmp_path_factory):
     return get
 
 
-def edited_copy(src: Path, dst: Path, edit) -> Path:
+def edited_copy(src: Path, dst: Path, edit, manifest: bool = True) -> Path:
     """Copy a merged directory and let edit(state_dict) change the shard(s) it wants (returning
-    True); the index follows, so the result is a consistent checkpoint with the damage in it."""
+    True); the index follows, so the result is a consistent checkpoint with the damage in it.
+    manifest=False: without loramerge's manifest (a checkpoint another tool wrote)."""
     shutil.copytree(src, dst)
+    if not manifest:
+        (dst / "loramerge_manifest.json").unlink()
     index = dst / "model.safetensors.index.json"
     for f in sorted(dst.glob("*.safetensors")):
         sd = load_file(f)
@@ -190,7 +193,11 @@ def test_corrupted_tensor_fails_and_is_named(case, corruption, merges, tmp_path)
     bad = edited_copy(merges(base, adapter), tmp_path / "bad", make(base_sd))
     r = check(base, adapter, bad)
     assert not r.ok
-    lines = r.failures()
+    # the edited shard no longer has the bytes its manifest recorded: named on its own line
+    changed = r.manifest["problems"]
+    assert changed and all(p.split(":")[0].endswith((".safetensors", ".index.json")) and "changed" in p
+                           for p in changed), changed
+    lines = [line for line in r.failures() if line.removeprefix("FAIL ") not in changed]
     assert lines and all(line.startswith(f"FAIL {name}: ") for line in lines), lines
     assert says in lines[0], lines[0]
     assert f"FAIL {name}: " in r.table()
@@ -231,10 +238,11 @@ def test_tolerance_boundary_in_bf16(merges, tmp_path):
                 return True
         return edit
 
-    r = check(base, adapter, edited_copy(merged, tmp_path / "one", nudge(1)))
+    # as another tool (PEFT) would have written them: no loramerge manifest
+    r = check(base, adapter, edited_copy(merged, tmp_path / "one", nudge(1), manifest=False))
     assert r.ok, r.table()
     assert 0 < next(t for t in r.tensors if t.name == T).max_ulps <= 2
-    r = check(base, adapter, edited_copy(merged, tmp_path / "eight", nudge(8)))
+    r = check(base, adapter, edited_copy(merged, tmp_path / "eight", nudge(8), manifest=False))
     assert not r.ok
     t = next(t for t in r.tensors if t.name == T)
     assert t.bad_elements == 1 and t.worst["index"] == [row, col]
@@ -318,7 +326,13 @@ def test_model_check_catches_what_weights_cannot(merges, tmp_path):
     cfg["hidden_act"] = "gelu"
     (bad / "config.json").write_text(json.dumps(cfg))
     r = check("llama-fp32", "llama-basic", bad, outputs=True)
-    assert all(t.ok for t in r.tensors)
+    # the manifest names the edited file...
+    assert r.failures()[1].startswith("FAIL config.json: ") and "the file changed after loramerge wrote it" \
+        in r.failures()[1]
+    # ...and without one (a checkpoint from elsewhere), the model's outputs still show it
+    (bad / "loramerge_manifest.json").unlink()
+    r = check("llama-fp32", "llama-basic", bad, outputs=True)
+    assert all(t.ok for t in r.tensors) and r.manifest is None
     assert not r.ok and r.model.status == "FAIL"
     assert r.model.rel_err["logits"] > r.model.tolerance["logits"] == 1e-4
     assert r.failures() == [f"FAIL model outputs: {r.model.reason}"] and "logits rel err" in r.model.reason
@@ -382,7 +396,9 @@ def test_cli_verify_exit_codes_and_output(merges, tmp_path):
     assert r.exit_code == 1
     data = json.loads(r.stdout)  # only the JSON object on stdout; the table goes to stderr
     assert "result: FAILED" in r.stderr and data["command"] == "verify"
-    assert data["ok"] is False and len(data["failures"]) == 1 and data["failures"][0].startswith(f"FAIL {T}: ")
+    assert data["ok"] is False and len(data["failures"]) == 2 and data["failures"][0].startswith(f"FAIL {T}: ")
+    assert data["failures"][1].startswith("FAIL model.safetensors: its bytes changed after loramerge wrote it")
+    assert data["manifest"]["files"] == 6 and len(data["manifest"]["problems"]) == 1
 
     r = run("verify", base_dir(base), adapter_dir(adapter), good, "--weights", "1,2")
     assert r.exit_code == 2 and r.output.startswith("Error: --weights has 2 value(s) for 1 adapter(s)")

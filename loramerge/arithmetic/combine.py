@@ -32,6 +32,7 @@ from ..report import JsonReport
 from ..readers import hub
 from ..readers.adapters import load_adapters
 from ..types import Adapter, LoraPair
+from ..writers import manifest
 from ..writers.output import Staged, check_output_path
 from . import algebra
 
@@ -308,7 +309,7 @@ def combine(
     config, report.default_rank = _config(loaded, report.ranks, bool(biases))
     report.targets = len(groups)
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     metadata = {
         "format": "pt",
@@ -322,10 +323,19 @@ def combine(
         metadata["loramerge_seed"] = str(seed)
     staged = Staged(out, is_dir=True, overwrite=overwrite)
     with staged as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=metadata)
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        report.bytes_written = sum((tmp / n).stat().st_size for n in ("adapter_model.safetensors",
-                                                                       "adapter_config.json"))
+        # an adapter is small: serialized in memory, so each file is hashed as it is written
+        written = {"adapter_model.safetensors": manifest.write_hashed(tmp / "adapter_model.safetensors",
+                                                                      save(tensors, metadata=metadata)),
+                   "adapter_config.json": manifest.write_hashed(
+                       tmp / "adapter_config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())}
+        report.bytes_written = sum(r["bytes"] for r in written.values())
+        targets = [{"module": m, "rank": report.ranks[m],
+                    "terms": [{"adapter": i, "rank": p.rank, "alpha": p.alpha, "scale": p.scale, "weight": weights[i]}
+                              for i, p in groups[m]]} for m in groups]
+        (tmp / manifest.NAME).write_bytes(manifest.dumps(manifest.build(
+            "combine", {"adapters": manifest.adapter_inputs(loaded, weights)}, written, targets=targets,
+            options={"method": method, "rank": rank, "density": density, "seed": seed, "weights": weights},
+            output_dtypes={str(OUT_DTYPE).removeprefix("torch."): len(tensors)})))
         staged.commit()
     report.seconds = time.perf_counter() - t0
     return report

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ class EngineStats:
     seconds_read: float = 0.0
     seconds_math: float = 0.0
     seconds_write: float = 0.0
+    files: dict = field(default_factory=dict)   # output file name -> {"sha256", "bytes"} (manifest)
 
 
 class _Stage(threading.Thread):
@@ -280,6 +281,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 del tensor
                 out_pool.put(out_buf)
                 if w.complete:
+                    stats.files[plan.files[fi].name] = w.hasher.record()
                     # fsync in the background: the next file's writes keep the disk busy meanwhile
                     closing.append(closer.submit(w.close, sync))
                     writers.pop(fi)

@@ -26,6 +26,7 @@ MAX_HEADER = 100 * 1024 * 1024
 # they would carry unmerged (stale) weights next to the merged ones.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 NON_WEIGHT_BIN = ("training_args.bin",)
+OWN_MANIFEST = "loramerge_manifest.json"  # writers/manifest.py: a merged base's evidence, not carried over
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict]:
@@ -235,6 +236,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             elif _is_weight_file(p):
                 if p not in weight_files and p != ck.index_file:
                     ck.skipped_files.append(p.name)
+            elif p.name == OWN_MANIFEST:  # it describes this checkpoint, not an output made from it
+                ck.skipped_files.append(p.name)
             else:
                 ck.extra_files.append(p)
 

@@ -37,6 +37,8 @@ Checks, per tensor of the base (plan.build_plan says which adapter terms hit it)
    output is within |x| @ tol^T, tol the per-element weight tolerance of rule 1 (plus half an ulp
    for E's own rounding in half precision): the most that rounding the merged weight explains.
 4. Model outputs (skipped with outputs=False, or without transformers): see model.py.
+5. Files: when MERGED has a loramerge_manifest.json (writers/manifest.py), every file it lists
+   must have its recorded size and sha256; a file whose bytes changed is a failure that names it.
 
 Memory: checks 1-3 read one base tensor and its merged twin at a time and do the float64 math
 in row blocks, like apply. Check 4 loads the model with transformers (one copy at a time, in
@@ -56,6 +58,7 @@ from ..readers import hub
 from ..readers.adapters import load_adapters
 from ..readers.checkpoint import open_checkpoint
 from ..types import DTYPE_NAMES, FLOAT_CODES
+from ..writers import manifest
 from .model import check_model
 from .quantized import check_coded
 from .report import TensorCheck, VerifyReport, fidelity_warning
@@ -126,6 +129,7 @@ def verify(
         base_ck.close()
         merged_ck.close()
     fidelity_warning(report)
+    report.manifest = manifest.check(merged, adapter_paths)
     if outputs:
         report.model = check_model(base_ck, merged_ck, loaded, plan.jobs, dev)
     report.seconds = time.perf_counter() - t0

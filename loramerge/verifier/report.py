@@ -74,10 +74,13 @@ class VerifyReport(JsonReport):
     outputs: bool = True
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # MERGED's files against its loramerge_manifest.json (writers/manifest.check), None without one
+    manifest: dict | None = None
 
     @property
     def ok(self) -> bool:
-        return all(t.ok for t in self.tensors) and (self.model is None or self.model.status != "FAIL")
+        return (all(t.ok for t in self.tensors) and (self.model is None or self.model.status != "FAIL")
+                and not (self.manifest or {}).get("problems"))
 
     @property
     def targets(self) -> list[TensorCheck]:
@@ -96,6 +99,7 @@ class VerifyReport(JsonReport):
         lines = [f"FAIL {t.name}: {p}" for t in self.tensors for p in t.problems]
         if self.model is not None and self.model.status == "FAIL":
             lines.append(f"FAIL model outputs: {self.model.reason}")
+        lines += [f"FAIL {p}" for p in (self.manifest or {}).get("problems", [])]
         return lines
 
     def summary(self) -> str:
@@ -133,6 +137,13 @@ class VerifyReport(JsonReport):
                                  f"moves it by {m.adapter_effect[k]:.3g})" for k, v in m.rel_err.items())
                 lines.append(f"model outputs ({m.model_class}, random token ids {list(m.input_shape)}, float32, "
                              f"adapter unmerged via hooks vs MERGED): {errs}: " + ("ok" if m.status == "ok" else "FAIL"))
+        m = self.manifest
+        if m is None:
+            lines.append("manifest: none (outputs of loramerge before its manifests, or not made by it)")
+        else:
+            lines.append(f"manifest: {m['files']} file(s) listed in {Path(m['manifest']).name}: "
+                         + (f"{len(m['problems'])} changed or missing" if m["problems"] else "all as written (sha256)"))
+            lines += [f"note: {n}" for n in m["notes"]]
         lines += [f"warning: {w}" for w in self.warnings]
         failures = self.failures()
         lines += failures
@@ -171,6 +182,7 @@ class VerifyReport(JsonReport):
             "outputs_checked": self.outputs,
             "model": None if self.model is None else {**asdict(self.model),
                                                       "input_shape": list(self.model.input_shape)},
+            "manifest": self.manifest,
             "warnings": list(self.warnings),
             "failures": self.failures(),
             "seconds": self.seconds,

@@ -3,11 +3,14 @@
 The header is computed up front from the plan (names, dtypes, shapes are all known before any
 data exists), so each tensor is written the moment it is produced and nothing but the tensor in
 hand is ever buffered. Untouched tensors can be copied file-to-file inside the kernel
-(copy_file_range), never entering this process's memory.
+(copy_file_range), never entering this process's memory. The file's sha256 (for the manifest) is
+computed as it is written, on a thread beside this one; a range copied inside the kernel is hashed
+from its source while it is copied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError
+from .manifest import Hasher
 from .writeback import Writeback
 
 ALIGN = 8  # the header is padded with spaces to a multiple of 8, as the reference writer does
@@ -52,6 +56,7 @@ class SafetensorsWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._pos = 0  # bytes in the file so far (written strictly front to back)
         self._writeback = Writeback(self._fd)  # the disk starts on each 64 MiB, not at fsync
+        self.hasher = Hasher()
         self._write_all(build_header(entries, metadata))
         self.bytes_written = 0
 
@@ -64,16 +69,17 @@ class SafetensorsWriter:
         self._next += 1
         self.bytes_written += nbytes
 
-    def _write_all(self, data) -> None:
+    def _write_all(self, data, hashed: bool = True) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            try:
-                n = os.write(self._fd, view)
-            except OSError as e:
-                raise OutputError(f"{self.path}: write failed ({e.strerror}); "
-                                  "is the disk full? nothing was left in the output") from e
-            view = view[n:]
-            self._pos += n
+        with self.hasher.alongside(self.hasher.update, view) if hashed else contextlib.nullcontext():
+            while view:
+                try:
+                    n = os.write(self._fd, view)
+                except OSError as e:
+                    raise OutputError(f"{self.path}: write failed ({e.strerror}); "
+                                      "is the disk full? nothing was left in the output") from e
+                view = view[n:]
+                self._pos += n
         self._writeback.wrote(self._pos)
 
     def write(self, name: str, t: torch.Tensor) -> None:
@@ -84,7 +90,8 @@ class SafetensorsWriter:
     def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can."""
         self._expect(name, nbytes)
-        with open(src, "rb", buffering=0) as f:
+        with open(src, "rb", buffering=0) as f, self.hasher.alongside(self.hasher.update_from, f.fileno(), offset,
+                                                                      nbytes):
             fd_in = f.fileno()
             done = 0
             use_cfr = hasattr(os, "copy_file_range")
@@ -99,7 +106,7 @@ class SafetensorsWriter:
                         use_cfr = False  # some filesystems answer 0 instead of an error: fall back
                 if not use_cfr:
                     chunk = os.pread(fd_in, min(nbytes - done, 64 << 20), offset + done)
-                    self._write_all(chunk)
+                    self._write_all(chunk, hashed=False)  # the whole range is hashed from the source
                     n = len(chunk)
                 if n == 0:
                     raise OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated")

@@ -1,0 +1,261 @@
+"""loramerge_manifest.json: what an output was made from and what it holds, so it can be checked
+later without trusting the machine that made it (`loramerge verify` checks it when present).
+
+Every output directory of apply, unmerge and combine holds one; a single-file output
+(OUT.safetensors) gets a sibling, OUT.safetensors.loramerge_manifest.json, committed together with
+it. Contents: the tool and its version; the inputs (paths; sha256 of every adapter file; for the
+base, sha256 of its index and of each shard's safetensors header, the 8-byte length and the JSON
+that names every tensor with its dtype, shape and byte range: hashing whole shards would cost a
+full read of the base, which a merge that copies untouched tensors file to file never does);
+per target the adapter terms (rank, alpha, scale, weight); the output dtypes; and
+"files": {NAME: {"sha256", "bytes"}} for every file written. Output hashes are computed while the
+bytes are written (Hasher, on a thread of its own beside the writer), never by reading the output
+back; a range the kernel copies file to file (copy_file_range) is hashed from its source while it
+is copied. Cost: bench/bench_manifest.py, results in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+NAME = "loramerge_manifest.json"
+FORMAT = 1
+CHUNK = 16 << 20
+
+
+class Hasher:
+    """sha256 and length of one file, fed in the order its bytes are written. alongside() hashes
+    on a background thread while the caller writes the same bytes: hashlib and os.write both
+    release the GIL, so a write costs max(write, hash) instead of their sum."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self.bytes = 0
+
+    def update(self, data) -> None:
+        self._sha.update(data)  # hashlib releases the GIL for large buffers
+        self.bytes += len(data)
+
+    def update_from(self, fd: int, offset: int, nbytes: int) -> None:
+        """Hash bytes [offset, offset+nbytes) of an open file (a range copied inside the kernel)."""
+        while nbytes > 0:
+            chunk = os.pread(fd, min(nbytes, CHUNK), offset)
+            if not chunk:
+                raise OSError(f"file ended at byte {offset} while hashing a copied range")
+            self.update(chunk)
+            offset, nbytes = offset + len(chunk), nbytes - len(chunk)
+
+    @contextlib.contextmanager
+    def alongside(self, fn, *args):
+        """Run fn(*args) (update or update_from) on the hashing thread during the block; wait for
+        it at the end, so the bytes it reads stay valid and updates keep the file's order."""
+        done = _HashThread.submit(fn, *args)
+        try:
+            yield
+        finally:
+            error = done.result()
+        if error is not None:
+            raise error
+
+    def record(self) -> dict:
+        return {"sha256": self._sha.hexdigest(), "bytes": self.bytes}
+
+
+class _HashThread:
+    """One daemon thread that runs hashing jobs in order (started on first use)."""
+
+    _queue: queue.SimpleQueue | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def submit(cls, fn, *args) -> Future:
+        with cls._lock:
+            if cls._queue is None:
+                cls._queue = queue.SimpleQueue()
+                threading.Thread(target=cls._run, args=(cls._queue,), name="loramerge-hash", daemon=True).start()
+        done: Future = Future()
+        cls._queue.put((done, fn, args))
+        return done
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue) -> None:
+        while True:
+            done, fn, args = jobs.get()
+            try:
+                fn(*args)
+                done.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - handed back to the writer that waits
+                done.set_result(e)
+
+
+def write_hashed(path: Path, data: bytes) -> dict:
+    """Write a small file whole; its record."""
+    h = Hasher()
+    h.update(data)
+    path.write_bytes(data)
+    return h.record()
+
+
+def copy_hashed(src: Path, dst: Path) -> dict:
+    """Copy a file (contents and permission bits/times), hashing what is written."""
+    import shutil
+
+    h = Hasher()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            fout.write(chunk)
+            h.update(chunk)
+    shutil.copystat(src, dst)
+    return h.record()
+
+
+def hash_file(path: Path) -> dict:
+    h = Hasher()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.record()
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+def _header_record(path: Path) -> dict:
+    """sha256 of a safetensors file's 8-byte length and JSON header; its size."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = f.read(n)
+    return {"header_sha256": hashlib.sha256(head + header).hexdigest(), "header_bytes": len(head) + len(header),
+            "bytes": path.stat().st_size}
+
+
+def base_inputs(ck) -> dict:
+    """The base checkpoint as a manifest records it (see the module docstring for why headers)."""
+    out = {"path": str(Path(ck.path).resolve()), "format": ck.format, "files": {}}
+    if ck.index_file is not None:
+        out["files"][ck.index_file.name] = hash_file(ck.index_file)
+    for f in ck.files:
+        if f.suffix == ".safetensors":
+            out["files"][f.name] = _header_record(f)
+        else:  # a pickle has no header to hash apart from its data
+            out["files"][f.name] = {"bytes": f.stat().st_size, "hashed": "no (pickled .bin: no separate header)"}
+    return out
+
+
+def adapter_inputs(adapters, weights) -> list[dict]:
+    """Each adapter: path, format, weight and sha256 of its files (small: hashed whole)."""
+    out = []
+    for i, a in enumerate(adapters):
+        root = Path(a.path)
+        files = [root] if root.is_file() else sorted(
+            p for p in root.iterdir() if p.is_file() and p.name.startswith("adapter_"))
+        out.append({"path": str(root.resolve()), "format": a.format,
+                    "weight": weights[i] if weights is not None else 1.0,
+                    "files": {p.name: hash_file(p) for p in files}})
+    return out
+
+
+def output_dtypes(plan) -> dict[str, int]:
+    """Tensors written, per dtype (a quantized output's packed weights and their scales count
+    apart)."""
+    counts: dict[str, int] = {}
+    for j in plan.jobs:
+        for _, dtype, _, _ in j.entries:
+            counts[dtype] = counts.get(dtype, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def build(command: str, inputs: dict, files: dict[str, dict], **details) -> dict:
+    """The manifest: `details` (targets, output_dtypes, options, ...) go in as they are."""
+    return {"manifest_version": FORMAT, "tool": {"name": "loramerge", "version": _version()},
+            "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "inputs": inputs, **details,
+            "hashing": ("sha256 of every output file, computed while it was written; inputs: adapter files "
+                        "whole, the base's index and each safetensors shard's header (length + JSON), not its "
+                        "tensor data, which would cost a full read of the base"),
+            "files": dict(sorted(files.items()))}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loramerge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def dumps(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
+
+
+def sibling(out: Path) -> Path:
+    """The manifest of a single-file output OUT.safetensors: OUT.safetensors.loramerge_manifest.json."""
+    return out.with_name(out.name + "." + NAME)
+
+
+def location(out: Path) -> Path:
+    """Where OUT's manifest lives: inside a directory, beside a single file."""
+    return out / NAME if out.is_dir() else sibling(out)
+
+
+# -- checking ---------------------------------------------------------------------------------
+
+def check(out: Path, adapter_paths=None) -> dict | None:
+    """Compare OUT with its manifest: {"manifest": path, "files": n checked, "problems": [...],
+    "notes": [...]}, or None without a manifest. A problem names a file whose bytes changed (or
+    that is missing); notes name inputs that differ from the ones recorded, and unlisted files."""
+    path = location(out)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise ValueError("files is not an object")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return {"manifest": str(path), "files": 0, "notes": [],
+                "problems": [f"{path.name}: unreadable manifest ({e}); it was damaged or edited"]}
+    root = out if out.is_dir() else out.parent
+    problems, notes = [], []
+    for name, rec in files.items():
+        p = root / name
+        if not isinstance(rec, dict) or Path(name).name != name:
+            problems.append(f"{path.name}: malformed entry for {name!r}")
+            continue
+        if not p.is_file():
+            problems.append(f"{name}: missing (the manifest lists it)")
+            continue
+        size = p.stat().st_size
+        if size != rec.get("bytes"):
+            problems.append(f"{name}: {size} bytes, the manifest says {rec.get('bytes')}: the file changed after "
+                            "loramerge wrote it (truncated, replaced or edited)")
+            continue
+        got = hash_file(p)["sha256"]
+        if got != rec.get("sha256"):
+            problems.append(f"{name}: its bytes changed after loramerge wrote it (sha256 {got[:16]}..., the "
+                            f"manifest says {str(rec.get('sha256'))[:16]}...)")
+    if out.is_dir():
+        extra = sorted(p.name for p in out.iterdir() if p.name not in files and p.name != NAME)
+        if extra:
+            notes.append(f"not listed in {NAME} (added later?): {', '.join(extra)}")
+    recorded = {a.get("path"): a for a in (manifest.get("inputs") or {}).get("adapters") or []
+                if isinstance(a, dict)}
+    for ap in adapter_paths or []:
+        rec = recorded.get(str(Path(ap).resolve()))
+        if rec is None:
+            continue
+        for fname, frec in (rec.get("files") or {}).items():
+            f = (Path(ap) if Path(ap).is_dir() else Path(ap).parent) / fname
+            if f.is_file() and isinstance(frec, dict) and hash_file(f)["sha256"] != frec.get("sha256"):
+                notes.append(f"{f}: differs from the adapter file this output was made from (sha256 in {NAME})")
+    return {"manifest": str(path), "files": len(files), "problems": problems, "notes": notes}
