@@ -133,7 +133,7 @@ def test_output_loads_in_transformers_untouched(tmp_out):
     loramerge.apply(base, adapter_dir("llama-bf16"), tmp_out, sync=False)
     base_files = sorted(p.name for p in base.iterdir())
     out_files = sorted(p.name for p in tmp_out.iterdir())
-    assert out_files == base_files
+    assert out_files == sorted(base_files + ["loramerge_manifest.json"])  # the base's files, plus the evidence
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_out)
     assert model.dtype == torch.bfloat16
     tok = transformers.AutoTokenizer.from_pretrained(tmp_out)
