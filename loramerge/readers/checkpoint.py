@@ -77,8 +77,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict]:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({info!r}): shape and "
                                   "data_offsets must be lists of non-negative integers; the file is corrupt")
         shape, (begin, end) = tuple(shape), offsets
-        if dtype not in ST_TO_TORCH:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which this torch "
+        if not isinstance(dtype, str) or dtype not in ST_TO_TORCH:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}, which this torch "
                                   f"cannot represent (known: {', '.join(ST_TO_TORCH)})")
         nbytes = numel(shape) * itemsize(dtype)
         if end - begin != nbytes or begin < 0:
@@ -199,12 +199,20 @@ def _bin_refs(file: Path, sd: dict[str, torch.Tensor]) -> dict[str, TensorRef]:
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map, checked: tensor names to plain file names in the same directory
+    (an index naming ../x or /etc/passwd would make the reader open files outside the model)."""
     try:
         data = json.loads(index.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+            raise ValueError("no weight_map object")
         weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise ValueError("weight_map is not an object")
-    except (ValueError, KeyError, OSError) as e:
+        bad = [f for f in weight_map.values() if not isinstance(f, str) or not f or f in (".", "..")
+               or Path(f).name != f or "\\" in f]
+        if bad:
+            raise ValueError(f"a tensor is mapped to {bad[0]!r}, not a file name in the model's directory")
+        if not weight_map:
+            raise ValueError("weight_map is empty")
+    except (ValueError, OSError) as e:
         raise CheckpointError(f"{index}: invalid index file ({e}); expected {{\"weight_map\": {{tensor: file}}}}") from e
     return weight_map
 

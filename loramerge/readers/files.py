@@ -16,7 +16,10 @@ def load_adapter_file(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             read_safetensors_header(path)  # validates size and header before loading
             from safetensors.torch import load_file
-            return load_file(str(path))
+            try:
+                return load_file(str(path))
+            except Exception as e:  # noqa: BLE001 - SafetensorError and friends: what our check lets through
+                raise AdapterError(f"{path}: not a valid safetensors file ({e}); re-save or re-download it") from e
         return load_bin_state_dict(path)
     except CheckpointError as e:
         raise AdapterError(str(e)) from e

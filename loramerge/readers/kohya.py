@@ -61,14 +61,23 @@ def read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> Adapter:
             problems.append(f"{module}: needs both lora_down.weight and lora_up.weight")
             continue
         down, up = tensors[slots["lora_down"]], tensors[slots["lora_up"]]
-        rank = down.shape[0]
-        if up.dim() != down.dim() or up.shape[1] != rank or any(d != 1 for d in up.shape[2:]):
-            problems.append(f"{module}: lora_down {list(down.shape)} and lora_up {list(up.shape)} do not form a pair")
+        if not (down.is_floating_point() and up.is_floating_point()):
+            problems.append(f"{module}: lora_down/lora_up are {down.dtype}/{up.dtype}; expected floating point")
             continue
+        if down.dim() < 2 or up.dim() != down.dim() or up.shape[1] != down.shape[0] or down.shape[0] == 0 \
+                or any(d != 1 for d in up.shape[2:]):
+            problems.append(f"{module}: lora_down {list(down.shape)} and lora_up {list(up.shape)} do not form a pair "
+                            "([r, in(, k..)] and [out, r(, 1..)], r > 0)")
+            continue
+        rank = down.shape[0]
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             problems.append(f"{module}: lora_down/lora_up contain NaN or Inf; the file is broken")
             continue
-        alpha = float(tensors[slots["alpha"]].item()) if "alpha" in slots else float(rank)
+        alpha_t = tensors.get(slots.get("alpha", ""), torch.tensor(float(rank)))
+        if alpha_t.numel() != 1 or not bool(torch.isfinite(alpha_t.float()).all()):
+            problems.append(f"{module}: alpha must be one finite number, found {alpha_t.dtype} {list(alpha_t.shape)}")
+            continue
+        alpha = float(alpha_t.item())
         pairs.append(LoraPair(
             module=module, a_key=slots["lora_down"], b_key=slots["lora_up"], bias_key=None, rank=rank,
             alpha=alpha, scale=alpha / rank, base_shape=(up.shape[0],) + tuple(down.shape[1:]),

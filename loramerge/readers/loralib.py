@@ -10,6 +10,7 @@ enable_lora=[True, False, True]), which row groups the adapter covers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def read_loralib(path: Path, tensors: dict[str, torch.Tensor], lora_alpha: float
     if lora_alpha is None:
         raise AdapterError(f"{path}: a loralib checkpoint does not store lora_alpha; pass --lora-alpha with "
                            "the value the model was built with (lora.Linear(..., lora_alpha=...))")
+    if not math.isfinite(lora_alpha):
+        raise AdapterError(f"{path}: --lora-alpha {lora_alpha}: expected a finite number")
     modules: dict[str, dict[str, str]] = {}
     for key in tensors:
         m = _KEY.match(key)
@@ -41,11 +44,17 @@ def read_loralib(path: Path, tensors: dict[str, torch.Tensor], lora_alpha: float
             problems.append(f"{module}: has only {', '.join(slots)}; the checkpoint is incomplete")
             continue
         a, b = tensors[slots["lora_A"]], tensors[slots["lora_B"]]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            problems.append(f"{module}: lora_A/lora_B are {a.dtype}/{b.dtype}; expected floating point")
+            continue
         if a.dim() != 2 or b.dim() != 2:
             problems.append(f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)}: only loralib's Linear, "
                             "MergedLinear and Embedding are supported (not ConvLoRA)")
             continue
         r = b.shape[1]
+        if r == 0 or a.shape[0] == 0:
+            problems.append(f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} have rank 0")
+            continue
         if a.shape[0] % r:
             problems.append(f"{module}: lora_A has {a.shape[0]} rows, not a multiple of lora_B's rank {r}")
             continue

@@ -17,6 +17,7 @@ import torch
 from ..errors import AdapterError
 from ..types import Adapter, LoraPair, TokenRows
 from .files import load_adapter_file
+from .peft_config import type_problems
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -73,6 +74,10 @@ def read_config(path: Path) -> tuple[Path, Path, dict]:
             raise ValueError("top level is not an object")
     except ValueError as e:
         raise AdapterError(f"{cfg_path}: invalid JSON ({e}); re-save the adapter") from e
+    problems = type_problems(config)
+    if problems:
+        raise AdapterError(f"{cfg_path}: {len(problems)} field(s) hold values PEFT does not write; the file was "
+                           "edited or is not PEFT's: fix them or re-save the adapter", problems)
     return root, cfg_path, config
 
 
@@ -167,35 +172,50 @@ def _is_saved_module(config: dict, name: str) -> bool:
     return config.get("bias") in ("all", "lora_only") and name.endswith(".bias")
 
 
-def _classify(config: dict, tensors: dict[str, torch.Tensor]):
-    """Split the adapter's keys into per-module LoRA slots, full replacement tensors, and unknowns."""
+def _classify(config: dict, tensors: dict[str, torch.Tensor], where: Path):
+    """Split the adapter's keys into per-module LoRA slots, full replacement tensors, and unknowns.
+    A slot filled twice (one module's lora_A saved under two adapter names, e.g. `.lora_A.default.`
+    and `.lora_A.style.`) is an error: which one to merge cannot be guessed, and taking the last
+    would silently drop the other."""
     modules: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
     tokens: dict[str, str] = {}
-    unknown = []
+    unknown, clashes = [], []
+
+    def put(table: dict, slot: str, key: str) -> None:
+        held = table.get(slot)
+        if held is not None and held != key:
+            clashes.append(f"{slot}: stored twice, as {held!r} and {key!r}")
+        else:
+            table[slot] = key
+
     for key in tensors:
         m = _TOKENS_KEY.match(key)
         if m:
-            tokens[_strip(m.group("module"))] = key
+            put(tokens, _strip(m.group("module")), key)
             continue
         m = _KEY.match(key)
         if m and not (m.group("part") == "lora_A" and m.group("param") == "bias"):
             slot = m.group("part") + ("_bias" if m.group("param") == "bias" else "")
-            modules.setdefault(_strip(m.group("module")), {})[slot] = key
+            put(modules.setdefault(_strip(m.group("module")), {}), slot, key)
             continue
         m = _EMB_KEY.match(key)
         if m:
-            modules.setdefault(_strip(m.group("module")), {})[m.group("part")] = key
+            put(modules.setdefault(_strip(m.group("module")), {}), m.group("part"), key)
             continue
         name = _strip(key).replace(".token_adapter.base_layer.", ".base_layer.")
         if ".base_layer." in name:
             # The base weights PEFT saves for targeted embeddings (save_embedding_layers, e.g. after
             # resizing the vocabulary): they replace the base tensor, the LoRA delta goes on top.
-            replacements[name.replace(".base_layer.", ".")] = key
+            put(replacements, name.replace(".base_layer.", "."), key)
         elif _is_saved_module(config, name):
-            replacements[name] = key
+            put(replacements, name, key)
         else:
             unknown.append(key)
+    if clashes:
+        raise AdapterError(f"{where}: the adapter file holds the same tensor under two adapter names (PEFT saves "
+                           "one adapter per directory); keep one name, or save each adapter on its own and pass "
+                           "both (with --weights)", clashes)
     return modules, replacements, tokens, unknown
 
 
@@ -211,7 +231,7 @@ def _layout(config: dict, module: str, a: torch.Tensor, b: torch.Tensor, embeddi
 
 
 def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]):
-    modules, replacements, token_keys, unknown = _classify(config, tensors)
+    modules, replacements, token_keys, unknown = _classify(config, tensors, root)
     problems = []
     tokens = _token_rows(config, token_keys, tensors, problems)
     if unknown:

@@ -53,7 +53,7 @@ def read_tuner_adapter(path: Path, root: Path, cfg_path: Path, config: dict) -> 
     tensors = _load_weights(root, path)
     if tuner == "vera" and config.get("bias") == "vera_only":
         config = {**config, "bias": "all"}  # the trained biases are saved whole either way
-    lora_slots, replacements, tokens, unknown = _classify(config, tensors)
+    lora_slots, replacements, tokens, unknown = _classify(config, tensors, root)
     unknown += list(tokens.values())  # trained token rows belong to LoRA's config: refused below
     problems = [f"{m}: LoRA tensors ({', '.join(sorted(s))}) in a {NAMES[tuner]} adapter; the file does not "
                 f"belong to this {CONFIG}" for m, s in lora_slots.items()]
@@ -67,7 +67,13 @@ def read_tuner_adapter(path: Path, root: Path, cfg_path: Path, config: dict) -> 
             problems.append(f"{key}: " + (f"a {other} tensor in a {NAMES[tuner]} adapter" if other else
                                           f"not a {NAMES[tuner]} tensor nor a modules_to_save copy"))
             continue
-        modules.setdefault(m.group("module"), {})[SLOTS[tuner][m.group("slot")]] = key
+        slots = modules.setdefault(m.group("module"), {})
+        slot = SLOTS[tuner][m.group("slot")]
+        if slots.get(slot, key) != key:  # one module's factor under two adapter names
+            problems.append(f"{m.group('module')}: {slot} stored twice, as {slots[slot]!r} and {key!r} (two adapter "
+                            "names in one file); keep one name, or save each adapter on its own")
+            continue
+        slots[slot] = key
     for name, key in replacements.items():
         if not torch.isfinite(tensors[key]).all():
             problems.append(f"{name}: saved tensor {key} contains NaN or Inf; the adapter is broken")
