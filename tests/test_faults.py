@@ -265,7 +265,10 @@ def test_disk_full_mid_write(err, inputs, previous, tmp_path, monkeypatch):
     assert disk.written > 0
     assert res.exit_code == 1, res.output
     assert res.output.startswith("Error: ") and "Traceback" not in res.output
-    assert os.strerror(err) in res.output and ("disk" in res.output or "quota" in res.output)
+    assert os.strerror(err) in res.output
+    # named after OUT (not the staging), with the hint for this error, and not a guess
+    assert res.output.startswith(f"Error: {out}: writing the output failed"), res.output
+    assert ("the disk is full" if err == errno.ENOSPC else "quota is exhausted") in res.output, res.output
     assert leftovers(tmp_path) == [] and digest_tree(out) == before
 
 
@@ -303,6 +306,7 @@ def test_file_size_limit_is_a_clear_error(inputs, previous, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert err.startswith("Error: ") and "File too large" in err and "Traceback" not in err, err
+    assert "ulimit -f" in err and "disk is full" not in err, err
     assert leftovers(tmp_path) == [] and digest_tree(out) == before
 
 
@@ -374,3 +378,23 @@ def test_crash_between_the_files_of_an_onnx_output_is_finished_by_the_next_run(t
     # ...until the next run into that directory finishes the commit
     staging.sweep(out.parent)
     assert out.read_bytes() == ref.read_bytes() and leftovers(out.parent) == []
+
+
+def test_a_signal_to_a_command_that_writes_nothing_says_only_interrupted(tmp_path):
+    """verify and inspect write no output: their interrupt line does not claim to have removed one."""
+    merged = tmp_path / "m"
+    loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), merged)
+    stall = ("import sys, time, loramerge.verifier as v\n"
+             "def slow(*a, **k):\n    print('ready', file=sys.stderr, flush=True); time.sleep(60)\n"
+             "v.verify = slow\n"
+             "from loramerge.cli import main\nmain()")
+    proc = subprocess.Popen([sys.executable, "-c", stall, "verify", str(base_dir("llama-fp32")),
+                             str(adapter_dir("llama-basic")), str(merged), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert err.strip() == "Error: interrupted (SIGTERM)", err
+    assert json.loads(out)["error"] == {"type": "interrupted", "message": "interrupted (SIGTERM)", "problems": [],
+                                        "exit_code": 143}

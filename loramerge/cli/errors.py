@@ -29,6 +29,9 @@ from ..errors import LoraMergeError, UsageError
 from ..writers import signals
 
 
+WRITING_COMMANDS = {"apply", "unmerge", "combine", "export-onnx"}  # verify and inspect write nothing
+
+
 def handle_errors(fn):
     """Run a command (see the module docstring). Adds the options --json and --debug."""
 
@@ -48,8 +51,8 @@ def handle_errors(fn):
             _fail(command, as_json, e, str(e), 2 if isinstance(e, UsageError) else 1)
         except KeyboardInterrupt as e:
             name = f" ({e})" if isinstance(e, signals.Terminated) else ""
-            _fail(command, as_json, e, f"interrupted{name}; the output being written was removed",
-                  signals.exit_status(e))
+            done = "; the output being written was removed" if command in WRITING_COMMANDS else ""
+            _fail(command, as_json, e, f"interrupted{name}{done}", signals.exit_status(e))
         except MemoryError as e:
             if debug:
                 raise

@@ -75,9 +75,8 @@ class SafetensorsWriter:
             while view:
                 try:
                     n = os.write(self._fd, view)
-                except OSError as e:
-                    raise OutputError(f"{self.path}: write failed ({e.strerror}); "
-                                      "is the disk full? nothing was left in the output") from e
+                except OSError as e:  # named after the file: Staged turns it into one OutputError line
+                    raise OSError(e.errno, e.strerror, str(self.path)) from e
                 view = view[n:]
                 self._pos += n
         self._writeback.wrote(self._pos)
