@@ -133,3 +133,21 @@ def test_every_command_has_json(command):
         pytest.skip(f"{command} not registered")
     r = run(command, "--help")
     assert "--json" in r.stdout and "--revision" in r.stdout
+
+
+@pytest.mark.parametrize("args, command, message", [
+    (["apply", "--json"], "apply", "Missing argument 'BASE'."),
+    (["verify", "--json", "--bogus"], "verify", "No such option '--bogus'"),
+    (["apply", "b", "a", "o", "--dtype", "float8", "--json"], "apply", "Invalid value for '--dtype'"),
+    (["nosuch", "--json"], None, "No such command 'nosuch'."),
+])
+def test_command_lines_click_cannot_parse_are_json_errors_too(args, command, message):
+    """Click reports these before the command runs; with --json stdout still parses."""
+    r = run(*args)
+    assert r.exit_code == 2
+    d = parse(r)
+    assert d["command"] == command and d["ok"] is False
+    assert d["error"]["type"] == "UsageError" and d["error"]["exit_code"] == 2
+    assert d["error"]["message"].startswith(message)
+    assert f"Error: {d['error']['message']}" in r.stderr
+    assert run(*[a for a in args if a != "--json"]).stdout == ""  # without --json: stderr only, as before

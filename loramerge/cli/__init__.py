@@ -9,12 +9,13 @@ import click
 
 from .algebra import combine_cmd, unmerge_cmd
 from .apply import apply_cmd
+from .errors import Group
 from .inspect import inspect_cmd
 from .onnx import export_onnx_cmd
 from .verify import verify_cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="loramerge")
 def main():
     """Fold LoRA adapters into base model weights: streaming, exact, in bounded memory."""

@@ -103,6 +103,30 @@ def _fail(command: str, as_json: bool, e: BaseException, message: str, code: int
     sys.exit(code)
 
 
+class Group(click.Group):
+    """The command group. Click reports a command line it cannot parse (a missing argument, an
+    unknown option or value) itself, before handle_errors runs: with --json among the command's
+    arguments that error is also the JSON error object on stdout, so stdout always parses."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["loramerge.args"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            args = ctx.meta.get("loramerge.args", [])
+            args = args[:args.index("--")] if "--" in args else args
+            if "--json" not in args:
+                raise
+            e.show()
+            command = args[0] if args and args[0] in self.commands else None
+            error = {"type": "UsageError", "message": e.format_message(), "problems": [], "exit_code": e.exit_code}
+            click.echo(json.dumps({"command": command, "ok": False, "error": error}, indent=2))
+            sys.exit(e.exit_code)
+
+
 @contextlib.contextmanager
 def _stdout_to_stderr(active: bool):
     """While a --json command runs, whatever it (or a library) prints goes to stderr, so stdout

@@ -51,7 +51,8 @@ def describe(path: Path, fmt: str, options: dict) -> dict:
         per_file = counts(ref.file.name for ref in ck.tensors.values())
         details = {
             "format": ck.format,
-            "files": [{"name": f.name, "bytes": f.stat().st_size, "tensors": per_file.get(f.name, 0)} for f in ck.files],
+            "files": [{"name": f.name, "bytes": f.stat().st_size, "tensors": per_file.get(f.name, 0)}
+                      for f in sorted(ck.files, key=lambda f: f.name)],
             "index": ck.index_file.name if ck.index_file is not None else None,
             "tensors": len(ck.tensors),
             "parameters": sum(numel(ref.shape) for ref in ck.tensors.values()),
