@@ -59,8 +59,10 @@ from ..readers.adapters import load_adapters
 from ..readers.checkpoint import open_checkpoint
 from ..types import DTYPE_NAMES, FLOAT_CODES
 from ..writers import manifest
+from .crosscheck import attach, cross_check
 from .model import check_model
 from .quantized import check_coded
+from .reference import read_adapters
 from .report import TensorCheck, VerifyReport, fidelity_warning
 from .weights import check_tensor
 
@@ -106,6 +108,11 @@ def verify(
     # The plan says what a merge of these inputs writes: every base tensor, plus e.g. an lm_head
     # split off a tied embedding; and which adapter terms land on each.
     plan = build_plan(base_ck, loaded, weights=weights, dtype=_fp8_dequantized_to(base_ck, merged_ck), qlora=qlora_spec)
+    # verify's own reading of the adapter files, compared with apply's (the plan's terms): the
+    # expected values below come from it wherever it covers the adapter (crosscheck.py)
+    own = read_adapters(adapter_paths, {j.name: j.shape for j in plan.jobs}, lora_alpha=lora_alpha,
+                        fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, only=only)
+    cc = cross_check(plan.jobs, loaded, own, weights or [1.0] * len(loaded))
     report = VerifyReport(base=base, adapters=adapter_paths, merged=merged, device=str(dev),
                           outputs=outputs, warnings=list(plan.warnings))
     try:
@@ -116,9 +123,11 @@ def verify(
                     f"missing from MERGED (expected {job.dtype} {list(job.shape)}); the merge output is "
                     "incomplete or from other inputs, re-run apply"]))
             elif job.decode is not None or job.encode is not None:
-                report.tensors.append(check_coded(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs))
+                report.tensors.append(check_coded(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs,
+                                                  ref=cc.refs.get(job.name)))
             else:
-                report.tensors.append(check_tensor(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs))
+                report.tensors.append(check_tensor(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs,
+                                                   ref=cc.refs.get(job.name)))
         expected = {name for job in plan.jobs for name, *_ in job.entries}
         for name, mref in merged_ck.tensors.items():
             if name not in expected:
@@ -128,10 +137,11 @@ def verify(
     finally:
         base_ck.close()
         merged_ck.close()
+    attach(report, cc)
     fidelity_warning(report)
     report.manifest = manifest.check(merged, adapter_paths)
     if outputs:
-        report.model = check_model(base_ck, merged_ck, loaded, plan.jobs, dev)
+        report.model = check_model(base_ck, merged_ck, loaded, plan.jobs, dev, cc.refs)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -44,7 +44,9 @@ HALF_TOL_FACTOR = 8
 
 
 def check_model(base_ck: Checkpoint, merged_ck: Checkpoint, adapters: list[Adapter], jobs: list[Job],
-                device: torch.device) -> ModelCheck:
+                device: torch.device, refs: dict | None = None) -> ModelCheck:
+    """`refs` (crosscheck.py): verify's own reading of the adapters, which the hooks apply in place
+    of apply's reading where it covers them."""
     try:
         import transformers
     except ImportError:
@@ -79,7 +81,7 @@ def check_model(base_ck: Checkpoint, merged_ck: Checkpoint, adapters: list[Adapt
     check = ModelCheck("ok", model_class=type(model).__name__, input_shape=INPUT_SHAPE)
     ids = torch.randint(0, vocab, INPUT_SHAPE, generator=torch.Generator().manual_seed(SEED)).to(device)
     plain = _run(model, ids)
-    problem = apply_unmerged(model, jobs, adapters)
+    problem = apply_unmerged(model, jobs, adapters, refs)
     if problem:
         return ModelCheck("skipped", problem, model_class=check.model_class)
     ref = _run(model, ids)
@@ -185,11 +187,11 @@ def _resolve(name: str, params: set[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def apply_unmerged(model, jobs: list[Job], adapters: list[Adapter]) -> str | None:
+def apply_unmerged(model, jobs: list[Job], adapters: list[Adapter], refs: dict | None = None) -> str | None:
     """Make `model` (float32, loaded from BASE) compute what the base with the adapter(s) applied
     unmerged computes: replacement tensors put in place, a forward hook on every LoRA-adapted
     layer. Returns None, or the reason it cannot (then the model is left half-adapted)."""
-    targets = _targets(model, jobs, adapters)
+    targets = _targets(model, jobs, adapters, refs or {})
     if isinstance(targets, str):
         return targets
     for module, spec in targets:
@@ -197,7 +199,7 @@ def apply_unmerged(model, jobs: list[Job], adapters: list[Adapter]) -> str | Non
     return None
 
 
-def _targets(model, jobs: list[Job], adapters: list[Adapter]) -> list[tuple[torch.nn.Module, dict]] | str:
+def _targets(model, jobs: list[Job], adapters: list[Adapter], refs: dict) -> list[tuple[torch.nn.Module, dict]] | str:
     """Put replacement tensors in place and return (module, {"lora": terms on its weight, "bias":
     terms on its bias}) for every adapted module, or the reason the hooks cannot reproduce a term."""
     from torch import nn
@@ -214,7 +216,8 @@ def _targets(model, jobs: list[Job], adapters: list[Adapter]) -> list[tuple[torc
             return f"{job.name} is not a parameter of the transformers model (renamed on load?)"
         mod_name, _, attr = pname.rpartition(".")
         module = model.get_submodule(mod_name)
-        spec = specs.setdefault(mod_name, {"module": module, "lora": [], "bias": [], "tuner": []})
+        spec = specs.setdefault(mod_name, {"module": module, "lora": [], "bias": [], "tuner": [], "refs": {}})
+        spec["refs"][attr] = refs.get(job.name)
         for t in job.terms:
             if t.kind == "replace":
                 # A saved full tensor (modules_to_save, resized vocabulary) has no unmerged form: it
@@ -284,24 +287,38 @@ def _put_rows(model, module, attr: str, pname: str, t, adapters: list[Adapter], 
             param.copy_(new)
 
 
-def _make_hook(module, spec: dict, adapters: list[Adapter]):
-    """A forward hook adding the unmerged adapter terms to `module`'s output."""
-    dev, dtype = module.weight.device, module.weight.dtype
-    branches = [(lin_factors(adapters[t.adapter], t.pair, dtype, dev), t.factor) for t in spec["lora"]]
-    bias_delta = None
-    if spec["bias"]:
-        bias_delta = sum(deltas.bias_delta(adapters[t.adapter], t.pair) * t.weight
-                         for t in spec["bias"]).to(dev, dtype)
-    dora_scale = None
-    dora = [t for t in spec["lora"] if t.pair.magnitude_key is not None]
-    if dora:
-        # PEFT's unmerged DoRA: y = bias + m / ||W + dW|| * (x W^T + branch), norm per output unit
+def _lora_parts(module, spec: dict, adapters: list[Adapter], dtype, dev):
+    """(LoRA branches, the lora_B bias delta, DoRA's per-output scale) of `module`: verify's own
+    reading for the adapters it covers (spec["refs"]), apply's for the others."""
+    ref, bias_ref = spec["refs"].get("weight"), spec["refs"].get("bias")
+    own = ref.covered if ref is not None else set()
+    lora = [t for t in spec["lora"] if t.adapter not in own]
+    branches = [(lin_factors(adapters[t.adapter], t.pair, dtype, dev), t.factor) for t in lora]
+    branches += [((left.to(dev, dtype), right.to(dev, dtype)), f) for (left, right), f in (ref.lora if ref else [])]
+    bias = [deltas.bias_delta(adapters[t.adapter], t.pair) * t.weight for t in spec["bias"]
+            if bias_ref is None or t.adapter not in bias_ref.covered] + (bias_ref.bias if bias_ref else [])
+    bias_delta = sum(bias).to(dev, dtype) if bias else None
+    # PEFT's unmerged DoRA: y = bias + m / ||W + dW|| * (x W^T + branch), norm per output unit
+    dora = [t for t in lora if t.pair.magnitude_key is not None]
+    if ref is not None and ref.magnitude is not None:
+        (left, right), f = ref.lora[0]
+        w = _lin(module.weight.detach().cpu().to(torch.float64), ref.transposed)
+        wd, mag = w + f * left @ right, ref.magnitude
+    elif dora:
         t = dora[0]
         adapter = adapters[t.adapter]
         w = module.weight.detach().cpu().to(torch.float64)
         wd = _lin(w + deltas.dense_delta(adapter, t.pair) * t.weight, t.pair.layout == "transposed")
         mag = adapter.tensors[t.pair.magnitude_key].to(torch.float64).reshape(-1)
-        dora_scale = (mag / torch.linalg.vector_norm(wd, dim=1)).to(dev, dtype)
+    else:
+        return branches, bias_delta, None
+    return branches, bias_delta, (mag / torch.linalg.vector_norm(wd, dim=1)).to(dev, dtype)
+
+
+def _make_hook(module, spec: dict, adapters: list[Adapter]):
+    """A forward hook adding the unmerged adapter terms to `module`'s output."""
+    dev, dtype = module.weight.device, module.weight.dtype
+    branches, bias_delta, dora_scale = _lora_parts(module, spec, adapters, dtype, dev)
     embedding = isinstance(module, torch.nn.Embedding)
     more, dense, scale_out, scale_in = _tuner_parts(module, spec, adapters, dtype, dev)
     branches += more

@@ -28,7 +28,7 @@ from .weights import LayerOutputs, _blocks, _check_values, _index, _lin, _prepar
 
 
 def check_coded(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Checkpoint,
-                adapters: list[Adapter], dev: torch.device, layer: bool) -> TensorCheck:
+                adapters: list[Adapter], dev: torch.device, layer: bool, ref=None) -> TensorCheck:
     tc = TensorCheck(job.name, "merge" if job.terms else "cast", dtype=mref.dtype, shape=mref.shape)
     if mref.shape != job.shape:
         tc.problems.append(f"shape {list(mref.shape)} in MERGED, expected {list(job.shape)}")
@@ -52,7 +52,7 @@ def check_coded(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Check
     else:
         stored = [base_ck.read(job.source), *(base_ck.read(r) for r in job.inputs)]
         w = codecs.decode(job.decode, stored, job.shape, dev) if job.decode is not None else stored[0]
-    tg = _prepare(job, w, adapters, dev)
+    tg = _prepare(job, w, adapters, dev, ref)
     if isinstance(tg, str):
         tc.problems.append(tg)
         return tc

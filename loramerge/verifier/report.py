@@ -44,6 +44,9 @@ class TensorCheck:
     qlora_shift: float | None = None    # --qlora: ||W_q - W|| / ||dW||, how far a plain merge would be
     problems: list[str] = field(default_factory=list)
     note: str = ""
+    # where the expected values come from: "own" (verify's own reading of the adapter files, which
+    # agreed with apply's), "apply's only: <why>" (terms verify has no second reading of), or both
+    reading: str = ""
 
     @property
     def ok(self) -> bool:
@@ -109,9 +112,9 @@ class VerifyReport(JsonReport):
         names = ", ".join(str(a) for a in self.adapters)
         lines = [f"verify {self.merged} against {self.base} + {names} (on {self.device})"]
         shown = [t for t in self.tensors if t.kind == "merge" or not t.ok]
-        head = ("tensor", "dtype", "ulps", "rel err", "delta lost", "layer err", "result")
+        head = ("tensor", "dtype", "ulps", "rel err", "delta lost", "layer err", "reading", "result")
         rows = [(t.name, t.dtype or "-", _num(t.max_ulps), _num(t.max_rel), _num(t.delta_loss),
-                 _num(t.layer_rel), ("ok" if t.ok else "FAIL") + (f" ({t.note})" if t.note else ""))
+                 _num(t.layer_rel), _reading(t.reading), ("ok" if t.ok else "FAIL") + (f" ({t.note})" if t.note else ""))
                 for t in shown]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         for r in [head, *rows]:
@@ -125,6 +128,7 @@ class VerifyReport(JsonReport):
         if fid:
             lines.append(f"delta fidelity (share of the adapter's change lost to the output dtype): "
                          f"worst {fid['worst']:.3g} ({fid['worst_tensor']}), median {fid['median']:.3g}")
+        lines += self._reading_lines()
         lines += self._quantized_lines()
         if not self.outputs:
             lines.append("layer and model outputs: not checked (--no-outputs)")
@@ -150,6 +154,23 @@ class VerifyReport(JsonReport):
         lines.append(f"result: {'OK' if self.ok else 'FAILED'} ({len(self.targets)} target(s), "
                      f"{len(copies)} untouched, {len(failures)} failure(s), {self.seconds:.2f} s)")
         return "\n".join(lines)
+
+    def _reading_lines(self) -> list[str]:
+        """Where the expected values came from (TensorCheck.reading), counted over the targets."""
+        read = [t for t in self.tensors if t.reading]
+        if not read:
+            return []
+        own = sum(1 for t in read if t.reading.startswith("own"))
+        why: dict[str, int] = {}
+        for t in read:
+            if "apply's only: " in t.reading:
+                for reason in t.reading.split("apply's only: ", 1)[1].split("; "):
+                    why[reason] = why.get(reason, 0) + 1
+        line = (f"expected values: {own} tensor(s) from verify's own reading of the adapter files, cross-checked "
+                "with apply's reading")
+        if why:
+            line += "; checked against apply's reading only: " + "; ".join(f"{n} tensor(s) with {r}" for r, n in why.items())
+        return [line]
 
     def _quantized_lines(self) -> list[str]:
         lines = []
@@ -187,6 +208,12 @@ class VerifyReport(JsonReport):
             "failures": self.failures(),
             "seconds": self.seconds,
         })
+
+
+def _reading(label: str) -> str:
+    if not label:
+        return "-"
+    return {"own": "own"}.get(label, "apply" if label.startswith("apply") else "own+apply")
 
 
 def _num(v: float | None) -> str:

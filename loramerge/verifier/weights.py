@@ -12,6 +12,7 @@ from ..engine import deltas, tuners
 from ..engine.ops import BLOCK_ELEMS_CPU, BLOCK_ELEMS_GPU, round_to
 from ..readers.checkpoint import Checkpoint
 from ..types import FLOAT_CODES, ST_TO_TORCH, Adapter, Job, LoraPair, TensorRef
+from .reference import JobRef
 from .report import _GRID, FLOAT_TOL_REL, HALF_CODES, HALF_TOL_ULPS, LAYER_ROWS, SEED, TensorCheck
 
 
@@ -57,14 +58,21 @@ class _Target:
     note: str = ""
 
 
-def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.device) -> _Target | str:
-    """The expected-value recipe for a job (float64, on the device), or why it cannot be checked."""
+def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.device,
+             ref: JobRef | None = None) -> _Target | str:
+    """The expected-value recipe for a job (float64, on the device), or why it cannot be checked.
+    `ref` (crosscheck.py): verify's own reading of the adapters in ref.covered, used for their LoRA
+    and bias terms instead of apply's."""
+    own = ref.covered if ref is not None else set()
     for t in job.terms:
         if t.kind not in ("lora", "bias", "replace", "delta", "scale", "rows"):
             return (f"term of kind {t.kind!r} from {adapters[t.adapter].label}: verify does not know its math, "
                     "so this tensor cannot be checked; update loramerge")
     lora = [t for t in job.terms if t.kind in ("lora", "delta", "scale")]
     transposed = bool(lora) and lora[0].pair.layout == "transposed" and w.dim() > 1
+    if ref is not None and ref.transposed is not None and w.dim() > 1:
+        transposed = ref.transposed
+        lora = [t for t in lora if t.adapter not in own]
     if any((t.pair.layout == "transposed") != transposed for t in lora if w.dim() > 1):
         return "adapters disagree on the layout of this tensor (transposed and not); cannot check it"
     rows = [t for t in job.terms if t.kind == "rows"]
@@ -75,7 +83,7 @@ def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.devi
     tg = _Target(_lin(w, transposed), transposed)
     if not _prepare_tuners(tg, job, tuple(w.shape), adapters, dev):
         return "a LoHa/LoKr delta on a transposed (Conv1D) weight: PEFT has no such layer; cannot check it"
-    lora = [t for t in lora if t.kind == "lora"]
+    lora = [t for t in lora if t.kind == "lora" and t.adapter not in own]
     for t in lora:
         fl = lin_factors(adapters[t.adapter], t.pair, torch.float64, dev)
         tg.effects.append((fl[0] * t.factor, fl[1]))
@@ -83,10 +91,16 @@ def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.devi
         if t.pair.magnitude_key is not None:  # the plan allows DoRA only alone on its tensor
             tg.magnitude = adapters[t.adapter].tensors[t.pair.magnitude_key].to(dev, torch.float64).reshape(-1)
             tg.note = "DoRA"
-    for t in job.terms:
-        if t.kind == "bias":  # a bias is a [out, 1] tensor; its delta a rank-1 effect with right = [[1]]
-            d = deltas.bias_delta(adapters[t.adapter], t.pair).to(dev)
-            tg.effects.append(((d * t.weight).reshape(-1, 1), torch.ones((1, 1), dtype=torch.float64, device=dev)))
+    for (left, right), factor in (ref.lora if ref is not None else []):
+        fl = (left.to(dev), right.to(dev))
+        tg.effects.append((fl[0] * factor, fl[1]))
+        tg.branches.append((fl, factor))
+    if ref is not None and ref.magnitude is not None:
+        tg.magnitude, tg.note = ref.magnitude.to(dev), "DoRA"
+    bias = [deltas.bias_delta(adapters[t.adapter], t.pair) * t.weight for t in job.terms
+            if t.kind == "bias" and t.adapter not in own] + (ref.bias if ref is not None else [])
+    for d in bias:  # a bias is a [out, 1] tensor; its delta a rank-1 effect with right = [[1]]
+        tg.effects.append((d.to(dev).reshape(-1, 1), torch.ones((1, 1), dtype=torch.float64, device=dev)))
     if rows:
         tg.note = f"{sum(len(t.rows) for t in rows)} token rows" + (" + " + tg.note if tg.note else "")
     if job.replacement is not None:
@@ -145,7 +159,7 @@ def _blocks(tg: _Target, m_lin: torch.Tensor, dev: torch.device):
 
 
 def check_tensor(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Checkpoint,
-                  adapters: list[Adapter], dev: torch.device, layer: bool) -> TensorCheck:
+                  adapters: list[Adapter], dev: torch.device, layer: bool, ref: JobRef | None = None) -> TensorCheck:
     src = job.source
     kind = "merge" if job.terms else ("copy" if mref.dtype == src.dtype else "cast")
     tc = TensorCheck(job.name, kind, dtype=mref.dtype, shape=mref.shape)
@@ -166,7 +180,7 @@ def check_tensor(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Chec
     if m.numel() == 0:  # (an empty tensor, cast: nothing to compare)
         tc.max_ulps = tc.max_rel = 0.0
         return tc
-    tg = _prepare(job, w, adapters, dev)
+    tg = _prepare(job, w, adapters, dev, ref)
     if isinstance(tg, str):
         tc.problems.append(tg)
         return tc
