@@ -2,7 +2,7 @@
 
 Keys: `lora_unet_<path with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
 (and `lora_te_`, `lora_te1_`, `lora_te2_` for text encoders). scale = alpha / rank, rank read off
-lora_down; a missing alpha means alpha = rank (kohya's own default). LyCORIS writes LoHa and
+lora_down; a missing alpha, or alpha 0, means alpha = rank (kohya's own rule). LyCORIS writes LoHa and
 LoKr under the same names (`.hada_w1_a` ..., `.lokr_w1` ...; readers/lycoris.py) with LyCORIS'
 scale rules: alpha / rank, a missing or zero alpha meaning no scaling, and a LoKr made of two full
 matrices (no rank) unscaled. Their DoRA (`dora_scale`), full diffs and other algorithms are refused. Because the names are
@@ -77,7 +77,8 @@ def read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> Adapter:
         if alpha_t.numel() != 1 or not bool(torch.isfinite(alpha_t.float()).all()):
             problems.append(f"{module}: alpha must be one finite number, found {alpha_t.dtype} {list(alpha_t.shape)}")
             continue
-        alpha = float(alpha_t.item())
+        # kohya-ss' LoRAModule: `alpha = lora_dim if alpha is None or alpha == 0` (scale 1, not 0)
+        alpha = float(alpha_t.item()) or float(rank)
         pairs.append(LoraPair(
             module=module, a_key=slots["lora_down"], b_key=slots["lora_up"], bias_key=None, rank=rank,
             alpha=alpha, scale=alpha / rank, base_shape=(up.shape[0],) + tuple(down.shape[1:]),
