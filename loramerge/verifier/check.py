@@ -59,6 +59,7 @@ from ..readers.adapters import load_adapters
 from ..readers.checkpoint import open_checkpoint
 from ..types import DTYPE_NAMES, FLOAT_CODES
 from ..writers import manifest
+from . import oracle_peft
 from .crosscheck import attach, cross_check
 from .model import check_model
 from .quantized import check_coded
@@ -83,6 +84,7 @@ def verify(
     qlora: str | None = None,
     qlora_double_quant: bool = True,
     qlora_kernel: str = "cuda",
+    oracle: str | None = None,
 ) -> VerifyReport:
     """Check that `merged` is `base` with `adapters` (times `weights`) merged in; see the module
     docstring for the checks and their tolerances. The reader options (lora_alpha, fan_in_fan_out,
@@ -90,7 +92,8 @@ def verify(
     unreadable inputs; a wrong merge is not an exception but a report with ok == False. Any of the
     paths may be a Hugging Face Hub id (readers/hub.py; `revision` for those without @REV). Pass
     apply's `qlora` options for a QLoRA merge: the expected values then start from the 4-bit round
-    trip of the base, and the report says how far a plain merge would be from them."""
+    trip of the base, and the report says how far a plain merge would be from them. oracle='peft'
+    also holds every tensor against PEFT's own merge (oracle_peft.py)."""
     t0 = time.perf_counter()
     qlora_spec = qlora_codec(qlora, qlora_double_quant, qlora_kernel)
     adapter_paths = [a for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
@@ -101,6 +104,8 @@ def verify(
     if not merged.exists():
         raise CheckpointError(f"{merged}: merged checkpoint not found; pass the OUT of `loramerge apply` "
                               "(a directory or a .safetensors file)")
+    if oracle is not None:
+        oracle_peft.preflight(oracle, base, adapter_paths, qlora_spec, only)
     dev = resolve_device(device)
     base_ck = open_checkpoint(base)
     merged_ck = open_checkpoint(merged)
@@ -138,6 +143,9 @@ def verify(
         base_ck.close()
         merged_ck.close()
     attach(report, cc)
+    if oracle is not None:
+        report.oracle = oracle_peft.check(base_ck, merged_ck, adapter_paths, weights or [1.0] * len(loaded),
+                                          plan.jobs, report.tensors)
     fidelity_warning(report)
     report.manifest = manifest.check(merged, adapter_paths)
     if outputs:

@@ -47,6 +47,7 @@ class TensorCheck:
     # where the expected values come from: "own" (verify's own reading of the adapter files, which
     # agreed with apply's), "apply's only: <why>" (terms verify has no second reading of), or both
     reading: str = ""
+    oracle: float | None = None         # --oracle peft: max ulps (half) / max rel err (float) vs PEFT
 
     @property
     def ok(self) -> bool:
@@ -67,6 +68,17 @@ class ModelCheck:
 
 
 @dataclass
+class OracleCheck:
+    """--oracle peft (oracle_peft.py): PEFT's own merge against MERGED."""
+
+    status: str                         # ok | FAIL
+    source: str                         # which PEFT, which model class, which dtype
+    compared: int = 0
+    failed: int = 0
+    not_judged: dict[str, str] = field(default_factory=dict)   # tensor -> why
+
+
+@dataclass
 class VerifyReport(JsonReport):
     base: Path
     adapters: list[Path]
@@ -79,6 +91,7 @@ class VerifyReport(JsonReport):
     seconds: float = 0.0
     # MERGED's files against its loramerge_manifest.json (writers/manifest.check), None without one
     manifest: dict | None = None
+    oracle: OracleCheck | None = None
 
     @property
     def ok(self) -> bool:
@@ -141,6 +154,7 @@ class VerifyReport(JsonReport):
                                  f"moves it by {m.adapter_effect[k]:.3g})" for k, v in m.rel_err.items())
                 lines.append(f"model outputs ({m.model_class}, random token ids {list(m.input_shape)}, float32, "
                              f"adapter unmerged via hooks vs MERGED): {errs}: " + ("ok" if m.status == "ok" else "FAIL"))
+        lines += self._oracle_lines()
         m = self.manifest
         if m is None:
             lines.append("manifest: none (outputs of loramerge before its manifests, or not made by it)")
@@ -171,6 +185,15 @@ class VerifyReport(JsonReport):
         if why:
             line += "; checked against apply's reading only: " + "; ".join(f"{n} tensor(s) with {r}" for r, n in why.items())
         return [line]
+
+    def _oracle_lines(self) -> list[str]:
+        o = self.oracle
+        if o is None:
+            return []
+        lines = [f"oracle: {o.source}: {o.compared} tensor(s) compared, "
+                 + (f"{o.failed} differ (FAIL lines below)" if o.failed else "all within the rules above")]
+        lines += [f"oracle: not judged: {n} ({why})" for n, why in o.not_judged.items()]
+        return lines
 
     def _quantized_lines(self) -> list[str]:
         lines = []
@@ -204,6 +227,7 @@ class VerifyReport(JsonReport):
             "model": None if self.model is None else {**asdict(self.model),
                                                       "input_shape": list(self.model.input_shape)},
             "manifest": self.manifest,
+            "oracle": None if self.oracle is None else asdict(self.oracle),
             "warnings": list(self.warnings),
             "failures": self.failures(),
             "seconds": self.seconds,
