@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,50 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUD
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path / "merged"
+
+
+# -- TIES / DARE references in numpy float64, written from the papers (Yadav et al. 2023,
+# arXiv:2306.01708; Yu et al. 2023, arXiv:2311.03099), not from loramerge.arithmetic ---------------
+
+def dare_masks(seed: int, name: str, count: int, shape, density: float) -> list:
+    """The keep-masks DARE draws for one target: loramerge's documented randomness contract is a
+    CPU torch generator seeded with the first 8 bytes (little endian, 63 bits) of
+    sha256(f"{seed}\\0{name}"), one torch.rand(shape, float32) per task vector in adapter order,
+    an entry kept where the draw is below the density."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return [(torch.rand(tuple(shape), generator=gen, dtype=torch.float32) < density).numpy() for _ in range(count)]
+
+
+def dare_np(taus, masks, density: float) -> list:
+    """Drop And REscale: the kept entries divided by the density, the rest zero."""
+    return [np.where(m, t / density, 0.0) for t, m in zip(taus, masks)]
+
+
+def elect_np(taus):
+    """TIES steps 2-3: per entry the sign of the total mass (zero elects +), then the mean of the
+    non-zero entries that agree with it (zero where none does)."""
+    stack = np.stack(taus)
+    sign = np.where(stack.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(stack) == sign
+    return (stack * agree).sum(0) / np.maximum(agree.sum(0), 1)
+
+
+def ties_np(taus, density: float):
+    """TIES-Merging: each task vector trimmed to its ceil(density * n) largest magnitudes, then
+    elected and averaged."""
+    trimmed = []
+    for t in taus:
+        k = math.ceil(density * t.size)
+        keep = np.zeros(t.size, dtype=bool)
+        keep[np.argsort(-np.abs(t).ravel(), kind="stable")[:k]] = True
+        trimmed.append(np.where(keep.reshape(t.shape), t, 0.0))
+    return elect_np(trimmed)
+
+
+def truncate_np(d, rank: int):
+    """The best rank-`rank` approximation (Eckart-Young) by numpy's SVD."""
+    u, s, vt = np.linalg.svd(d, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]

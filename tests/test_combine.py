@@ -9,7 +9,6 @@ References are float64 sums computed from the raw adapter files (conftest.expect
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 
@@ -19,9 +18,9 @@ from click.testing import CliRunner
 
 import loramerge
 from loramerge import LoraMergeError
-from loramerge.arithmetic.algebra import truncate
 from loramerge.readers.adapters import load_adapters
-from conftest import adapter_dir, base_dir, correctly_rounded, expected_delta64, load_dir, rel_err
+from conftest import (adapter_dir, base_dir, correctly_rounded, dare_masks, dare_np, elect_np, expected_delta64,
+                      load_dir, rel_err, ties_np, truncate_np)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -135,24 +134,22 @@ def test_svd_is_optimal_per_target(combined):
         assert err <= bound * (1 + 1e-3) + 1e-6 * float(sigma[0]), mod
 
 
-def ties_reference(taus, density):
-    """TIES on float64 task vectors: trim to top ceil(d n) by magnitude, elect by mass, disjoint mean."""
-    trimmed = []
-    for t in taus:
-        k = math.ceil(density * t.numel())
-        thresh = t.abs().reshape(-1).kthvalue(t.numel() - k + 1).values
-        trimmed.append(torch.where(t.abs() >= thresh, t, 0.0))
-    stack = torch.stack(trimmed)
-    sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
-    agree = (torch.sign(stack) == sign).double()
-    return (stack * agree).sum(0) / agree.sum(0).clamp_min(1)
-
-
-def test_ties_is_the_papers_merge_refactored(combined):
-    got = combined_deltas(combined["ties"])
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_elementwise_methods_are_the_papers_merge_refactored(method, combined):
+    """numpy float64 from the raw files (conftest: the papers' algorithms, DARE's masks redrawn
+    from its documented contract, numpy's SVD for the rank-6 re-factoring): no loramerge code."""
+    got = combined_deltas(combined[method])
+    opts = METHODS[method]
     for mod, parts in weighted_deltas().items():
-        want = truncate(ties_reference(parts, 0.5), 6, torch.float64)
-        assert rel_err(got[mod], want.left @ want.right) <= 1e-4, mod
+        taus = [p.numpy() for p in parts]
+        if method == "ties":
+            merged = ties_np(taus, opts["density"])
+        else:
+            dropped = dare_np(taus, dare_masks(opts["seed"], mod, len(taus), taus[0].shape, opts["density"]),
+                              opts["density"])
+            merged = sum(dropped) if method == "dare_linear" else elect_np(dropped)
+        want = torch.from_numpy(truncate_np(merged, opts["rank"]))
+        assert rel_err(got[mod], want) <= 1e-4, mod
 
 
 def test_dare_is_deterministic_per_seed(combined, tmp_path):
