@@ -154,7 +154,8 @@ def apply(
         from tqdm import tqdm
         bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="merging", leave=False)
     inputs = {"base": manifest.base_inputs(ck), "adapters": manifest.adapter_inputs(loaded, weights)}
-    options = {"weights": weights, "dtype": dtype, "accum": accum, "shard_size": shard_size, "qlora": qlora}
+    options = {"weights": weights, "dtype": dtype, "accum": accum, "shard_size": shard_size, "qlora": qlora,
+               **({"qlora_double_quant": qlora_double_quant, "qlora_kernel": qlora_kernel} if qlora else {})}
     staged = Staged(out, is_dir=not single_file, overwrite=overwrite)
     # a single file's manifest is a sibling, committed with it (overwritten with it: OUT was checked)
     beside = Staged(manifest.sibling(out), is_dir=False, overwrite=True, group=staged) if single_file else None

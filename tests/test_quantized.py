@@ -167,6 +167,14 @@ def test_verify_qlora_reports_the_plain_merge_distance(tmp_path):
     assert "a plain merge into the unquantized base would differ" in r.table()
     plain = verify(Q / "llama-bf16", A / "qlora-llama", out, outputs=False)
     assert not plain.ok  # without --qlora the same output is (rightly) not the plain merge
+    # ... and the manifest says why: the merge's options differ from the check's
+    assert "this output was made with --qlora nf4 (loramerge_manifest.json), checked here with no --qlora: " \
+           "pass the merge's options" in plain.manifest["notes"], plain.manifest
+    assert not r.manifest["notes"]
+    half = verify(Q / "llama-bf16", A / "qlora-llama", out, qlora="nf4", qlora_kernel="cpu", weights=[0.5],
+                  outputs=False)
+    assert not half.ok and any("--weights 1 (loramerge_manifest.json), checked here with 0.5" in n
+                               for n in half.manifest["notes"])
 
 
 def test_unsupported_fp8_layouts_are_clear_errors(tmp_path):

@@ -147,7 +147,8 @@ def verify(
         report.oracle = oracle_peft.check(base_ck, merged_ck, adapter_paths, weights or [1.0] * len(loaded),
                                           plan.jobs, report.tensors)
     fidelity_warning(report)
-    report.manifest = manifest.check(merged, adapter_paths)
+    report.manifest = manifest.check(merged, adapter_paths, {"weights": weights, "qlora": qlora,
+                                                             "qlora_double_quant": qlora_double_quant})
     if outputs:
         report.model = check_model(base_ck, merged_ck, loaded, plan.jobs, dev, cc.refs)
     report.seconds = time.perf_counter() - t0

@@ -210,10 +210,11 @@ def location(out: Path) -> Path:
 
 # -- checking ---------------------------------------------------------------------------------
 
-def check(out: Path, adapter_paths=None) -> dict | None:
+def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | None:
     """Compare OUT with its manifest: {"manifest": path, "files": n checked, "problems": [...],
     "notes": [...]}, or None without a manifest. A problem names a file whose bytes changed (or
-    that is missing); notes name inputs that differ from the ones recorded, and unlisted files."""
+    that is missing); notes name inputs that differ from the ones recorded, unlisted files, and
+    merge options (`options`: weights, qlora...) that differ from the ones the output was made with."""
     path = location(out)
     if not path.is_file():
         return None
@@ -258,4 +259,25 @@ def check(out: Path, adapter_paths=None) -> dict | None:
             f = (Path(ap) if Path(ap).is_dir() else Path(ap).parent) / fname
             if f.is_file() and isinstance(frec, dict) and hash_file(f)["sha256"] != frec.get("sha256"):
                 notes.append(f"{f}: differs from the adapter file this output was made from (sha256 in {NAME})")
+    if options is not None and isinstance(manifest.get("options"), dict):
+        notes += _option_notes(manifest["options"], options, len(adapter_paths or []))
     return {"manifest": str(path), "files": len(files), "problems": problems, "notes": notes}
+
+
+def _option_notes(recorded: dict, given: dict, n_adapters: int) -> list[str]:
+    """Where the checker's options differ from the merge's: its failures are then expected."""
+    def flag(opts: dict) -> str:
+        if not opts.get("qlora"):
+            return "no --qlora"
+        return f"--qlora {opts['qlora']}" + ("" if opts.get("qlora_double_quant", True) else " --no-qlora-double-quant")
+
+    notes = []
+    if flag(recorded) != flag(given):
+        notes.append(f"this output was made with {flag(recorded)} ({NAME}), checked here with {flag(given)}: "
+                     f"pass the merge's options")
+    ones = [1.0] * n_adapters
+    rec_w, giv_w = recorded.get("weights") or ones, given.get("weights") or ones
+    if isinstance(rec_w, list) and len(rec_w) == len(giv_w) and [float(w) for w in rec_w] != [float(w) for w in giv_w]:
+        notes.append(f"this output was made with --weights {','.join(f'{w:g}' for w in rec_w)} ({NAME}), checked "
+                     f"here with {','.join(f'{w:g}' for w in giv_w)}: pass the merge's weights")
+    return notes
