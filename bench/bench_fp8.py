@@ -8,7 +8,11 @@ DeepSeek-V3 ships), in ~1 GB shards, and an r=16 all-linear PEFT adapter, then r
              merged in float64 band by band, requantized with fresh scales (stays FP8)
   fp8-bf16   the same with dtype='bfloat16': a plain bf16 checkpoint (writes twice the bytes)
   floor      cat of each shard into OUT, then `sync` of those files (read once, write once, durable)
-and reports medians of wall time and peak anonymous memory, and fp8 / floor.
+and reports medians of wall time and peak anonymous memory, and fp8 / floor. On the CPU the FP8
+path is a fused numba kernel (engine/fp8_kernel.py); the methods fp8-torch and fp8-bf16-torch run
+the same merges with LORAMERGE_NO_KERNEL=1, i.e. the torch path GPUs take (the CPU path before the
+kernel), for an interleaved before/after; the output files' sha256 (from loramerge_manifest.json)
+of a method and its -torch twin are compared: `identical_bytes`.
 
   python bench/bench_fp8.py                                   # 'small' (0.4 GB), CPU
   python bench/bench_fp8.py --preset dsv3 --device cuda       # DeepSeek-V3-sized layers on a GPU
@@ -141,16 +145,20 @@ def main():
     methods = args.methods.split(",")
     results = {m: {"wall": [], "anon": [], "gpu": []} for m in methods}
     stages: dict[str, list] = {}
+    hashes: dict[str, dict] = {}
     for run in range(args.runs):
         for m in methods[run % len(methods):] + methods[:run % len(methods)]:
             out = args.workdir / f"out-{m}"
             shutil.rmtree(out, ignore_errors=True)
             stdout = ""
-            if m in ("fp8", "fp8-bf16"):
-                dtype = "auto" if m == "fp8" else "bfloat16"
+            if m.startswith("fp8"):
+                dtype = "bfloat16" if m.startswith("fp8-bf16") else "auto"
+                env = {**os.environ, "LORAMERGE_NO_KERNEL": "1"} if m.endswith("-torch") else None
                 wall, anon, stdout = measure([sys.executable, "-c", SCRIPT, str(base), str(adapter), str(out),
-                                              args.device, dtype])
+                                              args.device, dtype], env=env)
                 stages.setdefault(m, []).append(json.loads(stdout.split("STAGES ", 1)[1].splitlines()[0]))
+                files = json.loads((out / "loramerge_manifest.json").read_text())["files"]
+                hashes.setdefault(m, {k: v["sha256"] for k, v in files.items()})
             else:
                 out.mkdir()
                 script = "; ".join(f"cat '{s}' > '{out / s.name}'" for s in shards)
@@ -169,9 +177,10 @@ def main():
         "stage_seconds_median": {m: {k: statistics.median(s[k] for s in v) for k in v[0]} for m, v in stages.items()},
     }
     if "floor" in med:
-        for m in ("fp8", "fp8-bf16"):
-            if m in med:
+        for m in med:
+            if m != "floor":
                 summary[f"{m}_wall_vs_floor"] = med[m]["wall"] / med["floor"]["wall"]
+    summary["identical_bytes"] = {m: hashes[m] == hashes[m + "-torch"] for m in hashes if m + "-torch" in hashes}
     print(json.dumps(summary, indent=2))
     if args.results:
         args.results.write_text(json.dumps(summary, indent=2))

@@ -229,15 +229,21 @@ def test_dry_run_names_the_codec_of_each_tensor(tmp_path):
     assert "QLoRA base: nf4 round trip, blocksize 64, double-quantized absmax, cuda kernel" in res.output
 
 
-def test_fp8_bands_give_the_same_bytes_as_one_band(tmp_path, monkeypatch):
-    """A weight is processed in bands of whole block-rows (bounded memory): band edges change nothing."""
-    from loramerge.engine import ops
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_fp8_kernel_torch_path_and_bands_give_the_same_bytes(tmp_path, monkeypatch, dtype):
+    """The CPU's fused kernel (engine/fp8_kernel.py) and the torch path GPUs take, whole or in bands
+    of whole block-rows (bounded memory): the same bytes."""
+    from loramerge.engine import fp8_kernel, ops
 
-    apply(Q / "fp8-llama", A / "fp8-llama", tmp_path / "one")
+    apply(Q / "fp8-partial", A / "fp8-partial", tmp_path / "kernel", dtype=dtype)
+    monkeypatch.setattr(fp8_kernel, "AVAILABLE", False)
+    apply(Q / "fp8-partial", A / "fp8-partial", tmp_path / "one", dtype=dtype)
     monkeypatch.setattr(ops, "BLOCK_ELEMS_CPU", 1)  # one 128-row band at a time
-    apply(Q / "fp8-llama", A / "fp8-llama", tmp_path / "bands")
-    a, b = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "bands/model.safetensors"))
-    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    apply(Q / "fp8-partial", A / "fp8-partial", tmp_path / "bands", dtype=dtype)
+    k, a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("kernel", "one", "bands"))
+    assert set(k) == set(a) == set(b)
+    assert all(torch.equal(k[n].view(torch.uint8), a[n].view(torch.uint8)) for n in a)
+    assert all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -1,6 +1,7 @@
 """Jobs with codecs: decode the stored tensors, do the usual float math, encode the result.
 
-FP8 weights go in bands of whole block-rows, so a weight of any size needs float64 temporaries
+FP8 weights on the CPU go through a fused numba kernel (fp8_kernel.py: one pass per 128x128 block,
+the same bytes); elsewhere (GPUs) in bands of whole block-rows, so a weight of any size needs float64 temporaries
 of one band only (the values are decoded exactly, in float64, and a merged band is added to in
 float64: a bf16/fp16 output is then rounded once, correctly; an FP8 output is requantized from
 it). bitsandbytes weights and the QLoRA round trip decode the whole tensor into its own dtype
@@ -55,6 +56,10 @@ def _fp8_bands(job: Job, q: torch.Tensor, scale: torch.Tensor, adapters: list[Ad
         lefts, rights = zip(*(deltas.factors(adapters[t.adapter], t.pair, torch.float32, device) for t in lora))
         left, right = torch.cat(lefts, dim=1), torch.cat(rights)
         factors = torch.cat([torch.full((t.pair.rank,), t.factor, dtype=torch.float64) for t in lora])
+    if device.type == "cpu" and _fp8_kernel(q3, s3, block, (left, right, factors) if lora else (None,) * 3,
+                                            res, s_out):
+        res = res.view(job.shape)
+        return ((res, s_out.view(scale.shape)) if encode else res), 0
     elems = ops.BLOCK_ELEMS_GPU if device.type == "cuda" else ops.BLOCK_ELEMS_CPU
     step = block[0] * max(1, elems // max(1, block[0] * cols))
     fixed = 0
@@ -82,3 +87,17 @@ def _fp8_bands(job: Job, q: torch.Tensor, scale: torch.Tensor, adapters: list[Ad
                 res[i, r0:r1].copy_(y)
     res = res.view(job.shape)
     return ((res, s_out.view(scale.shape)) if encode else res), fixed
+
+
+def _fp8_kernel(q3, s3, block, lora, res, s_out) -> bool:
+    """The fused CPU kernel over every [rows, cols] slice; False where it does not apply."""
+    from . import fp8_kernel  # imports numba: only runs that merge FP8 weights on the CPU pay for it
+
+    if not fp8_kernel.supports(q3[0], res.dtype, torch.device("cpu")):
+        return False
+    rows, cols = q3.shape[-2:]
+    for i in range(q3.shape[0]):
+        count, idx, value = fp8_kernel.merge(q3[i], s3[i], block, *lora, res[i], s_out[i] if s_out is not None else None)
+        if count:
+            raise ops.NonFinite(count, idx + i * rows * cols, value)
+    return True
