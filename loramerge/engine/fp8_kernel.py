@@ -181,11 +181,18 @@ if numba is not None:
                     r = r0 + i
                     for c in range(w):
                         acc[c] = 0.0
-                    for j in range(rank):
-                        b = bs[r, j]
-                        aj = a[j, c0:c0 + w]
+                    j = 0
+                    while j + 4 <= rank:  # four ranks per pass over acc: the same sums, in the same order
+                        b0, b1, b2, b3 = bs[r, j], bs[r, j + 1], bs[r, j + 2], bs[r, j + 3]
+                        a0, a1, a2, a3 = a[j, c0:c0 + w], a[j + 1, c0:c0 + w], a[j + 2, c0:c0 + w], a[j + 3, c0:c0 + w]
+                        for c in range(w):
+                            acc[c] = (((acc[c] + b0 * a0[c]) + b1 * a1[c]) + b2 * a2[c]) + b3 * a3[c]
+                        j += 4
+                    while j < rank:
+                        b, aj = bs[r, j], a[j, c0:c0 + w]
                         for c in range(w):
                             acc[c] += b * aj[c]
+                        j += 1
                     qr = q8[r, c0:c0 + w]
                     yr = y[i * w:(i + 1) * w]
                     for c in range(w):
