@@ -154,3 +154,13 @@ def test_a_damaged_manifest_is_a_failure_not_a_traceback(content, tmp_path):
     (out / manifest.NAME).write_text(content)
     r = loramerge.verify(base_dir("llama-fp32"), [adapter_dir("llama-basic")], out, outputs=False)
     assert not r.ok and r.manifest["problems"] and all(t.ok for t in r.tensors)
+
+
+def test_edited_options_in_a_manifest_are_a_note_not_a_traceback(tmp_path):
+    out = tmp_path / "out"
+    loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), out)
+    m = load(out)
+    m["options"]["weights"] = ["x"]
+    (out / manifest.NAME).write_text(json.dumps(m))
+    r = loramerge.verify(base_dir("llama-fp32"), [adapter_dir("llama-basic")], out, outputs=False, weights=[0.5])
+    assert f"{manifest.NAME}: its recorded options are unreadable" in r.manifest["notes"]

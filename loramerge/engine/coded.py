@@ -1,10 +1,10 @@
 """Jobs with codecs: decode the stored tensors, do the usual float math, encode the result.
 
-FP8 weights on the CPU go through a fused numba kernel (fp8_kernel.py: one pass per 128x128 block,
-the same bytes); elsewhere (GPUs) in bands of whole block-rows, so a weight of any size needs float64 temporaries
-of one band only (the values are decoded exactly, in float64, and a merged band is added to in
-float64: a bf16/fp16 output is then rounded once, correctly; an FP8 output is requantized from
-it). bitsandbytes weights and the QLoRA round trip decode the whole tensor into its own dtype
+FP8 weights on the CPU go through a fused numba kernel (fp8_kernel.py: one pass per 128x128
+block, the same bytes); elsewhere (GPUs) in bands of whole block-rows, so a weight of any size
+needs float64 temporaries of one band only (the values are decoded exactly, in float64, and a
+merged band is added to in float64: a bf16/fp16 output is then rounded once, correctly; an FP8
+output is requantized from it). bitsandbytes weights and the QLoRA round trip decode the whole tensor into its own dtype
 (the blocks run across rows) and then take exactly the path of a plain tensor.
 """
 

@@ -260,7 +260,10 @@ def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | 
             if f.is_file() and isinstance(frec, dict) and hash_file(f)["sha256"] != frec.get("sha256"):
                 notes.append(f"{f}: differs from the adapter file this output was made from (sha256 in {NAME})")
     if options is not None and isinstance(manifest.get("options"), dict):
-        notes += _option_notes(manifest["options"], options, len(adapter_paths or []))
+        try:
+            notes += _option_notes(manifest["options"], options, len(adapter_paths or []))
+        except (TypeError, ValueError):  # an edited manifest: its options say nothing reliable
+            notes.append(f"{NAME}: its recorded options are unreadable")
     return {"manifest": str(path), "files": len(files), "problems": problems, "notes": notes}
 
 
