@@ -1,14 +1,15 @@
 """Peak memory: apply streams, so its resident memory grows by a few tensors, not with the model.
 
 Two generated checkpoints of float32 [1024, 4096] weights (16 MiB each: one float64 block of the
-merge math, ops.BLOCK_ELEMS_CPU elements), 3 and 12 of them, each weight with a PEFT LoRA (r=8),
+merge math, ops.BLOCK_ELEMS_CPU elements), 3 and 16 of them, each weight with a PEFT LoRA (r=8),
 are merged in a child process: nothing else of the test suite is resident there. The child first
 merges a tiny model (numba's compilation, thread stacks and allocator arenas then belong to the
 baseline); before each measured merge it resets the kernel's peak-RSS counter
 (/proc/self/clear_refs; a 1 ms psutil sampler as well), and reports the peak's growth.
 
-Bounds: (1) four times the model costs at most 2 tensors more: memory does not grow with the model
-(holding it would cost 9 more tensors, 144 MiB); (2) in absolute terms, the engine's buffer pools
+Bounds: (1) 16 tensors cost at most 4 tensors more than 3 (allocator and scheduling noise under
+load reach ~2): memory does not grow with the model (holding it would cost 13 more, 208 MiB;
+a reader running ahead unbounded cost ~10 more when tried); (2) in absolute terms, the engine's buffer pools
 (3 reads and 2 outputs in flight) plus 8 float64 blocks of the merge math, plus 16 MiB (352 MiB
 for float32 out, 336 for bfloat16). Measured on 2 cores, torch 2.13, two runs: float32 out
 128-158 MiB, bfloat16 out 193-242 MiB (the half-precision path holds ~5 float64 blocks at its
@@ -95,7 +96,7 @@ CHILD = textwrap.dedent("""
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("memory")
     return make(root / "warm", 2, 64, 64, 0) + make(root / "three", 3, ROWS, COLS, 1) + \
-        make(root / "twelve", 12, ROWS, COLS, 2)
+        make(root / "sixteen", 16, ROWS, COLS, 2)
 
 
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
@@ -105,7 +106,7 @@ def test_apply_peak_memory_is_a_few_tensors_whatever_the_model(dtype, checkpoint
     assert run.returncode == 0, run.stderr[-2000:]
     small, large = json.loads(run.stdout.strip().splitlines()[-1])
     out = TENSOR // (2 if dtype == "bfloat16" else 1)
-    assert (tmp_path / "out.4.safetensors").stat().st_size > 12 * out
-    shown = f"peak RSS growth {small / MiB:.0f} MiB (3 tensors), {large / MiB:.0f} MiB (12 tensors)"
-    assert large <= small + 2 * TENSOR, shown
+    assert (tmp_path / "out.4.safetensors").stat().st_size > 16 * out
+    shown = f"peak RSS growth {small / MiB:.0f} MiB (3 tensors), {large / MiB:.0f} MiB (16 tensors)"
+    assert large <= small + 4 * TENSOR, shown
     assert 0 < max(small, large) <= 3 * TENSOR + 2 * out + 8 * BLOCK + 16 * MiB, shown
