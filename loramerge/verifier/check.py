@@ -59,12 +59,13 @@ from ..readers.adapters import load_adapters
 from ..readers.checkpoint import open_checkpoint
 from ..types import DTYPE_NAMES, FLOAT_CODES
 from ..writers import manifest
-from . import oracle_peft
+from . import compare, oracle_peft
 from .crosscheck import attach, cross_check
 from .model import check_model
 from .quantized import check_coded
 from .reference import read_adapters
 from .report import TensorCheck, VerifyReport, fidelity_warning
+from .stream import TensorStream
 from .weights import check_tensor
 
 
@@ -120,19 +121,13 @@ def verify(
     cc = cross_check(plan.jobs, loaded, own, weights or [1.0] * len(loaded))
     report = VerifyReport(base=base, adapters=adapter_paths, merged=merged, device=str(dev),
                           outputs=outputs, warnings=list(plan.warnings))
+    stream = TensorStream(plan.jobs, base_ck, merged_ck, pin=dev.type == "cuda")
     try:
-        for job in plan.jobs:
-            mref = merged_ck.tensors.get(job.name)
-            if mref is None:
-                report.tensors.append(TensorCheck(job.name, "missing", shape=job.shape, problems=[
-                    f"missing from MERGED (expected {job.dtype} {list(job.shape)}); the merge output is "
-                    "incomplete or from other inputs, re-run apply"]))
-            elif job.decode is not None or job.encode is not None:
-                report.tensors.append(check_coded(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs,
-                                                  ref=cc.refs.get(job.name)))
-            else:
-                report.tensors.append(check_tensor(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs,
-                                                   ref=cc.refs.get(job.name)))
+        with compare.exact_matmuls(dev):
+            for item in stream:
+                report.tensors.append(_check_job(item, base_ck, merged_ck, loaded, dev, outputs,
+                                                 cc.refs.get(item.job.name)))
+                item.release()
         expected = {name for job in plan.jobs for name, *_ in job.entries}
         for name, mref in merged_ck.tensors.items():
             if name not in expected:
@@ -140,6 +135,7 @@ def verify(
                     f"in MERGED ({mref.dtype} {list(mref.shape)}) but a merge of these inputs does not write "
                     "it (another model's shard, or a LoRA tensor left in?)"]))
     finally:
+        stream.close()
         base_ck.close()
         merged_ck.close()
     attach(report, cc)
@@ -153,6 +149,24 @@ def verify(
         report.model = check_model(base_ck, merged_ck, loaded, plan.jobs, dev, cc.refs)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_job(item, base_ck, merged_ck, loaded, dev, outputs: bool, ref) -> TensorCheck:
+    """Checks 1-3 for one job, from what the stream read ahead (the rest is read here)."""
+    job, mref = item.job, item.mref
+    if mref is None:
+        return TensorCheck(job.name, "missing", shape=job.shape, problems=[
+            f"missing from MERGED (expected {job.dtype} {list(job.shape)}); the merge output is "
+            "incomplete or from other inputs, re-run apply"])
+    if job.decode is not None or job.encode is not None:
+        return check_coded(job, mref, base_ck, merged_ck, loaded, dev, layer=outputs, ref=ref)
+    if item.same:  # an untouched tensor whose bytes the reader found equal to the base's
+        return TensorCheck(job.name, "copy", dtype=mref.dtype, shape=mref.shape, max_ulps=0.0, max_rel=0.0)
+    w = item.w
+    if w is None and job.replacement is None:
+        w = base_ck.read(job.source)
+    m = item.m if item.m is not None else merged_ck.read(mref)
+    return check_tensor(job, mref, w, m, loaded, dev, layer=outputs, ref=ref)
 
 
 def _fp8_dequantized_to(base_ck, merged_ck) -> str:

@@ -10,18 +10,11 @@ import torch
 
 from ..engine import deltas, tuners
 from ..engine.ops import BLOCK_ELEMS_CPU, BLOCK_ELEMS_GPU, round_to
-from ..readers.checkpoint import Checkpoint
 from ..types import FLOAT_CODES, ST_TO_TORCH, Adapter, Job, LoraPair, TensorRef
+from . import compare
+from .compare import Tally, ulp
 from .reference import JobRef
-from .report import _GRID, FLOAT_TOL_REL, HALF_CODES, HALF_TOL_ULPS, LAYER_ROWS, SEED, TensorCheck
-
-
-def _ulp(mag: torch.Tensor, code: str) -> torch.Tensor:
-    """Spacing of `code`'s grid at magnitude `mag` (float64), subnormals included."""
-    p, emin = _GRID[code]
-    _, e = torch.frexp(mag)  # mag = f * 2^e with f in [0.5, 1): the binade exponent is e - 1
-    e = torch.where(mag > 0, e - 1, emin).clamp_min(emin)
-    return torch.ldexp(torch.ones_like(mag), e - (p - 1))
+from .report import FLOAT_TOL_REL, HALF_CODES, HALF_TOL_ULPS, LAYER_ROWS, SEED, TensorCheck
 
 
 def _lin(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -158,8 +151,10 @@ def _blocks(tg: _Target, m_lin: torch.Tensor, dev: torch.device):
         yield sl, w, m_lin[sl].to(dev).to(torch.float64), e, scale, u
 
 
-def check_tensor(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Checkpoint,
-                  adapters: list[Adapter], dev: torch.device, layer: bool, ref: JobRef | None = None) -> TensorCheck:
+def check_tensor(job: Job, mref: TensorRef, w: torch.Tensor | None, m: torch.Tensor, adapters: list[Adapter],
+                 dev: torch.device, layer: bool, ref: JobRef | None = None) -> TensorCheck:
+    """Checks 1-3 for a plain job: `w` is the base tensor as read (None when the adapter replaces
+    it), `m` MERGED's tensor, both on the CPU."""
     src = job.source
     kind = "merge" if job.terms else ("copy" if mref.dtype == src.dtype else "cast")
     tc = TensorCheck(job.name, kind, dtype=mref.dtype, shape=mref.shape)
@@ -172,10 +167,10 @@ def check_tensor(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Chec
         return tc
     rep = job.replacement
     # A replaced tensor starts from the adapter's saved copy (its shape may differ from the base's).
-    w = adapters[rep.adapter].tensors[rep.key] if rep is not None else base_ck.read(src)
-    m = merged_ck.read(mref)
+    if rep is not None:
+        w = adapters[rep.adapter].tensors[rep.key]
     if kind == "copy":
-        _check_copy(tc, w, m)
+        check_copy(tc, w, m)
         return tc
     if m.numel() == 0:  # (an empty tensor, cast: nothing to compare)
         tc.max_ulps = tc.max_rel = 0.0
@@ -185,11 +180,41 @@ def check_tensor(job: Job, mref: TensorRef, base_ck: Checkpoint, merged_ck: Chec
         tc.problems.append(tg)
         return tc
     tc.note = tg.note
-    _check_values(tc, tg, m, dev, layer and bool(tg.branches or tg.dense or tg.multiplier is not None))
+    layer = layer and bool(tg.branches or tg.dense or tg.multiplier is not None)
+    if layer or not _check_fast(tc, tg, m, dev):
+        _check_values(tc, tg, m, dev, layer)
     return tc
 
 
-def _check_copy(tc: TensorCheck, w: torch.Tensor, m: torch.Tensor) -> None:
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+
+
+def _check_fast(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.device) -> bool:
+    """Rule 1 and the fidelity sums by compare.py (float32 under a proven bound), for the recipes it
+    covers: low-rank effects on W into a half-precision output. False if it does not apply."""
+    if tg.magnitude is not None or tg.multiplier is not None or tg.dense:
+        return False
+    # E = W + P @ Q in the stored view: the linear-orientation effects, turned around if transposed
+    cols = tg.start.shape[1]
+    lefts = [left for left, _ in tg.effects] or [torch.zeros((tg.start.shape[0], 0), dtype=torch.float64, device=dev)]
+    rights = [right for _, right in tg.effects] or [torch.zeros((0, cols), dtype=torch.float64, device=dev)]
+    p, q = torch.cat(lefts, dim=1), torch.cat(rights)
+    w2 = tg.start.T if tg.transposed else tg.start
+    if tg.transposed:
+        p, q = q.T, p.T
+    if not compare.eligible(tc.dtype, w2, p, q):
+        return False
+    m2 = _stored(m)
+    t = compare.compare(w2, m2, p, q, tc.dtype, tg.transposed, dev)
+    r, c = t.worst
+    i, j = (c, r) if tg.transposed else (r, c)
+    _record(tc, t, m2.numel(), tuple(m.shape), tg.transposed,
+            (float(m2[i, j]), compare.expected_at(w2, p, q, i, j), float(w2[i, j])))
+    return True
+
+
+def check_copy(tc: TensorCheck, w: torch.Tensor, m: torch.Tensor) -> None:
     wb, mb = w.contiguous().reshape(-1), m.contiguous().reshape(-1)
     if torch.equal(wb.view(torch.uint8), mb.view(torch.uint8)):
         tc.max_ulps = tc.max_rel = 0.0
@@ -221,7 +246,7 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
             mag = torch.maximum(mag, sum(left[sl].abs() @ right.abs() for left, right in tg.effects))
         if tg.dense:
             mag = torch.maximum(mag, (ub - wb).abs())
-        tol_ulp = _ulp(mag, code)
+        tol_ulp = ulp(mag, code)
         # half: compare with E correctly rounded (a correct merge is 0 ulp off); float: with E itself
         err = (mb - round_to(e, out_dtype).to(torch.float64)).abs() if half else (mb - e).abs()
         ulps = err / tol_ulp
@@ -242,27 +267,37 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
             # half: |M - E| <= |M - round(E)| + |round(E) - E| <= (tol + 1/2) ulp per element
             outs.add(sl, ub, mb, dora_scale, (HALF_TOL_ULPS + 0.5) * tol_ulp if half else None)
 
-    n = m_lin.numel()
-    tc.max_ulps = max_ulps
-    tc.max_rel = max_err / max_e if max_e > 0 else (0.0 if max_err == 0 else math.inf)
-    if sq_delta > 0 and tc.kind == "merge":
-        tc.delta_loss = math.sqrt(sq_err / sq_delta)
-        tc.delta_ratio = dot / sq_delta
     float_tol = FLOAT_TOL_REL * max_e
     if not half and max_err > float_tol:
         # the float rule's tolerance depends on the whole tensor's max |E|: count in a second pass
         bad = sum(int(((mb - e).abs() > float_tol).sum()) for _, _, mb, e, *_ in _blocks(tg, m_lin, dev))
-    tc.bad_elements = bad
     _, r, c, mv, ev, wv = worst
-    tc.worst = {"index": _index(r, c, tuple(m.shape), tg.transposed), "merged": mv, "expected": ev, "base": wv}
-    if bad:
-        what = (f"off by more than {HALF_TOL_ULPS:g} ulp of {code} (max {max_ulps:.3g} ulp" if half else
-                f"off by more than {FLOAT_TOL_REL:g} x max|expected| = {float_tol:.3g} (max {max_err:.3g}")
-        tc.problems.append(
-            f"{bad} of {n} elements {what}, max rel err {tc.max_rel:.3g}); worst at {tc.worst['index']}: "
-            f"merged {mv:.6g}, expected {ev:.6g}, base {wv:.6g}" + _diagnose(tc, bad, n))
+    t = Tally(bad=bad, max_ulps=max_ulps, worst=(r, c), sq_err=sq_err, sq_delta=sq_delta, dot=dot, max_err=max_err,
+              max_e=max_e)
+    _record(tc, t, m_lin.numel(), tuple(m.shape), tg.transposed, (mv, ev, wv))
     if outs is not None:
         outs.finish(tc, None if half else outs.x.abs().sum(dim=1, keepdim=True) * float_tol)
+
+
+def _record(tc: TensorCheck, t: Tally, n: int, shape: tuple[int, ...], transposed: bool,
+            values: tuple[float, float, float]) -> None:
+    """Write rule 1's findings into tc: `values` are (merged, expected, base) at t.worst."""
+    half = tc.dtype in HALF_CODES
+    tc.max_ulps = t.max_ulps
+    tc.max_rel = t.max_err / t.max_e if t.max_e > 0 else (0.0 if t.max_err == 0 else math.inf)
+    if t.sq_delta > 0 and tc.kind == "merge":
+        tc.delta_loss = math.sqrt(t.sq_err / t.sq_delta)
+        tc.delta_ratio = t.dot / t.sq_delta
+    tc.bad_elements = t.bad
+    mv, ev, wv = values
+    tc.worst = {"index": _index(*t.worst, shape, transposed), "merged": mv, "expected": ev, "base": wv}
+    if t.bad:
+        what = (f"off by more than {HALF_TOL_ULPS:g} ulp of {tc.dtype} (max {t.max_ulps:.3g} ulp" if half else
+                f"off by more than {FLOAT_TOL_REL:g} x max|expected| = {FLOAT_TOL_REL * t.max_e:.3g} "
+                f"(max {t.max_err:.3g}")
+        tc.problems.append(
+            f"{t.bad} of {n} elements {what}, max rel err {tc.max_rel:.3g}); worst at {tc.worst['index']}: "
+            f"merged {mv:.6g}, expected {ev:.6g}, base {wv:.6g}" + _diagnose(tc, t.bad, n))
 
 
 class LayerOutputs:

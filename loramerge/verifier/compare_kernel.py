@@ -1,0 +1,198 @@
+"""compare.py's decision as one fused CPU pass (numba): for each row of the stored view, r = W + P @ Q
+in float32 in a cache-resident buffer, the bound b' and the rounding cells of r -/+ b' from their
+float32 bits, M compared there, the statistics summed in float64; the few elements the bound leaves
+open are evaluated in float64 on the spot. W and M are read once, as apply's kernel reads W once.
+
+The rounding cell of a float32 x for an output format with s dropped mantissa bits is
+(bits(x) + 2^(s-1) - 1 + ((bits(x) >> s) & 1)) >> s: round to nearest even at bit s, i.e. the
+output value's bits up to a constant exponent offset (bfloat16: exactly its 16 bits, subnormals
+included; float16: for |x| >= 2^-14, below which the grid is coarser: those elements are left to
+float64). Two values with the same cell round to the same output value, so lo and hi in one cell,
+and M's own cell (M is on the grid: its low bits are zero), is compare.py's decision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+try:  # numba is a core dependency, but the torch path does the same where it is missing
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
+
+AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
+# output dtype code -> (dropped float32 mantissa bits, precision p, emin, largest finite value)
+_FORMATS = {"BF16": (16, 8, -126, float.fromhex("0x1.fep127")), "F16": (13, 11, -14, 65504.0)}
+_HALF = (torch.bfloat16, torch.float16)
+_LUTS: dict[torch.dtype, np.ndarray] = {}
+
+
+def supports(w2: torch.Tensor, m2: torch.Tensor) -> bool:
+    return (AVAILABLE and w2.device.type == "cpu" and w2.dtype in _HALF and m2.dtype in _HALF
+            and w2.dim() == 2 and w2.numel() > 0)
+
+
+def _lut(dtype: torch.dtype) -> np.ndarray:
+    """float32 value of every 16-bit pattern of `dtype` (exact: both half formats fit in float32)."""
+    if dtype not in _LUTS:
+        _LUTS[dtype] = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).to(torch.float32).numpy()
+    return _LUTS[dtype]
+
+
+def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor, nb: torch.Tensor,
+            na: torch.Tensor, code: str, transposed: bool, coef: tuple[float, float], tol: float):
+    """(bad, max_ulps, worst (row, col) in linear orientation, sq_err, sq_delta, dot, max_err, max_e,
+    redone) over the stored views w2, m2 with E = w2 + p @ q (float64, stored orientation); `coef`
+    is compare.bound_coef(rank), `tol` the ulps beyond which an element is bad."""
+    rows, cols = w2.shape
+    shift, prec, emin, maxfin = _FORMATS[code]
+    w16 = w2.contiguous().view(torch.int16).numpy().view(np.uint16)
+    m16 = m2.contiguous().view(torch.int16).numpy().view(np.uint16)
+    p64, q64 = p.to(torch.float64).contiguous().numpy(), q.to(torch.float64).contiguous().numpy()
+    fo = np.zeros((rows, 6), np.float64)   # max ulps, sq_err, sq_delta, dot, max_err, max_e
+    io = np.zeros((rows, 3), np.int64)     # bad, first col with the row's max ulps, redone
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    c, eta = coef
+    mlut = _lut(m2.dtype)
+    mcell = mlut.view(np.uint32) >> np.uint32(shift)  # M is on the grid: its cell is its top bits
+    _rows(w16, _lut(w2.dtype), w2.dtype == torch.bfloat16, m16, mlut, mcell, p64.astype(np.float32), q64.astype(np.float32), p64, q64,
+          nb.numpy(), na.numpy(), c * 1.001, eta * 1.001 + 2.0 ** -124, shift, prec, emin, maxfin, tol, fo, io)
+    max_ulps = float(fo[:, 0].max())
+    top = np.flatnonzero(fo[:, 0] == max_ulps)
+    if max_ulps == 0:
+        worst = (0, 0)
+    elif transposed:  # linear row-major order is the stored column first, then the stored row
+        i = int(top[np.argmin(io[top, 1] * rows + top)])
+        worst = (int(io[i, 1]), i)
+    else:
+        worst = (int(top[0]), int(io[top[0], 1]))
+    return (int(io[:, 0].sum()), max_ulps, worst, float(fo[:, 1].sum()), float(fo[:, 2].sum()),
+            float(fo[:, 3].sum()), float(fo[:, 4].max()), float(fo[:, 5].max()), int(io[:, 2].sum()))
+
+
+if numba is not None:
+
+    @numba.njit(cache=True)
+    def _round_grid(x, prec, emin, maxfin):
+        """x (float64) correctly rounded to the grid of p bits, minimum exponent emin (ties to even)."""
+        ax = abs(x)
+        if ax == 0.0 or not math.isfinite(ax):
+            return x
+        _, ex = math.frexp(ax)
+        g = math.ldexp(1.0, max(ex - 1, emin) - (prec - 1))
+        v = np.rint(ax / g) * g   # ax / g is exact: a power-of-two scaling
+        if v > maxfin:
+            v = math.inf
+        return math.copysign(v, x)
+
+    @numba.njit(cache=True)
+    def _ulp(mag, prec, emin):
+        e = emin
+        if mag > 0.0:
+            _, ex = math.frexp(mag)
+            e = max(ex - 1, emin)
+        return math.ldexp(1.0, e - (prec - 1))
+
+    @numba.njit(cache=True)
+    def _float64_rule(wv, mv, p64, q64, i, j, prec, emin, maxfin):
+        """(E, ulps) of one element by verify's float64 rule: |M - round(E)| / ulp(max(|E|, |W|, S))."""
+        e = wv
+        s = 0.0
+        for k in range(q64.shape[0]):
+            t = p64[i, k] * q64[k, j]
+            e += t
+            s += abs(t)
+        mag = max(abs(e), abs(wv), s)
+        return e, abs(mv - _round_grid(e, prec, emin, maxfin)) / _ulp(mag, prec, emin)
+
+    @numba.njit(cache=True, inline="always")
+    def _values(bits, lut, bf16, out, scratch):
+        """One row of 16-bit patterns as float32 values: bfloat16 by a shift, float16 by the table."""
+        if bf16:
+            for j in range(bits.shape[0]):
+                scratch[j] = np.uint32(bits[j]) << 16
+            out[:] = scratch.view(np.float32)
+        else:
+            for j in range(bits.shape[0]):
+                out[j] = lut[bits[j]]
+
+    @numba.njit(parallel=True, cache=True, nogil=True)  # nogil: the reader threads keep reading
+    def _rows(w, wlut, w_bf16, m, mlut, mcell, p32, q32, p64, q64, nb, na, c, eta, shift, prec, emin, maxfin, tol,
+              fo, io):
+        rows, cols = w.shape
+        rank = q32.shape[0]
+        half = np.uint32((1 << (shift - 1)) - 1)
+        f16 = shift == 13
+        c32, eta32, rel32 = np.float32(c), np.float32(eta), np.float32(2.0 ** -22)
+        f16_min = np.float32(2.0 ** -14)
+        for i in numba.prange(rows):
+            scratch = np.empty(cols, np.uint32)
+            wv = np.empty(cols, np.float32)
+            mv = np.empty(cols, np.float32)
+            _values(w[i], wlut, w_bf16, wv, scratch)
+            _values(m[i], mlut, not f16, mv, scratch)
+            # D = P @ Q first, then r = W + D: one summation order of the R + 1 terms (the bound holds
+            # for any); D itself, accurate relative to |P| @ |Q| rather than to W, feeds the statistics
+            dv = np.zeros(cols, np.float32)
+            for k in range(rank):
+                pk = p32[i, k]
+                for j in range(cols):
+                    dv[j] += pk * q32[k, j]
+            acc = np.empty(cols, np.float32)
+            # b' in float32 (c and eta carry compare.py's margins for its own rounding), then the cells
+            lo = np.empty(cols, np.float32)
+            hi = np.empty(cols, np.float32)
+            nbi = nb[i]
+            for j in range(cols):
+                r = wv[j] + dv[j]
+                acc[j] = r
+                b = c32 * (abs(wv[j]) + nbi * na[j]) + eta32 + abs(r) * rel32
+                lo[j] = r - b
+                hi[j] = r + b
+            lob, hib, rb = lo.view(np.uint32), hi.view(np.uint32), acc.view(np.uint32)
+            ok = np.empty(cols, np.bool_)
+            for j in range(cols):
+                cl = (lob[j] + half + ((lob[j] >> shift) & 1)) >> shift
+                ch = (hib[j] + half + ((hib[j] >> shift) & 1)) >> shift
+                ok[j] = (cl == ch) & (cl == mcell[m[i, j]]) & ((rb[j] & 0x7F800000) != 0x7F800000)
+            if f16:  # float16's subnormal grid is coarser than the cell: float64 decides there
+                for j in range(cols):
+                    ok[j] = ok[j] & (abs(lo[j]) >= f16_min) & (abs(hi[j]) >= f16_min)
+            # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
+            sq_err = sq_delta = dot = max_err = max_e = 0.0
+            for j in range(cols):
+                # the undecided count as 0 here (a select: D may be inf there): they are added below
+                delta = np.float64(dv[j]) if ok[j] else 0.0
+                y = np.float64(wv[j]) if ok[j] else 0.0
+                moved = np.float64(mv[j]) - np.float64(wv[j]) if ok[j] else 0.0   # M - W, exact
+                d = moved - delta
+                sq_err += d * d
+                sq_delta += delta * delta
+                dot += moved * delta
+                max_err = max(max_err, abs(d))
+                max_e = max(max_e, abs(y + delta))
+            maxu = 0.0
+            argc = bad = redone = 0
+            for j in range(cols):
+                if ok[j]:
+                    continue
+                x, y = np.float64(mv[j]), np.float64(wv[j])
+                e, u = _float64_rule(y, x, p64, q64, i, j, prec, emin, maxfin)
+                redone += 1
+                if u > tol:
+                    bad += 1
+                if u > maxu:
+                    maxu = u
+                    argc = j
+                d = x - e
+                sq_err += d * d
+                sq_delta += (e - y) * (e - y)
+                dot += (x - y) * (e - y)
+                max_err = max(max_err, abs(d))
+                max_e = max(max_e, abs(e))
+            fo[i, 0], fo[i, 1], fo[i, 2], fo[i, 3], fo[i, 4], fo[i, 5] = maxu, sq_err, sq_delta, dot, max_err, max_e
+            io[i, 0], io[i, 1], io[i, 2] = bad, argc, redone
