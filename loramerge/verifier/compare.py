@@ -116,7 +116,7 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
     ties are reported in its order, as the float64 path does)."""
     if dev.type == "cpu" and compare_kernel.supports(w2, m2):
         p, q = p.cpu(), q.cpu()
-        got = compare_kernel.compare(w2, m2, p, q, *_norms(p, q), code, transposed, bound_coef(p.shape[1]),
+        got = compare_kernel.compare(w2, m2, p, q, *_norms(p, q), code, transposed, margins(p.shape[1]),
                                      HALF_TOL_ULPS)
         return Tally(*got)
     return _compare_torch(w2, m2, p.to(dev), q.to(dev), code, transposed, dev)
@@ -130,9 +130,11 @@ def _norms(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return nb, na
 
 
-def bound_coef(rank: int) -> tuple[float, float]:
-    """(c, eta): b = c (|W| + nb na) + eta, as the module docstring derives."""
-    return (rank + 4) * U * (1 + 2.0 ** -10), (rank + 2) * 2.0 ** -126
+def margins(rank: int) -> tuple[float, float, float]:
+    """(c, eta, rel) with b' = c (|W| + nb na) + eta + rel |r|: the module docstring's bound
+    b = (R + 4) u (1 + 2^-10) (|W| + nb na) + (R + 2) 2^-126, and b' = 1.001 b + 2^-22 |r| + 2^-124."""
+    c, eta = (rank + 4) * U * (1 + 2.0 ** -10), (rank + 2) * 2.0 ** -126
+    return c * 1.001, eta * 1.001 + 2.0 ** -124, 2.0 ** -22
 
 
 def _compare_torch(w2, m2, p, q, code, transposed, dev) -> Tally:
@@ -140,8 +142,7 @@ def _compare_torch(w2, m2, p, q, code, transposed, dev) -> Tally:
     out_dtype = ST_TO_TORCH[code]
     p32, q32 = p.to(torch.float32), q.to(torch.float32)
     nb, na = _norms(p, q)
-    c, eta = bound_coef(p.shape[1])
-    c, eta = c * 1.001, eta * 1.001 + 2.0 ** -124
+    c, eta, rel = margins(p.shape[1])
     f64_gemm = dev.type == "cuda" and tf32_overridden()
     step = max(1, (BLOCK_ELEMS_GPU if dev.type == "cuda" else BLOCK_ELEMS_CPU) // max(cols, 1))
     zero = torch.zeros((), dtype=torch.float64, device=dev)
@@ -155,7 +156,7 @@ def _compare_torch(w2, m2, p, q, code, transposed, dev) -> Tally:
         # D = P @ Q first, then r = W + D (a summation order the bound covers); D feeds the statistics
         d = (p[sl] @ q).to(torch.float32) if f64_gemm else p32[sl] @ q32
         r = d + wf
-        b = torch.addr(wf.abs(), nb[sl], na).mul_(c).add_(eta).add_(r.abs().mul_(2.0 ** -22))
+        b = torch.addr(wf.abs(), nb[sl], na).mul_(c).add_(eta).add_(r.abs().mul_(rel))
         lo, hi = (r - b).to(out_dtype).view(torch.int16), (r + b).to(out_dtype).view(torch.int16)
         ok = (lo == hi).logical_and_(lo == mb.view(torch.int16)).logical_and_(torch.isfinite(r))
         w64, m64 = wb.to(torch.float64), mb.to(torch.float64)

@@ -4,11 +4,12 @@ float32 bits, M compared there, the statistics summed in float64; the few elemen
 open are evaluated in float64 on the spot. W and M are read once, as apply's kernel reads W once.
 
 The rounding cell of a float32 x for an output format with s dropped mantissa bits is
-(bits(x) + 2^(s-1) - 1 + ((bits(x) >> s) & 1)) >> s: round to nearest even at bit s, i.e. the
+(bits(x) + 2^(s-1) - 1 + ((bits(x) >> s) & 1)) >> s: x rounded to nearest even at bit s, i.e. the
 output value's bits up to a constant exponent offset (bfloat16: exactly its 16 bits, subnormals
-included; float16: for |x| >= 2^-14, below which the grid is coarser: those elements are left to
-float64). Two values with the same cell round to the same output value, so lo and hi in one cell,
-and M's own cell (M is on the grid: its low bits are zero), is compare.py's decision.
+included). M is on the output grid, so its cell is its top bits; lo, hi and M in one cell is
+compare.py's decision (lo and hi round to M). Below 2^-14 float16's grid is coarser than the cell,
+but a cell around a grid value lies inside that value's rounding interval, so the test holds there
+too; above 65504 the cells of values float16 rounds to inf are never M's.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ def _lut(dtype: torch.dtype) -> np.ndarray:
 
 
 def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor, nb: torch.Tensor,
-            na: torch.Tensor, code: str, transposed: bool, coef: tuple[float, float], tol: float):
+            na: torch.Tensor, code: str, transposed: bool, margins: tuple[float, float, float], tol: float):
     """(bad, max_ulps, worst (row, col) in linear orientation, sq_err, sq_delta, dot, max_err, max_e,
-    redone) over the stored views w2, m2 with E = w2 + p @ q (float64, stored orientation); `coef`
-    is compare.bound_coef(rank), `tol` the ulps beyond which an element is bad."""
+    redone) over the stored views w2, m2 with E = w2 + p @ q (float64, stored orientation); `margins`
+    are compare.margins(rank), `tol` the ulps beyond which an element is bad."""
     rows, cols = w2.shape
     shift, prec, emin, maxfin = _FORMATS[code]
     w16 = w2.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -56,11 +57,10 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
     fo = np.zeros((rows, 6), np.float64)   # max ulps, sq_err, sq_delta, dot, max_err, max_e
     io = np.zeros((rows, 3), np.int64)     # bad, first col with the row's max ulps, redone
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    c, eta = coef
     mlut = _lut(m2.dtype)
     mcell = mlut.view(np.uint32) >> np.uint32(shift)  # M is on the grid: its cell is its top bits
     _rows(w16, _lut(w2.dtype), w2.dtype == torch.bfloat16, m16, mlut, mcell, p64.astype(np.float32), q64.astype(np.float32), p64, q64,
-          nb.numpy(), na.numpy(), c * 1.001, eta * 1.001 + 2.0 ** -124, shift, prec, emin, maxfin, tol, fo, io)
+          nb.numpy(), na.numpy(), *margins, shift, prec, emin, maxfin, tol, fo, io)
     max_ulps = float(fo[:, 0].max())
     top = np.flatnonzero(fo[:, 0] == max_ulps)
     if max_ulps == 0:
@@ -121,14 +121,13 @@ if numba is not None:
                 out[j] = lut[bits[j]]
 
     @numba.njit(parallel=True, cache=True, nogil=True)  # nogil: the reader threads keep reading
-    def _rows(w, wlut, w_bf16, m, mlut, mcell, p32, q32, p64, q64, nb, na, c, eta, shift, prec, emin, maxfin, tol,
+    def _rows(w, wlut, w_bf16, m, mlut, mcell, p32, q32, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin, tol,
               fo, io):
         rows, cols = w.shape
         rank = q32.shape[0]
         half = np.uint32((1 << (shift - 1)) - 1)
         f16 = shift == 13
-        c32, eta32, rel32 = np.float32(c), np.float32(eta), np.float32(2.0 ** -22)
-        f16_min = np.float32(2.0 ** -14)
+        c32, eta32, rel32 = np.float32(c), np.float32(eta), np.float32(rel)
         for i in numba.prange(rows):
             scratch = np.empty(cols, np.uint32)
             wv = np.empty(cols, np.float32)
@@ -143,7 +142,7 @@ if numba is not None:
                 for j in range(cols):
                     dv[j] += pk * q32[k, j]
             acc = np.empty(cols, np.float32)
-            # b' in float32 (c and eta carry compare.py's margins for its own rounding), then the cells
+            # b' in float32 (compare.margins covers its own rounding), then the cells
             lo = np.empty(cols, np.float32)
             hi = np.empty(cols, np.float32)
             nbi = nb[i]
@@ -159,9 +158,6 @@ if numba is not None:
                 cl = (lob[j] + half + ((lob[j] >> shift) & 1)) >> shift
                 ch = (hib[j] + half + ((hib[j] >> shift) & 1)) >> shift
                 ok[j] = (cl == ch) & (cl == mcell[m[i, j]]) & ((rb[j] & 0x7F800000) != 0x7F800000)
-            if f16:  # float16's subnormal grid is coarser than the cell: float64 decides there
-                for j in range(cols):
-                    ok[j] = ok[j] & (abs(lo[j]) >= f16_min) & (abs(hi[j]) >= f16_min)
             # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
             sq_err = sq_delta = dot = max_err = max_e = 0.0
             for j in range(cols):
