@@ -40,13 +40,19 @@ Checks, per tensor of the base (plan.build_plan says which adapter terms hit it)
 5. Files: when MERGED has a loramerge_manifest.json (writers/manifest.py), every file it lists
    must have its recorded size and sha256; a file whose bytes changed is a failure that names it.
 
-Memory: checks 1-3 read one base tensor and its merged twin at a time and do the float64 math
-in row blocks, like apply. Check 4 loads the model with transformers (one copy at a time, in
+Cost: checks 1-3 stream like apply (stream.py: the base and MERGED read ahead on two threads into
+reused buffers while the main thread checks; untouched tensors compared byte for byte as they are
+read). Rule 1 for half precision is decided in float32 under a proven error bound (compare.py; a
+fused numba pass on the CPU, torch on a GPU): an element whose float32 estimate provably rounds to
+MERGED's value is 0 ulps off; every other element gets the float64 rule above, so the verdicts are
+the float64 ones. Layer outputs, DoRA, IA3, LoHa/LoKr and float outputs take the float64 path in row
+blocks. Memory stays at a few tensors. Check 4 loads the model with transformers (one copy at a time, in
 float32) and is skipped with a note when that would not fit in memory.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +114,10 @@ def verify(
     if oracle is not None:
         oracle_peft.preflight(oracle, base, adapter_paths, qlora_spec, only)
     dev = resolve_device(device)
+    # MERGED's files against its manifest (sha256 of every byte): on a thread of its own, beside the
+    # tensor checks (hashlib releases the GIL), not after them
+    files_check = _Background(manifest.check, merged, adapter_paths,
+                              {"weights": weights, "qlora": qlora, "qlora_double_quant": qlora_double_quant})
     base_ck = open_checkpoint(base)
     merged_ck = open_checkpoint(merged)
     loaded = load_adapters(adapter_paths, lora_alpha, fan_in_fan_out, enable_lora, only)
@@ -143,12 +153,33 @@ def verify(
         report.oracle = oracle_peft.check(base_ck, merged_ck, adapter_paths, weights or [1.0] * len(loaded),
                                           plan.jobs, report.tensors)
     fidelity_warning(report)
-    report.manifest = manifest.check(merged, adapter_paths, {"weights": weights, "qlora": qlora,
-                                                             "qlora_double_quant": qlora_double_quant})
+    report.manifest = files_check.result()
     if outputs:
         report.model = check_model(base_ck, merged_ck, loaded, plan.jobs, dev, cc.refs)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class _Background(threading.Thread):
+    """fn(*args) on a daemon thread (an interrupted verify does not wait for it); result() joins."""
+
+    def __init__(self, fn, *args):
+        super().__init__(name="loramerge-verify-files", daemon=True)
+        self._call, self._value, self._error = (fn, args), None, None
+        self.start()
+
+    def run(self):
+        fn, args = self._call
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _check_job(item, base_ck, merged_ck, loaded, dev, outputs: bool, ref) -> TensorCheck:
