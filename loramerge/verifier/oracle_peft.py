@@ -28,9 +28,9 @@ from ..engine.ops import round_to
 from ..errors import LoraMergeError, UsageError
 from ..readers.checkpoint import Checkpoint
 from ..types import FLOAT_CODES, ST_TO_TORCH, Job, numel
+from .compare import ulp as _ulp
 from .model import _available_memory, _resolve
 from .report import FLOAT_TOL_REL, HALF_CODES, HALF_TOL_ULPS, OracleCheck, TensorCheck
-from .weights import _ulp
 
 CHOICES = ("peft",)
 TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
