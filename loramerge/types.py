@@ -84,6 +84,14 @@ class LoraPair:
     target: str = ""
     magnitude_key: str | None = None
     groups: tuple[bool, ...] | None = None
+    # One expert's share of a PEFT ParamWrapper (a ParamTarget expanded by the plan): the factors
+    # hold `experts` experts (engine/deltas.py slices expert `expert` out of them), `out_rows` the
+    # rows of that expert's delta this tensor holds (gate or up of a fused gate_up_proj), and
+    # `stacked` says W is the fused [E, ...] tensor whose slice W[expert] the delta lands in.
+    experts: int = 0
+    expert: int = 0
+    out_rows: tuple[int, int] | None = None
+    stacked: bool = False
 
     term_kind = "lora"  # the Term kind the plan gives this record (TunerTarget: 'delta' or 'scale')
 
@@ -129,6 +137,8 @@ class TunerTarget:
     bias_key = None
     magnitude_key = None
     groups = None
+    experts = 0
+    stacked = False
 
     def key(self, role: str) -> str | None:
         return next((k for r, k in self.keys if r == role), None)
@@ -140,6 +150,40 @@ class TunerTarget:
     @property
     def target_name(self) -> str:
         return self.target or self.module + ".weight"
+
+
+@dataclass(frozen=True)
+class ParamTarget:
+    """A PEFT LoRA on an nn.Parameter (LoraConfig.target_parameters, PEFT's ParamWrapper), as the
+    reader finds it, before the base is known: typically the MoE experts transformers 5 holds fused
+    in memory (`mlp.experts.gate_up_proj` [E, 2I, H]). `module` is the parameter's in-memory path
+    (module path + '.' + `param`, without PEFT's prefix and nested base_layer); lora_A is
+    [rank * experts, in_features] (expert-major rows), lora_B [out_features, rank * experts]
+    (rank-major columns). Which checkpoint tensors it lands on (one per expert, or the fused one)
+    depends on the architecture: the plan resolves it (plan/experts.py, tables in
+    readers/experts.py) into LoraPairs, one per expert and tensor."""
+
+    module: str
+    param: str
+    a_key: str
+    b_key: str
+    rank: int
+    alpha: float
+    scale: float
+    experts: int
+    in_features: int
+    out_features: int
+    depth: int = 0          # ParamWrappers inside this one on the same module (the keys' base_layer count)
+    layout: str = "experts"
+    bias_key = None
+    magnitude_key = None
+    groups = None
+    stacked = False
+    term_kind = "lora"
+
+    @property
+    def target_name(self) -> str:
+        return self.module
 
 
 @dataclass(frozen=True)
@@ -157,7 +201,7 @@ class TokenRows:
 class Adapter:
     path: Path
     format: str
-    pairs: list[LoraPair | TunerTarget]
+    pairs: list[LoraPair | TunerTarget | ParamTarget]
     tensors: dict[str, torch.Tensor] = field(repr=False)
     config: dict = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)

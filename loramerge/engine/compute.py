@@ -7,6 +7,8 @@ and tuners (the other PEFT tuners' deltas and IA3's multipliers).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..errors import LoraMergeError, NumericsError
@@ -65,6 +67,8 @@ def _plain(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: to
            accum: torch.dtype, out: torch.Tensor | None, out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """The float math of a job into `out_dtype`: W (decoded, where a codec stores it) plus the
     terms, rounded once."""
+    if any(t.pair is not None and t.pair.stacked for t in job.terms):
+        return _stacked(job, w, adapters, device, accum, out, out_dtype)
     rep = job.replacement
     if rep is not None:  # a full tensor saved in the adapter stands in for the base tensor
         w = adapters[rep.adapter].tensors[rep.key]
@@ -97,6 +101,31 @@ def _plain(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: to
         y = ops.cast(w, out_dtype)
     ops.check_finite(y)
     return y, 0
+
+
+def _stacked(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: torch.device, accum: torch.dtype,
+             out: torch.Tensor | None, out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """A fused experts tensor [E, ...]: each expert's slice is merged as a tensor of its own, with
+    the terms that land in it (the plan gives each expert's delta its own term)."""
+    rep = job.replacement
+    if rep is not None:
+        w = adapters[rep.adapter].tensors[rep.key]
+    dst = out if out is not None and device.type == "cpu" else torch.empty(job.shape, dtype=out_dtype, device=device)
+    fixed = 0
+    for e in range(job.shape[0]):
+        # each of them, unstacked: a term on the 2-D slice
+        terms = tuple(replace(t, pair=replace(t.pair, stacked=False)) for t in job.terms
+                      if t.pair is not None and t.pair.expert == e)
+        sub = replace(job, terms=terms, out_shape=tuple(job.shape[1:]))
+        try:
+            y, f = _plain(sub, w[e], adapters, device, accum, dst[e], out_dtype)
+        except ops.NonFinite as err:  # the index in the whole tensor, not in the expert's slice
+            count, idx, value = err.args
+            raise ops.NonFinite(count, idx + e * dst[e].numel(), value) from None
+        if y.data_ptr() != dst[e].data_ptr():
+            dst[e].copy_(y)
+        fixed += f
+    return dst, fixed
 
 
 def _factored(t: Term, adapters: list[Adapter], shape: tuple[int, ...], device):

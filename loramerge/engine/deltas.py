@@ -17,8 +17,10 @@ from ..types import Adapter, LoraPair
 def factors(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float32,
             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(left, right) with delta2d = pair.scale * left @ right in W's 2-D view (scale NOT applied)."""
-    a = adapter.tensors[pair.a_key].to(device=device, dtype=dtype)
-    b = adapter.tensors[pair.b_key].to(device=device, dtype=dtype)
+    a, b = adapter.tensors[pair.a_key], adapter.tensors[pair.b_key]
+    if pair.experts:
+        a, b = _expert(a, b, pair)
+    a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
     a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     if pair.groups is not None:
         b2 = _block_diagonal(b2, pair)
@@ -30,6 +32,19 @@ def factors(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float32
     else:
         raise ValueError(f"unknown LoRA layout {pair.layout!r}")
     return left.contiguous(), right.contiguous()
+
+
+def _expert(a: torch.Tensor, b: torch.Tensor, pair: LoraPair) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's (A_e [r, in], B_e [out, r]) out of PEFT ParamWrapper factors holding E of them:
+    lora_A [r*E, in] is expert-major (rows e*r .. e*r + r - 1), lora_B [out, r*E] rank-major
+    (column k*E + e is expert e's rank k): PEFT's own reshapes (E, r, in) and (out, r, E). Then
+    the rows of B_e this tensor holds (`out_rows`: the gate or up half of a fused gate_up_proj)."""
+    n = pair.experts
+    a_e = a.reshape(n, -1, a.shape[-1])[pair.expert]
+    b_e = b.reshape(b.shape[0], -1, n)[:, :, pair.expert]
+    if pair.out_rows is not None:
+        b_e = b_e[pair.out_rows[0]:pair.out_rows[1]]
+    return a_e, b_e
 
 
 def _block_diagonal(b: torch.Tensor, pair: LoraPair) -> torch.Tensor:
@@ -48,7 +63,8 @@ def _block_diagonal(b: torch.Tensor, pair: LoraPair) -> torch.Tensor:
 
 
 def dense_delta(adapter: Adapter, pair: LoraPair, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """scale * B @ A as a dense tensor of W's full shape (float64 by default: for references)."""
+    """scale * B @ A as a dense tensor of W's full shape (float64 by default: for references); for
+    one expert of a fused experts tensor, of that expert's slice W[e]."""
     left, right = factors(adapter, pair, dtype)
     return (pair.scale * (left @ right)).reshape(pair.base_shape)
 

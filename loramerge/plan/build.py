@@ -15,8 +15,10 @@ from __future__ import annotations
 from ..errors import PlanError, UsageError
 from ..readers import kohya, loralib, tuners
 from ..readers.checkpoint import Checkpoint
-from ..types import DTYPE_NAMES, FLOAT_CODES, Adapter, Codec, Job, LoraPair, Plan, TensorRef, Term, TunerTarget
+from ..types import (DTYPE_NAMES, FLOAT_CODES, Adapter, Codec, Job, LoraPair, ParamTarget, Plan, TensorRef, Term,
+                     TunerTarget)
 from . import codecs as codec_plan
+from .experts import resolve_param
 from .kinds import term_problems
 from .layout import layout_files, parse_size
 from .state import INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, PlanState, Target
@@ -144,6 +146,9 @@ def _resolve(st: PlanState, weights: list[float]) -> list[Target]:
                 continue
             targets.append(Target(ai, w, full, saved=name, key=key))
         for pair in adapter.pairs:
+            if isinstance(pair, ParamTarget):  # target_parameters (MoE experts): one target per expert tensor
+                targets += resolve_param(st, ai, w, adapter, pair)
+                continue
             found = _resolve_pair(st, adapter, pair)
             if found is not None:
                 targets.append(Target(ai, w, found, pair=pair))
@@ -222,6 +227,12 @@ def _check_pair(st: PlanState, t: Target) -> None:
     where = f"{adapter.label}: {pair.module}"
     ref = st.source(wname)
     shape = st.shape(wname)
+    if pair.stacked:  # one expert of a fused [E, ...] tensor: its delta lands in W[expert]
+        if codec_plan.decodable(st.base, wname):
+            st.problems.append(f"{where}: {wname} is a quantized fused experts tensor; loramerge merges fused "
+                               "experts in floating-point checkpoints only")
+            return
+        shape = shape[1:]
     if pair.layout == "auto":  # formats that do not store the layout (loralib)
         pair, problem = loralib.resolve(pair, shape, adapter)
         if problem:

@@ -108,7 +108,10 @@ def with_codecs(job: Job, base: Checkpoint, out_code: str | None, qlora: Codec |
 
 def _qlora_target(job: Job) -> bool:
     """A weight bitsandbytes would have quantized: a linear-layout LoRA target of a Linear layer,
-    not an embedding or lm_head (nor a weight the adapter replaces wholesale)."""
+    not an embedding or lm_head (nor a weight the adapter replaces wholesale), nor a parameter
+    PEFT adapted directly (target_parameters: MoE experts are 3-D parameters in memory, not
+    Linear layers, so bitsandbytes left them unquantized)."""
     lora = [t for t in job.terms if t.kind == "lora"]
     return (bool(lora) and job.replacement is None and len(job.source.shape) == 2
-            and all(t.pair.layout == "linear" for t in lora) and not job.name.endswith(QLORA_SKIPS))
+            and all(t.pair.layout == "linear" and not t.pair.experts for t in lora)
+            and not job.name.endswith(QLORA_SKIPS))

@@ -17,7 +17,9 @@ import torch
 from ..errors import AdapterError
 from ..types import Adapter, LoraPair, TokenRows
 from .files import load_adapter_file
+from .peft_config import pattern_value as _pattern_value
 from .peft_config import type_problems
+from .peft_params import param_targets, split_param_modules
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -27,7 +29,9 @@ PREFIX = "base_model.model."
 # its reason rather than ignored: ignoring any of them gives a silently wrong model.
 UNSUPPORTED_FIELDS = {
     "layer_replication": "layer_replication duplicates layers, changing the model's structure",
-    "target_parameters": "target_parameters adapts nn.Parameters directly (e.g. MoE experts)",
+    # LoRA merges these (readers/peft_params.py); the other tuners' parameter wrappers are not read
+    "target_parameters": "target_parameters adapts nn.Parameters directly (e.g. MoE experts); loramerge merges "
+                         "it for LoRA only",
     "use_qalora": "QA-LoRA merges into group-quantized weights",
     "alora_invocation_tokens": "activated LoRA (aLoRA) only applies after its invocation tokens, "
                                "so it cannot be folded into the weights",
@@ -92,7 +96,7 @@ def _check_config(cfg_path: Path, config: dict) -> None:
             problems.append(f"{key} must be a positive number, found {config.get(key)!r}")
     for key, why in UNSUPPORTED_FIELDS.items():
         value = config.get(key)
-        if value not in (None, False, [], {}, ""):
+        if value not in (None, False, [], {}, "") and key != "target_parameters":
             problems.append(f"{key}={value!r} is not supported yet: {why}")
     if config.get("bias", "none") not in ("none", "all", "lora_only", None):
         problems.append(f"bias={config.get('bias')!r}: expected 'none', 'all' or 'lora_only'")
@@ -111,15 +115,6 @@ def _load_weights(root: Path, given: Path) -> dict[str, torch.Tensor]:
         if f.is_file():
             return load_adapter_file(f)
     raise AdapterError(f"{root}: no adapter weights ({' or '.join(WEIGHTS)}) next to {CONFIG}")
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's get_pattern_key: the first pattern key k (in dict order) with
-    re.match(rf"(.*\\.)?({k})$", module) wins; otherwise the default."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def targets_module(config: dict, module: str) -> bool:
@@ -233,6 +228,9 @@ def _layout(config: dict, module: str, a: torch.Tensor, b: torch.Tensor, embeddi
 def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]):
     modules, replacements, token_keys, unknown = _classify(config, tensors, root)
     problems = []
+    # LoRA on nn.Parameters (target_parameters: MoE experts), resolved against the base by the plan
+    wrapped, modules = split_param_modules(config, modules, lambda m: targets_module(config, m))
+    params = param_targets(config, wrapped, tensors, problems)
     tokens = _token_rows(config, token_keys, tensors, problems)
     if unknown:
         problems.append(f"{len(unknown)} tensor(s) are neither LoRA factors nor modules_to_save copies, "
@@ -294,9 +292,9 @@ def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]):
                               magnitude_key=magnitude_key))
     if problems:
         raise AdapterError(f"{root}: adapter weights do not match {CONFIG}", problems)
-    if not pairs and not replacements and not tokens:
+    if not pairs and not params and not replacements and not tokens:
         raise AdapterError(f"{root}: the adapter holds no LoRA weights (lora_A/lora_B); nothing to merge")
-    return pairs, replacements, tokens
+    return pairs + params, replacements, tokens
 
 
 def _token_rows(config: dict, keys: dict[str, str], tensors: dict[str, torch.Tensor],

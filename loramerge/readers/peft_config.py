@@ -15,7 +15,7 @@ import re
 NUMBERS = ("r", "lora_alpha", "init_r", "target_r", "alpha", "rank_dropout", "module_dropout", "lora_dropout")
 BOOLS = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode", "use_effective_conv2d",
          "decompose_both", "save_projection")
-NAME_LISTS = ("modules_to_save",)
+NAME_LISTS = ("modules_to_save", "target_parameters")
 PATTERNS = ("target_modules", "exclude_modules", "feedforward_modules")
 
 
@@ -86,3 +86,12 @@ def type_problems(config: dict) -> list[str]:
     if v is not None and not (isinstance(v, int) and not isinstance(v, bool)):
         bad("projection_prng_key", "an integer")
     return problems
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: the first pattern key k (in dict order) with
+    re.match(rf"(.*\\.)?({k})$", module) wins; otherwise the default."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
