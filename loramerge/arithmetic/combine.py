@@ -118,6 +118,7 @@ def _check_options(method: str, n: int, weights, rank, density, seed) -> list[fl
 LAYOUT_WORDS = {
     "transposed": "embedding or fan_in_fan_out Conv1D targets, whose delta is stored transposed,",
     "conv": "convolution LoRA targets",
+    "experts": "parameter targets (target_parameters, e.g. MoE experts), whose factors stack every expert,",
 }
 LINEAR_ONLY = ("combine supports linear LoRA targets only (lora_A [r, in], lora_B [out, r]); merge this adapter "
                "with `loramerge apply` instead")

@@ -59,6 +59,10 @@ def _describe(path: Path, fmt: str, options: dict) -> dict:
         base = Path(options["base"])
         hits, problems = _match(adapter, base)
         for t in details["targets"]:
+            if t.get("layout") == "experts":  # target_parameters: every expert tensor it lands on
+                t["base_tensors"] = hits.get(("experts", t["module"]), [])
+                t["base_tensor"] = t["base_tensors"][0] if t["base_tensors"] else None
+                continue
             tensor, pair = hits.get(("lora", t["module"]), (None, None))
             t["base_tensor"] = tensor
             if pair is not None:  # what the plan resolved against the base (loralib: layout, groups)
@@ -93,6 +97,10 @@ def _match(adapter: Adapter, base: Path) -> tuple[dict, list[str]]:
             if t.kind == "rows":  # trained token rows: every tensor they land on (a tied lm_head too)
                 hits.setdefault(("rows", t.key), []).append(job.name)
                 continue
+            if t.pair is not None and t.pair.experts:  # one of a parameter's expert tensors
+                names = hits.setdefault(("experts", t.pair.module), [])
+                names += [job.name] if job.name not in names else []
+                continue
             kind = "lora" if t.kind not in ("replace", "bias") else t.kind
             if t.kind == "scale" and job.name.endswith(".bias"):  # IA3 scales the bias too
                 kind = "bias"
@@ -110,15 +118,19 @@ def text(d: dict) -> list[str]:
         extra = "".join([" dora" if t["dora"] else "", " +bias" if t["bias"] else ""])
         alpha = "?" if t["alpha"] is None else f"{t['alpha']:g}"
         scale = "?" if t["scale"] is None else f"{t['scale']:g}"
-        hit = ""
+        hit = layout = ""
         if "base_tensor" in t:
             hit = f" -> {t['base_tensor']}" if t["base_tensor"] else " -> (no match)"
+        if len(t.get("base_tensors") or ()) > 1:
+            hit += f" .. {t['base_tensors'][-1]} ({len(t['base_tensors'])} tensors)"
+        if t["layout"] == "experts":
+            layout = f" {t['experts']} experts [out {t['out_features']}, in {t['in_features']}] (target_parameters)"
         what = f"r={t['rank']} alpha={alpha} scale={scale}"
         if t.get("tuner") == "ia3":  # other PEFT tuners (readers/tuners.py): name them
             what = f"ia3 scales {'inputs' if t['axis'] == 'in' else 'outputs'}"
         elif t.get("tuner"):
             what = f"{t['tuner']} {what}"
-        lines.append(f"  {t['module']}: {what} {t['layout']}{extra}{hit}")
+        lines.append(f"  {t['module']}: {what}{layout or ' ' + t['layout']}{extra}{hit}")
     if len(d["targets"]) > TEXT_TARGETS:
         lines.append(f"  ... and {len(d['targets']) - TEXT_TARGETS} more (--json lists every target)")
     for r in d["replacements"]:

@@ -10,7 +10,7 @@ import torch
 from ..errors import OnnxError, PlanError
 from ..plan import build_plan
 from ..readers.checkpoint import Checkpoint
-from ..types import Adapter, Term, TensorRef, TunerTarget
+from ..types import Adapter, ParamTarget, Term, TensorRef, TunerTarget
 
 
 @dataclass
@@ -72,6 +72,13 @@ def collect_targets(adapters: list[Adapter], weights: list[float] | None, base: 
     """Base tensors the adapters change, with their terms. With a base checkpoint the core plan
     decides (prefix mismatches, layouts, tied embeddings); without one, the adapters' own target
     names are all we have."""
+    params = [f"{a.label}: {p.module}" for a in adapters for p in a.pairs if isinstance(p, ParamTarget)]
+    if params:
+        raise OnnxError(f"{params[0]}: the adapter targets parameters (target_parameters: MoE experts); an exported "
+                        "graph holds experts in an exporter's own layout, which loramerge does not fold into or "
+                        "branch from: export the merged model instead (loramerge export-onnx MODEL_DIR OUT.onnx "
+                        "--adapter ADAPTER, without --keep-lora, merges first)"
+                        + (f" ({len(params)} such targets)" if len(params) > 1 else ""))
     if base is not None:
         plan = build_plan(base, adapters, weights=weights)
         targets = []

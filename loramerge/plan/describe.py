@@ -56,7 +56,11 @@ def _term_text(t: Term, name: str) -> str:
     if t.kind == "scale":  # IA3: W' = W * l (weight 1) or W / l (weight -1, unmerge)
         what = "the bias" if name.endswith(".bias") else {"out": "outputs", "in": "inputs"}[t.pair.axis]
         return f"ia3 scales {what}" + (" (divided out)" if t.weight == -1 else "")
-    return f"{_kind(t)} r={t.pair.rank} scale={t.pair.scale:g}"
+    text = f"{_kind(t)} r={t.pair.rank} scale={t.pair.scale:g}"
+    if getattr(t.pair, "experts", 0):  # target_parameters: one expert's share of a parameter's factors
+        rows = t.pair.out_rows
+        text += f" (expert {t.pair.expert} of {t.pair.module}" + (f", rows {rows[0]}:{rows[1]})" if rows else ")")
+    return text
 
 
 def codec_text(j: Job) -> str:
@@ -82,6 +86,9 @@ def _term_json(t: Term) -> dict:
            "rank": t.pair.rank, "alpha": t.pair.alpha, "scale": t.pair.scale, "weight": t.weight}
     if t.kind == "scale":
         out["axis"] = t.pair.axis
+    if getattr(t.pair, "experts", 0):
+        out.update(expert=t.pair.expert, experts=t.pair.experts,
+                   rows=list(t.pair.out_rows) if t.pair.out_rows else None)
     return out
 
 

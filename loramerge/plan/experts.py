@@ -16,24 +16,27 @@ nothing is copied, and a job is one expert tensor (or one fused group): memory s
 from __future__ import annotations
 
 from ..readers import experts as tables
+from ..readers import experts_hf
 from ..types import Adapter, LoraPair, ParamTarget
 from .state import PlanState, Target
 
 
 def resolve_param(st: PlanState, ai: int, w: float, adapter: Adapter, rec: ParamTarget) -> list[Target]:
     where = f"{adapter.label}: {rec.module}"
-    layout = tables.layout_for(st.config)
+    mt = tables.model_type(st.config)
+    layout = tables.layout_for(st.config) or (experts_hf.derive(mt) if mt else None)
     found = _find(st, rec.module)
     if found is None and layout is not None:
         found = _find(st, layout.to_checkpoint(rec.module))
     if found is not None and len(st.base.tensors[found].shape) == 2:
         return _plain(st, ai, w, rec, found, where)
     if layout is None:
-        mt = tables.model_type(st.config)
-        _problem(st, f"{adapter.label}: the adapter targets parameters (target_parameters, e.g. {rec.module}) of a "
+        _problem(st, f"{adapter.label}: the adapter targets parameters (target_parameters: MoE experts) of a "
                      f"{'model of type ' + repr(mt) if mt else 'model without a config.json model_type'}; loramerge "
                      "has no mapping from transformers' in-memory experts to its checkpoint tensors for it (known: "
-                     f"{', '.join(sorted(tables.ARCHITECTURES))})" + ("" if mt else "; pass the model directory"))
+                     f"{', '.join(sorted(tables.ARCHITECTURES))}; others from transformers' conversion mapping when "
+                     "transformers is installed and the mapping has a form loramerge reads)"
+                     + ("" if mt else "; pass the model directory"))
         return []
     if layout.param(rec.param) is None:
         st.problems.append(f"{where}: {layout.label} experts have no parameter {rec.param!r} (they have "

@@ -67,6 +67,7 @@ from ..types import DTYPE_NAMES, FLOAT_CODES
 from ..writers import manifest
 from . import compare, oracle_peft
 from .crosscheck import attach, cross_check
+from .experts import check_stacked, is_stacked
 from .model import check_model
 from .quantized import check_coded
 from .reference import read_adapters
@@ -197,6 +198,8 @@ def _check_job(item, base_ck, merged_ck, loaded, dev, outputs: bool, ref) -> Ten
     if w is None and job.replacement is None:
         w = base_ck.read(job.source)
     m = item.m if item.m is not None else merged_ck.read(mref)
+    if is_stacked(job):  # a fused experts tensor (target_parameters): expert by expert
+        return check_stacked(job, mref, w, m, loaded, dev, layer=outputs)
     return check_tensor(job, mref, w, m, loaded, dev, layer=outputs, ref=ref)
 
 

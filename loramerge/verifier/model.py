@@ -25,6 +25,7 @@ from .. import codecs
 from ..engine import deltas, tuners
 from ..readers.checkpoint import Checkpoint
 from ..types import Adapter, Job, numel
+from .experts import apply_params
 from .report import _GRID, ModelCheck
 from .weights import _lin, lin_factors, lora_branch
 
@@ -191,6 +192,9 @@ def apply_unmerged(model, jobs: list[Job], adapters: list[Adapter], refs: dict |
     """Make `model` (float32, loaded from BASE) compute what the base with the adapter(s) applied
     unmerged computes: replacement tensors put in place, a forward hook on every LoRA-adapted
     layer. Returns None, or the reason it cannot (then the model is left half-adapted)."""
+    problem = apply_params(model, jobs, adapters)  # target_parameters (MoE experts): their own parameters
+    if problem:
+        return problem
     targets = _targets(model, jobs, adapters, refs or {})
     if isinstance(targets, str):
         return targets
@@ -209,7 +213,8 @@ def _targets(model, jobs: list[Job], adapters: list[Adapter], refs: dict) -> lis
     written = {_resolve(j.name, params) for j in jobs}  # parameters the merge writes out
     specs: dict[str, dict] = {}
     for job in jobs:
-        if not job.terms:
+        terms = [t for t in job.terms if t.pair is None or not t.pair.experts]  # experts: apply_params
+        if not terms:
             continue
         pname = _resolve(job.name, params)
         if pname is None:
@@ -218,7 +223,7 @@ def _targets(model, jobs: list[Job], adapters: list[Adapter], refs: dict) -> lis
         module = model.get_submodule(mod_name)
         spec = specs.setdefault(mod_name, {"module": module, "lora": [], "bias": [], "tuner": [], "refs": {}})
         spec["refs"][attr] = refs.get(job.name)
-        for t in job.terms:
+        for t in terms:
             if t.kind == "replace":
                 # A saved full tensor (modules_to_save, resized vocabulary) has no unmerged form: it
                 # becomes the layer's parameter, apart from any tied twin. F.linear / F.embedding

@@ -65,7 +65,7 @@ def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.devi
     transposed = bool(lora) and lora[0].pair.layout == "transposed" and w.dim() > 1
     if ref is not None and ref.transposed is not None and w.dim() > 1:
         transposed = ref.transposed
-        lora = [t for t in lora if t.adapter not in own]
+        lora = [t for t in lora if t.adapter not in own or t.pair.experts]
     if any((t.pair.layout == "transposed") != transposed for t in lora if w.dim() > 1):
         return "adapters disagree on the layout of this tensor (transposed and not); cannot check it"
     rows = [t for t in job.terms if t.kind == "rows"]
@@ -76,7 +76,8 @@ def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.devi
     tg = _Target(_lin(w, transposed), transposed)
     if not _prepare_tuners(tg, job, tuple(w.shape), adapters, dev):
         return "a LoHa/LoKr delta on a transposed (Conv1D) weight: PEFT has no such layer; cannot check it"
-    lora = [t for t in lora if t.kind == "lora" and t.adapter not in own]
+    # apply's reading: adapters verify does not read itself, and target_parameters (MoE experts)
+    lora = [t for t in lora if t.kind == "lora" and (t.adapter not in own or t.pair.experts)]
     for t in lora:
         fl = lin_factors(adapters[t.adapter], t.pair, torch.float64, dev)
         tg.effects.append((fl[0] * t.factor, fl[1]))
