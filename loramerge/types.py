@@ -185,6 +185,11 @@ class ParamTarget:
     def target_name(self) -> str:
         return self.module
 
+    @property
+    def base_shape(self) -> tuple[int, int, int]:
+        """[E, out, in] as PEFT sees the parameter (a transposed module holds it [E, in, out])."""
+        return (self.experts, self.out_features, self.in_features)
+
 
 @dataclass(frozen=True)
 class TokenRows:

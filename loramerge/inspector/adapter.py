@@ -13,6 +13,7 @@ from .kinds import Kind, counts
 
 # LoraPair fields that name tensors inside the adapter file: not part of the description
 _KEY_FIELDS = ("a_key", "b_key", "bias_key", "magnitude_key", "keys")
+_EXPERT_FIELDS = ("experts", "expert", "out_rows", "stacked")
 TEXT_TARGETS = 40  # targets listed in the text output
 
 
@@ -27,6 +28,8 @@ def target_json(pair: LoraPair, alpha_known: bool = True) -> dict:
            "scale": pair.scale if alpha_known else None, "target": pair.target_name,
            "dora": pair.magnitude_key is not None, "bias": pair.bias_key is not None}
     for f in dataclasses.fields(pair):
+        if f.name in _EXPERT_FIELDS and not pair.experts:
+            continue  # one expert's share of a target_parameters LoRA: the plan's, not the adapter's
         if f.name not in out and f.name not in _KEY_FIELDS:
             out[f.name] = jsonable(getattr(pair, f.name))
     return out

@@ -58,6 +58,8 @@ MIXTRAL = ExpertLayout(
     "Mixtral (block_sparse_moe.experts.N.w1/w2/w3)",
     (ExpertParam("gate_up_proj", ("w1", "w3")), ExpertParam("down_proj", ("w2",))),
     renames=((".mlp.", ".block_sparse_moe."),))
+PHIMOE = ExpertLayout(MIXTRAL.label, MIXTRAL.params,
+                      renames=((".mlp.", ".block_sparse_moe."), (".router.weight", ".gate.weight")))
 QWEN2_MOE = ExpertLayout(
     "Qwen2-MoE (mlp.experts.N.gate_proj/up_proj/down_proj)",
     (ExpertParam("gate_up_proj", ("gate_proj", "up_proj")), ExpertParam("down_proj", ("down_proj",))))
@@ -71,7 +73,7 @@ GPT_OSS = ExpertLayout(
 ARCHITECTURES: dict[str, ExpertLayout] = {
     "mixtral": MIXTRAL,
     "minimax": MIXTRAL,
-    "phimoe": MIXTRAL,
+    "phimoe": PHIMOE,
     "qwen2_moe": QWEN2_MOE,
     "qwen3_moe": QWEN2_MOE,
     "qwen3_next": QWEN2_MOE,
