@@ -227,9 +227,12 @@ def test_mismatches_are_refused(tmp_path):
 def test_verify_passes_and_catches_a_wrong_expert(base, tmp_out):
     adapter = "qwen2-moe-experts" if base.startswith("qwen") else "mixtral-experts"
     loramerge.apply(_base(base), _adapter(adapter), tmp_out, sync=False)
-    report = loramerge.verify(_base(base), _adapter(adapter), tmp_out)
+    report = loramerge.verify(_base(base), _adapter(adapter), tmp_out, oracle="peft")
     assert report.ok, report.summary()
     assert report.model.status == "ok" and report.model.adapter_effect["logits"] > 1e-3
+    # PEFT's merge judged every tensor, per-expert ones through transformers' reverse conversion
+    assert report.oracle.status == "ok" and not report.oracle.not_judged
+    assert report.oracle.compared == len(load_dir(tmp_out))
     # swap the merged experts 1 and 2 of layer 0's gate/up: the weights and the model both say so
     f = tmp_out / "model.safetensors"
     sd = load_file(str(f))
@@ -241,14 +244,14 @@ def test_verify_passes_and_catches_a_wrong_expert(base, tmp_out):
         sd["model.layers.0.mlp.experts.gate_up_proj"] = gu[[0, 2, 1, 3]].contiguous()
     save_file(sd, str(f), metadata={"format": "pt"})
     (tmp_out / "loramerge_manifest.json").unlink()
-    bad = loramerge.verify(_base(base), _adapter(adapter), tmp_out)
-    assert not bad.ok
+    bad = loramerge.verify(_base(base), _adapter(adapter), tmp_out, oracle="peft")
+    assert not bad.ok and bad.oracle.status == "FAIL"
     # float32: the model check sees it too (bf16's tolerance is coarser than two swapped experts)
     assert bad.model.status == ("FAIL" if base.startswith("mixtral") else "ok")
     failed = [t for t in bad.tensors if t.problems]
     assert len(failed) == 2 if base == "mixtral" else len(failed) == 1
     if base != "mixtral":
-        assert {p.split(":")[0] for p in failed[0].problems} == {"expert 1", "expert 2"}
+        assert {p.split(":")[0] for p in failed[0].problems} == {"expert 1", "expert 2", "PEFT oracle"}
 
 
 @pytest.mark.parametrize("base", ["mixtral", "mixtral-fused"])

@@ -56,14 +56,17 @@ def cross_check(jobs: list[Job], adapters: list[Adapter], own: Reading, weights:
             if t.adapter not in own.covered:
                 apply_only.add(f"{own.skipped.get(t.adapter, adapters[t.adapter].label)}, which verify has no "
                                "second reading of")
+            elif _param(t):
+                apply_only.add(f"target_parameters (MoE experts) from {adapters[t.adapter].label}, which the model "
+                               "check applies to transformers' own parameters")
             elif t.kind not in OWN_KINDS:
                 apply_only.add(f"{KIND_WORDS.get(t.kind, t.kind)} from {adapters[t.adapter].label}")
         ref = JobRef(covered=set(own.covered))
-        used = {t.adapter for t in job.terms if t.kind in OWN_KINDS} | {x.adapter for x in terms}
+        used = {t.adapter for t in job.terms if t.kind in OWN_KINDS and not _param(t)} | {x.adapter for x in terms}
         for a in sorted(used & own.covered):
             w = weights[a]
             mine = [x for x in terms if x.adapter == a]
-            theirs = [t for t in job.terms if t.adapter == a]
+            theirs = [t for t in job.terms if t.adapter == a and not _param(t)]
             problems += _compare_lora(job, adapters[a], [t for t in theirs if t.kind == "lora"],
                                       [x for x in mine if x.kind == "lora"], w, ref)
             problems += _compare_bias(adapters[a], [t for t in theirs if t.kind == "bias"],
@@ -77,6 +80,11 @@ def cross_check(jobs: list[Job], adapters: list[Adapter], own: Reading, weights:
             cc.problems[job.name] = problems
         cc.refs[job.name] = ref
     return cc
+
+
+def _param(t) -> bool:
+    """A term of PEFT target_parameters (MoE experts): verify's own reading leaves those to apply's."""
+    return t.pair is not None and bool(t.pair.experts)
 
 
 def _only(in_apply: bool) -> str:

@@ -79,6 +79,7 @@ def check(base_ck: Checkpoint, merged_ck: Checkpoint, adapters: list[Path], weig
     model, cls_name = _build(base_ck.root, adapters, weights, jobs, transformers, peft)
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
+    params.update({k: v for k, v in _as_saved(model).items() if k not in params})
     check = OracleCheck("ok", f"PEFT {peft.__version__} merge_and_unload on {cls_name} in float64")
     by_name = {t.name: t for t in tensors}
     jobs_by_name = {j.name: j for j in jobs}
@@ -108,6 +109,18 @@ def check(base_ck: Checkpoint, merged_ck: Checkpoint, adapters: list[Path], weig
     if check.failed:
         check.status = "FAIL"
     return check
+
+
+def _as_saved(model) -> dict[str, torch.Tensor]:
+    """The merged model's tensors under the names its checkpoints use where transformers converts
+    on load (MoE experts, fused in memory: one tensor per expert), by transformers' own reverse
+    conversion, as save_pretrained writes them; {} where that is not available."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(model, dict(model.state_dict()))
+    except Exception:  # noqa: BLE001 - another transformers version: those tensors stay not judged
+        return {}
 
 
 def _build(root: Path, adapters: list[Path], weights: list[float], jobs: list[Job], transformers, peft):

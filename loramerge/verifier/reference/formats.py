@@ -78,6 +78,9 @@ def _peft(root: Path, index: int):
 
     terms = [RefTerm(index, name, "replace", "a full tensor saved in the adapter", value=t, wanted=name)
              for name, t in saved.items()]
+    for module in [m for m in slots if _param_wrapper(config, m)]:
+        del slots[module]  # target_parameters (MoE experts): not read here (check 4 applies them)
+        left_out.append("target_parameters (MoE experts)")
     for module, s in slots.items():
         r, r_key = _pattern(config.get("rank_pattern"), module, config["r"])
         alpha, a_key = _pattern(config.get("alpha_pattern"), module, config["lora_alpha"])
@@ -98,6 +101,30 @@ def _peft(root: Path, index: int):
             terms.append(RefTerm(index, module, "bias", how, scale, value=s["lora_B.bias"].double(),
                                  wanted=module + ".bias"))
     return terms, ", ".join(sorted(set(left_out)))
+
+
+def _param_wrapper(config: dict, module: str) -> bool:
+    """Does PEFT's target_parameters wrap this module (a ParamWrapper, whose factors hold every
+    expert of a fused parameter)? Its keys nest '.base_layer' for each further parameter; a target
+    'mlp.experts.down_proj' names the module 'mlp.experts'; a bare parameter name could be any
+    module's, so then every module target_modules does not select is one."""
+    params = config.get("target_parameters") or []
+    if not params:
+        return False
+    if module.endswith(".base_layer"):
+        return True
+    for t in params:
+        mod = t.rpartition(".")[0]
+        if mod and (module == mod or module.endswith("." + mod)):
+            return True
+    if all("." in t for t in params):
+        return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is None
+    return not any(module == t or module.endswith("." + t) for t in targets)
 
 
 def _kohya(path: Path, index: int):
