@@ -105,8 +105,13 @@ def _per_expert(st, ai, w, rec: ParamTarget, layout: tables.ExpertLayout, where:
     param = layout.param(rec.param)
     module = rec.module.rpartition(".")[0]
     if not param.parts:
-        st.problems.append(f"{where}: the base stores no tensor {layout.to_checkpoint(rec.module)} and {layout.label} "
-                           f"checkpoints keep {rec.param} only fused; is this the right base?")
+        name = layout.to_checkpoint(rec.module)
+        blocks = _find(st, name + "_blocks")
+        st.problems.append(f"{where}: " + (
+            f"the base stores it quantized ({blocks}, MXFP4 blocks), which loramerge cannot decode; merge into "
+            "the bf16 release of the model" if blocks else
+            f"the base stores no tensor {name} and {layout.label} checkpoints keep {rec.param} only fused; is "
+            "this the right base?"))
         return []
     targets = []
     for e in range(rec.experts + 1):  # one past the adapter's experts: the base must not have more
