@@ -126,6 +126,37 @@ def hash_file(path: Path) -> dict:
     return h.record()
 
 
+def _hash_many(paths: list[Path], workers: int = 8) -> dict[Path, str]:
+    """sha256 of each file, several files at once (hashlib releases the GIL: a checkpoint's shards
+    hash in parallel); on daemon threads, so an interrupted verify does not wait for them."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for p in paths:
+        todo.put(p)
+    done: dict[Path, str] = {}
+    errors: list[BaseException] = []
+
+    def work():
+        while True:
+            try:
+                p = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done[p] = hash_file(p)["sha256"]
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+
+    threads = [threading.Thread(target=work, name="loramerge-hash", daemon=True)
+               for _ in range(min(workers, len(paths), os.cpu_count() or 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return done
+
+
 # -- inputs -----------------------------------------------------------------------------------
 
 def _header_record(path: Path) -> dict:
@@ -228,6 +259,9 @@ def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | 
                 "problems": [f"{path.name}: unreadable manifest ({e}); it was damaged or edited"]}
     root = out if out.is_dir() else out.parent
     problems, notes = [], []
+    digests = _hash_many([root / name for name, rec in files.items() if isinstance(rec, dict)
+                          and Path(name).name == name and (root / name).is_file()
+                          and (root / name).stat().st_size == rec.get("bytes")])
     for name, rec in files.items():
         p = root / name
         if not isinstance(rec, dict) or Path(name).name != name:
@@ -241,7 +275,7 @@ def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | 
             problems.append(f"{name}: {size} bytes, the manifest says {rec.get('bytes')}: the file changed after "
                             "loramerge wrote it (truncated, replaced or edited)")
             continue
-        got = hash_file(p)["sha256"]
+        got = digests[p]
         if got != rec.get("sha256"):
             problems.append(f"{name}: its bytes changed after loramerge wrote it (sha256 {got[:16]}..., the "
                             f"manifest says {str(rec.get('sha256'))[:16]}...)")
