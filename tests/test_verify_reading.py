@@ -79,7 +79,7 @@ def test_own_reading_runs_with_no_loramerge_code(tmp_path):
             reading = pkg.read_adapters([{str(FIXTURES / "adapters")!r} + "/" + name], shapes)
             for tensor, terms in reading.terms.items():
                 (t,) = terms
-                out[name + "/" + tensor] = (t.scale * t.left @ t.right).contiguous()
+                out[name + "/" + tensor] = (t.scale * t.left.double() @ t.right.double()).contiguous()
         save_file(out, {str(tmp_path / "deltas.safetensors")!r})
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -105,7 +105,7 @@ def merged_by_reading(base: dict[str, torch.Tensor], reading) -> dict[str, torch
             elif t.kind == "lora":
                 flip = t.layout == "transposed"
                 v = w.reshape(w.shape[0], -1)
-                v = (v.T if flip else v) + t.scale * (t.left @ t.right)
+                v = (v.T if flip else v) + t.scale * (t.left.double() @ t.right.double())
                 if t.magnitude is not None:  # DoRA: each output unit rescaled to its magnitude
                     v = v * (t.magnitude / v.norm(dim=1)).unsqueeze(1)
                 w = (v.T if flip else v).reshape(w.shape)

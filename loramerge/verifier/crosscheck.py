@@ -124,7 +124,8 @@ def _compare_lora(job: Job, adapter: Adapter, theirs: list, mine: list[RefTerm],
     y_own = torch.zeros(rows, PROBES, dtype=torch.float64)
     for m in mine:
         f = w * m.scale
-        y_own += f * (m.right.T @ (m.left.T @ x)) if m.layout == "transposed" else f * (m.left @ (m.right @ x))
+        left, right = m.left.double(), m.right.double()
+        y_own += f * (right.T @ (left.T @ x)) if m.layout == "transposed" else f * (left @ (right @ x))
     problems = []
     size = max(float(y_own.norm()), float(y_apply.norm()))
     diff = float((y_apply - y_own).norm())

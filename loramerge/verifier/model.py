@@ -308,7 +308,7 @@ def _lora_parts(module, spec: dict, adapters: list[Adapter], dtype, dev):
     if ref is not None and ref.magnitude is not None:
         (left, right), f = ref.lora[0]
         w = _lin(module.weight.detach().cpu().to(torch.float64), ref.transposed)
-        wd, mag = w + f * left @ right, ref.magnitude
+        wd, mag = w + f * left.double() @ right.double(), ref.magnitude
     elif dora:
         t = dora[0]
         adapter = adapters[t.adapter]

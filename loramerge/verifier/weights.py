@@ -86,7 +86,7 @@ def _prepare(job: Job, w: torch.Tensor, adapters: list[Adapter], dev: torch.devi
             tg.magnitude = adapters[t.adapter].tensors[t.pair.magnitude_key].to(dev, torch.float64).reshape(-1)
             tg.note = "DoRA"
     for (left, right), factor in (ref.lora if ref is not None else []):
-        fl = (left.to(dev), right.to(dev))
+        fl = (left.to(dev, torch.float64), right.to(dev, torch.float64))
         tg.effects.append((fl[0] * factor, fl[1]))
         tg.branches.append((fl, factor))
     if ref is not None and ref.magnitude is not None:

@@ -94,8 +94,8 @@ def _peft(root: Path, index: int):
             a, b = s["lora_A"], s["lora_B"]
             layout = "conv" if a.dim() > 2 else ("fifo" if config.get("fan_in_fan_out") else "linear")
         mag = s.get("lora_magnitude_vector")
-        terms.append(RefTerm(index, module, "lora", how, scale, b.reshape(b.shape[0], -1).double(),
-                             a.reshape(a.shape[0], -1).double(), layout,
+        terms.append(RefTerm(index, module, "lora", how, scale, b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1),
+                             layout,
                              None if mag is None else mag.reshape(-1).double(), wanted=module + ".weight"))
         if "lora_B.bias" in s:
             terms.append(RefTerm(index, module, "bias", how, scale, value=s["lora_B.bias"].double(),
@@ -142,8 +142,8 @@ def _kohya(path: Path, index: int):
         alpha = float(parts["alpha"].float()) if "alpha" in parts else 0.0
         how = f"alpha {alpha:g} / lora_dim {dim}" if alpha else f"no alpha: alpha = lora_dim {dim}"
         flat = next((module[len(p):] for p in KOHYA_PREFIXES if module.startswith(p)), module)
-        terms.append(RefTerm(index, module, "lora", how, (alpha or dim) / dim, up.reshape(up.shape[0], -1).double(),
-                             down.reshape(dim, -1).double(), "conv" if down.dim() > 2 else "linear",
+        terms.append(RefTerm(index, module, "lora", how, (alpha or dim) / dim, up.reshape(up.shape[0], -1),
+                             down.reshape(dim, -1), "conv" if down.dim() > 2 else "linear",
                              wanted=flat, flat=True))
     return terms, ", ".join(sorted(set(left_out)))
 
@@ -157,7 +157,7 @@ def _loralib(path: Path, index: int, lora_alpha, fan_in_fan_out, enable_lora):
         modules.setdefault(module, {})[part] = t
     terms = []
     for module, parts in modules.items():
-        a, b = parts["lora_A"].double(), parts["lora_B"].double()
+        a, b = parts["lora_A"], parts["lora_B"]
         r = b.shape[1]
         terms.append(RefTerm(index, module, "lora", f"--lora-alpha {lora_alpha:g} / r {r}", lora_alpha / r, b, a,
                              "loralib", wanted=module + ".weight",
@@ -209,7 +209,7 @@ def _loralib_layout(term: RefTerm, shape: tuple[int, ...]) -> str | None:
     mask = tuple(mask) if mask is not None else (True,) * (out // per_group)
     if out % per_group or len(mask) != out // per_group or sum(mask) != enabled:
         return f"lora_B {list(b.shape)} does not split into the enabled row groups {mask} of {out} rows"
-    left = torch.zeros((out, r * enabled), dtype=torch.float64)
+    left = torch.zeros((out, r * enabled), dtype=b.dtype)
     k = 0
     for g, on in enumerate(mask):
         if on:

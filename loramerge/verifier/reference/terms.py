@@ -11,8 +11,8 @@ import torch
 class RefTerm:
     """One adapter's contribution to one output tensor, as verify reads it.
 
-    kind 'lora': scale * left @ right in linear orientation (float64), DoRA when `magnitude` is
-    set; 'bias': scale * `value` added to a bias; 'replace': `value` stands in for the tensor."""
+    kind 'lora': scale * left @ right in linear orientation (the factors in the file's dtype: the
+    users convert, so a large adapter is not held twice in float64), DoRA when `magnitude` is set; 'bias': scale * `value` added to a bias; 'replace': `value` stands in for the tensor."""
 
     adapter: int
     module: str                          # the adapter's own name for it (for messages)
