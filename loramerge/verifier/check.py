@@ -3,8 +3,11 @@
 A merge that went wrong (a key skipped, a scale applied twice, a shard from another run) loads
 and runs; users notice only from degraded generations. This module recomputes what every tensor
 of MERGED must be and says which ones are not, with the numbers. It does not trust the merge
-code: expected values are computed in float64 from the adapter factors (deltas.factors, so every
-layout the readers produce is covered), layer outputs go through the unmerged LoRA branch.
+code, nor apply's reading of the adapters: the adapter files are read a second time by code of
+verify's own (reference/), both readings must agree tensor by tensor (crosscheck.py), and the
+expected values are computed in float64 from verify's reading wherever it covers the adapter
+(apply's reading for the tuners it does not: the report says which); layer outputs go through
+the unmerged LoRA branch.
 
 Checks, per tensor of the base (plan.build_plan says which adapter terms hit it):
 
@@ -37,7 +40,9 @@ Checks, per tensor of the base (plan.build_plan says which adapter terms hit it)
    output is within |x| @ tol^T, tol the per-element weight tolerance of rule 1 (plus half an ulp
    for E's own rounding in half precision): the most that rounding the merged weight explains.
 4. Model outputs (skipped with outputs=False, or without transformers): see model.py.
-5. Files: when MERGED has a loramerge_manifest.json (writers/manifest.py), every file it lists
+5. With oracle='peft' (oracle_peft.py): every tensor against PEFT's own merge_and_unload in
+   float64, by rule 1.
+6. Files: when MERGED has a loramerge_manifest.json (writers/manifest.py), every file it lists
    must have its recorded size and sha256; a file whose bytes changed is a failure that names it.
 
 Cost: checks 1-3 stream like apply (stream.py: the base and MERGED read ahead on two threads into
