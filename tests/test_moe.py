@@ -304,3 +304,14 @@ def test_gpu_merge_equals_cpu_merge(base, tmp_path):
     assert load_dir(tmp_path / "cpu").keys() == load_dir(tmp_path / "cuda").keys()
     for name, t in load_dir(tmp_path / "cpu").items():
         assert torch.equal(t, load_dir(tmp_path / "cuda")[name]), name
+
+
+@pytest.mark.parametrize("base", ["mixtral", "mixtral-fused"])
+def test_weighted_merge_scales_every_expert(base, tmp_path):
+    """--weights 0.5: every expert tensor is W + 0.5 * PEFT's delta (float64), in float32."""
+    loramerge.apply(_base(base), _adapter("mixtral-experts"), tmp_path / "m", weights=[0.5], sync=False)
+    ours, orig = load_dir(tmp_path / "m"), load_dir(_base(base))
+    full = _peft_merged(base, "mixtral-experts", torch.float64)
+    for name, x64 in full.items():
+        want = orig[name].double() + 0.5 * (x64 - orig[name].double())
+        assert rel_err(ours[name], want) <= 1e-6, name
