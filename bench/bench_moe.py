@@ -39,7 +39,7 @@ PRESETS = {
     # ~1.0 GB bf16: 16 layers x 16 experts, I=512, H=1024
     "1g": dict(hidden_size=1024, moe_intermediate_size=512, num_experts=16, num_hidden_layers=16,
                num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=32000),
-    # Qwen3-30B-A3B's expert shapes (128 experts, I=768, H=2048), 4 layers: ~2.6 GB
+    # Qwen3-30B-A3B's expert shapes (128 experts, I=768, H=2048), 4 layers: ~6 GB
     "30b-layer": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_hidden_layers=4,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936),
     "tiny": dict(hidden_size=128, moe_intermediate_size=64, num_experts=8, num_hidden_layers=2,
