@@ -200,18 +200,37 @@ def test_stored_bnb_checkpoint_decodes_like_bitsandbytes(name, quant_type):
         assert bool(same.all()), wname
 
 
+def _gpu_cases():
+    """bf16/fp16/fp32 weights of varied scale (rows scaled over 6 decades, so absmax takes many
+    mantissas), an all-zero block, and edge blocks: subnormal values beside 1.0 (fast math flushes
+    their quotients) and a block of subnormals only."""
+    g = torch.Generator().manual_seed(1)
+    cases = [torch.randn(shape, generator=g) * 0.05 for shape in [(4096, 1024), (3, 100), (300, 512)]]
+    rows = 10.0 ** (torch.rand(2048, 1, generator=g) * 6 - 5)
+    wide = torch.randn(2048, 2048, generator=g) * rows
+    edge = torch.randn(4, 64, generator=g)
+    edge[2, 0], edge[2, 1:] = 1.0, torch.randn(63, generator=g) * 1e-39
+    edge[3] = torch.randn(64, generator=g) * 1e-39
+    for w, dtypes in [(c, [torch.bfloat16]) for c in cases] + [(wide, [torch.bfloat16, torch.float16, torch.float32]),
+                                                             (edge, [torch.bfloat16, torch.float32])]:
+        w.view(-1)[:64] = 0
+        for dtype in dtypes:
+            yield w.to(dtype)
+
+
 @needs_bnb
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double", [True, False])
 def test_bnb4_cuda_kernel_bit_for_bit_on_gpu(quant_type, double):
     """On a GPU: kernel='cuda' against bitsandbytes' CUDA kernels (what QLoRA training runs)."""
-    for shape in [(4096, 1024), (3, 100), (300, 512)]:
-        w = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.05).to(torch.bfloat16).cuda()
-        w.view(-1)[:64] = 0
+    for w in _gpu_cases():
+        w = w.cuda()
+        what = f"{tuple(w.shape)} {w.dtype}"
         packed, state = bnb_F.quantize_4bit(w, blocksize=64, compress_statistics=double, quant_type=quant_type)
         codes, absmax = bnb4.quantize_4bit(w, quant_type, 64, kernel="cuda")
-        assert torch.equal(bnb4.pack(codes, quant_type), packed)
+        ours_packed = bnb4.pack(codes, quant_type)
+        assert torch.equal(ours_packed, packed), f"{what}: {int((ours_packed != packed).sum())} bytes differ"
         ref = bnb_F.dequantize_4bit(packed, state)
         ours = bnb4.qlora_base(w, quant_type, 64, double, kernel="cuda")
-        assert torch.equal(_bits(ref), _bits(ours)), f"{shape}: {int((_bits(ref) != _bits(ours)).sum())} differ"
+        assert torch.equal(_bits(ref), _bits(ours)), f"{what}: {int((_bits(ref) != _bits(ours)).sum())} differ"

@@ -19,9 +19,11 @@ The format (bitsandbytes functional.quantize_4bit / dequantize_4bit):
 bitsandbytes' CUDA and CPU kernels agree on all of that except in rare roundings, so `kernel`
 picks which one to reproduce (QLoRA training runs the CUDA one; tests check 'cpu' bit for bit
 against the installed bitsandbytes, and 'cuda' on a GPU):
-- cuda: every block scales by the reciprocal; an all-zero block (1/0 = inf, 0 * inf = NaN) gets
-  code 0; FP4 compares |x| with the tree's decimal literals (0.583333 is not the midpoint
-  0.5833334); the nested 8-bit absmax code is found by the kernel's 7-step binary search.
+- cuda: every block scales by the GPU's approximate reciprocal of absmax, with subnormal inputs
+  and products flushed to zero (fast math; mufu.py reproduces both bit for bit); an all-zero block
+  (1/0 = inf, 0 * inf = NaN) gets code 0; FP4 compares |x| with the tree's decimal literals
+  (0.583333 is not the midpoint 0.5833334); the nested 8-bit absmax code is found by the kernel's
+  7-step binary search, after the same scaling.
 - cpu: the last, partial block divides by its absmax; zero blocks scale by 1/1e-38 (code of 0);
   the nested 8-bit code comes from a 65536-entry lookup table over [-1, 1] (not always the
   nearest code: the table is 3e-5 wide per entry, the dynamic map far finer near 0).
@@ -31,6 +33,8 @@ The mean behind `offset` is torch's float32 mean on the device that runs it, as 
 from __future__ import annotations
 
 import torch
+
+from . import mufu
 
 QUANT_TYPES = ("nf4", "fp4")
 KERNELS = ("cuda", "cpu")
@@ -93,7 +97,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int = 64,
         return order[idx].to(torch.uint8), absmax
     blocks = torch.nn.functional.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax).unsqueeze(1)).reshape(-1)[:n]  # NaN for an all-zero block
+    scaled = mufu.scale(blocks, absmax).reshape(-1)[:n]  # NaN for an all-zero block
     if quant_type == "nf4":
         idx = torch.bucketize(scaled, _midpoints(code))  # number of midpoints below x
     else:
@@ -118,7 +122,7 @@ def quantize_absmax(absmax: torch.Tensor, kernel: str = "cuda") -> tuple[torch.T
         q = _lut_search((blocks * inv.unsqueeze(1)).reshape(-1)[:n], code)
         q = torch.where((nested == 0).repeat_interleave(NESTED_BLOCKSIZE)[:n], 0, q)
     else:  # an all-zero block scales to NaN, which the search sends to code 0
-        q = _binary_search((blocks * (1.0 / nested).unsqueeze(1)).reshape(-1)[:n], code)
+        q = _binary_search(mufu.scale(blocks, nested).reshape(-1)[:n], code)
     return q.to(torch.uint8), nested, offset
 
 
