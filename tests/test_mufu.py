@@ -49,8 +49,33 @@ def test_cuda_codes_where_the_correctly_rounded_reciprocal_differs(x, absmax, co
     codes, am = bnb4.quantize_4bit(block, quant_type, 64, kernel="cuda")
     assert float(am[0]) == absmax and int(codes[5]) == code
     exact = block[5].float() * (1.0 / block[0].float())  # what an IEEE reciprocal would give
-    ieee = bnb4._FP4_BY_MAGNITUDE[int(torch.bucketize(exact.abs(), torch.tensor(bnb4._FP4_CUDA_THRESHOLDS)))]
+    ieee = bnb4._FP4_BY_MAGNITUDE[int(torch.bucketize(exact.abs(), torch.tensor(bnb4._cuda_thresholds("fp4"))))]
     assert (ieee | (8 if x < 0 else 0)) != code  # the case is one that tells the two apart
+
+
+# (x, NF4 code): the four float32 values of [-1, 1] where bitsandbytes 0.50.2's CUDA NF4 kernel (an
+# exhaustive scan on an H200, absmax 1.0) disagreed with thresholds read as Python floats: its tree's
+# decimal literals rounded once to float32 sit one ulp away from the double-rounded ones
+NF4_SCAN = [(0.1202552542090416, 8), (0.5016634464263916, 13), (0.8614784479141235, 15), (-0.8480963706970215, 1)]
+
+
+@pytest.mark.parametrize("x,code", NF4_SCAN)
+def test_nf4_cuda_thresholds_are_the_literals_rounded_once(x, code):
+    block = torch.zeros(64, dtype=torch.float32)
+    block[0], block[1] = 1.0, x
+    codes, _ = bnb4.quantize_4bit(block, "nf4", 64, kernel="cuda")
+    assert int(codes[1]) == code
+
+
+def test_float32_literal_rounds_once():
+    import numpy as np
+
+    for text in ("0.1", "0.8333333", "-0.045525018125772476", "3.4028234e38", "1e-45"):
+        assert bnb4.float32_literal(text) == float(np.float32(float(text)))
+    # a decimal just below the halfway point of two floats: through a float64 it becomes the
+    # halfway point and rounds to even (up); once, it rounds down
+    assert bnb4.float32_literal("0.5016634166240692") == float(np.float32(0.5016634166240692)) - 2.0 ** -24
+    assert bnb4.float32_literal("0.1202552504837513") == float(np.float32(0.1202552504837513)) + 2.0 ** -27
 
 
 def test_reciprocal_scales_with_the_exponent_and_flushes():

@@ -32,6 +32,10 @@ The mean behind `offset` is torch's float32 mean on the device that runs it, as 
 
 from __future__ import annotations
 
+import functools
+import math
+from fractions import Fraction
+
 import torch
 
 from . import mufu
@@ -46,10 +50,35 @@ _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0
         0.7229568362236023, 1.0)
 # FP4 codes in bit order (sign, 2 exponent bits, 1 mantissa bit; exponent bias 2), scaled to [-1, 1]
 _FP4 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
-# the CUDA kernel's FP4 decision tree: |x| thresholds and the 3-bit code of each magnitude rank
-_FP4_CUDA_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+# The CUDA kernels' decision trees compare x with decimal literals, which the compiler rounds once to
+# float32. Several NF4 literals are printed float32 midpoints, so they sit within 1e-16 of halfway
+# between two floats: read through a Python float (a second rounding) four of them land one ulp
+# off (an exhaustive scan of [-1, 1] on an H200 found the four), hence the strings.
+_NF4_CUDA_THRESHOLDS = ("-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906",
+                        "-0.33967943489551544", "-0.23460740596055984", "-0.13791173323988914",
+                        "-0.045525018125772476", "0.03979014977812767", "0.1202552504837513",
+                        "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+                        "0.5016634166240692", "0.6427869200706482", "0.8614784181118011")
+# FP4: |x| thresholds, and the 3-bit code of each magnitude rank
+_FP4_CUDA_THRESHOLDS = ("0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333")
 _FP4_BY_MAGNITUDE = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 _LUT_SIZE = 65536
+
+
+def float32_literal(text: str) -> float:
+    """A decimal literal rounded once to float32 (nearest, ties to even), as a C compiler reads
+    `0.1f`: exact rational arithmetic, no detour through float64."""
+    exact = Fraction(text)
+    near = torch.tensor(float(exact), dtype=torch.float32)  # within one float32 ulp of the answer
+    cands = [torch.nextafter(near, torch.tensor(-math.inf)), near, torch.nextafter(near, torch.tensor(math.inf))]
+    cands = [c for c in cands if bool(torch.isfinite(c))]
+    best = min(cands, key=lambda c: (abs(Fraction(float(c)) - exact), int(c.view(torch.int32)) & 1))
+    return float(best)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_thresholds(quant_type: str) -> tuple[float, ...]:
+    return tuple(float32_literal(t) for t in (_NF4_CUDA_THRESHOLDS if quant_type == "nf4" else _FP4_CUDA_THRESHOLDS))
 
 
 def code4(quant_type: str, device=None) -> torch.Tensor:
@@ -98,10 +127,10 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int = 64,
     blocks = torch.nn.functional.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
     absmax = blocks.abs().amax(dim=1)
     scaled = mufu.scale(blocks, absmax).reshape(-1)[:n]  # NaN for an all-zero block
+    thresholds = torch.tensor(_cuda_thresholds(quant_type), dtype=torch.float32, device=x.device)
     if quant_type == "nf4":
-        idx = torch.bucketize(scaled, _midpoints(code))  # number of midpoints below x
+        idx = torch.bucketize(scaled, thresholds)  # the tree's code: how many thresholds x exceeds
     else:
-        thresholds = torch.tensor(_FP4_CUDA_THRESHOLDS, dtype=torch.float32, device=x.device)
         by_mag = torch.tensor(_FP4_BY_MAGNITUDE, dtype=torch.int64, device=x.device)
         idx = by_mag[torch.bucketize(scaled.abs(), thresholds)] | ((scaled < 0).to(torch.int64) << 3)
     idx = torch.where(torch.isnan(scaled), 0, idx)  # every comparison with NaN is false: code 0
@@ -166,9 +195,11 @@ def dequantize_absmax(q: torch.Tensor, nested: torch.Tensor, offset: torch.Tenso
 
 
 def dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int,
-                    shape: tuple[int, ...], dtype: torch.dtype, code: torch.Tensor | None = None) -> torch.Tensor:
+                    shape: tuple[int, ...], dtype: torch.dtype, code: torch.Tensor | None = None,
+                    flush: bool = False) -> torch.Tensor:
     """w = code4[codes] * absmax per block, in float32, rounded to `dtype`. `codes` holds one
-    4-bit code per value (see unpack); `code` overrides the code table (a checkpoint's quant_map).
+    4-bit code per value (see unpack); `code` overrides the code table (a checkpoint's quant_map);
+    `flush` sends subnormal products to zero, as the CUDA kernel (fast math) does.
     FP4's code 8 is -0.0, as on CUDA (bitsandbytes' AVX-512 CPU kernel writes +0.0 there, its other
     CPU paths -0.0: only the sign of a zero, which a merge's addition erases)."""
     n = 1
@@ -176,7 +207,8 @@ def dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, quant_type: str, 
         n *= d
     table = code4(quant_type, codes.device) if code is None else code.to(codes.device, torch.float32)
     scale = absmax.to(codes.device, torch.float32).repeat_interleave(blocksize)[:n]
-    return (table[codes.reshape(-1)[:n].long()] * scale).to(dtype).reshape(shape)
+    w = table[codes.reshape(-1)[:n].long()] * scale
+    return (mufu.ftz(w) if flush else w).to(dtype).reshape(shape)
 
 
 def pack(codes: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -202,4 +234,4 @@ def qlora_base(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, do
     if double_quant:
         q, nested, offset = quantize_absmax(absmax, kernel)
         absmax = dequantize_absmax(q, nested, offset)
-    return dequantize_4bit(codes, absmax, quant_type, blocksize, tuple(w.shape), w.dtype)
+    return dequantize_4bit(codes, absmax, quant_type, blocksize, tuple(w.shape), w.dtype, flush=kernel == "cuda")
