@@ -12,6 +12,7 @@ import torch
 
 from . import engine
 from .engine import tuners
+from .engine.precision import guarded
 from .errors import AdapterError, UsageError
 from .plan import build_plan, describe, plan_json
 from .plan.codecs import qlora_codec
@@ -88,6 +89,7 @@ class ApplyReport(JsonReport):
         return "\n".join(lines)
 
 
+@guarded  # IEEE float32 matmuls for the merge math (engine/precision.py)
 def apply(
     base: str | Path,
     adapters: str | Path | list,
@@ -114,8 +116,10 @@ def apply(
 ) -> ApplyReport:
     """Merge one or more LoRA adapters into `base`, writing a new checkpoint at `out`.
 
-    W' = W + sum_i weights[i] * s_i * B_i @ A_i per target, float32 math, one rounding to the output
-    dtype (`dtype='auto'` keeps each tensor's own). `out` is a directory, or a file path ending in
+    W' = W + sum_i weights[i] * s_i * B_i @ A_i per target, rounded once to the output dtype
+    (`dtype='auto'` keeps each tensor's own): correctly rounded for bf16/fp16, and for float32 with
+    accum='float64' (README "Numerics"; `accum` is the first pass's precision on the GPU and the CPU
+    torch path, the CPU kernel for bf16/fp16 starts in float64). `out` is a directory, or a file path ending in
     .safetensors for a single-file output. loralib checkpoints need `lora_alpha` (not stored), and
     `fan_in_fan_out` / `enable_lora` where the shapes cannot tell. `base` and `adapters` may be
     Hugging Face Hub ids (readers/hub.py; `revision` for those without their own @REV).
@@ -238,8 +242,9 @@ def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
         |R - W| <= 2 |e1| <= ulp(M)  <= 2^(1-p) |M|   (p = significand bits: bf16 8, fp16 11).
     R == W whenever e1 is below half the grid spacing around W (the common case for deltas small
     relative to W); the merge's rounding error e1 itself is lost, so exact recovery cannot be promised.
-    Float32 with float32 accumulation: each pass has |error| <= u|result| + (R+3) u E_ij,
-    u = 2^-24, E = |B'| @ |A| (ops.merge_weight's bound), so |R - W| <= u(|M| + |R|) + 2(R+3) u E_ij.
+    Float32 with float32 accumulation: each pass has |error| <= u|result| + 1.25 (R+3) u E_ij + U_ij,
+    u = 2^-24, E = |B'| @ |A|, U the underflow term (engine/lowrank.py's stage-1 bound), so
+    |R - W| <= u(|M| + |R|) + 2.5 (R+3) u E_ij + 2 U_ij.
     """
     merged = [j for j in plan.jobs if any(t.kind != "replace" for t in j.terms)]
     by_dtype: dict[str, int] = {}
@@ -255,8 +260,8 @@ def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
                          "of the merged value (<= 2^-23 relative); most elements come back bit for bit")
         elif code == "F32" and accum == "float32":
             notes.append(f"float32 ({n} tensors): recovered to float32 rounding, not bit for bit: per element "
-                         "|W_rec - W| <= 2^-24 (|W_merged| + |W_rec|) + 2 (R+3) 2^-24 (|B'| |A|)_ij "
-                         "(R = total rank; about 1e-7 relative)")
+                         "|W_rec - W| <= 2^-24 (|W_merged| + |W_rec|) + 2.5 (R+3) 2^-24 (|B'| |A|)_ij "
+                         "+ 2^-148 (2R + 4 + sum_k |A_kj| + sum_k |B'_ik|) (R = total rank; about 1e-7 relative)")
         elif code in ("F32", "F64"):
             p = 24 if code == "F32" else 53
             notes.append(f"{'float32' if code == 'F32' else 'float64'} ({n} tensors): |W_rec - W| <= 1 ulp of the "

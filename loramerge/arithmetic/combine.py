@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..engine import deltas
+from ..engine.precision import guarded
 from ..errors import AdapterError, UsageError
 from ..report import JsonReport
 from ..readers import hub
@@ -242,6 +243,7 @@ def _config(adapters: list[Adapter], ranks: dict[str, int], has_bias: bool) -> t
     return config, default
 
 
+@guarded  # IEEE float32 matmuls for the factor algebra (engine/precision.py)
 def combine(
     adapters: list,
     out: str | Path,

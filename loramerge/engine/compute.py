@@ -130,10 +130,14 @@ def _stacked(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: 
 
 def _factored(t: Term, adapters: list[Adapter], shape: tuple[int, ...], device):
     """(left, right, per-rank factors) of a low-rank term in W's 2-D view, weight and scale folded
-    into the factors (float64): LoRA in float32, AdaLoRA/VeRA in float64 (their per-rank vectors
+    into the factors (float64): LoRA in float32 (float64 if stored so), AdaLoRA/VeRA in float64 (their per-rank vectors
     and VeRA's lambda_b are applied exactly; ops.merge_weight rounds the result once)."""
     if t.kind == "lora":
-        left, right = deltas.factors(adapters[t.adapter], t.pair, torch.float32, device)
+        # the stored values, exactly: float32 holds bf16/fp16/float32 factors, a float64 adapter
+        # stays float64 (the exact sum ops.merge_weight rounds is of the values as stored)
+        stored = adapters[t.adapter].tensors
+        wide = torch.float64 in (stored[t.pair.a_key].dtype, stored[t.pair.b_key].dtype)
+        left, right = deltas.factors(adapters[t.adapter], t.pair, torch.float64 if wide else torch.float32, device)
         return left, right, torch.full((t.pair.rank,), t.factor, dtype=torch.float64)
     left, right, per_rank = tuners.lowrank(adapters[t.adapter], t.pair, shape, device)
     return left, right, (per_rank * t.factor).cpu()

@@ -23,6 +23,7 @@ from ..readers.checkpoint import Checkpoint
 from ..types import ST_TO_TORCH, Adapter, Job, Plan
 from ..writers.safetensors import SafetensorsWriter
 from .compute import compute
+from .precision import guarded
 
 _DONE = object()
 _REPLACED = object()
@@ -180,6 +181,7 @@ def _copied_by_writer(job: Job) -> bool:
     return job.kind == "copy" and job.source.offset is not None
 
 
+@guarded  # IEEE float32 matmuls for every compute thread (the flags are process-global): precision.py
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
         accum: torch.dtype = torch.float32, progress=None, sync: bool = True) -> EngineStats:
     """Stream every job of the plan into its output file. Reader thread -> one compute worker per
@@ -295,11 +297,6 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             for w in writers.values():
                 w.abort()
 
-    # TF32 matmuls would void the exact-rounding bound; the flag is process-global, so it is set
-    # once here for all compute threads rather than toggled per call.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    if pin:
-        torch.backends.cuda.matmul.allow_tf32 = False
     threads = [_Stage(reader, "loramerge-reader"), _Stage(writer, "loramerge-writer")]
     pool = _Workers(len(devices), "loramerge-compute", initializer=bind_device)
     for t in threads:
@@ -326,12 +323,10 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         stop.set()
         pool.shutdown(wait=False)
         closer.shutdown(wait=False)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         raise
     stop.set()
     pool.shutdown(wait=True)
     closer.shutdown(wait=True)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
     for t in threads:
         t.join()
         if t.error is not None:

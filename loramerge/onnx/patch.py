@@ -20,6 +20,7 @@ import onnx
 import torch
 
 from .. import engine
+from ..engine.precision import guarded
 from ..readers.adapters import load_adapters
 from ..errors import OnnxError, OutputError, UsageError
 from ..readers.checkpoint import Checkpoint, open_checkpoint
@@ -154,6 +155,7 @@ def unshare(graph: OnnxGraph, result: MatchResult) -> None:
                                                  "other modules (resolved by graph position)"]))
 
 
+@guarded  # IEEE float32 matmuls for the merge math (engine/precision.py)
 def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=None, strict: bool = False,
          keep_lora: bool = False, lora_inputs: bool = False, device: str = "auto", overwrite: bool = False,
          verify: bool = False, adapter_opts: dict | None = None) -> OnnxReport:

@@ -62,6 +62,7 @@ import time
 from pathlib import Path
 
 from ..engine.devices import resolve_device
+from ..engine.precision import guarded
 from ..errors import CheckpointError, UsageError
 from ..plan import build_plan
 from ..plan.codecs import qlora_codec
@@ -81,6 +82,7 @@ from .stream import TensorStream
 from .weights import check_tensor
 
 
+@guarded  # IEEE float32 matmuls for the expected values and model outputs (engine/precision.py)
 def verify(
     base: str | Path,
     adapters: str | Path | list,

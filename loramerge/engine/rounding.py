@@ -1,0 +1,116 @@
+"""Rounding to the output grid, and the rule that decides when an approximation rounds right.
+
+Pure tensor functions, no merge logic: round_to (correct rounding from float64), cast, and
+decide(approx, bound, dtype), the one decision rule every merge path uses:
+
+    the true value x is unknown, but |x - approx| <= bound. round(x) == round(approx) is proven
+    when the interval [approx - bound, approx + bound] holds no rounding boundary of the output
+    grid: no midpoint between two neighbours, no overflow threshold (max + ulp/2), and not zero
+    (rounding to +0 or -0 differs in its bits, so the sign of x must be known).
+
+Elements the rule cannot decide are handed to a more precise stage (float64, then exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An output format's bit layout."""
+    itype: torch.dtype    # integer type of the same width, for bit views
+    mbits: int            # stored mantissa bits
+    mag_mask: int         # all bits but the sign
+    inf_bits: int         # the +Inf pattern (exponent all ones, mantissa 0)
+    top_ulp: float        # spacing just below the largest finite value: max + top_ulp/2 overflows
+
+
+GRIDS = {
+    torch.bfloat16: Grid(torch.int16, 7, 0x7FFF, 0x7F80, 2.0 ** 120),
+    torch.float16: Grid(torch.int16, 10, 0x7FFF, 0x7C00, 32.0),
+    torch.float32: Grid(torch.int32, 23, 0x7FFFFFFF, 0x7F800000, 2.0 ** 104),
+}
+# What decide() may round to from which approximation: the approximation's format must hold the
+# output grid's midpoints exactly (bf16/fp16 from float32 or float64; float32 from float64 only).
+_APPROX = {torch.bfloat16: (torch.float32, torch.float64), torch.float16: (torch.float32, torch.float64),
+           torch.float32: (torch.float64,)}
+# Relative slack on every bound, for the few roundings in computing the distances and the bound
+# itself (each at most 2^-24 relative in float32): far below any bound's own looseness.
+BOUND_SLACK = 1 + 2.0 ** -16
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Correctly round a float64 (or float32) tensor to `dtype` (round to nearest, ties to even)."""
+    if x.dtype == dtype:
+        return x
+    if dtype in (torch.float64, torch.float32) or x.dtype == torch.float32:
+        return x.to(dtype)  # one rounding
+    return round_to_odd_f32(x).to(dtype)
+
+
+def round_to_odd_f32(x64: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounding to odd: truncate, then set the last bit if anything was lost.
+    Rounding that result to any format with at least 2 fewer mantissa bits is then correct
+    (Boldo & Melquiond, 'When double rounding is odd', 2005); torch's own float64 -> bfloat16
+    goes through float32 with round-to-nearest twice."""
+    f = x64.to(torch.float32)
+    back = f.to(torch.float64)
+    inexact = back != x64
+    away = back.abs() > x64.abs()
+    f = torch.where(inexact & away, torch.nextafter(f, torch.zeros_like(f)), f)
+    bits = f.view(torch.int32) | inexact.to(torch.int32)
+    return bits.view(torch.float32)
+
+
+def cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a base tensor with one correct rounding (torch converts half<->half via float32, which
+    is exact, then rounds once; from float64 to half we must avoid its double rounding)."""
+    if w.dtype == torch.float64 and dtype in (torch.bfloat16, torch.float16):
+        return round_to(w, dtype)
+    return w.to(dtype)
+
+
+def decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, undecided): y = approx correctly rounded to `dtype`; undecided marks the elements where
+    some value within `bound` of approx could round to something else (see the module docstring).
+    approx is float32 or float64 (it must hold the grid's midpoints: float32 only for bf16/fp16
+    outputs); bound >= 0, broadcastable to approx. Non-finite approx or bound: undecided. A bound
+    of exactly 0 means approx IS the value: its rounding is right even on a midpoint or at zero.
+
+    The distances are exact where they matter: |approx| - |y| is within half a grid step, so the
+    subtraction is exact (Sterbenz), and grid steps and their halves are powers of two; what is
+    left, a last add, is covered by BOUND_SLACK."""
+    g = GRIDS[dtype]
+    fd = approx.dtype
+    if fd not in _APPROX[dtype]:
+        raise ValueError(f"decide: a {fd} approximation cannot resolve {dtype} midpoints")
+    y = round_to(approx, dtype)
+    mag = approx.abs()
+    h = y.view(g.itype) & g.mag_mask             # |y| as a bit pattern
+    ya = h.view(dtype).to(fd)
+    top = h == g.inf_bits - 1                     # the largest finite value: its upper neighbour is Inf
+    up = torch.where(top, 0, h + 1).view(dtype).to(fd)
+    gap_up = torch.where(top, g.top_ulp, up - ya)
+    down = (h - 1).clamp_min(0).view(dtype).to(fd)
+    off = mag - ya                                # exact
+    d_hi = gap_up * 0.5 - off                     # distance to the midpoint above (or the overflow threshold)
+    d_lo = torch.where(h == 0, mag, (ya - down) * 0.5 + off)  # ... below (or to zero, whose sign matters)
+    inf = h == g.inf_bits
+    if bool(inf.any()):  # approx at or past the overflow threshold: decided only if clearly past it
+        thr = torch.tensor(overflow_threshold(dtype), dtype=fd, device=approx.device)
+        d_lo = torch.where(inf, mag - thr, d_lo)
+        d_hi = torch.where(inf, torch.inf, d_hi)
+    e = bound * BOUND_SLACK
+    ok = ((d_hi > e) & (d_lo > e)) | (e == 0)
+    return y, ~(ok & torch.isfinite(approx))  # NaN anywhere: undecided
+
+
+def overflow_threshold(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to Inf (ties to even go up from the largest finite value,
+    whose mantissa is odd)."""
+    g = GRIDS[dtype]
+    top = torch.tensor(g.inf_bits - 1, dtype=torch.int32).to(g.itype).view(dtype).double().item()
+    return top + g.top_ulp / 2
