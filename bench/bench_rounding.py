@@ -11,6 +11,10 @@ this script from each tree in turn (A B A B ...), so both see the same machine l
 
   python bench/bench_rounding.py                          # this tree
   python bench/bench_rounding.py --trees /work/main .     # before/after, interleaved
+  python bench/bench_rounding.py --rates                  # each stage's undecided share
+
+On a shared 2-core VM the default two threads run in two speed modes (~3x apart, whichever the
+neighbours allow); --threads 1 gives steadier A/B numbers.
 """
 
 from __future__ import annotations
@@ -62,6 +66,28 @@ def measure(case: str, path: str, runs: int) -> dict:
             "ns_per_element": statistics.median(times) / elems * 1e9, "threads": torch.get_num_threads()}
 
 
+def rates(case: str) -> dict:
+    """Share of elements each stage leaves undecided, stage by stage: the float32 stage on every
+    block (lowrank's switch to float64 after a mostly undecided block turned off), the float64
+    stage on its own (what goes to exact integer sums), and the fused kernel's float64 pass."""
+    import torch
+    from loramerge.engine import kernels, lowrank, ops
+    tensors = build(case)
+    elems = sum(w.numel() for w, *_ in tensors)
+    s32 = s64 = sk = 0
+    dense, lowrank.DENSE_REDO = lowrank.DENSE_REDO, 1.0
+    try:
+        for w, a, b, f, dtype in tensors:
+            s32 += lowrank.merge(w, a, b, f, dtype, torch.float32, ops.BLOCK_ELEMS_CPU)[1]
+            s64 += lowrank.merge(w, a, b, f, dtype, torch.float64, ops.BLOCK_ELEMS_CPU)[1]
+            if kernels.AVAILABLE:
+                sk += int(kernels.merge_half(w, a, b, f, dtype)[2].sum())
+    finally:
+        lowrank.DENSE_REDO = dense
+    return {"case": case, "elements": elems, "stage32_undecided": s32 / elems, "stage64_undecided": s64 / elems,
+            "kernel_undecided": sk / elems}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default=",".join(CASES))
@@ -69,7 +95,16 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--trees", nargs="*", help="run from each of these source trees in turn, interleaved")
     p.add_argument("--rounds", type=int, default=3, help="with --trees: how many A B rounds")
+    p.add_argument("--threads", type=int, help="torch (and kernel) threads")
+    p.add_argument("--rates", action="store_true", help="print each stage's undecided share and exit")
     args = p.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.rates:
+        for case in args.cases.split(","):
+            print(json.dumps(rates(case)), flush=True)
+        return
     if not args.trees:
         for case in args.cases.split(","):
             for path in args.paths.split(","):
@@ -80,8 +115,9 @@ def main():
         for tree in args.trees:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--cases", args.cases, "--paths",
-                                  args.paths, "--runs", str(args.runs)], env=env, capture_output=True, text=True,
-                                 check=True, cwd="/")
+                                  args.paths, "--runs", str(args.runs)] +
+                                 (["--threads", str(args.threads)] if args.threads else []),
+                                 env=env, capture_output=True, text=True, check=True, cwd="/")
             for line in out.stdout.splitlines():
                 r = json.loads(line)
                 results.setdefault((tree, r["case"], r["path"]), []).append(r)

@@ -11,9 +11,9 @@ Bounds: (1) 16 tensors cost at most 4 tensors more than 3 (allocator and schedul
 load reach ~2): memory does not grow with the model (holding it would cost 13 more, 208 MiB;
 a reader running ahead unbounded cost ~10 more when tried); (2) in absolute terms, the engine's buffer pools
 (3 reads and 2 outputs in flight) plus 8 float64 blocks of the merge math, plus 16 MiB (352 MiB
-for float32 out, 336 for bfloat16). Measured on 2 cores, torch 2.13, two runs: float32 out
-128-158 MiB, bfloat16 out 193-242 MiB (the half-precision path holds ~5 float64 blocks at its
-peak: products, round-to-odd and fix-ups).
+for float32 out, 336 for bfloat16). Measured on 2 cores, torch 2.13, two runs each: float32 out
+100-181 MiB, bfloat16 out 229-265 MiB (a float32 base to bfloat16 takes the torch path: its
+float32 stage holds the sum, its bound and rounding.decide's distances, ~8 float32 blocks).
 """
 
 from __future__ import annotations

@@ -67,13 +67,16 @@ def test_apply_unmerge_and_engine_merge_under_the_guard(tf32_on, monkeypatch, tm
 
 
 def test_verify_and_combine_under_the_guard(tf32_on, monkeypatch, tmp_path):
+    from loramerge.verifier import check
     loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), tmp_path / "m", sync=False)
+    seen = _spy(monkeypatch, check, "check_tensor")  # each tensor's expected values and comparison
+    report = loramerge.verify(base_dir("llama-fp32"), adapter_dir("llama-basic"), tmp_path / "m", outputs=False)
+    assert report.ok and seen and all(a and f for a, f in seen), seen[:3]
     seen = _spy(monkeypatch, deltas, "factors")
-    loramerge.verify(base_dir("llama-fp32"), adapter_dir("llama-basic"), tmp_path / "m", outputs=False)
-    n_verify = len(seen)
     loramerge.combine([adapter_dir("llama-basic"), adapter_dir("llama-rslora")], tmp_path / "c", method="svd",
                       rank=4)
-    assert n_verify and len(seen) > n_verify and all(a and f for a, f in seen), seen[:3]
+    assert seen and all(a and f for a, f in seen), seen[:3]
+    assert not precision.flags_ieee()
 
 
 def test_onnx_fold_under_the_guard(tf32_on, monkeypatch, tmp_path):
@@ -92,6 +95,21 @@ def test_cpu_float32_gemm_counts_as_exact_only_with_ieee_flags(tf32_on):
     assert not precision.float32_gemm_exact(cpu)  # bf16 products allowed in oneDNN
     with precision.exact_matmul():
         assert precision.float32_gemm_exact(cpu)
+
+
+def test_merge_outside_the_guard_with_fast_matmuls_accumulates_in_float64(tf32_on, monkeypatch):
+    """A library caller with bf16 matmuls allowed in oneDNN calls the merge math directly: the torch
+    path's float32 stage (whose bound assumes IEEE products) is skipped for float64."""
+    from loramerge.engine import lowrank
+    from test_rounding import TRAPS, _bits
+    accums, real = [], lowrank.merge
+    monkeypatch.setattr(lowrank, "merge", lambda *a: accums.append(a[5]) or real(*a))
+    t = next(t for t in TRAPS if t.name == "f32-level bf16")
+    got = ops.merge_weight(t.w, t.a, t.b, t.f, t.out, block_elems=1 << 16)[0]
+    assert accums == [torch.float64] and torch.equal(_bits(got), _bits(t.ref()))
+    with precision.exact_matmul():
+        ops.merge_weight(t.w, t.a, t.b, t.f, t.out, block_elems=1 << 16)
+    assert accums[1] == torch.float32
 
 
 @requires_cuda

@@ -72,6 +72,19 @@ def underflow_trap():
     return Trap("underflow bf16", w, a, b, torch.ones(4, dtype=torch.float64), BF, f64_enough=True)
 
 
+def underflow64_trap():
+    """Float64-stored factors whose products underflow float64 (2^-1200 - 2^-1199): W = +-0 plus a
+    tiny negative exact sum is -0 in any output format, but every float evaluation flushes the
+    products to +0 and -0 and gets +0. Only the float64 bound's underflow term (2^-1074 ...) keeps
+    such an element from being decided on its float64 value."""
+    n = 8
+    w = torch.zeros(n, n, dtype=BF)
+    w[::2] = -0.0
+    b = torch.tensor([[2.0 ** -600, -(2.0 ** -599)]], dtype=torch.float64).repeat(n, 1)
+    a = torch.full((2, n), 2.0 ** -600, dtype=torch.float64)
+    return Trap("f64-level underflow zeros bf16", w, a, b, torch.ones(2, dtype=torch.float64), BF)
+
+
 def overflow_trap(dtype):
     """Exact sums at the overflow threshold max + ulp/2: a hair below (the largest finite value), on
     it (Inf: ties go up) and a hair above (Inf). The hair (2^-60 of the sum) is lost in float64."""
@@ -126,6 +139,7 @@ TRAPS = [
     midpoint_trap("f64-level bf16 -> fp16", BF, F16, 2.0 ** -52, seed=4),
     midpoint_trap("f32-level fp16 subnormal grid", F16, F16, 2.0 ** -22, binade=2.0 ** -24 * 8, half=2.0 ** -25, seed=7),
     underflow_trap(),
+    underflow64_trap(),
     overflow_trap(BF),
     overflow_trap(F16),
     zero_trap(),

@@ -51,8 +51,10 @@ def merge_weight(
     Inputs are not modified."""
     if torch.float64 in (w.dtype, out_dtype):
         accum = torch.float64  # float32 math would round a float64 base before the add
-    if accum == torch.float32 and w.device.type == "cuda" and not precision.float32_gemm_exact(w.device):
-        accum = torch.float64  # TF32 in force (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE): float64 GEMMs are exact IEEE
+    if accum == torch.float32 and not precision.float32_gemm_exact(w.device):
+        # TF32 or oneDNN bf16 in force (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE, or a caller outside
+        # precision.exact_matmul()): float64 GEMMs are IEEE whatever the flags say
+        accum = torch.float64
     if (block_elems is None and w.device.type == "cpu" and w.dtype in _HALF and out_dtype in _HALF
             and _kernel_supports(w, out_dtype)):
         y, fixed, bad = _merge_kernel(w, a, b, factors, out_dtype, out)

@@ -6,13 +6,14 @@ torch.set_float32_matmul_precision("high"/"medium"), or TORCH_ALLOW_TF32_CUBLAS_
 some torch versions honour whatever the flags say) and bfloat16 products in oneDNN on CPUs with
 AMX/AVX512-BF16 (precision "medium"). The flags are process-global, so they cannot be toggled per
 call from several compute threads: every entry point that does merge math (api.apply and unmerge,
-engine.run, the ONNX fold, verify, combine) runs inside `exact_matmul()`, which sets them to IEEE
-once for the outermost call and puts them back after it.
+engine.run, onnx.export_onnx and the fold, verify, combine) runs inside `exact_matmul()`, which
+sets them to IEEE once for the outermost call and puts them back after it.
 
-What the flags cannot guarantee is checked where it matters: ops.merge_weight asks
-`float32_gemm_exact(device)` before a float32 GEMM on CUDA, which reads the flags back and runs a
-probe product once per device; if TF32 is still in force (the override), the merge accumulates in
-float64 instead (same bytes, float64 GEMMs are never TF32).
+What the flags cannot guarantee is checked where it matters: ops.merge_weight (and verify's
+float32 comparison) asks `float32_gemm_exact(device)` before a float32 GEMM, which reads the flags
+back and, on CUDA, runs a probe product once per device; if TF32 (or oneDNN bf16) is still in
+force (the override, or a caller outside the guard), the merge accumulates in float64 instead
+(same bytes: float64 GEMMs are never TF32).
 """
 
 from __future__ import annotations

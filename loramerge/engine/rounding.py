@@ -73,12 +73,14 @@ def cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
-def decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
+           rel: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, undecided): y = approx correctly rounded to `dtype`; undecided marks the elements where
-    some value within `bound` of approx could round to something else (see the module docstring).
-    approx is float32 or float64 (it must hold the grid's midpoints: float32 only for bf16/fp16
-    outputs); bound >= 0, broadcastable to approx. Non-finite approx or bound: undecided. A bound
-    of exactly 0 means approx IS the value: its rounding is right even on a midpoint or at zero.
+    some value within `bound + rel * |approx|` of approx could round to something else (see the
+    module docstring). approx is float32 or float64 (it must hold the grid's midpoints: float32
+    only for bf16/fp16 outputs); bound >= 0, broadcastable to approx. Non-finite approx or bound:
+    undecided. A bound of exactly 0 (rel included) means approx IS the value: its rounding is right
+    even on a midpoint or at zero.
 
     The distances are exact where they matter: |approx| - |y| is within half a grid step, so the
     subtraction is exact (Sterbenz), and grid steps and their halves are powers of two; what is
@@ -87,25 +89,34 @@ def decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype) -> tup
     fd = approx.dtype
     if fd not in _APPROX[dtype]:
         raise ValueError(f"decide: a {fd} approximation cannot resolve {dtype} midpoints")
+    # In place where possible: this runs on whole blocks, and every temporary is a block.
     y = round_to(approx, dtype)
-    mag = approx.abs()
-    h = y.view(g.itype) & g.mag_mask             # |y| as a bit pattern
+    h = y.view(g.itype) & g.mag_mask              # |y| as a bit pattern
     ya = h.view(dtype).to(fd)
+    off = approx.abs().sub_(ya)                   # |approx| - |y|: exact (Sterbenz)
     top = h == g.inf_bits - 1                     # the largest finite value: its upper neighbour is Inf
-    up = torch.where(top, 0, h + 1).view(dtype).to(fd)
-    gap_up = torch.where(top, g.top_ulp, up - ya)
-    down = (h - 1).clamp_min(0).view(dtype).to(fd)
-    off = mag - ya                                # exact
-    d_hi = gap_up * 0.5 - off                     # distance to the midpoint above (or the overflow threshold)
-    d_lo = torch.where(h == 0, mag, (ya - down) * 0.5 + off)  # ... below (or to zero, whose sign matters)
+    gap = (h + 1).masked_fill_(top, 0).view(dtype).to(fd).sub_(ya).masked_fill_(top, g.top_ulp)
+    d_hi = gap.mul_(0.5).sub_(off)                # distance to the midpoint above (or the overflow threshold)
+    del gap, top
+    down = (h - 1).clamp_min_(0).view(dtype).to(fd)
+    # ... to the midpoint below, or to zero where |y| = 0 (whose sign matters): then down = ya = 0
+    # and this is off = |approx|
+    d_lo = ya.sub_(down).mul_(0.5).add_(off)
+    del down, ya
     inf = h == g.inf_bits
     if bool(inf.any()):  # approx at or past the overflow threshold: decided only if clearly past it
-        thr = torch.tensor(overflow_threshold(dtype), dtype=fd, device=approx.device)
-        d_lo = torch.where(inf, mag - thr, d_lo)
-        d_hi = torch.where(inf, torch.inf, d_hi)
-    e = bound * BOUND_SLACK
-    ok = ((d_hi > e) & (d_lo > e)) | (e == 0)
-    return y, ~(ok & torch.isfinite(approx))  # NaN anywhere: undecided
+        thr = _overflow_distance(approx, dtype)
+        d_lo = torch.where(inf, thr, d_lo)
+        d_hi = d_hi.masked_fill_(inf, torch.inf)
+    del off, inf
+    e = approx.abs().mul_(rel).add_(bound).mul_(BOUND_SLACK) if rel else bound * BOUND_SLACK
+    ok = (d_hi > e).logical_and_(d_lo > e).logical_or_(e == 0).logical_and_(torch.isfinite(approx))
+    return y, ok.logical_not_()                   # NaN anywhere: undecided
+
+
+def _overflow_distance(approx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|approx| - the overflow threshold (exact in approx's precision near it)."""
+    return approx.abs() - torch.tensor(overflow_threshold(dtype), dtype=approx.dtype, device=approx.device)
 
 
 def overflow_threshold(dtype: torch.dtype) -> float:

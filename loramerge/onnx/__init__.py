@@ -43,6 +43,13 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, adapters=(), *, 
     src, base and adapters may be Hugging Face Hub ids (`revision` for those without @REV).
     Returns an OnnxReport.
     """
+    from ..engine.precision import exact_matmul
+
+    with exact_matmul():  # IEEE float32 matmuls for all the merge math below (engine/precision.py)
+        return _export(src, out, adapters, revision, options)
+
+
+def _export(src, out, adapters, revision, options):
     import time
 
     from ..readers import hub

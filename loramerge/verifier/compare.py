@@ -34,12 +34,11 @@ kernel for the CPU (compare_kernel.py: one pass over W and M, like apply's kerne
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 
+from ..engine import precision
 from ..engine.ops import BLOCK_ELEMS_CPU, BLOCK_ELEMS_GPU, round_to
 from ..types import ST_TO_TORCH
 from . import compare_kernel
@@ -88,27 +87,6 @@ def eligible(code: str, start: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -
     return not any(bool(((x != 0) & (x.abs() < TINY)).any()) for x in (p, q) if x.numel())
 
 
-def tf32_overridden() -> bool:
-    """TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 makes cuBLAS use TF32 whatever the flags say: then the
-    float32 GEMM cannot be trusted and r is computed in float64 (rounded to float32: still within b)."""
-    return os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0")
-
-
-@contextlib.contextmanager
-def exact_matmuls(dev: torch.device):
-    """No TF32 in float32 matmuls while verify runs on a GPU (the bound assumes true float32
-    products; the flag is process-global, so it is set once around the whole check)."""
-    if dev.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor, code: str,
             transposed: bool, dev: torch.device) -> Tally:
     """Rule 1 over the stored 2-D views w2, m2 (on the CPU) with E = w2 + p @ q (float64 factors,
@@ -143,7 +121,10 @@ def _compare_torch(w2, m2, p, q, code, transposed, dev) -> Tally:
     p32, q32 = p.to(torch.float32), q.to(torch.float32)
     nb, na = _norms(p, q)
     c, eta, rel = margins(p.shape[1])
-    f64_gemm = dev.type == "cuda" and tf32_overridden()
+    # TF32 (or oneDNN bf16) still in force - TORCH_ALLOW_TF32_CUBLAS_OVERRIDE, or a caller outside
+    # engine.precision.exact_matmul(): the float32 GEMM cannot be trusted, so D is computed in
+    # float64 and rounded to float32 (still within b)
+    f64_gemm = not precision.float32_gemm_exact(dev)
     step = max(1, (BLOCK_ELEMS_GPU if dev.type == "cuda" else BLOCK_ELEMS_CPU) // max(cols, 1))
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     sq_err, sq_delta, dot, max_err, max_e = zero, zero, zero, zero, zero
