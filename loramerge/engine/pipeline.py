@@ -21,7 +21,8 @@ import torch
 
 from ..readers.checkpoint import Checkpoint
 from ..types import ST_TO_TORCH, Adapter, Job, Plan
-from ..writers.safetensors import SafetensorsWriter
+from ..writers.direct import ALIGN
+from ..writers.safetensors import SafetensorsWriter, data_offsets
 from .compute import compute
 from .precision import guarded
 
@@ -181,6 +182,30 @@ def _copied_by_writer(job: Job) -> bool:
     return job.kind == "copy" and job.source.offset is not None
 
 
+def _phases(plan: Plan) -> dict[int, int]:
+    """id(job) -> where its main tensor lands in its file, modulo direct.ALIGN. A result placed at
+    that phase in a page-aligned buffer is written to the disk straight from it (O_DIRECT needs
+    the memory and the file offset aligned alike); 0 where the offset is not a multiple of the
+    dtype's size, whose elements must stay aligned (the writer then stages the bytes)."""
+    phases = {}
+    for f in plan.files:
+        entries = [e for j in f.jobs for e in j.entries]
+        offsets = iter(data_offsets(entries, {"format": "pt"}))
+        for j in f.jobs:
+            first = next(offsets)
+            for _ in j.entries[1:]:
+                next(offsets)
+            phases[id(j)] = first % ALIGN if first % ST_TO_TORCH[j.dtype].itemsize == 0 else 0
+    return phases
+
+
+def _placed(buf: torch.Tensor, phase: int, nbytes: int) -> torch.Tensor:
+    """nbytes of `buf` starting at the first address that is `phase` past a multiple of ALIGN
+    (buffers are allocated ALIGN bytes larger for this)."""
+    start = (phase - buf.data_ptr()) % ALIGN
+    return buf[start: start + nbytes]
+
+
 @guarded  # IEEE float32 matmuls for every compute thread (the flags are process-global): precision.py
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
         accum: torch.dtype = torch.float32, progress=None, sync: bool = True) -> EngineStats:
@@ -199,13 +224,14 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     read_bytes = max((j.source.nbytes for j in computed if j.source.offset is not None
                       and j.replacement is None), default=0)
     out_bytes = max((j.main_nbytes for j in computed), default=0)
+    phases = _phases(plan)
     # One worker takes jobs in order, so 2 output buffers suffice (one being written, one being
     # filled). Several: enough that every job that can be in flight gets one (no deadlock).
     n = len(devices)
     read_pool = BufferPool(read_bytes, 2 + n, pin)
     # a buffer is held by at most the futures in write_q (2n), the one being put and the one the
     # writer holds
-    out_pool = BufferPool(out_bytes, 2 if n == 1 else 2 * n + 2, pin)
+    out_pool = BufferPool(out_bytes + ALIGN if out_bytes else 0, 2 if n == 1 else 2 * n + 2, pin)
     closer = _Workers(1, "loramerge-fsync")
     closing = []
     free_devices: queue.Queue = queue.Queue()
@@ -219,7 +245,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
 
     def work(job: Job, w, extra, read_buf):
         out_buf = out_pool.get(stop)
-        out = out_buf[: job.main_nbytes].view(ST_TO_TORCH[job.dtype]).view(job.shape)
+        out = _placed(out_buf, phases[id(job)], job.main_nbytes).view(ST_TO_TORCH[job.dtype]).view(job.shape)
         t0 = time.perf_counter()  # after the wait for a free buffer, which is the writer's time
         try:
             tensor, fixed = compute(job, None if w is _REPLACED else w, adapters, local.device, accum, out, extra)

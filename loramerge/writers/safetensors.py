@@ -2,10 +2,12 @@
 
 The header is computed up front from the plan (names, dtypes, shapes are all known before any
 data exists), so each tensor is written the moment it is produced and nothing but the tensor in
-hand is ever buffered. Untouched tensors can be copied file-to-file inside the kernel
-(copy_file_range), never entering this process's memory. The file's sha256 (for the manifest) is
-computed as it is written, on a thread beside this one; a range copied inside the kernel is hashed
-from its source while it is copied.
+hand is ever buffered. Bytes go to the disk with O_DIRECT where the file system allows it
+(direct.py says why); there, untouched tensors are read from the base into aligned buffers and
+written from them. Buffered, they are copied file-to-file inside the kernel (copy_file_range),
+never entering this process's memory. The file's sha256 (for the manifest) is computed as it is
+written, on a thread beside this one; a range copied inside the kernel is hashed from its source
+while it is copied.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError
+from .direct import COPY_CHUNK, DirectSink, direct_wanted
 from .manifest import Hasher
-from .writeback import Writeback
 
 ALIGN = 8  # the header is padded with spaces to a multiple of 8, as the reference writer does
 
@@ -40,6 +42,15 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
     return len(raw).to_bytes(8, "little") + raw
 
 
+def data_offsets(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> list[int]:
+    """The file offset of each entry's first byte in the file build_header() starts."""
+    pos, offsets = len(build_header(entries, metadata)), []
+    for *_, nbytes in entries:
+        offsets.append(pos)
+        pos += nbytes
+    return offsets
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     t = t.contiguous()
@@ -49,13 +60,14 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 class SafetensorsWriter:
     """Writes one .safetensors file: header first, then tensors strictly in header order."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None):
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None,
+                 direct: bool | None = None):
+        """direct: O_DIRECT where the file system takes it (default: unless LORAMERGE_BUFFERED_WRITES)."""
         self.path = path
         self.entries = entries
         self._next = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._pos = 0  # bytes in the file so far (written strictly front to back)
-        self._writeback = Writeback(self._fd)  # the disk starts on each 64 MiB, not at fsync
+        self._sink = DirectSink(self._fd, path, direct_wanted() if direct is None else direct)
         self.hasher = Hasher()
         self._write_all(build_header(entries, metadata))
         self.bytes_written = 0
@@ -69,17 +81,14 @@ class SafetensorsWriter:
         self._next += 1
         self.bytes_written += nbytes
 
+    @property
+    def direct(self) -> bool:
+        return self._sink.direct
+
     def _write_all(self, data, hashed: bool = True) -> None:
         view = memoryview(data).cast("B")
         with self.hasher.alongside(self.hasher.update, view) if hashed else contextlib.nullcontext():
-            while view:
-                try:
-                    n = os.write(self._fd, view)
-                except OSError as e:  # named after the file: Staged turns it into one OutputError line
-                    raise OSError(e.errno, e.strerror, str(self.path)) from e
-                view = view[n:]
-                self._pos += n
-        self._writeback.wrote(self._pos)
+            self._sink.write(view)  # an OSError names the file: Staged makes it one OutputError line
 
     def write(self, name: str, t: torch.Tensor) -> None:
         data = tensor_bytes(t.cpu())
@@ -89,6 +98,10 @@ class SafetensorsWriter:
     def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can."""
         self._expect(name, nbytes)
+        if self._sink.direct:
+            with open(src, "rb", buffering=0) as f:
+                self._copy_through(f.fileno(), src, name, offset, nbytes)
+            return
         with open(src, "rb", buffering=0) as f, self.hasher.alongside(self.hasher.update_from, f.fileno(), offset,
                                                                       nbytes):
             fd_in = f.fileno()
@@ -111,8 +124,30 @@ class SafetensorsWriter:
                     raise OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated")
                 done += n
                 if use_cfr:
-                    self._pos += n
-                    self._writeback.wrote(self._pos)
+                    self._sink.copied(n)
+
+    def _copy_through(self, fd_in: int, src: Path, name: str, offset: int, nbytes: int) -> None:
+        """O_DIRECT: read the range chunk by chunk into aligned buffers and write from them,
+        hashing each chunk as it is written; the next chunk is read meanwhile, into the other."""
+        def read(turn: int, done: int) -> memoryview:
+            n = min(COPY_CHUNK, nbytes - done)
+            view = self._sink.copy_buffer(turn, n, at + done)
+            got = 0
+            while got < n:
+                k = os.preadv(fd_in, [view[got:]], offset + done + got)
+                if k == 0:
+                    raise OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated")
+                got += k
+            return view
+
+        at, done, turn = self._sink.pos, 0, 0
+        view = read(turn, 0)
+        while view is not None:
+            with self.hasher.alongside(self.hasher.update, view):
+                self._sink.write(view)
+                done += len(view)
+                turn = 1 - turn
+                view = read(turn, done) if done < nbytes else None
 
     @property
     def complete(self) -> bool:
@@ -123,9 +158,12 @@ class SafetensorsWriter:
             missing = self.entries[self._next][0]
             os.close(self._fd)
             raise RuntimeError(f"{self.path}: closed before tensor {missing!r} was written")
-        if sync:
-            os.fsync(self._fd)
-        os.close(self._fd)
+        try:
+            self._sink.finish()
+            if sync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
 
     def abort(self) -> None:
         try:
