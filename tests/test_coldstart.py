@@ -145,3 +145,30 @@ def test_buffer_pool_allocates_on_demand_and_never_more_than_its_count():
     stop.set()
     with pytest.raises(RuntimeError, match="stopped"):
         pool.get(stop)  # all three are out: a fourth get waits (here: until the pipeline stops)
+
+
+# -- quick exit ------------------------------------------------------------------------------------
+
+def test_cli_exits_without_tearing_down_torch_yet_runs_exit_handlers_and_flushes(tmp_path):
+    """After a command that loaded torch, `loramerge` ends with os._exit once its exit handlers
+    ran and its streams are flushed: the report is complete, the status is the command's, and
+    the output is committed; an exit handler registered by a library still runs."""
+    base, adapter = FIX / "bases/llama-bf16-sharded", FIX / "adapters/llama-bf16"
+    # the handler's line stays in stdout's buffer (a pipe: block-buffered) unless it is flushed
+    code = ("import atexit, sys; atexit.register(lambda: print('handler ran', end='')); "
+            "from loramerge.cli import run; run(sys.argv[1:])")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-c", code, "apply", str(base), str(adapter), str(tmp_path / "out"),
+                         "--json"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.endswith("handler ran")
+    report = json.loads(ok.stdout.removesuffix("handler ran"))  # the whole report reached the pipe
+    assert report["ok"] and report["tensors_merged"] > 0
+    assert (tmp_path / "out" / "loramerge_manifest.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "loramerge", "apply", str(base), str(adapter), str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("Error: ") and "--overwrite" in bad.stderr, bad.stderr
+    # and the ordinary exit where torch was never imported
+    helped = subprocess.run([sys.executable, "-m", "loramerge", "--help"], capture_output=True, text=True, cwd=ROOT,
+                            env=env, timeout=60)
+    assert helped.returncode == 0 and "Usage:" in helped.stdout
