@@ -261,7 +261,7 @@ def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
         elif code == "F32" and accum == "float32":
             notes.append(f"float32 ({n} tensors): recovered to float32 rounding, not bit for bit: per element "
                          "|W_rec - W| <= 2^-24 (|W_merged| + |W_rec|) + 2.5 (R+3) 2^-24 (|B'| |A|)_ij "
-                         "+ 2^-148 (2R + 4 + sum_k |A_kj| + sum_k |B'_ik|) (R = total rank; about 1e-7 relative)")
+                         "+ 2^-124 (2R + 4 + sum_k |A_kj| + sum_k |B'_ik|) (R = total rank; about 1e-7 relative)")
         elif code in ("F32", "F64"):
             p = 24 if code == "F32" else 53
             notes.append(f"{'float32' if code == 'F32' else 'float64'} ({n} tensors): |W_rec - W| <= 1 ulp of the "

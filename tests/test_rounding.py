@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import requires_cuda
 from exact_ref import exact_merge, round_fraction
-from loramerge.engine import exact, kernels, ops, rounding
+from loramerge.engine import exact, kernels, ops, rounding, rounding_kernel
 
 BF, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -166,11 +166,21 @@ def _kernel(t):
     return ops.merge_weight(t.w, t.a, t.b, t.f, t.out)[0]
 
 
+def _torch_decide(t):
+    """The torch path with rounding.decide itself, not its numba twin (what a GPU runs)."""
+    saved, rounding_kernel.AVAILABLE = rounding_kernel.AVAILABLE, False
+    try:
+        return ops.merge_weight(t.w, t.a, t.b, t.f, t.out, block_elems=1 << 16)[0]
+    finally:
+        rounding_kernel.AVAILABLE = saved
+
+
 IMPLS = {
     "kernel": _kernel,
     "torch-f32-sparse": lambda t: ops.merge_weight(t.w, t.a, t.b, t.f, t.out, block_elems=1 << 16)[0],
     "torch-f32-blocks": lambda t: ops.merge_weight(t.w, t.a, t.b, t.f, t.out, block_elems=97)[0],
     "torch-f64": lambda t: ops.merge_weight(t.w, t.a, t.b, t.f, t.out, accum=torch.float64, block_elems=1 << 16)[0],
+    "torch-decide": _torch_decide,
 }
 
 
@@ -275,6 +285,70 @@ def test_decide_is_sound_and_tight(data):
         assert _bits(y)[0].item() & 0x7FFF == h or Fraction(x) in (lo, hi)
 
 
+@pytest.mark.parametrize("fd,dtype", [(torch.float32, BF), (torch.float32, F16), (torch.float64, BF),
+                                      (torch.float64, F16), (torch.float64, F32)])
+def test_quick_test_decides_only_what_the_exact_rule_decides(fd, dtype):
+    """rounding.decide's quick test (a lower bound of the distance from the dropped bits) never
+    decides an element the exact distances leave undecided: random bit patterns of every
+    magnitude, and values a few ulps from the grid's midpoints and values, with bounds around
+    their distances."""
+    g = torch.Generator().manual_seed(11)
+    it, mb = (torch.int32, 23) if fd == torch.float32 else (torch.int64, 52)
+    n = 1 << 16
+    raw = torch.randint(-(1 << 62), 1 << 62, (n,), generator=g, dtype=torch.int64)
+    x = (raw >> 32).to(torch.int32).view(torch.float32).to(fd) if fd == torch.float32 else raw.view(torch.float64)
+    x = x[torch.isfinite(x)]
+    grid = torch.randint(0, 1 << 15, (n,), generator=g).to(torch.int16).view(dtype) if dtype != F32 else \
+        torch.randint(0, 1 << 31, (n,), generator=g).to(torch.int32).view(F32)
+    grid = grid[torch.isfinite(grid)].to(fd)
+    step = torch.nextafter(grid, torch.full_like(grid, math.inf)) - grid  # the approximation's ulp
+    near = torch.cat([grid + step * torch.randint(-4, 5, grid.shape, generator=g).to(fd),
+                      grid + (torch.nextafter(grid.to(dtype), torch.full_like(grid, math.inf).to(dtype)).to(fd) - grid) / 2
+                      + step * torch.randint(-40, 41, grid.shape, generator=g).to(fd)])
+    # just above powers of two: the midpoint below is a quarter of the step above away
+    p = rounding.GRIDS[dtype].mbits + 1
+    lo, hi = {BF: (-126, 127), F16: (-14, 15), F32: (-126, 127)}[dtype]
+    pw = torch.exp2(torch.randint(lo, hi + 1, (4096,), generator=g).to(fd))
+    above = pw + (torch.nextafter(pw, pw * 2) - pw) * torch.randint(0, 5, pw.shape, generator=g).to(fd)
+    x = torch.cat([x, near[torch.isfinite(near)], above])
+    e = x.abs() * torch.exp2(-torch.randint(4, mb + 4, x.shape, generator=g).to(fd))
+    e[-len(above):] = pw * 2.0 ** -p * (0.5 + torch.rand(pw.shape, generator=g, dtype=fd) / 2)  # 1/4..1/2 step
+    e[::7] = 0
+    x = x * torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0).to(fd)
+    y = rounding.round_to(x, dtype)
+    quick = rounding._quick(x, e, dtype)
+    exact_und = rounding._exact_rule(x, y, e * rounding.BOUND_SLACK, dtype)
+    assert int(quick.sum()) > x.numel() // 4  # it does decide
+    bad = quick & exact_und
+    assert not bool(bad.any()), (x[bad][:4].tolist(), e[bad][:4].tolist())
+
+
+@pytest.mark.skipif(not rounding_kernel.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("fd", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [BF, F16])
+def test_numba_round_decide_agrees_with_decide(fd, dtype):
+    """rounding_kernel.round_decide (the CPU's one-pass decide) gives rounding.decide's answers:
+    values of every magnitude, on the grid, on its midpoints, zeros, Inf/NaN, the overflow
+    threshold; bounds around the distances, zero bounds, with and without the relative term."""
+    g = torch.Generator().manual_seed(3)
+    n = 1 << 15
+    x = (torch.randn(n, generator=g, dtype=torch.float64) *
+         torch.exp2(torch.randint(-140, 130, (n,), generator=g).double())).to(fd)
+    on = x[:2000].to(dtype)
+    x[:2000] = on.to(fd)
+    nxt = torch.nextafter(on, torch.full_like(on, math.inf))
+    x[2000:4000] = ((on.double() + nxt.double()) / 2).to(fd)
+    special = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-40, 65519.0, 65520.0, 3.3e38, 3.3961e38]
+    x[4000:4000 + len(special)] = torch.tensor(special, dtype=torch.float64).to(fd)
+    e = x.abs() * torch.exp2(-torch.randint(4, 44, (n,), generator=g).to(fd))
+    e[::5] = 0
+    for rel in (0.0, 2.0 ** -24):
+        y1, u1 = rounding.decide(x, e, dtype, rel=rel)
+        y2, u2 = rounding_kernel.round_decide(x, e, dtype, rel=rel)
+        assert torch.equal(u1, u2) and int(u1.sum()) > 0
+        assert torch.equal(_bits(y1)[~u1], _bits(y2)[~u1])
+
+
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="numba not installed")
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(-3e38, 3e38, width=64), min_size=1, max_size=40),
@@ -288,11 +362,11 @@ def test_kernel_rule_agrees_with_decide(xs, rel, dtype):
     e = x.abs() * torch.tensor(rel[:n], dtype=torch.float64) * 2.0 ** -8
     y, und = rounding.decide(x, e, dtype)
     g = rounding.GRIDS[dtype]
-    lut = kernels._lut(dtype)
+    lut = rounding_kernel.lut(dtype)
     hb = y.view(torch.int16).numpy().view("uint16")
     for i in range(n):
-        k = kernels._undecided(float(x[i]), hb[i], float(e[i]) * rounding.BOUND_SLACK, lut, g.inf_bits, g.top_ulp,
-                               rounding.overflow_threshold(dtype))
+        k = rounding_kernel.exact_undecided(float(x[i]), hb[i], float(e[i]) * rounding.BOUND_SLACK, float(e[i]) == 0,
+                                            lut, g.inf_bits, g.top_ulp, rounding.overflow_threshold(dtype))
         assert bool(k) == bool(und[i]), (float(x[i]), float(e[i]))
 
 

@@ -13,21 +13,16 @@ ops.merge_weight redoes it (float64, then exact integer arithmetic) with lowrank
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
 from . import rounding
+from .rounding_kernel import AVAILABLE, lut, numba
 
-try:  # numba is optional: without it ops.merge_weight's torch path does the same math
-    import numba
-except ImportError:  # pragma: no cover - exercised on installs without the `fast` extra
-    numba = None
+if numba is not None:
+    from .rounding_kernel import exact_undecided, f32_bits_to_f16, quick_ok
 
-AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
 _HALF = (torch.bfloat16, torch.float16)
-_LUTS: dict[torch.dtype, np.ndarray] = {}
 
 
 def supports(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -35,101 +30,65 @@ def supports(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
             and out_dtype in _HALF and w.numel() > 0)
 
 
-def _lut(dtype: torch.dtype) -> np.ndarray:
-    """float64 value of every 16-bit pattern of `dtype`: converting W is one table lookup."""
-    if dtype not in _LUTS:
-        bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
-        _LUTS[dtype] = bits.view(dtype).to(torch.float64).numpy()
-    return _LUTS[dtype]
-
-
 def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch.Tensor,
                out_dtype: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(result, per-row count of non-finite results, per-row count of undecided elements). Rows
     with undecided elements hold a provisional rounding: the caller must redo them. `out`, if
     given, is a contiguous CPU tensor of w's shape and out_dtype to write into (a reused buffer)."""
-    from .lowrank import TINY64, U64, upper_norms
+    from .lowrank import TINY64, U64
     rows, cols = w.shape
     rank = a.shape[0]
     w16 = w.contiguous().view(torch.int16).numpy().view(np.uint16)
-    f64 = factors.to(torch.float64)
-    a64 = a.to(torch.float64).contiguous()
-    bs64 = (b.to(torch.float64) * f64).contiguous()
-    # the bound's per-row and per-column parts (lowrank.bound64), zero where no term can be nonzero
-    live_r = ((b != 0) & (f64 != 0)).any(1).to(torch.float64)
-    live_c = (a != 0).any(0).to(torch.float64)
+    f64 = factors.to(torch.float64).numpy()
+    a64 = a.to(torch.float64).contiguous().numpy()
+    b64 = b.to(torch.float64).numpy()
+    bs64 = np.ascontiguousarray(b64 * f64)
+    # the bound's per-row and per-column parts (lowrank.bound64), zero where no term can be nonzero;
+    # numpy, not torch: torch's CPU reductions along a short axis cost more than the merge itself
+    live_r = ((b64 != 0) & (f64 != 0)).any(1).astype(np.float64)
+    live_c = (a64 != 0).any(0).astype(np.float64)
     coef = 1.01 * (rank + 2) * U64
     na = upper_norms(a64, 0)
-    row_w = (live_r * coef).numpy()
-    row_n = (live_r * coef * upper_norms(bs64, 1)).numpy()
-    col_n = (na * live_c).numpy()
-    col_u = ((na * (2 * rank ** 0.5) + (rank + 4)) * TINY64 * live_c).numpy()
+    row_w = live_r * coef
+    row_n = live_r * coef * upper_norms(bs64, 1)
+    col_n = na * live_c
+    col_u = (na * (2 * rank ** 0.5) + (rank + 4)) * TINY64 * live_c
     if out is None:
         out = torch.empty(w.shape, dtype=out_dtype)
     out16 = out.view(torch.int16).numpy().view(np.uint16)
     bad = np.zeros(rows, dtype=np.int64)
     undecided = np.zeros(rows, dtype=np.int64)
     g = rounding.GRIDS[out_dtype]
+    lo, hi = rounding.QUICK_RANGE[out_dtype]
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _merge_rows(w16, _lut(w.dtype), a64.numpy(), bs64.numpy(), out16, out_dtype == torch.float16, bad,
-                undecided, _lut(out_dtype), g.inf_bits, g.top_ulp, rounding.overflow_threshold(out_dtype),
-                rounding.BOUND_SLACK, row_w, row_n, live_c.numpy(), col_n, col_u)
+    _merge_rows(w16, lut(w.dtype), a64, bs64, out16, out_dtype == torch.float16, bad,
+                undecided, lut(out_dtype), g.inf_bits, g.top_ulp, rounding.overflow_threshold(out_dtype),
+                rounding.BOUND_SLACK, row_w, row_n, live_c, col_n, col_u, 52 - g.mbits, lo, hi)
     return out, bad, undecided
+
+
+def upper_norms(x: np.ndarray, axis: int) -> np.ndarray:
+    """lowrank.upper_norms in numpy: 2-norms along `axis` (float64), never below the true ones:
+    each slice scaled by a power of two (exact) so that its squares neither underflow nor
+    overflow, the result raised to cover the roundings of the sum of squares and the root."""
+    from .lowrank import U64
+    x = np.abs(x)
+    _, ex = np.frexp(x.max(axis, keepdims=True))
+    scale = np.ldexp(1.0, np.clip(-ex, -1022, 1000))
+    n = np.sqrt(np.square(x * scale).sum(axis)) / np.squeeze(scale, axis)
+    return n * (1 + 2 * (x.shape[axis] + 2) * U64)
 
 
 if numba is not None:
 
-    @numba.njit(cache=True, inline="always")
-    def _f32_bits_to_f16(bits):
-        sign = (bits >> 16) & 0x8000
-        e = (bits >> 23) & 0xFF
-        m = bits & 0x7FFFFF
-        if e == 0xFF:
-            return np.uint16(sign | 0x7C00 | (0x200 if m else 0))
-        exp = np.int64(e) - 112  # rebias 127 -> 15
-        if exp >= 31:
-            return np.uint16(sign | 0x7C00)
-        if exp <= 0:  # float16 subnormal (or zero)
-            if exp < -10:
-                return np.uint16(sign)
-            m = m | 0x800000
-            shift = 14 - exp
-            q = m >> shift
-            rem = m & ((np.uint32(1) << shift) - 1)
-            half = np.uint32(1) << (shift - 1)
-            if rem > half or (rem == half and (q & 1)):
-                q += 1
-            return np.uint16(sign | q)
-        q = (np.uint32(exp) << 10) | (m >> 13)
-        rem = m & 0x1FFF
-        if rem > 0x1000 or (rem == 0x1000 and (q & 1)):
-            q += 1  # a carry into the exponent is right, up to Inf
-        return np.uint16(sign | q)
-
-    @numba.njit(cache=True, inline="always")
-    def _undecided(x, h, e, lut_out, inf_bits, top_ulp, thr):
-        """rounding.decide for one element: x the float64 value, h its rounded pattern, e the bound
-        (already times BOUND_SLACK). Branch-free selects, so the loop still vectorizes."""
-        hm = h & 0x7FFF
-        mag = abs(x)
-        ya = lut_out[min(hm, inf_bits)]
-        top = hm == inf_bits - 1
-        gap_up = top_ulp if top else lut_out[min(hm + 1, inf_bits)] - ya
-        down = lut_out[max(hm, 1) - 1]
-        off = mag - ya
-        d_hi = gap_up * 0.5 - off
-        d_lo = mag if hm == 0 else (ya - down) * 0.5 + off
-        if hm >= inf_bits:  # Inf: decided only if clearly past the overflow threshold
-            d_hi = np.inf
-            d_lo = mag - thr
-        ok = ((d_hi > e) and (d_lo > e)) or e == 0.0
-        return not (ok and abs(x) < np.inf)
-
     @numba.njit(parallel=True, cache=True, nogil=True)  # nogil: the reader/writer threads keep going
     def _merge_rows(w, lut, a, bs, out, to_f16, bad, undecided, lut_out, inf_bits, top_ulp, thr, slack,
-                    row_w, row_n, col_w, col_n, col_u):
+                    row_w, row_n, col_w, col_n, col_u, drop, lo, hi):
         rows, cols = w.shape
         rank = a.shape[0]
+        low_mask = (np.int64(1) << drop) - 1
+        half = np.int64(1) << (drop - 1)
+        upm = 2.0 ** -53 / slack
         for i in numba.prange(rows):
             # W + delta for one row in a float64 buffer that stays in cache; the k loop streams
             # contiguous rows of A, which vectorizes (a register-blocked variant measured slower)
@@ -145,21 +104,44 @@ if numba is not None:
             f = acc.astype(np.float32)
             bits = f.view(np.uint32)
             nb = 0
-            nu = 0
-            rw, rn = row_w[i], row_n[i]
-            for j in range(cols):
-                back = np.float64(f[j])
-                inexact = np.uint32(back != acc[j])
-                away = np.uint32(abs(back) > abs(acc[j]))
-                bj = (bits[j] - (inexact & away)) | inexact
-                if to_f16:
-                    h = _f32_bits_to_f16(bj)
-                else:
+            if to_f16:
+                for j in range(cols):
+                    back = np.float64(f[j])
+                    inexact = np.uint32(back != acc[j])
+                    away = np.uint32(abs(back) > abs(acc[j]))
+                    h = f32_bits_to_f16((bits[j] - (inexact & away)) | inexact)
+                    out[i, j] = h
+                    nb += (h & 0x7C00) == 0x7C00
+            else:
+                for j in range(cols):
+                    back = np.float64(f[j])
+                    inexact = np.uint32(back != acc[j])
+                    away = np.uint32(abs(back) > abs(acc[j]))
+                    bj = (bits[j] - (inexact & away)) | inexact
                     nan = np.uint32((bj & 0x7FFFFFFF) > 0x7F800000)
                     h = np.uint16(((bj + 0x7FFF + ((bj >> 16) & 1)) >> 16) * (1 - nan) + 0x7FC0 * nan)
-                out[i, j] = h
-                nb += (h & inf_bits) == inf_bits
-                e = (rw * col_w[j] * abs(lut[w[i, j]]) + rn * col_n[j] + col_u[j] * (rw > 0)) * slack
-                nu += _undecided(acc[j], h, e, lut_out, inf_bits, top_ulp, thr)
+                    out[i, j] = h
+                    nb += (h & 0x7F80) == 0x7F80
+            # The quick test (rounding_kernel.quick_ok, rounding._quick) decides almost every
+            # element, vectorized, without table lookups; the exact rule runs on the rest. Its
+            # bound: with |W| <= |x| + |x - W| <= |x| + N + bound (N = ||B'_i|| ||A_j||),
+            # (c (|x| + 2N) + U) / (1 - c) covers it (the slack covers 1 / (1 - c)).
+            accb = acc.view(np.int64)
+            rw, rn = row_w[i], row_n[i]
+            live = np.float64(rw > 0)
+            maybe = np.empty(cols, np.bool_)
+            nm = 0
+            for j in range(cols):
+                x = acc[j]
+                e = rw * col_w[j] * abs(x) + 2 * rn * col_n[j] + col_u[j] * live
+                ok = quick_ok(x, accb[j] & low_mask, half, upm, e, lo, hi) | ((e == 0.0) & (abs(x) < np.inf))
+                maybe[j] = not ok
+                nm += not ok
+            nu = 0
+            if nm:
+                for j in range(cols):
+                    if maybe[j]:
+                        e = (rw * col_w[j] * abs(lut[w[i, j]]) + rn * col_n[j] + col_u[j] * (rw > 0)) * slack
+                        nu += exact_undecided(acc[j], out[i, j], e, e == 0.0, lut_out, inf_bits, top_ulp, thr)
             bad[i] = nb
             undecided[i] = nu

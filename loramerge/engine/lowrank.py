@@ -8,14 +8,18 @@ stage settles and hands the rest on:
 1. float32 (--accum float32, bf16/fp16 outputs): D = (B f)_32 @ A_32 by one GEMM, then
    r = fl32(W + D). W is added outside the GEMM, so it is rounded once whatever order or K-blocking
    the GEMM uses (cuBLAS, MKL, OpenBLAS alike). Bound (Higham, Accuracy and Stability of Numerical
-   Algorithms, 2nd ed., eq. 3.5, with the underflow model fl(x*y) = xy(1+d) + n, |n| <= 2^-150):
-       |r - S| <= u|r| + (R+3) u E + 2^-150 (2R + sum_k |A_kj| + sum_k |B'_ik|)      (times slack)
+   Algorithms, 2nd ed., eq. 3.5, plus an underflow term):
+       |r - S| <= u|r| + (R+3) u E + 2^-126 (2R + 4 + sum_k |A_kj| + sum_k |B'_ik|)  (times slack)
    u = 2^-24, E = |B'| @ |A|, B' = (B f)_32: the products, the rounding of B f and of a float64
-   A to float32 (R+3), and products that underflow (the last term, outside Higham's model).
+   A to float32 (R+3), and what underflow loses, outside Higham's model: a product or partial sum
+   below float32's normal range, or a subnormal factor, is off by less than 2^-126 even where the
+   GEMM flushes subnormals to zero (FTZ/DAZ; with gradual underflow 2^-150 would do).
 2. float64 (--accum float64, float32/float64 outputs, float64 bases, and what stage 1 leaves):
        |acc - S| <= (R+2) u64 (|W| + ||B'_i|| ||A_j||) + 2^-1074 (R + 4 + 2 sqrt(R) ||A_j||)
    u64 = 2^-53, any summation order (W inside the GEMM is fine here: |W| is in the bound), the
-   norms (Cauchy-Schwarz) bounding sum_k |B'_ik A_kj| at O(1) per element.
+   norms (Cauchy-Schwarz) bounding sum_k |B'_ik A_kj| at O(1) per element; the last term is
+   gradual underflow's (products, and B f rounded, each off by at most 2^-1075; float64 is never
+   flushed: CUDA's flush-to-zero is for float32 only).
 3. exact (exact.round_elements), for what float64 cannot decide.
 Elements whose terms are all exactly zero get a zero bound: the float sum is then W itself.
 """
@@ -29,7 +33,8 @@ import torch
 from . import exact, rounding
 
 U32, U64 = 2.0 ** -24, 2.0 ** -53
-TINY32, TINY64 = 2.0 ** -149, 2.0 ** -1074   # smallest subnormals: twice the worst underflow error
+TINY32 = 2.0 ** -126   # float32's smallest normal: more than underflow loses, flushed or not
+TINY64 = 2.0 ** -1074  # float64's smallest subnormal: twice what gradual underflow loses
 # Stage 1 is used up to this rank: the bound's slack (1.25) covers gamma_R = Ru/(1 - Ru) and the
 # rounding of E below it.
 MAX_RANK_F32 = 1 << 20
@@ -127,8 +132,8 @@ def _stage32(w: torch.Tensor, fx: _Factors, rs: slice, out_dtype: torch.dtype) -
     if out_dtype == torch.float32:
         return r, 0  # --accum float32 to a float32 output: stage 1's bound, no decision
     e = bound32(torch.mm(fx.get("abs_bs32")[rs], fx.get("abs_a32")), fx.rank,
-                fx.get("col_abs32"), fx.get("row_abs32")[rs], fx.get("live_rows")[rs] & fx.get("live_cols"))
-    y, und = rounding.decide(r, e, out_dtype, rel=U32 * (1 + 2.0 ** -20))  # + u|r|
+                fx.get("col_abs32"), fx.get("row_abs32")[rs], fx.get("live_rows")[rs], fx.get("live_cols"))
+    y, und = _decide(r, e, out_dtype, rel=U32 * (1 + 2.0 ** -20))  # + u|r|
     del r, e
     n = int(und.sum())
     if n == 0:
@@ -146,7 +151,7 @@ def _stage64(w: torch.Tensor, fx: _Factors, rs: slice, out_dtype: torch.dtype) -
     if out_dtype == torch.float64:
         return acc, 0
     e = bound64(w.abs(), fx.get("nb")[rs], fx.get("na"), fx.rank, fx.get("live_rows")[rs] & fx.get("live_cols"))
-    y, und = rounding.decide(acc, e, out_dtype)
+    y, und = _decide(acc, e, out_dtype)
     n = int(und.sum())
     if n:
         ri, cj = und.nonzero(as_tuple=True)
@@ -160,21 +165,36 @@ def _gathered64(wv: torch.Tensor, fx: _Factors, ri: torch.Tensor, cj: torch.Tens
     acc = wv.to(torch.float64) + (fx.get("bs64")[ri] * fx.get("a64")[:, cj].T).sum(dim=1)
     live = fx.get("live_rows")[ri, 0] & fx.get("live_cols")[0, cj]
     e = bound64(wv.abs(), fx.get("nb")[ri, 0], fx.get("na")[0, cj], fx.rank, live)
-    y, und = rounding.decide(acc, e, out_dtype)
+    y, und = _decide(acc, e, out_dtype)
     if bool(und.any()):
         k = und.nonzero(as_tuple=True)[0]
         y[k] = exact.round_elements(wv[k], fx.b[ri[k]], fx.a[:, cj[k]].T, fx.f, out_dtype)
     return y
 
 
+def _decide(approx: torch.Tensor, e: torch.Tensor, out_dtype: torch.dtype,
+            rel: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """rounding.decide; on the CPU to bf16/fp16 its numba twin (one pass instead of a few dozen).
+    numba is imported here, on the first such call, not with the engine."""
+    if approx.device.type == "cpu" and out_dtype in (torch.bfloat16, torch.float16):
+        from . import rounding_kernel
+        if rounding_kernel.AVAILABLE:
+            return rounding_kernel.round_decide(approx.contiguous(), e.expand_as(approx).contiguous(), out_dtype,
+                                                rel)
+    return rounding.decide(approx, e, out_dtype, rel)
+
+
 def bound32(e_abs: torch.Tensor, rank: int, col_abs: torch.Tensor, row_abs: torch.Tensor,
-            live: torch.Tensor) -> torch.Tensor:
+            live_rows: torch.Tensor, live_cols: torch.Tensor) -> torch.Tensor:
     """Stage 1's bound on |r - S| (see the module docstring) without its u|r| term, which
-    rounding.decide adds (rel=u): float32, in place on e_abs = |B'| @ |A|."""
+    rounding.decide adds (rel=u): float32, in place on e_abs = |B'| @ |A|. Exactly zero where the
+    row and the column are both dead (every term exactly zero): E is zero there, and the underflow
+    term is masked per row and per column (masking per element would cost passes over the block
+    for what a nonzero bound costs nothing: the elements of a dead row or column are W itself)."""
     e = e_abs.mul_(1.25 * (rank + 3) * U32)
     # underflow; +4 covers the roundings (and underflow) of computing the bound itself
-    e.add_(col_abs.mul(1.25 * TINY32)).add_(row_abs.add(2 * rank + 4).mul_(1.25 * TINY32))
-    return e.masked_fill_(~live, 0.0)
+    e.add_(col_abs.mul(1.25 * TINY32).mul_(live_cols))
+    return e.add_(row_abs.add(2 * rank + 4).mul_(1.25 * TINY32).mul_(live_rows))
 
 
 def bound64(w_abs: torch.Tensor, nb: torch.Tensor, na: torch.Tensor, rank: int,

@@ -82,36 +82,77 @@ def decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
     undecided. A bound of exactly 0 (rel included) means approx IS the value: its rounding is right
     even on a midpoint or at zero.
 
+    A quick test (_quick: integer operations on approx's bits) decides almost every element; the
+    exact distances (_exact_rule) are computed for the rest only."""
+    if approx.dtype not in _APPROX[dtype]:
+        raise ValueError(f"decide: a {approx.dtype} approximation cannot resolve {dtype} midpoints")
+    y = round_to(approx, dtype)
+    e = torch.add(bound, approx.abs(), alpha=rel) if rel else bound.expand_as(approx)
+    ok = _quick(approx, e, dtype)
+    exact = bound.expand_as(approx) == 0  # approx is the value (not e == 0: rel |approx| may underflow)
+    if rel:
+        exact = exact.logical_and(approx == 0)
+    if bool(exact.any()):  # decided, if finite
+        ok.logical_or_(exact.logical_and(torch.isfinite(approx)))
+    und = ok.logical_not_()
+    if bool(und.any()):
+        idx = und.nonzero(as_tuple=True)
+        und[idx] = _exact_rule(approx[idx], y[idx], e[idx] * BOUND_SLACK, dtype)
+    return y, und
+
+
+# Output dtype -> (smallest normal, first power of two past the largest finite value): the range
+# where the grid's step at x is x's binade's, which the quick test relies on.
+QUICK_RANGE = {torch.bfloat16: (2.0 ** -126, 2.0 ** 128), torch.float16: (2.0 ** -14, 2.0 ** 16),
+          torch.float32: (2.0 ** -126, 2.0 ** 128)}
+
+
+def _quick(approx: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Elements proven decided, by a lower bound of the distance to the nearest rounding boundary:
+    from the bits the output format drops, in ulps of approx's own format, the distance to the
+    midpoint between approx's two neighbours on the grid, or to the one below the lower neighbour
+    (at least a quarter step: the step halves below a power of two); times |approx| 2^-(m+1), at
+    most one ulp (m mantissa bits), and divided by BOUND_SLACK (e comes without it). Only where
+    approx is normal in the output format and below the binade past its largest value (so
+    finite); elsewhere the exact rule decides."""
+    it, mb = (torch.int32, 23) if approx.dtype == torch.float32 else (torch.int64, 52)
+    drop = mb - GRIDS[dtype].mbits
+    half = 1 << (drop - 1)
+    low = approx.view(it) & ((1 << drop) - 1)
+    dist = torch.minimum(low.sub(half).abs_(), low.add_(half >> 1))
+    del low
+    mag = approx.abs()
+    ok = dist.to(approx.dtype).mul_(2.0 ** -(mb + 1) / BOUND_SLACK).mul_(mag) > e  # in this order: no overflow
+    del dist
+    lo, hi = QUICK_RANGE[dtype]
+    return ok.logical_and_(mag >= lo).logical_and_(mag < hi)
+
+
+def _exact_rule(approx: torch.Tensor, y: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """decide's rule with exact distances (e: the bound with its slack): undecided elements.
+
     The distances are exact where they matter: |approx| - |y| is within half a grid step, so the
     subtraction is exact (Sterbenz), and grid steps and their halves are powers of two; what is
     left, a last add, is covered by BOUND_SLACK."""
     g = GRIDS[dtype]
     fd = approx.dtype
-    if fd not in _APPROX[dtype]:
-        raise ValueError(f"decide: a {fd} approximation cannot resolve {dtype} midpoints")
-    # In place where possible: this runs on whole blocks, and every temporary is a block.
-    y = round_to(approx, dtype)
     h = y.view(g.itype) & g.mag_mask              # |y| as a bit pattern
     ya = h.view(dtype).to(fd)
     off = approx.abs().sub_(ya)                   # |approx| - |y|: exact (Sterbenz)
     top = h == g.inf_bits - 1                     # the largest finite value: its upper neighbour is Inf
     gap = (h + 1).masked_fill_(top, 0).view(dtype).to(fd).sub_(ya).masked_fill_(top, g.top_ulp)
     d_hi = gap.mul_(0.5).sub_(off)                # distance to the midpoint above (or the overflow threshold)
-    del gap, top
     down = (h - 1).clamp_min_(0).view(dtype).to(fd)
     # ... to the midpoint below, or to zero where |y| = 0 (whose sign matters): then down = ya = 0
     # and this is off = |approx|
     d_lo = ya.sub_(down).mul_(0.5).add_(off)
-    del down, ya
     inf = h == g.inf_bits
     if bool(inf.any()):  # approx at or past the overflow threshold: decided only if clearly past it
-        thr = _overflow_distance(approx, dtype)
-        d_lo = torch.where(inf, thr, d_lo)
+        d_lo = torch.where(inf, _overflow_distance(approx, dtype), d_lo)
         d_hi = d_hi.masked_fill_(inf, torch.inf)
-    del off, inf
-    e = approx.abs().mul_(rel).add_(bound).mul_(BOUND_SLACK) if rel else bound * BOUND_SLACK
-    ok = (d_hi > e).logical_and_(d_lo > e).logical_or_(e == 0).logical_and_(torch.isfinite(approx))
-    return y, ok.logical_not_()                   # NaN anywhere: undecided
+    # (e == 0 where the bound is: decide has taken those where the bound is exactly zero)
+    ok = (d_hi > e).logical_and_(d_lo > e).logical_and_(torch.isfinite(approx))
+    return ok.logical_not_()                      # NaN anywhere: undecided
 
 
 def _overflow_distance(approx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

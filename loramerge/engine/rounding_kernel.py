@@ -1,0 +1,169 @@
+"""rounding.py's rules as numba code: rounding float32/float64 to bfloat16/float16 bits, and
+rounding.decide for one element; plus round_decide, both over a whole CPU block in one pass.
+
+On the CPU, torch spends a pass over memory per elementwise operation, and rounding.decide is a
+few dozen of them; here the rounding, a quick test that decides almost every element and the
+exact rule for the rest run per element, in cache. The fused merge kernel (kernels.py) uses the
+per-element functions; lowrank's stages use round_decide on CPU blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from . import rounding
+
+try:  # numba is a core dependency; LORAMERGE_NO_KERNEL=1 (or no numba) leaves torch to do the same
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
+
+AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
+_HALF = (torch.bfloat16, torch.float16)
+_LUTS: dict[torch.dtype, np.ndarray] = {}
+
+
+def lut(dtype: torch.dtype) -> np.ndarray:
+    """float64 value of every 16-bit pattern of `dtype`: converting W is one table lookup."""
+    if dtype not in _LUTS:
+        bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+        _LUTS[dtype] = bits.view(dtype).to(torch.float64).numpy()
+    return _LUTS[dtype]
+
+
+def grid_args(dtype: torch.dtype) -> tuple:
+    """What the per-element functions need to know of a 16-bit output format: (value table, +Inf
+    pattern, spacing below the largest value, overflow threshold, float16?, and for the quick
+    test: output mantissa bits, smallest normal, first power of two past the largest value)."""
+    g = rounding.GRIDS[dtype]
+    lo, hi = rounding.QUICK_RANGE[dtype]
+    return (lut(dtype), g.inf_bits, g.top_ulp, rounding.overflow_threshold(dtype), dtype == torch.float16,
+            g.mbits, lo, hi)
+
+
+def round_decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
+                 rel: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """rounding.decide for a contiguous CPU float32/float64 `approx` and a bound of its shape,
+    to bfloat16/float16: (y, undecided), the same answers, in one pass."""
+    y = torch.empty(approx.shape, dtype=dtype)
+    und = torch.empty(approx.shape, dtype=torch.bool)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    x = approx.reshape(-1).numpy()
+    single = x.dtype == np.float32
+    _round_decide(x, x.view(np.uint32 if single else np.uint64), single,
+                  bound.reshape(-1).numpy().astype(x.dtype, copy=False), rel, rounding.BOUND_SLACK,
+                  y.view(torch.int16).reshape(-1).numpy().view(np.uint16), und.reshape(-1).numpy(),
+                  *grid_args(dtype))
+    return y, und
+
+
+if numba is not None:
+
+    @numba.njit(cache=True, inline="always")
+    def f32_bits_to_f16(bits):
+        """float32 bits -> float16 bits, rounded to nearest even (subnormals, Inf, NaN included)."""
+        sign = (bits >> 16) & 0x8000
+        e = (bits >> 23) & 0xFF
+        m = bits & 0x7FFFFF
+        if e == 0xFF:
+            return np.uint16(sign | 0x7C00 | (0x200 if m else 0))
+        exp = np.int64(e) - 112  # rebias 127 -> 15
+        if exp >= 31:
+            return np.uint16(sign | 0x7C00)
+        if exp <= 0:  # float16 subnormal (or zero)
+            if exp < -10:
+                return np.uint16(sign)
+            m = m | 0x800000
+            shift = 14 - exp
+            q = m >> shift
+            rem = m & ((np.uint32(1) << shift) - 1)
+            half = np.uint32(1) << (shift - 1)
+            if rem > half or (rem == half and (q & 1)):
+                q += 1
+            return np.uint16(sign | q)
+        q = (np.uint32(exp) << 10) | (m >> 13)
+        rem = m & 0x1FFF
+        if rem > 0x1000 or (rem == 0x1000 and (q & 1)):
+            q += 1  # a carry into the exponent is right, up to Inf
+        return np.uint16(sign | q)
+
+    @numba.njit(cache=True, inline="always")
+    def f32_bits_to_half(bits, to_f16):
+        """float32 bits -> bfloat16 or float16 bits, rounded to nearest even."""
+        if to_f16:
+            return f32_bits_to_f16(bits)
+        nan = np.uint32((bits & 0x7FFFFFFF) > 0x7F800000)
+        return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) * (1 - nan) + 0x7FC0 * nan)
+
+    @numba.njit(cache=True, inline="always")
+    def odd_f32_bits(x, f, fbits):
+        """The float32 bits of float64 x rounded to odd (truncate, then set the last bit if anything
+        was lost), given f = float32(x) (to nearest) and its bits: rounding that to bfloat16 or
+        float16 is the correct rounding of x (Boldo & Melquiond). Branch-free."""
+        back = np.float64(f)
+        inexact = np.uint32(back != x)
+        away = np.uint32(abs(back) > abs(x))
+        return (fbits - (inexact & away)) | inexact
+
+    @numba.njit(cache=True, inline="always")
+    def exact_undecided(x, h, e, exact, lut_out, inf_bits, top_ulp, thr):
+        """rounding.decide's exact rule for one element: x the float64 value, h its rounded pattern,
+        e the bound (already times BOUND_SLACK), exact whether x is the value itself."""
+        hm = h & 0x7FFF
+        mag = abs(x)
+        ya = lut_out[min(hm, inf_bits)]
+        top = hm == inf_bits - 1
+        gap_up = top_ulp if top else lut_out[min(hm + 1, inf_bits)] - ya
+        down = lut_out[max(hm, 1) - 1]
+        off = mag - ya
+        d_hi = gap_up * 0.5 - off
+        d_lo = mag if hm == 0 else (ya - down) * 0.5 + off
+        if hm >= inf_bits:  # Inf: decided only if clearly past the overflow threshold
+            d_hi = np.inf
+            d_lo = mag - thr
+        ok = ((d_hi > e) and (d_lo > e)) or exact
+        return not (ok and abs(x) < np.inf)
+
+    @numba.njit(cache=True, inline="always")
+    def quick_ok(x, low, half, ulp_per_mag, e, lo, hi):
+        """rounding._quick for one element (x's dropped bits `low`, `half` their midpoint value,
+        ulp_per_mag = 2^-(m+1) / BOUND_SLACK for x's m mantissa bits; e without the slack):
+        whether the distance to the nearest boundary provably exceeds e. Branch-free."""
+        dist = np.float64(min(abs(low - half), low + (half >> 1)))
+        mag = abs(x)
+        return (dist * ulp_per_mag * mag > e) & (mag >= lo) & (mag < hi)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _round_decide(x, xbits, single, e, rel, slack, out, und, lut_out, inf_bits, top_ulp, thr, to_f16, mbits,
+                      lo, hi):
+        n = x.shape[0]
+        chunk = 4096
+        mb = 23 if single else 52
+        drop = mb - mbits
+        half = np.int64(1) << (drop - 1)
+        low_mask = (np.int64(1) << drop) - 1
+        upm = 2.0 ** -(mb + 1) / slack
+        for c in numba.prange((n + chunk - 1) // chunk):
+            s0 = c * chunk
+            s1 = min(n, s0 + chunk)
+            xs = x[s0:s1]
+            f = xs.astype(np.float32)
+            fb = f.view(np.uint32)
+            xb = xbits[s0:s1]
+            for j in range(s1 - s0):
+                xj = np.float64(xs[j])
+                bits = fb[j] if single else odd_f32_bits(xj, f[j], fb[j])
+                h = f32_bits_to_half(bits, to_f16)
+                out[s0 + j] = h
+                ej = e[s0 + j] + rel * abs(xj)
+                exact = (e[s0 + j] == 0.0) & ((rel == 0.0) | (xj == 0.0)) & (abs(xj) < np.inf)
+                ok = quick_ok(xj, np.int64(xb[j]) & low_mask, half, upm, ej, lo, hi) | exact
+                und[s0 + j] = not ok
+            for j in range(s1 - s0):
+                if und[s0 + j]:  # the exact rule (exact bounds were decided above)
+                    xj = np.float64(xs[j])
+                    und[s0 + j] = exact_undecided(xj, out[s0 + j], (e[s0 + j] + rel * abs(xj)) * slack, False,
+                                                  lut_out, inf_bits, top_ulp, thr)
