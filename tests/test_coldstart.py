@@ -172,3 +172,33 @@ def test_cli_exits_without_tearing_down_torch_yet_runs_exit_handlers_and_flushes
     helped = subprocess.run([sys.executable, "-m", "loramerge", "--help"], capture_output=True, text=True, cwd=ROOT,
                             env=env, timeout=60)
     assert helped.returncode == 0 and "Usage:" in helped.stdout
+
+
+# -- garbage collection ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_apply_holds_automatic_collections_and_restores_the_callers_setting(tmp_path, enabled):
+    import gc
+
+    from loramerge.api import apply  # imported before counting: the pause covers the call
+
+    base, adapter = FIX / "bases/llama-bf16-sharded", FIX / "adapters/llama-bf16"
+    seen = []
+    threshold = gc.get_threshold()
+
+    def count(phase, info):
+        if phase == "start":
+            seen.append(info["generation"])
+
+    gc.set_threshold(10)  # a collection every 10 allocations, were they allowed
+    (gc.enable if enabled else gc.disable)()
+    gc.callbacks.append(count)
+    try:
+        apply(base, adapter, tmp_path / "out", sync=False)
+        during = len(seen)
+        assert gc.isenabled() == enabled
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*threshold)
+        gc.enable()
+    assert during <= 2, f"{during} collections during the merge"  # explicit gc.collect() calls, if any
