@@ -9,6 +9,8 @@ and, when named in --methods:
   cli        the command as users run it, a cold process: python -m loramerge apply BASE ADAPTER OUT -q
   torchpath  loramerge with LORAMERGE_NO_KERNEL=1: the torch fallback an install without numba runs
   cat        cat of each shard into OUT without sync (the page-cache copy)
+  ddirect    dd of each shard into OUT with O_DIRECT writes and fsync (oflag=direct conv=fsync): the
+             floor for a writer that bypasses the page cache, as loramerge does where it can
   verify     python -m loramerge verify BASE ADAPTER MERGED --no-outputs on a merged output made once
              before the timed runs (reads twice apply's bytes; the issue's target: <= 1.5x apply)
 and reports medians of wall time and of peak anonymous memory (RssAnon, polled every 10 ms, so
@@ -211,6 +213,9 @@ def main():
             else:
                 out.mkdir()
                 script = "; ".join(f"cat '{s}' > '{out / s.name}'" for s in shards)
+                if m == "ddirect":
+                    script = "; ".join(f"dd if='{s}' of='{out / s.name}' bs=64M oflag=direct conv=fsync status=none"
+                                       for s in shards)
                 if m == "floor":
                     script += "; sync " + " ".join(f"'{out / s.name}'" for s in shards)
                 wall, anon, _ = measure(["sh", "-c", script])
@@ -245,6 +250,8 @@ def main():
             summary[key + "wall_vs_floor"] = lm["wall"] / med["floor"]["wall"]
         if "cat" in med:
             summary[key + "wall_vs_cat"] = lm["wall"] / med["cat"]["wall"]
+        if "ddirect" in med:
+            summary[key + "wall_vs_ddirect"] = lm["wall"] / med["ddirect"]["wall"]
     shutil.rmtree(args.workdir / "out-verify-src", ignore_errors=True)
     print(json.dumps(summary, indent=2))
     if args.results:

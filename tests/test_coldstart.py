@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -202,3 +203,25 @@ def test_apply_holds_automatic_collections_and_restores_the_callers_setting(tmp_
         gc.set_threshold(*threshold)
         gc.enable()
     assert during <= 2, f"{during} collections during the merge"  # explicit gc.collect() calls, if any
+
+
+def test_lazy_import_of_torch_holds_collections_and_restores_the_setting():
+    """`loramerge.apply` (and the CLI's commands) import torch with automatic collections held."""
+    probe = textwrap.dedent("""
+        import gc, json, sys
+        import loramerge
+        seen = []
+        gc.callbacks.append(lambda phase, info: seen.append(1) if phase == "start" else None)
+        gc.set_threshold(10)
+        loramerge.apply  # imports loramerge.api, torch with it
+        out = {"torch": "torch" in sys.modules, "during": len(seen), "enabled": gc.isenabled()}
+        gc.disable()
+        loramerge.verify
+        out["still_disabled"] = not gc.isenabled()
+        print(json.dumps(out))
+    """)
+    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    out = json.loads(got.strip().splitlines()[-1])
+    assert out["torch"] and out["enabled"] and out["still_disabled"], out
+    assert out["during"] <= 2, out  # explicit gc.collect() calls in the libraries, if any (~400 otherwise)

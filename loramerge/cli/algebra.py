@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .. import import_heavy
 from .errors import handle_errors
 from .options import adapter_options, parse_weights, revision_option, show_progress, write_options
 
@@ -25,7 +26,7 @@ METHOD_HELP = ("cat/linear: exact weighted sum (rank = sum of ranks); svd: optim
 @handle_errors
 def combine_cmd(adapters, out, weights, method, rank, density, seed, overwrite, revision):
     """Combine ADAPTER(s) into one PEFT LoRA adapter at OUT (loadable by PEFT and `apply`)."""
-    from ..arithmetic import combine
+    combine = import_heavy("loramerge.arithmetic").combine
 
     report = combine(list(adapters), out, weights=parse_weights(weights), method=method, rank=rank,
                      density=density, seed=seed, overwrite=overwrite, revision=revision)
@@ -49,7 +50,7 @@ def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_r
     from ..readers.prefetch import prefetch
 
     prefetch(merged, adapters)  # the disk reads ahead while the next line imports torch
-    from ..api import unmerge
+    unmerge = import_heavy("loramerge.api").unmerge
 
     report = unmerge(merged, list(adapters), out, weights=parse_weights(weights), device=device, accum=accum,
                      shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=show_progress(quiet),

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import gc
-
 import click
 
+from .. import import_heavy
 from .errors import handle_errors
 from .options import (adapter_options, parse_weights, qlora_options, revision_option, show_progress,
                       write_options)
@@ -37,18 +36,14 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
     bitsandbytes 4-bit one (dequantized)."""
     from ..readers.prefetch import prefetch
 
-    prefetch(base, adapters)  # the disk reads ahead while the next lines import torch
-    gc.disable()  # importing torch set off ~370 collections, 0.12-0.23 s on 2 cores (gc.callbacks)
-    try:
-        from ..api import apply
-    finally:
-        gc.enable()
+    prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
+    apply = import_heavy("loramerge.api").apply
 
     report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
                    accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
                    progress=show_progress(quiet), revision=revision, **qlora_opts, **adapter_opts)
     if run_verify and not dry_run:
-        from ..verifier import verify
+        verify = import_heavy("loramerge.verifier").verify
 
         report.verification = verify(base, list(adapters), out, weights=parse_weights(weights), device=device,
                                      revision=revision, **qlora_opts, **adapter_opts)

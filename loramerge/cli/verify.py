@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .. import import_heavy
 from .errors import handle_errors
 from .options import adapter_options, parse_weights, qlora_options, revision_option
 
@@ -32,7 +33,7 @@ def verify_cmd(base, adapters, merged, weights, outputs, device, oracle, qlora_o
     codecs); an FP8 MERGED is checked against the nearest FP8 values; --qlora checks a QLoRA merge
     and says how far a plain merge would be from it. Expected values come from verify's own
     reading of the adapter files, cross-checked with apply's; --oracle peft adds PEFT's merge."""
-    from ..verifier import verify
+    verify = import_heavy("loramerge.verifier").verify
 
     return verify(base, list(adapters), merged, weights=parse_weights(weights), outputs=outputs, device=device,
                   revision=revision, oracle=oracle, **qlora_opts, **adapter_opts)
