@@ -104,7 +104,6 @@ def test_direct_bytes_equal_safetensors_and_every_direct_write_is_aligned(tmp_pa
     chunk = 16 * direct.ALIGN + 512
     monkeypatch.setattr(direct, "STAGE", 4 * direct.ALIGN)  # small buffers: many refills and chunks
     monkeypatch.setattr(direct, "COPY_CHUNK", chunk)
-    monkeypatch.setattr("loramerge.writers.safetensors.COPY_CHUNK", chunk)
     tensors = _tensors()
     ref = tmp_path / "ref.safetensors"
     save_file(tensors, str(ref), metadata={"format": "pt"})

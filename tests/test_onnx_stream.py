@@ -143,3 +143,42 @@ def test_copied_ranges_are_byte_identical(tmp_path):
     before, after = _initializers(graph), _initializers(out)
     changed = {n for n in before if not np.array_equal(before[n].view(np.uint8), after[n].view(np.uint8))}
     assert changed == {"onnx::MatMul_1", "onnx::MatMul_5"}  # the two q_proj weights
+
+
+def test_direct_and_buffered_saves_write_the_same_bytes(tmp_path, monkeypatch):
+    """The data file goes to the disk with O_DIRECT where the file system takes it (writers/direct.py),
+    copied ranges read into aligned buffers: the same bytes as buffered writes with copy_file_range."""
+    import errno
+    import fcntl
+    import os
+
+    from loramerge.writers import direct
+
+    graph, base, adapter, _ = _build(tmp_path, TensorProto.FLOAT16, layers=3)
+    monkeypatch.setattr(direct, "STAGE", 2 * direct.ALIGN)  # tiny tensors: flush the staging often
+    monkeypatch.setattr(direct, "COPY_CHUNK", direct.ALIGN + 64)
+    direct_bytes, real_write = [0], os.write
+
+    def spy(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_bytes[0] += len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spy)
+    outs = {}
+    for mode in ("direct", "buffered"):
+        if mode == "buffered":
+            monkeypatch.setenv("LORAMERGE_BUFFERED_WRITES", "1")
+        (tmp_path / mode).mkdir()
+        patch.fold(graph, tmp_path / mode / "folded.onnx", [adapter], base=base, device="cpu")
+        outs[mode] = {f.name: f.read_bytes() for f in (tmp_path / mode).iterdir()}
+        if mode == "direct":
+            probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
+            try:
+                fcntl.fcntl(probe, fcntl.F_SETFL, fcntl.fcntl(probe, fcntl.F_GETFL) | os.O_DIRECT)
+                assert direct_bytes[0] > 0  # this file system takes O_DIRECT: it was used
+            except OSError as e:
+                assert e.errno == errno.EINVAL
+            finally:
+                os.close(probe)
+    assert outs["direct"] == outs["buffered"] and set(outs["direct"]) == {"folded.onnx", "folded.onnx.data"}

@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from ..errors import OnnxError
-from ..writers.writeback import Writeback
+from ..writers.direct import DirectSink, direct_wanted
 from . import sketch
 
 FLOAT_TYPES: dict[int, torch.dtype] = {
@@ -259,17 +259,18 @@ class OnnxGraph:
 
     def save(self, out_model: Path, out_data_name: str, data_tmp: Path | None, patched: dict) -> int:
         """Write the model proto to `out_model`. External initializers go to `data_tmp` (whose final
-        name, relative to the model, is `out_data_name`), copied range by range inside the kernel,
-        except those in `patched` (name -> callable returning the new tensor). Those are computed
-        by a worker thread up to AHEAD tensors in front of the writer, so the math overlaps the
-        copies and writes; memory stays at a few tensors. Returns the bytes of external data written."""
+        name, relative to the model, is `out_data_name`; written through _Out, O_DIRECT where the
+        file system allows it), copied range by range, except those in `patched` (name -> callable
+        returning the new tensor). Those are computed by a worker thread up to AHEAD tensors in
+        front of the writer, so the math overlaps the copies and writes; memory stays at a few
+        tensors. Returns the bytes of external data written."""
         written = 0
         if data_tmp is not None:
             external = [t for t in self.model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
             todo = iter([t.name for t in external if t.name in patched])
             ahead: dict[str, Future] = {}
             fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            out = _Out(fd)
+            out = _Out(fd, data_tmp)
             try:
                 with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fold") as pool:
                     def top_up():
@@ -301,6 +302,7 @@ class OnnxGraph:
                     finally:
                         for f in ahead.values():
                             f.cancel()
+                out.finish()
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -341,50 +343,60 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
 
 
 class _Out:
-    """The output data file, written front to back through one descriptor: tensors from memory,
-    untouched ranges file to file (copy_file_range, falling back to pread/write), each 64 MiB
-    handed to the disk at once (writers.writeback) rather than all at the final fsync."""
+    """The output data file, written front to back through one descriptor, with O_DIRECT where
+    the file system takes it (writers/direct.py: no copy into the page cache, which on a VM whose
+    free memory goes back to the host costs more than the disk). Untouched ranges are read into
+    aligned buffers and written from them; where writes are buffered, they are copied file to
+    file (copy_file_range, falling back to pread/write) and each 64 MiB is handed to the disk at
+    once (writers.writeback) rather than all at the final fsync."""
 
-    def __init__(self, fd: int):
-        self.fd, self.pos = fd, 0
-        self._wb = Writeback(fd)
+    def __init__(self, fd: int, path: Path):
+        self._sink = DirectSink(fd, path, direct_wanted())
+
+    @property
+    def pos(self) -> int:
+        return self._sink.pos
 
     def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.pos += n
-            self._wb.wrote(self.pos)
+        self._sink.write(data)
 
     def pad(self, align: int) -> None:
         if self.pos % align:
             self.write(b"\0" * (align - self.pos % align))
+
+    def finish(self) -> None:
+        """Write what is still staged; before the fsync."""
+        self._sink.finish()
 
     def copy(self, src: Path, offset: int, length: int, name: str) -> None:
         try:
             fin = os.open(src, os.O_RDONLY)
         except OSError as e:
             raise OnnxError(f"{src}: cannot read external data of initializer {name!r} ({e.strerror or e})") from e
+
+        def truncated():
+            return OnnxError(f"{src}: file ends inside initializer {name!r}; the external data file is truncated")
+
         try:
+            if self._sink.direct:
+                self._sink.copy_range(fin, offset, length, truncated)
+                return
             done, kernel_copy = 0, hasattr(os, "copy_file_range")
             while done < length:
                 n = 0
                 if kernel_copy:
                     try:
-                        n = os.copy_file_range(fin, self.fd, min(length - done, COPY_CHUNK), offset + done)
+                        n = os.copy_file_range(fin, self._sink.fd, min(length - done, COPY_CHUNK), offset + done)
                     except OSError:
                         n = 0
                     if n == 0:
                         kernel_copy = False  # not supported here (or a short file): the slow path decides
                     else:
-                        self.pos += n
-                        self._wb.wrote(self.pos)
+                        self._sink.copied(n)
                 if not kernel_copy:
                     chunk = os.pread(fin, min(COPY_CHUNK, length - done), offset + done)
                     if not chunk:
-                        raise OnnxError(f"{src}: file ends inside initializer {name!r}; the external data file is "
-                                        "truncated")
+                        raise truncated()
                     self.write(chunk)
                     n = len(chunk)
                 done += n

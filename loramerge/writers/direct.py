@@ -24,6 +24,7 @@ early writeback (writeback.py). LORAMERGE_BUFFERED_WRITES=1 forces buffered writ
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -65,7 +66,7 @@ class DirectSink:
         self._writeback = Writeback(fd, enabled=not self.direct)  # buffered: push to the disk early
         self._stage = self._stage_view = None
         self._pending = 0     # staged bytes not yet written; they end at self.pos
-        self._chunks = None   # two buffers for copied ranges (read one while the other is written)
+        self._chunks = None   # two buffers for copied ranges (copy_range)
 
     def _set_direct(self, on: bool) -> bool:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
@@ -140,13 +141,37 @@ class DirectSink:
         self.pos += n
         self._writeback.wrote(self.pos)
 
-    def copy_buffer(self, turn: int, nbytes: int, at: int) -> memoryview:
-        """Buffer `turn` (0 or 1: one can be read into while the other is written) for the
-        `nbytes` (<= COPY_CHUNK) of a copied range that go to file offset `at`, placed so that
-        write() sends them straight to the disk."""
+    def copy_range(self, fd_in: int, offset: int, nbytes: int, truncated, around=None) -> None:
+        """Append bytes [offset, offset+nbytes) of the open file fd_in (O_DIRECT sinks): read
+        chunk by chunk into two aligned buffers, placed so that each chunk is written from where
+        it was read. `around(view)`, if given, is a context manager wrapped around each chunk's
+        write (the manifest's hash, on its own thread): the next chunk is read into the other
+        buffer inside it, while the current one may still be read. `truncated()` is the error to
+        raise if fd_in ends early."""
         if self._chunks is None:
             self._chunks = [aligned_buffer(COPY_CHUNK + ALIGN)[1] for _ in range(2)]
-        return self._chunks[turn][at % ALIGN: at % ALIGN + nbytes]
+        at = self.pos
+
+        def read(turn: int, done: int) -> memoryview:
+            n = min(COPY_CHUNK, nbytes - done)
+            phase = (at + done) % ALIGN
+            view = self._chunks[turn][phase: phase + n]
+            got = 0
+            while got < n:
+                k = os.preadv(fd_in, [view[got:]], offset + done + got)
+                if k == 0:
+                    raise truncated()
+                got += k
+            return view
+
+        done, turn = 0, 0
+        view = read(turn, 0) if nbytes else None
+        while view is not None:
+            with around(view) if around is not None else contextlib.nullcontext():
+                self.write(view)
+                done += len(view)
+                turn = 1 - turn
+                view = read(turn, done) if done < nbytes else None
 
     def finish(self) -> None:
         """Write what is staged (the last partial block without O_DIRECT, which takes whole blocks

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError
-from .direct import COPY_CHUNK, DirectSink, direct_wanted
+from .direct import DirectSink, direct_wanted
 from .manifest import Hasher
 
 ALIGN = 8  # the header is padded with spaces to a multiple of 8, as the reference writer does
@@ -98,9 +98,12 @@ class SafetensorsWriter:
     def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can."""
         self._expect(name, nbytes)
-        if self._sink.direct:
+        if self._sink.direct:  # read into aligned buffers, written and hashed from there
             with open(src, "rb", buffering=0) as f:
-                self._copy_through(f.fileno(), src, name, offset, nbytes)
+                self._sink.copy_range(
+                    f.fileno(), offset, nbytes,
+                    truncated=lambda: OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated"),
+                    around=lambda view: self.hasher.alongside(self.hasher.update, view))
             return
         with open(src, "rb", buffering=0) as f, self.hasher.alongside(self.hasher.update_from, f.fileno(), offset,
                                                                       nbytes):
@@ -125,29 +128,6 @@ class SafetensorsWriter:
                 done += n
                 if use_cfr:
                     self._sink.copied(n)
-
-    def _copy_through(self, fd_in: int, src: Path, name: str, offset: int, nbytes: int) -> None:
-        """O_DIRECT: read the range chunk by chunk into aligned buffers and write from them,
-        hashing each chunk as it is written; the next chunk is read meanwhile, into the other."""
-        def read(turn: int, done: int) -> memoryview:
-            n = min(COPY_CHUNK, nbytes - done)
-            view = self._sink.copy_buffer(turn, n, at + done)
-            got = 0
-            while got < n:
-                k = os.preadv(fd_in, [view[got:]], offset + done + got)
-                if k == 0:
-                    raise OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated")
-                got += k
-            return view
-
-        at, done, turn = self._sink.pos, 0, 0
-        view = read(turn, 0)
-        while view is not None:
-            with self.hasher.alongside(self.hasher.update, view):
-                self._sink.write(view)
-                done += len(view)
-                turn = 1 - turn
-                view = read(turn, done) if done < nbytes else None
 
     @property
     def complete(self) -> bool:
