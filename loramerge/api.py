@@ -56,6 +56,8 @@ class ApplyReport(JsonReport):
     warnings: list[str] = field(default_factory=list)
     plan_text: str = ""
     plan: Plan | None = field(default=None, repr=False)
+    # thread seconds per stage (they overlap): read, math, write, and hash_wait, the part of write
+    # spent waiting for the manifest's sha256 of what was just written to catch up
     stage_seconds: dict = field(default_factory=dict)
     verification: VerifyReport | None = None   # set by `apply --verify`
 
@@ -214,7 +216,8 @@ def apply(
     report.bytes_written = stats.bytes_written
     report.exact_fixups = stats.exact_fixups
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
-    report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write}
+    report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,
+                            "hash_wait": stats.seconds_hash_wait}
     report.seconds = time.perf_counter() - t0
     return report
 

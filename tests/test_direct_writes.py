@@ -202,6 +202,8 @@ def test_apply_writes_results_from_the_engine_buffers(tmp_path, monkeypatch):
     staged = _count_staged(monkeypatch)
     report = loramerge.apply(base, adapter, tmp_path / "a.safetensors", sync=False)
     assert report.tensors_merged == 4 and report.tensors_copied == 6
+    st = report.stage_seconds  # the writer's wait for the manifest's hash is part of its time
+    assert set(st) == {"read", "math", "write", "hash_wait"} and 0 <= st["hash_wait"] <= st["write"]
     data = (tmp_path / "a.safetensors").read_bytes()
     monkeypatch.setenv("LORAMERGE_BUFFERED_WRITES", "1")
     loramerge.apply(base, adapter, tmp_path / "b.safetensors", sync=False)

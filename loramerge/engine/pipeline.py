@@ -40,6 +40,7 @@ class EngineStats:
     seconds_read: float = 0.0
     seconds_math: float = 0.0
     seconds_write: float = 0.0
+    seconds_hash_wait: float = 0.0  # of seconds_write: waiting for the manifest's sha256 to catch up
     files: dict = field(default_factory=dict)   # output file name -> {"sha256", "bytes"} (manifest)
 
 
@@ -310,6 +311,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 out_pool.put(out_buf)
                 if w.complete:
                     stats.files[plan.files[fi].name] = w.hasher.record()
+                    stats.seconds_hash_wait += w.hasher.waited
                     # fsync in the background: the next file's writes keep the disk busy meanwhile
                     closing.append(closer.submit(w.close, sync))
                     writers.pop(fi)

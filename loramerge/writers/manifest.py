@@ -40,6 +40,7 @@ class Hasher:
     def __init__(self):
         self._sha = hashlib.sha256()
         self.bytes = 0
+        self.waited = 0.0  # seconds the writer waited for the hash after its own write was done
 
     def update(self, data) -> None:
         self._sha.update(data)  # hashlib releases the GIL for large buffers
@@ -62,7 +63,9 @@ class Hasher:
         try:
             yield
         finally:
+            t0 = time.perf_counter()
             error = done.result()
+            self.waited += time.perf_counter() - t0
         if error is not None:
             raise error
 
