@@ -68,24 +68,27 @@ def measure(case: str, path: str, runs: int) -> dict:
 
 def rates(case: str) -> dict:
     """Share of elements each stage leaves undecided, stage by stage: the float32 stage on every
-    block (lowrank's switch to float64 after a mostly undecided block turned off), the float64
-    stage on its own (what goes to exact integer sums), and the fused kernel's float64 pass."""
+    block (lowrank's and the kernel's switches to float64 where most is undecided turned off), the float64
+    stage on its own (what goes to exact integer sums), and the fused kernel's float32 pass (what it
+    evaluates again in float64) and float64 pass (what goes on to exact integer sums)."""
     import torch
     from loramerge.engine import kernels, lowrank, ops
     tensors = build(case)
     elems = sum(w.numel() for w, *_ in tensors)
-    s32 = s64 = sk = 0
+    s32 = s64 = sk = sk64 = 0
     dense, lowrank.DENSE_REDO = lowrank.DENSE_REDO, 1.0
+    dense_row, kernels.DENSE_ROW = kernels.DENSE_ROW, 1.0
     try:
         for w, a, b, f, dtype in tensors:
             s32 += lowrank.merge(w, a, b, f, dtype, torch.float32, ops.BLOCK_ELEMS_CPU)[1]
             s64 += lowrank.merge(w, a, b, f, dtype, torch.float64, ops.BLOCK_ELEMS_CPU)[1]
             if kernels.AVAILABLE:
-                sk += int(kernels.merge_half(w, a, b, f, dtype)[2].sum())
+                sk += kernels.merge_half(w, a, b, f, dtype, accum=torch.float32)[3]
+                sk64 += int(kernels.merge_half(w, a, b, f, dtype, accum=torch.float64)[2].sum())
     finally:
-        lowrank.DENSE_REDO = dense
+        lowrank.DENSE_REDO, kernels.DENSE_ROW = dense, dense_row
     return {"case": case, "elements": elems, "stage32_undecided": s32 / elems, "stage64_undecided": s64 / elems,
-            "kernel_undecided": sk / elems}
+            "kernel32_undecided": sk / elems, "kernel64_undecided": sk64 / elems}
 
 
 def main():

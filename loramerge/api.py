@@ -143,9 +143,8 @@ def apply(
 
     W' = W + sum_i weights[i] * s_i * B_i @ A_i per target, rounded once to the output dtype
     (`dtype='auto'` keeps each tensor's own): correctly rounded for bf16/fp16, and for float32 with
-    accum='float64' (README "Numerics"; `accum` is the first pass's precision on the GPU and the CPU
-    torch path, the CPU kernel for bf16/fp16 starts in float64). `out` is a directory, or a file path ending in
-    .safetensors for a single-file output. loralib checkpoints need `lora_alpha` (not stored), and
+    accum='float64' (README "Numerics"; `accum` is the first pass's precision). `out` is a
+    directory, or a file path ending in .safetensors for a single-file output. loralib checkpoints need `lora_alpha` (not stored), and
     `fan_in_fan_out` / `enable_lora` where the shapes cannot tell. `base` and `adapters` may be
     Hugging Face Hub ids (readers/hub.py; `revision` for those without their own @REV).
     `qlora` ('nf4' | 'fp4') merges each linear target into the bitsandbytes 4-bit round trip of its

@@ -123,14 +123,15 @@ def test_cuda_merge_is_bit_identical_to_cpu():
 @given(**_half_cases(max_rows=40, max_cols=300))  # wide rows: the kernel vectorizes along them
 def test_fused_cpu_kernel_is_correctly_rounded(seed, rows, cols, rank, w_scale, delta_scale, dtype):
     w, a, b, f, ref64 = _case(seed, rows, cols, rank, w_scale, delta_scale, dtype)
-    y, bad, undecided = kernels.merge_half(w, a, b, f, dtype)
-    y2, _ = ops.merge_weight(w, a, b, f, dtype)  # the kernel, and lowrank for its undecided rows
     ref = correctly_rounded(ref64, dtype)
-    assert torch.equal(y2.view(torch.int16), ref.view(torch.int16))
-    # rows the kernel decided are final as it wrote them
-    done = torch.from_numpy(undecided == 0)
-    assert torch.equal(y.view(torch.int16)[done], ref.view(torch.int16)[done])
-    assert int(bad.sum()) == int((~torch.isfinite(ref)).sum())
+    for accum in (torch.float32, torch.float64):  # the kernel's two first passes
+        y, bad, undecided, _ = kernels.merge_half(w, a, b, f, dtype, accum=accum)
+        y2, _ = ops.merge_weight(w, a, b, f, dtype, accum=accum)  # and lowrank for its undecided rows
+        assert torch.equal(y2.view(torch.int16), ref.view(torch.int16))
+        # rows the kernel decided are final as it wrote them
+        done = torch.from_numpy(undecided == 0)
+        assert torch.equal(y.view(torch.int16)[done], ref.view(torch.int16)[done])
+        assert int(bad.sum()) == int((~torch.isfinite(ref)).sum())
 
 
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="numba (the `fast` extra) not installed")
@@ -143,9 +144,11 @@ def test_fused_kernel_rounds_edge_values():
         f2 = torch.tensor([big], dtype=torch.float64)  # pushes column 6 past the largest finite value
         a2 = torch.zeros(1, 8)
         a2[0, 6] = 1.0
-        y, bad, _ = kernels.merge_half(w, torch.cat([a, a2]), torch.ones(1, 2), torch.cat([f, f2]), dtype)
-        bad = int(bad.sum())
         ref = correctly_rounded(w.double() + 1e-8 + big * a2.double(), dtype)
-        # the reference only searches finite neighbours, so it covers the finite columns
-        assert torch.equal(y.view(torch.int16)[0, :6], ref.view(torch.int16)[0, :6])
-        assert torch.isinf(y[0, 6]) and torch.isnan(y[0, 7]) and bad == 2
+        for accum in (torch.float32, torch.float64):
+            y, bad, _, _ = kernels.merge_half(w, torch.cat([a, a2]), torch.ones(1, 2), torch.cat([f, f2]), dtype,
+                                              accum=accum)
+            bad = int(bad.sum())
+            # the reference only searches finite neighbours, so it covers the finite columns
+            assert torch.equal(y.view(torch.int16)[0, :6], ref.view(torch.int16)[0, :6])
+            assert torch.isinf(y[0, 6]) and torch.isnan(y[0, 7]) and bad == 2

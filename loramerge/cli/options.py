@@ -29,10 +29,9 @@ def write_options(fn):
         click.option("--device", default="auto", show_default=True,
                       help="auto, cpu, cuda, cuda:N, cuda:all, or a comma-separated list of devices."),
         click.option("--accum", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
-                     help="Precision of the first pass of the merge math on the GPU and the CPU torch path (the "
-                          "fused CPU kernel for bfloat16/float16 outputs starts in float64 either way). bfloat16/"
-                          "float16 outputs are correctly rounded either way (what the first pass cannot decide is "
-                          "redone in float64, then exactly); float64 makes float32 outputs correctly rounded too."),
+                     help="Precision of the first pass of the merge math. bfloat16/float16 outputs are correctly "
+                          "rounded either way (what the first pass cannot decide is redone in float64, then "
+                          "exactly); float64 makes float32 outputs correctly rounded too."),
         click.option("--shard-size", default=None,
                      help="Re-shard the output (e.g. 5GB); default mirrors the input checkpoint."),
         click.option("--overwrite", is_flag=True,

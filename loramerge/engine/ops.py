@@ -9,7 +9,8 @@ adapter it came from, as computed in float64), rounded ONCE to the output dtype:
 rounded (to nearest, ties to even) for bfloat16/float16 outputs always, and for float32 outputs
 under --accum float64. How: engine/lowrank.py (float32, then float64 where needed, then exact
 integer arithmetic for what float64 cannot decide; the decision rule is rounding.decide), or on
-CPU the fused kernel (kernels.py: float64, the same rule, undecided rows handed to lowrank).
+CPU the fused kernel (kernels.py: float32 then float64 in one pass over W, the same rule,
+undecided rows handed to lowrank).
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def merge_weight(
 ) -> tuple[torch.Tensor, int]:
     """(W + (B * factors) @ A rounded once to out_dtype, number of elements that needed more than
     the first evaluation). Shapes: w [out, in], a [R, in], b [out, R], factors [R] (float64); all
-    on one device. `accum` is the first stage's precision on the torch path (float32 or float64;
-    the fused CPU kernel always accumulates in float64). `out` (CPU only) is a buffer the fused
-    kernel may write into; the result may or may not be it. `block_elems` forces the torch path in
-    blocks of that many elements. check=True raises NonFinite for a non-finite result.
+    on one device. `accum` is the first pass's precision (float32 or float64), in the fused
+    kernel as on the torch path; what it cannot decide goes on in float64, then exactly. `out`
+    (CPU only) is a buffer the fused kernel may write into; the result may or may not be it.
+    `block_elems` forces the torch path in blocks of that many elements. check=True raises
+    NonFinite for a non-finite result.
 
     Inputs are not modified."""
     if torch.float64 in (w.dtype, out_dtype):
@@ -57,7 +59,7 @@ def merge_weight(
         accum = torch.float64
     if (block_elems is None and w.device.type == "cpu" and w.dtype in _HALF and out_dtype in _HALF
             and _kernel_supports(w, out_dtype)):
-        y, fixed, bad = _merge_kernel(w, a, b, factors, out_dtype, out)
+        y, fixed, bad = _merge_kernel(w, a, b, factors, out_dtype, out, accum)
         if check and bad:
             check_finite(y)
         return y, fixed
@@ -76,18 +78,18 @@ def _kernel_supports(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return kernels.supports(w, out_dtype)
 
 
-def _merge_kernel(w, a, b, factors, out_dtype, out) -> tuple[torch.Tensor, int, int]:
+def _merge_kernel(w, a, b, factors, out_dtype, out, accum) -> tuple[torch.Tensor, int, int]:
     """The fused CPU kernel, then lowrank's float64/exact stages for the rows it left undecided.
-    Returns (result, undecided elements, non-finite elements)."""
+    Returns (result, elements evaluated beyond the first pass, non-finite elements)."""
     from . import kernels
-    y, bad, undecided = kernels.merge_half(w, a, b, factors, out_dtype, out=out)
+    y, bad, undecided, redone = kernels.merge_half(w, a, b, factors, out_dtype, out=out, accum=accum)
     rows = undecided.nonzero()[0]
     if len(rows):
         idx = torch.from_numpy(rows)
         redo, _ = lowrank.merge_rows64(w[idx], a, b[idx], factors, out_dtype)
         y[idx] = redo
         bad[rows] = (~torch.isfinite(redo.float())).sum(1).numpy()
-    return y, int(undecided.sum()), int(bad.sum())
+    return y, max(redone, int(undecided.sum())), int(bad.sum())  # what float64 left: a subset of the redone
 
 
 def dora_merge(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float, magnitude: torch.Tensor,
