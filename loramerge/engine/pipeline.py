@@ -28,6 +28,11 @@ from .precision import guarded
 
 _DONE = object()
 _REPLACED = object()
+# Output files written side by side (their jobs interleaved), each hashed on its own thread: one
+# core's sha256 (~1.3 GB/s on the H200 machine) is slower than the disk, so a manifest hashed file
+# after file would set the pace. More files at once would mean more open sinks and threads for
+# little: four cores of hashing outrun the disks this runs on.
+FILES_AT_ONCE = 4
 
 
 @dataclass
@@ -183,6 +188,43 @@ def _copied_by_writer(job: Job) -> bool:
     return job.kind == "copy" and job.source.offset is not None
 
 
+def _write_order(plan: Plan) -> list[tuple[int, Job]]:
+    """(file index, job) in the order they are read, computed and written: the files in groups of
+    FILES_AT_ONCE, and within a group the jobs of its files interleaved by how far into its file
+    each starts, so the group's files advance together (each still strictly in its own order)."""
+    order = []
+    for g in range(0, len(plan.files), FILES_AT_ONCE):
+        keyed = []
+        for fi in range(g, min(g + FILES_AT_ONCE, len(plan.files))):
+            jobs = plan.files[fi].jobs
+            total, done = max(1, sum(j.nbytes for j in jobs)), 0
+            for k, job in enumerate(jobs):
+                keyed.append((done / total, fi, k, job))
+                done += job.nbytes
+        keyed.sort(key=lambda x: x[:3])
+        order += [(fi, job) for _, fi, _, job in keyed]
+    return order
+
+
+def _when_done(futures: list, fn) -> None:
+    """fn() once every future in the list (None for none) is done: at once, or on the thread that
+    finishes the last."""
+    futures = [f for f in futures if f is not None]
+    left, lock = [len(futures)], threading.Lock()
+
+    def one(_=None):
+        with lock:
+            left[0] -= 1
+            last = left[0] <= 0
+        if last:
+            fn()
+
+    if not futures:
+        fn()
+    for f in futures:
+        f.add_done_callback(one)
+
+
 def _phases(plan: Plan) -> dict[int, int]:
     """id(job) -> where its main tensor lands in its file, modulo direct.ALIGN. A result placed at
     that phase in a page-aligned buffer is written to the disk straight from it (O_DIRECT needs
@@ -218,7 +260,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     read_q: queue.Queue = queue.Queue(maxsize=2)
     # Each entry holds one tensor in flight (a future); the bound keeps memory near a few tensors.
     write_q: queue.Queue = queue.Queue(maxsize=2 * len(devices))
-    order = [(fi, job) for fi, f in enumerate(plan.files) for job in f.jobs]
+    order = _write_order(plan)
     local = threading.local()
     pin = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
     computed = [j for _, j in order if not _copied_by_writer(j)]
@@ -227,12 +269,15 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     out_bytes = max((j.main_nbytes for j in computed), default=0)
     phases = _phases(plan)
     # One worker takes jobs in order, so 2 output buffers suffice (one being written, one being
-    # filled). Several: enough that every job that can be in flight gets one (no deadlock).
+    # filled). Several: enough that every job that can be in flight gets one (no deadlock). A
+    # written buffer goes back once its file's hashing thread is done with it: a few more let the
+    # writer go on to the next file's tensor meanwhile (hashing always ends, so at worst it waits).
     n = len(devices)
     read_pool = BufferPool(read_bytes, 2 + n, pin)
     # a buffer is held by at most the futures in write_q (2n), the one being put and the one the
-    # writer holds
-    out_pool = BufferPool(out_bytes + ALIGN if out_bytes else 0, 2 if n == 1 else 2 * n + 2, pin)
+    # writer holds; and those still being hashed
+    hashing = 2 if len(plan.files) > 1 else 1
+    out_pool = BufferPool(out_bytes + ALIGN if out_bytes else 0, (2 if n == 1 else 2 * n + 2) + hashing, pin)
     closer = _Workers(1, "loramerge-fsync")
     closing = []
     free_devices: queue.Queue = queue.Queue()
@@ -285,6 +330,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     break
                 fi, job, future = item
                 tensor = out_buf = None
+                hashed = []
                 if future is not None:
                     (tensor, fixed, out_buf), seconds = future.result()
                     stats.exact_fixups += fixed
@@ -299,8 +345,10 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes)
                     stats.copied += 1
                 else:
-                    for (name, *_), t in zip(job.entries, tensor if isinstance(tensor, tuple) else (tensor,)):
-                        w.write(name, t)
+                    # the hash of what is written from out_buf is not waited for: out_buf goes back
+                    # to the pool when it is done (below); other results are hashed before going on
+                    hashed = [w.write(name, t, defer_hash=out_buf is not None)
+                              for (name, *_), t in zip(job.entries, tensor if isinstance(tensor, tuple) else (tensor,))]
                     if job.terms:
                         stats.merged += 1
                     elif job.kind == "cast":
@@ -308,7 +356,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     else:
                         stats.copied += 1
                 del tensor
-                out_pool.put(out_buf)
+                if out_buf is not None:
+                    _when_done(hashed, lambda b=out_buf: out_pool.put(b))
                 if w.complete:
                     stats.files[plan.files[fi].name] = w.hasher.record()
                     stats.seconds_hash_wait += w.hasher.waited

@@ -33,14 +33,18 @@ CHUNK = 16 << 20
 
 
 class Hasher:
-    """sha256 and length of one file, fed in the order its bytes are written. alongside() hashes
-    on a background thread while the caller writes the same bytes: hashlib and os.write both
-    release the GIL, so a write costs max(write, hash) instead of their sum."""
+    """sha256 and length of one file, fed in the order its bytes are written, on a thread of this
+    file's own (hashlib releases the GIL): a write costs max(write, hash) instead of their sum, and
+    the files of an output written side by side hash in parallel. One core hashes ~1.3 GB/s on the
+    H200 machine, slower than its disk: with one thread for all files the manifest set the pace of
+    an 8B merge (bench/RESULTS.md)."""
 
     def __init__(self):
         self._sha = hashlib.sha256()
         self.bytes = 0
         self.waited = 0.0  # seconds the writer waited for the hash after its own write was done
+        self._thread: _HashThread | None = None
+        self._last: Future | None = None  # the latest job handed to the thread (they run in order)
 
     def update(self, data) -> None:
         self._sha.update(data)  # hashlib releases the GIL for large buffers
@@ -55,49 +59,75 @@ class Hasher:
             self.update(chunk)
             offset, nbytes = offset + len(chunk), nbytes - len(chunk)
 
+    def _submit(self, fn, *args) -> Future:
+        if self._thread is None:
+            self._thread = _HashThread()
+        self._last = self._thread.submit(fn, *args)
+        return self._last
+
+    def _wait(self, done: Future) -> None:
+        t0 = time.perf_counter()
+        error = done.result()
+        self.waited += time.perf_counter() - t0
+        if error is not None:
+            raise error
+
     @contextlib.contextmanager
     def alongside(self, fn, *args):
         """Run fn(*args) (update or update_from) on the hashing thread during the block; wait for
         it at the end, so the bytes it reads stay valid and updates keep the file's order."""
-        done = _HashThread.submit(fn, *args)
+        done = self._submit(fn, *args)
         try:
             yield
         finally:
-            t0 = time.perf_counter()
-            error = done.result()
-            self.waited += time.perf_counter() - t0
-        if error is not None:
-            raise error
+            self._wait(done)
+
+    def later(self, data) -> Future:
+        """Hash `data` on the hashing thread after what was handed to it before, without waiting:
+        the caller keeps `data` valid until the returned future is done (its result is None, or
+        the error, which record() raises too)."""
+        return self._submit(self.update, data)
 
     def record(self) -> dict:
+        """The file's record, once every hash handed to the thread is done."""
+        if self._last is not None:
+            self._wait(self._last)
+        self.close()
         return {"sha256": self._sha.hexdigest(), "bytes": self.bytes}
+
+    def close(self) -> None:
+        """End the hashing thread (after the jobs already handed to it)."""
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
 
 
 class _HashThread:
-    """One daemon thread that runs hashing jobs in order (started on first use)."""
+    """A daemon thread that runs one file's hashing jobs in order. An error is the job's result
+    (handed to whoever waits), and every later job of the same file is skipped with it."""
 
-    _queue: queue.SimpleQueue | None = None
-    _lock = threading.Lock()
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="loramerge-hash", daemon=True).start()
 
-    @classmethod
-    def submit(cls, fn, *args) -> Future:
-        with cls._lock:
-            if cls._queue is None:
-                cls._queue = queue.SimpleQueue()
-                threading.Thread(target=cls._run, args=(cls._queue,), name="loramerge-hash", daemon=True).start()
+    def submit(self, fn, *args) -> Future:
         done: Future = Future()
-        cls._queue.put((done, fn, args))
+        self._queue.put((done, fn, args))
         return done
 
-    @staticmethod
-    def _run(jobs: queue.SimpleQueue) -> None:
-        while True:
-            done, fn, args = jobs.get()
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        failed = None
+        while (job := self._queue.get()) is not None:
+            done, fn, args = job
             try:
-                fn(*args)
-                done.set_result(None)
+                if failed is None:
+                    fn(*args)
             except BaseException as e:  # noqa: BLE001 - handed back to the writer that waits
-                done.set_result(e)
+                failed = e
+            done.set_result(failed)
 
 
 def write_hashed(path: Path, data: bytes) -> dict:

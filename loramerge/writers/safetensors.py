@@ -6,7 +6,7 @@ hand is ever buffered. Bytes go to the disk with O_DIRECT where the file system 
 (direct.py says why); there, untouched tensors are read from the base into aligned buffers and
 written from them. Buffered, they are copied file-to-file inside the kernel (copy_file_range),
 never entering this process's memory. The file's sha256 (for the manifest) is computed as it is
-written, on a thread beside this one; a range copied inside the kernel is hashed from its source
+written, on a thread of the file's own; a range copied inside the kernel is hashed from its source
 while it is copied.
 """
 
@@ -90,10 +90,18 @@ class SafetensorsWriter:
         with self.hasher.alongside(self.hasher.update, view) if hashed else contextlib.nullcontext():
             self._sink.write(view)  # an OSError names the file: Staged makes it one OutputError line
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def write(self, name: str, t: torch.Tensor, defer_hash: bool = False):
+        """Write the next tensor. defer_hash: do not wait for its hash; the returned future is done
+        once the hashing thread is (the tensor's memory must stay untouched until then)."""
         data = tensor_bytes(t.cpu())
         self._expect(name, len(data))
-        self._write_all(data)
+        if not defer_hash:
+            self._write_all(data)
+            return None
+        view = memoryview(data).cast("B")
+        hashed = self.hasher.later(view)  # hashed while it is written
+        self._sink.write(view)
+        return hashed
 
     def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can."""
@@ -146,6 +154,7 @@ class SafetensorsWriter:
             os.close(self._fd)
 
     def abort(self) -> None:
+        self.hasher.close()
         try:
             os.close(self._fd)
         except OSError:
