@@ -240,3 +240,25 @@ def test_without_base_a_renamed_weight_is_an_error_not_a_skip(tmp_path):
     report = fold(g, tmp_path / "o.onnx", [adapter_dir("gpt2-fifo")], base=base_dir("gpt2"))
     line = f"h.0.attn.c_attn.weight -> {renamed} (content)"
     assert not report.missing and any(x.endswith(line) for x in report.matched), report.matched
+
+
+def test_digests_only_propose_the_elements_decide(reported, tmp_path, monkeypatch):
+    """Content digests only propose candidates. With every digest colliding (the worst case of a
+    sketch), each target must still be folded into its own initializer, and a near miss (one
+    element one ulp off) must still be refused rather than taken or explained away as another
+    base tensor's."""
+    import loramerge.onnx.content as content
+    import loramerge.onnx.match as match
+
+    monkeypatch.setattr(content, "content_digest", lambda t: b"collides")
+    monkeypatch.setattr(match, "content_digest", lambda t: b"collides")
+    base, graph, ref = reported
+    out = tmp_path / "folded.onnx"
+    report = fold(graph, out, [adapter_dir("bert")], base=base, weights=[WEIGHT])
+    assert len(report.matched) == 15 and report.how == {"content": 9, "content (packed block)": 6}
+    assert _rel(_run(out), ref) <= 5e-3
+    bad = tmp_path / "bad.onnx"
+    init = _perturb(graph, bad, lambda t: list(t.dims) == [64, 128])
+    with pytest.raises(OnnxError, match="could be them") as e:
+        fold(bad, tmp_path / "o.onnx", [adapter_dir("bert")], base=base)
+    assert init in str(e.value) and "intermediate.dense.weight: not found" in str(e.value)

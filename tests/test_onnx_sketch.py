@@ -75,3 +75,57 @@ def test_small_tensors_and_the_fallback_are_blake2b(monkeypatch):
     monkeypatch.setattr(sketch, "_kernel", False)  # as without numba
     w = _rand((300, 260), torch.float16)
     assert sketch.digest(w.T) == sketch.digest(w.T.contiguous()) != sketch.digest(w)
+
+
+def _differences_reference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """(canonical, raw) differences by torch, on contiguous copies."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+
+    def bits(x):
+        return x.contiguous().view(ints)
+
+    raw = int((bits(a) != bits(b)).sum())
+    return int((bits(sketch.canonical_values(a)) != bits(sketch.canonical_values(b))).sum()), raw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 260), (20, 3, 1100), (40, 30)])  # kernel; conv-shaped; torch path
+def test_compare_counts_every_difference_exactly(dtype, shape):
+    """compare() confirms content matches: it must see one changed element anywhere, in either
+    layout, and forgive exactly the canonical classes (subnormal/zero, overflow/inf, NaNs)."""
+    fi = torch.finfo(dtype)
+    w = _rand(shape, dtype)
+    flat = w.view(-1)
+    v = w.clone()
+    vf = v.view(-1)
+    n = flat.numel()
+    vf[n - 1] = -flat[n - 1]                     # a real difference, in the last element
+    vf.view(torch.uint8)[(n // 3) * w.element_size()] ^= 1   # one ulp, in the middle
+    flat[7], vf[7] = fi.tiny / 4, 0.0            # subnormal vs zero: the same class
+    flat[11], vf[11] = -0.0, 0.0
+    flat[13], vf[13] = fi.max, float("inf")      # largest finite vs infinity: the same class
+    flat[17], vf[17] = float("nan"), -float("nan")
+    flat[19], vf[19] = fi.max, -fi.max           # opposite overflows: different
+    canon, raw = sketch.compare(w, v)
+    assert (canon, raw) == _differences_reference(w, v)
+    assert canon == 3 and raw >= 6  # (-nan may keep nan's bits)
+    assert sketch.compare(w, w.clone()) == (0, 0)
+    if len(shape) == 2:  # the graph stores W.T; v.T is read in place
+        wt = w.T.contiguous()
+        assert sketch.compare(wt, v.T) == _differences_reference(wt, v.T) == sketch.compare(w, v)
+        assert sketch.compare(wt, w.T) == (0, 0)
+        assert sketch.compare(wt, v.T.contiguous()) == sketch.compare(w, v)
+    with pytest.raises(ValueError):
+        sketch.compare(w, v.to(torch.float32 if dtype != torch.float32 else torch.float64))
+
+
+@numba_only
+def test_compare_sees_one_changed_element_in_every_tile():
+    """A transposed comparison walks tiles: a difference in any of them (edges included) counts."""
+    w = _rand((130, 1000), torch.float16)
+    wt = w.T.contiguous()
+    for i, j in [(0, 0), (129, 999), (64, 63), (63, 64), (100, 500), (129, 0)]:
+        v = w.clone()
+        v.view(torch.int16)[i, j] ^= 1
+        assert sketch.compare(wt, v.T) == (1, 1), (i, j)
+        assert sketch.compare(w, v) == (1, 1), (i, j)

@@ -1,5 +1,6 @@
-"""numba kernel behind sketch.digest: two exact bilinear forms of a tensor's 16-bit limbs mod P.
-Imported only when a content match needs it. See sketch.py for the math."""
+"""numba kernels behind sketch.py: digest (two exact bilinear forms of a tensor's 16-bit limbs mod P;
+see sketch.py for the math) and compare (bits and canonical values, element by element). Imported
+only when a content match needs them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ import numpy as np
 
 P = (1 << 31) - 1
 CHUNK = 1 << 15  # limb (< 2^16) * weight (< 2^31) summed 2^15 times stays below 2^63
+
+
+@numba.njit(inline="always")
+def _canon(e, magmask, emask, fmax, nan):  # pragma: no cover - compiled
+    """The canonical bits of e (sign-extended element bits): zero and subnormal -> 0, NaN -> nan,
+    magnitude at or above fmax -> signed infinity (sketch.py)."""
+    mag = e & magmask
+    if (mag & emask) == 0:
+        return np.int64(0)
+    if mag > emask:
+        return np.int64(nan)
+    if mag >= fmax:
+        return (e & ~magmask) | emask
+    return e
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -35,10 +50,7 @@ def forms(bits, row_w, col_w, canon, emask, mmask, fmax, nan):  # pragma: no cov
                 for j in range(j0, min(cols, j0 + CHUNK)):
                     e = np.int64(bits[i, j])
                     if canon:
-                        mag = e & magmask
-                        sign = e & ~magmask
-                        e = (0 if (mag & emask) == 0 else nan if mag > emask
-                             else (sign | emask) if mag >= fmax else e)
+                        e = _canon(e, magmask, emask, fmax, nan)
                     limb = (e >> shift) & 0xFFFF
                     a0 += limb * col_w[0, l, j]
                     a1 += limb * col_w[1, l, j]
@@ -53,3 +65,43 @@ def forms(bits, row_w, col_w, canon, emask, mmask, fmax, nan):  # pragma: no cov
         out[0] = (out[0] + part0[i]) % P
         out[1] = (out[1] + part1[i]) % P
     return out
+
+
+TILE = 64  # a transposed comparison walks TILE x TILE blocks, so both operands stay in cache
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def differ(a, b, transposed, magmask, emask, fmax, nan):  # pragma: no cover - compiled
+    """a [rows, cols] element bits; b the same shape, or [cols, rows] holding a's transpose when
+    `transposed`. Returns [elements whose canonical values differ, elements whose bits differ]."""
+    rows, cols = a.shape
+    blocks = (rows + TILE - 1) // TILE
+    canon = np.zeros(blocks, np.int64)
+    raw = np.zeros(blocks, np.int64)
+    for bi in numba.prange(blocks):
+        i0 = bi * TILE
+        i1 = min(rows, i0 + TILE)
+        c = np.int64(0)
+        r = np.int64(0)
+        if transposed:
+            for j0 in range(0, cols, TILE):
+                for i in range(i0, i1):
+                    for j in range(j0, min(cols, j0 + TILE)):
+                        x = np.int64(a[i, j])
+                        y = np.int64(b[j, i])
+                        if x != y:
+                            r += 1
+                            if _canon(x, magmask, emask, fmax, nan) != _canon(y, magmask, emask, fmax, nan):
+                                c += 1
+        else:
+            for i in range(i0, i1):
+                for j in range(cols):
+                    x = np.int64(a[i, j])
+                    y = np.int64(b[i, j])
+                    if x != y:
+                        r += 1
+                        if _canon(x, magmask, emask, fmax, nan) != _canon(y, magmask, emask, fmax, nan):
+                            c += 1
+        canon[bi] = c
+        raw[bi] = r
+    return np.array([canon.sum(), raw.sum()])

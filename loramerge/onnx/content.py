@@ -8,8 +8,12 @@ subnormal instead of to zero, and saturates overflows at 65504 instead of infini
 flush subnormals to zero. One such element in a large matrix (a 384x1536 MiniLM weight has a
 one-in-three chance) made byte-equality miss the weight. So content is compared in a canonical
 form that erases exactly these differences: values below the dtype's smallest normal number
-become +0, values at or beyond its largest finite number become +-inf, NaNs one NaN. Distinct
-weights do not collide in practice; two that do are told apart by graph position, or refused.
+become +0, values at or beyond its largest finite number become +-inf, NaNs one NaN.
+
+A digest of the canonical form (sketch.py: one parallel pass, a transposed view read in place)
+only proposes a candidate; holds() then compares the candidate with the base value element by
+element, so a collision can never pass for a match. Two initializers that both hold the value are
+told apart by graph position, or refused (match.settle).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from ..engine import ops
 from ..readers.checkpoint import Checkpoint
+from . import sketch
 from .graph import OnnxGraph
 
 
@@ -27,24 +32,20 @@ def canonical(t: torch.Tensor) -> torch.Tensor:
     """`t` (float) with subnormals and signed zeros as +0, overflow as +-inf, NaN as one NaN."""
     if not t.is_floating_point() or t.numel() == 0:
         return t
-    fi = torch.finfo(t.dtype)
-    a = t.abs()
-    zero = torch.zeros((), dtype=t.dtype)
-    x = torch.where(a < fi.tiny, zero, t)
-    x = torch.where(a >= fi.max, torch.sign(t) * float("inf"), x)
-    return torch.where(torch.isnan(t), torch.full((), float("nan"), dtype=t.dtype), x)
+    return sketch.canonical_values(t)
 
 
 def content_digest(t: torch.Tensor) -> bytes:
-    t = canonical(t.detach().cpu()).contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-    return hashlib.blake2b(data, digest_size=16).digest()
+    """Digest of t's canonical values (sketch.py: one parallel pass, a transposed view read in
+    place). Equal digests only propose a match; holds() confirms it element by element."""
+    return sketch.digest(t, canonical=True)
 
 
-def differing(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Elements whose bits differ (a and b have one dtype and shape)."""
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return int((a.contiguous().view(bits) != b.contiguous().view(bits)).sum())
+def holds(a: torch.Tensor, v: torch.Tensor) -> tuple[bool, int]:
+    """Whether `a` (an initializer) holds `v` (any view of one dtype and shape) in canonical form,
+    element by element, and in how many elements the bits differ (a converter's own rounding)."""
+    canon, raw = sketch.compare(a, v)
+    return canon == 0, raw
 
 
 def variants(w: torch.Tensor, dtype: torch.dtype):
@@ -64,24 +65,16 @@ def orientations(v: torch.Tensor):
 
 
 class DigestCache:
-    """Digests of initializers, exact bytes and canonical form, from one read of each."""
+    """Canonical digests of initializers, from one read of each."""
 
     def __init__(self, graph: OnnxGraph):
         self.graph = graph
-        self._digests: dict[str, tuple[bytes, bytes]] = {}
-
-    def _get(self, init: str) -> tuple[bytes, bytes]:
-        if init not in self._digests:
-            t = self.graph.read(init)
-            self._digests[init] = (raw_digest(t), content_digest(t))
-        return self._digests[init]
+        self._digests: dict[str, bytes] = {}
 
     def __call__(self, init: str) -> bytes:
-        """The canonical digest (what content matching compares)."""
-        return self._get(init)[1]
-
-    def exact(self, init: str) -> bytes:
-        return self._get(init)[0]
+        if init not in self._digests:
+            self._digests[init] = content_digest(self.graph.view(init))
+        return self._digests[init]
 
 
 class BlockIndex:
@@ -140,7 +133,9 @@ def whole_holders(graph: OnnxGraph, base: Checkpoint, inits: list[str],
                   digest: DigestCache) -> dict[str, list[str]]:
     """Which of `inits` hold a tensor of the base checkpoint whole (any tensor, not only adapter
     targets; any layout and dtype a graph may use): init -> [base tensor names]. Reads each base
-    tensor whose shape fits once. Used only to explain a target that was not found."""
+    tensor whose shape fits once; a digest hit is confirmed element by element, as a match is (a
+collision must not make a candidate look accounted for). Used only to explain a target that was
+not found."""
     whole: dict[tuple, list[str]] = {}
     for n in inits:
         whole.setdefault((graph.dtype(n), graph.shape(n), digest(n)), []).append(n)
@@ -155,8 +150,8 @@ def whole_holders(graph: OnnxGraph, base: Checkpoint, inits: list[str],
             for _, wc in variants(w, dt):
                 for _, v in orientations(wc):
                     for n in whole.get((dt, tuple(v.shape), content_digest(v)), ()):
-                        if name not in found.setdefault(n, []):
-                            found[n].append(name)
+                        if name not in found.get(n, []) and holds(graph.view(n), v)[0]:
+                            found.setdefault(n, []).append(name)
     return found
 
 

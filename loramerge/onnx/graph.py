@@ -9,7 +9,7 @@ streams too: untouched external tensors are copied range by range into the new d
 from __future__ import annotations
 
 import ast
-import hashlib
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +21,6 @@ from onnx import TensorProto, numpy_helper
 
 from ..errors import OnnxError
 from ..writers.direct import DirectSink, direct_wanted
-from . import sketch
 
 FLOAT_TYPES: dict[int, torch.dtype] = {
     TensorProto.FLOAT: torch.float32,
@@ -107,6 +106,7 @@ class OnnxGraph:
             self._read_folded_from(t.name, getattr(t, "metadata_props", ()))
         self.graph_inputs = [i.name for i in g.input if i.name not in self.inits]
         self.graph_outputs = [o.name for o in g.output]
+        self._maps: dict[Path, mmap.mmap] = {}   # external data files mapped by view()
 
     def _read_folded_from(self, name: str, props) -> None:
         for p in props:
@@ -225,9 +225,25 @@ class OnnxGraph:
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
         return t.view(dtype).reshape(self.shape(name))
 
-    def digest(self, name: str) -> bytes:
-        return sketch.digest(self.read(name)) if self.dtype(name) is not None else \
-            hashlib.blake2b(self.read_bytes(name), digest_size=16).digest()
+    def view(self, name: str) -> torch.Tensor:
+        """A float initializer to read, not to keep or change: external data is mapped from its
+        file (a private mapping: no copy, nothing written back), the rest is read()."""
+        if not self.is_external(name):
+            return self.read(name)
+        file, offset, length = self._external(name)
+        dtype = self.dtype(name)
+        if dtype is None or length != self.nbytes(name) or not length or offset % dtype.itemsize:
+            return self.read(name)  # read() explains what is wrong, or copies unaligned data
+        try:
+            if file not in self._maps:
+                with open(file, "rb") as f:
+                    self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            m = self._maps[file]
+        except (OSError, ValueError):
+            return self.read(name)
+        if offset + length > len(m):
+            return self.read(name)
+        return torch.frombuffer(m, dtype=torch.uint8, count=length, offset=offset).view(dtype).reshape(self.shape(name))
 
     # -- writing -------------------------------------------------------------------------
     def clone_initializer(self, name: str, new_name: str, uses: list[tuple[onnx.NodeProto, int]]) -> str:
@@ -418,7 +434,3 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
         return b""
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
-
-def tensor_digest(t: torch.Tensor) -> bytes:
-    """Content digest of a tensor or any view of it (a transposed view is not copied): sketch.py."""
-    return sketch.digest(t)

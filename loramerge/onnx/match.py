@@ -29,8 +29,8 @@ import torch
 
 from ..errors import OnnxError
 from ..readers.checkpoint import Checkpoint
-from .content import (BlockIndex, DigestCache, block_holders, content_digest, differing, orientations, raw_digest,
-                      variants, whole_holders)
+from .content import (BlockIndex, DigestCache, block_holders, content_digest, holds, orientations, variants,
+                      whole_holders)
 from .graph import OnnxGraph
 from .targets import Match, MatchResult, Target
 
@@ -88,16 +88,15 @@ class _Context:
             self._w = (t.name, self.base.read(t.ref))
         return self._w[1]
 
-    def holds(self, init: str, v: torch.Tensor) -> tuple[bool, str]:
-        """Whether `init` holds `v` (a base value in the initializer's dtype and layout); the note
+    def holds(self, init: str, v: torch.Tensor, digest: bytes | None = None) -> tuple[bool, str]:
+        """Whether `init` holds `v` (a base value in the initializer's dtype and layout), compared
+        element by element once the digests agree (`digest`: v's, when the caller has it); the note
         says where its bits differ from `v` (a converter's rounding of tiny or huge values)."""
-        if self.graph.shape(init) != tuple(v.shape) or content_digest(v) != self.digest(init):
+        if self.graph.shape(init) != tuple(v.shape) or (digest or content_digest(v)) != self.digest(init):
             return False, ""
-        if raw_digest(v) == self.digest.exact(init):
-            return True, ""
-        k = differing(self.graph.read(init), v)
-        return True, (f"{k} element(s) differ from a plain cast, all tiny or overflowing values that the graph's "
-                      "half-precision converter stored its own way" if k else "")
+        ok, k = holds(self.graph.view(init), v)
+        return ok, (f"{k} element(s) differ from a plain cast, all tiny or overflowing values that the graph's "
+                    "half-precision converter stored its own way" if ok and k else "")
 
 
 # -- strategies: each returns (candidates, reasons why a lead did not pan out) -------------------
@@ -165,6 +164,7 @@ class _ContentIndex:
             if shape in shapes:
                 self.index.setdefault((ctx.graph.dtype(n), shape, ctx.digest(n)), []).append(n)
         self.dtypes = {k[0] for k in self.index}
+        self.kinds = {k[:2] for k in self.index}   # (dtype, shape): a layout no initializer has is not digested
 
 
 def by_content(ctx: _Context, index: _ContentIndex, t: Target) -> list[Match]:
@@ -173,8 +173,11 @@ def by_content(ctx: _Context, index: _ContentIndex, t: Target) -> list[Match]:
     for dt in index.dtypes:
         for via, wc in variants(w, dt):
             for transposed, v in orientations(wc):
-                for init in index.index.get((dt, tuple(v.shape), content_digest(v)), ()):
-                    ok, note = ctx.holds(init, v)
+                if (dt, tuple(v.shape)) not in index.kinds:
+                    continue
+                digest = content_digest(v)
+                for init in index.index.get((dt, tuple(v.shape), digest), ()):
+                    ok, note = ctx.holds(init, v, digest)
                     if ok:
                         cands.append(Match(t, init, transposed, "content", via=via, note=note))
             if cands:

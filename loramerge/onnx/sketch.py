@@ -69,7 +69,7 @@ def _weights(rows: int, cols: int, limbs: int, swapped: bool) -> tuple[np.ndarra
 
 
 def _numba_kernel():
-    """The compiled kernel, or None without numba (imported on first use: numba is not needed
+    """The compiled kernels' module, or None without numba (imported on first use: numba is not needed
     by a fold without content matching)."""
     global _kernel
     if _kernel is None:
@@ -77,7 +77,7 @@ def _numba_kernel():
             if os.environ.get("LORAMERGE_NO_KERNEL"):
                 raise ImportError
             from . import _sketch_kernel
-            _kernel = _sketch_kernel.forms
+            _kernel = _sketch_kernel
         except ImportError:
             _kernel = False
     return _kernel or None
@@ -104,8 +104,35 @@ def digest(t: torch.Tensor, canonical: bool = False) -> bytes:
     bits = x.view(_INTS[t.element_size()]).numpy()
     row_w, col_w = _weights(rows, cols, t.element_size() // 2, swapped)
     emask, mmask, fmax, nan = (fmt[1:] if fmt else (0, 0, 0, 0))
-    out = kernel(bits, row_w, col_w, fmt is not None, emask, mmask, fmax, nan)
+    out = kernel.forms(bits, row_w, col_w, fmt is not None, emask, mmask, fmax, nan)
     return b"".join(int(v).to_bytes(8, "little") for v in out)
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """(elements whose canonical values differ, elements whose bits differ) between `a` and `b`, of
+    one float dtype and shape: exact, element by element. `b` may be any view; a transposed view of
+    a contiguous tensor is read in place (in tiles), not copied."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        raise ValueError(f"compare: {a.dtype} {list(a.shape)} against {b.dtype} {list(b.shape)}")
+    a, b = a.detach().cpu(), b.detach().cpu()
+    kernel = _numba_kernel()
+    fmt = _FORMAT.get(a.dtype)
+    if kernel is None or fmt is None or a.numel() < SMALL:
+        raw = _bit_differences(a, b)
+        return (_bit_differences(canonical_values(a), canonical_values(b)) if raw and fmt else raw), raw
+    transposed = b.dim() == 2 and b.shape[0] > 1 and b.shape[1] > 1 and b.stride() == (1, b.shape[0])
+    shape = tuple(a.shape) if a.dim() == 2 else (a.shape[0] if a.dim() > 2 else 1, -1)
+    a = a.contiguous().reshape(shape)
+    b = b.T if transposed else b.contiguous().reshape(shape)   # b.T: the contiguous memory behind b
+    ints = fmt[0]
+    magmask = (1 << (8 * a.element_size() - 1)) - 1
+    canon, raw = kernel.differ(a.view(ints).numpy(), b.view(ints).numpy(), transposed, magmask, *fmt[1:2], *fmt[3:])
+    return int(canon), int(raw)
+
+
+def _bit_differences(a: torch.Tensor, b: torch.Tensor) -> int:
+    ints = _INTS.get(a.element_size(), torch.uint8)
+    return int((a.contiguous().view(ints) != b.contiguous().view(ints)).sum())
 
 
 def _blake(t: torch.Tensor, canonical: bool) -> bytes:
