@@ -22,9 +22,10 @@ SHAPES = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (8, H), "mlp.up_proj":
 NP = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}
 
 
-def _build(tmp: Path, dtype: int, layers: int = 2):
+def _build(tmp: Path, dtype: int, layers: int = 2, tweak=None):
     """A graph storing each Linear weight transposed under an exporter's name, all in one external
-    data file; the base checkpoint with the same values; a PEFT adapter on every Linear."""
+    data file; the base checkpoint with the same values; a PEFT adapter on every Linear.
+    tweak(name, w) -> w changes a base weight (and its copy in the graph) as it is made."""
     from peft import LoraConfig
 
     g = np.random.default_rng(0)
@@ -39,6 +40,8 @@ def _build(tmp: Path, dtype: int, layers: int = 2):
         for mod, shape in SHAPES.items():
             name = f"model.layers.{layer}.{mod}.weight"
             base[name] = (0.05 * g.standard_normal(shape)).astype(npt)
+            if tweak is not None:
+                base[name] = tweak(name, base[name])
             k += 1
             graph.append((f"onnx::MatMul_{k}", np.ascontiguousarray(base[name].T), "MatMul"))
             pre = f"base_model.model.model.layers.{layer}.{mod}"
@@ -182,3 +185,67 @@ def test_direct_and_buffered_saves_write_the_same_bytes(tmp_path, monkeypatch):
             finally:
                 os.close(probe)
     assert outs["direct"] == outs["buffered"] and set(outs["direct"]) == {"folded.onnx", "folded.onnx.data"}
+
+
+def _stored(graph: Path, bname: str, base: Path) -> tuple[str, int]:
+    """(initializer, data offset) of the graph's copy of base tensor `bname` (stored transposed)."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(base / "model.safetensors"))[bname].numpy().T
+    m = onnx.load(str(graph), load_external_data=False)
+    data = (graph.parent / "model.onnx.data").read_bytes()
+    for t in m.graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        off, n = int(info["offset"]), int(info["length"])
+        if tuple(t.dims) == w.shape and data[off:off + n] == np.ascontiguousarray(w).tobytes():
+            return t.name, off
+    raise AssertionError(bname)
+
+
+DOWN = "model.layers.{}.mlp.down_proj.weight"   # stored [40, 24]: content matching samples its rows
+
+
+def test_initializers_alike_in_the_sampled_rows_are_told_apart_by_the_rest(tmp_path):
+    """Content matching proposes candidates from a digest of a few rows (content.sample_digest);
+    two initializers that agree there but differ in one other row must each still be matched to
+    their own base tensor, and folded as such."""
+    from loramerge.onnx.content import sample_digest
+
+    seen = {}
+
+    def tweak(name, w):
+        if name == DOWN.format(1):   # layer 1's down_proj: layer 0's but for one column (a stored row)
+            w = seen[DOWN.format(0)].copy()
+            w[:, 1] = -w[:, 1] + np.float16(0.01)
+        seen[name] = w
+        return w
+
+    graph, base, adapter, expected = _build(tmp_path, TensorProto.FLOAT16, tweak=tweak)
+    s0, s1 = (torch.from_numpy(np.ascontiguousarray(seen[DOWN.format(i)].T)) for i in (0, 1))
+    assert sample_digest(s0) == sample_digest(s1) and not torch.equal(s0, s1)  # the premise
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    report = patch.fold(graph, out, [adapter], base=base, device="cpu")
+    assert len(report.matched) == 8 and not report.missing
+    for i in (0, 1):
+        name, _ = _stored(graph, DOWN.format(i), base)
+        assert any(line.startswith(DOWN.format(i) + " -> " + name + " ") for line in report.matched), report.matched
+    got = _initializers(out)
+    for name, want in expected.items():
+        assert np.array_equal(got[name].view(np.uint8), want.view(np.uint8)), name
+
+
+def test_a_near_miss_outside_the_sampled_rows_is_refused(tmp_path):
+    """One element one ulp off, in a row the sampled digest does not read: not a match."""
+    from loramerge.errors import OnnxError
+
+    graph, base, adapter, _ = _build(tmp_path, TensorProto.FLOAT16)
+    name, off = _stored(graph, DOWN.format(0), base)
+    with open(graph.parent / "model.onnx.data", "r+b") as f:   # stored row 1, column 5
+        f.seek(off + (24 + 5) * 2)
+        x = np.frombuffer(f.read(2), np.int16).copy()
+        f.seek(off + (24 + 5) * 2)
+        f.write((x + 1).tobytes())
+    with pytest.raises(OnnxError, match="could be them") as e:
+        patch.fold(graph, tmp_path / "o.onnx", [adapter], base=base, device="cpu")
+    assert name in str(e.value) and DOWN.format(0) + ": not found" in str(e.value)

@@ -70,6 +70,14 @@ def forms(bits, row_w, col_w, canon, emask, mmask, fmax, nan):  # pragma: no cov
 TILE = 64  # a transposed comparison walks TILE x TILE blocks, so both operands stay in cache
 
 
+@numba.njit(inline="always")
+def _difference(x, y, magmask, emask, fmax, nan):  # pragma: no cover - compiled
+    """0: same bits; 1: other bits, one canonical value; 2: other canonical values."""
+    if x == y:
+        return 0
+    return 1 if _canon(x, magmask, emask, fmax, nan) == _canon(y, magmask, emask, fmax, nan) else 2
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def differ(a, b, transposed, magmask, emask, fmax, nan):  # pragma: no cover - compiled
     """a [rows, cols] element bits; b the same shape, or [cols, rows] holding a's transpose when
@@ -80,28 +88,15 @@ def differ(a, b, transposed, magmask, emask, fmax, nan):  # pragma: no cover - c
     raw = np.zeros(blocks, np.int64)
     for bi in numba.prange(blocks):
         i0 = bi * TILE
-        i1 = min(rows, i0 + TILE)
         c = np.int64(0)
         r = np.int64(0)
-        if transposed:
-            for j0 in range(0, cols, TILE):
-                for i in range(i0, i1):
-                    for j in range(j0, min(cols, j0 + TILE)):
-                        x = np.int64(a[i, j])
-                        y = np.int64(b[j, i])
-                        if x != y:
-                            r += 1
-                            if _canon(x, magmask, emask, fmax, nan) != _canon(y, magmask, emask, fmax, nan):
-                                c += 1
-        else:
-            for i in range(i0, i1):
-                for j in range(cols):
-                    x = np.int64(a[i, j])
-                    y = np.int64(b[i, j])
-                    if x != y:
-                        r += 1
-                        if _canon(x, magmask, emask, fmax, nan) != _canon(y, magmask, emask, fmax, nan):
-                            c += 1
+        for j0 in range(0, cols, TILE):
+            for i in range(i0, min(rows, i0 + TILE)):
+                for j in range(j0, min(cols, j0 + TILE)):
+                    y = b[j, i] if transposed else b[i, j]
+                    d = _difference(np.int64(a[i, j]), np.int64(y), magmask, emask, fmax, nan)
+                    r += d > 0
+                    c += d > 1
         canon[bi] = c
         raw[bi] = r
     return np.array([canon.sum(), raw.sum()])

@@ -29,8 +29,8 @@ import torch
 
 from ..errors import OnnxError
 from ..readers.checkpoint import Checkpoint
-from .content import (BlockIndex, DigestCache, block_holders, content_digest, holds, orientations, variants,
-                      whole_holders)
+from .content import (BlockIndex, DigestCache, block_holders, content_digest, holds, orientations, sample_digest,
+                      variants, whole_holders)
 from .graph import OnnxGraph
 from .targets import Match, MatchResult, Target
 
@@ -88,11 +88,13 @@ class _Context:
             self._w = (t.name, self.base.read(t.ref))
         return self._w[1]
 
-    def holds(self, init: str, v: torch.Tensor, digest: bytes | None = None) -> tuple[bool, str]:
+    def holds(self, init: str, v: torch.Tensor, proposed: bool = False) -> tuple[bool, str]:
         """Whether `init` holds `v` (a base value in the initializer's dtype and layout), compared
-        element by element once the digests agree (`digest`: v's, when the caller has it); the note
-        says where its bits differ from `v` (a converter's rounding of tiny or huge values)."""
-        if self.graph.shape(init) != tuple(v.shape) or (digest or content_digest(v)) != self.digest(init):
+        element by element once the digests agree (or the caller's index `proposed` the pair); the
+        note says where its bits differ from `v` (a converter's rounding of tiny or huge values)."""
+        if self.graph.shape(init) != tuple(v.shape):
+            return False, ""
+        if not proposed and content_digest(v) != self.digest(init):
             return False, ""
         ok, k = holds(self.graph.view(init), v)
         return ok, (f"{k} element(s) differ from a plain cast, all tiny or overflowing values that the graph's "
@@ -154,7 +156,8 @@ def _provenance(ctx: _Context, t: Target, kind: str) -> tuple[list[Match], list[
 
 
 class _ContentIndex:
-    """Initializers whose shape fits one of `targets`, by (dtype, shape, canonical digest)."""
+    """Initializers whose shape fits one of `targets`, by (dtype, shape, sampled canonical digest):
+    building it reads a few rows of each, not the graph."""
 
     def __init__(self, ctx: _Context, targets: list[Target]):
         shapes = {s for t in targets for s in ({t.shape, t.shape[::-1]} if len(t.shape) == 2 else {t.shape})}
@@ -162,7 +165,7 @@ class _ContentIndex:
         for n in ctx.float_inits:
             shape = ctx.graph.shape(n)
             if shape in shapes:
-                self.index.setdefault((ctx.graph.dtype(n), shape, ctx.digest(n)), []).append(n)
+                self.index.setdefault((ctx.graph.dtype(n), shape, ctx.digest(n, sample=True)), []).append(n)
         self.dtypes = {k[0] for k in self.index}
         self.kinds = {k[:2] for k in self.index}   # (dtype, shape): a layout no initializer has is not digested
 
@@ -175,9 +178,12 @@ def by_content(ctx: _Context, index: _ContentIndex, t: Target) -> list[Match]:
             for transposed, v in orientations(wc):
                 if (dt, tuple(v.shape)) not in index.kinds:
                     continue
-                digest = content_digest(v)
-                for init in index.index.get((dt, tuple(v.shape), digest), ()):
-                    ok, note = ctx.holds(init, v, digest)
+                proposed = index.index.get((dt, tuple(v.shape), sample_digest(v)), [])
+                if len(proposed) > 1:  # rows the sample skipped decide (e.g. layers alike but for pruned rows)
+                    d = content_digest(v)
+                    proposed = [n for n in proposed if ctx.digest(n) == d]
+                for init in proposed:
+                    ok, note = ctx.holds(init, v, proposed=True)
                     if ok:
                         cands.append(Match(t, init, transposed, "content", via=via, note=note))
             if cands:
