@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import rounding
-from .rounding_kernel import AVAILABLE, lut, numba
+from .rounding_kernel import AVAILABLE, lut, lut32, numba
 
 if numba is not None:
     from .rounding_kernel import exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits, quick_ok
@@ -100,7 +100,7 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
                                        TINY_N * np.abs(bs64).sum(1) * live_r,
                                        TINY_N * (np.abs(a64).sum(0) + 2 * rank + 3) * live_c, live_r, live_c))
     lo32, hi32 = np.float32(lo), np.float32(hi if hi < 2.0 ** 128 else np.inf)
-    args32 = (bs64.astype(np.float32), a64.astype(np.float32), lut(w.dtype).astype(np.float32),
+    args32 = (bs64.astype(np.float32), a64.astype(np.float32), lut32(w.dtype),
               w.dtype == torch.bfloat16, *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
     _rows32(args32, args64, 0, probe)

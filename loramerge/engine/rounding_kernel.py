@@ -24,14 +24,43 @@ except ImportError:  # pragma: no cover
 AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
 _HALF = (torch.bfloat16, torch.float16)
 _LUTS: dict[torch.dtype, np.ndarray] = {}
+_LUTS32: dict[torch.dtype, np.ndarray] = {}
+
+
+# 16-bit format -> (exponent bits, stored mantissa bits)
+_LAYOUT = {torch.bfloat16: (8, 7), torch.float16: (5, 10)}
 
 
 def lut(dtype: torch.dtype) -> np.ndarray:
-    """float64 value of every 16-bit pattern of `dtype`: converting W is one table lookup."""
+    """float64 value of every 16-bit pattern of `dtype`: converting W is one table lookup.
+
+    Built from the bits with integer arithmetic and exact powers of two, never by a float
+    conversion: the table is cached for the process, and a conversion made while the thread
+    flushes subnormals to zero (torch.set_flush_denormal(True) before the first merge) would store
+    every bfloat16 subnormal as 0 for good. Every value here is normal in float64."""
     if dtype not in _LUTS:
-        bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
-        _LUTS[dtype] = bits.view(dtype).to(torch.float64).numpy()
+        ebits, mbits = _LAYOUT[dtype]
+        bits = np.arange(65536, dtype=np.int64)
+        e = (bits >> mbits) & ((1 << ebits) - 1)
+        m = bits & ((1 << mbits) - 1)
+        bias = (1 << (ebits - 1)) - 1
+        # (2^mbits + m) 2^(e - bias - mbits) for a normal pattern, m 2^(1 - bias - mbits) for a
+        # subnormal one (e == 0): an integer below 2^11 times a power of two, exact in float64
+        mag = np.ldexp(np.where(e > 0, m + (1 << mbits), m).astype(np.float64), np.maximum(e, 1) - bias - mbits)
+        top = e == (1 << ebits) - 1
+        mag = np.where(top & (m == 0), np.inf, np.where(top, np.nan, mag))
+        _LUTS[dtype] = np.where(bits >> 15 == 1, -mag, mag)  # the sign by negation: exact, -0 included
     return _LUTS[dtype]
+
+
+def lut32(dtype: torch.dtype) -> np.ndarray:
+    """lut(dtype) in float32 (exact: both formats fit), from the bits as well: a bfloat16 is the
+    top half of its float32; every float16 value, subnormals included, is a normal float32, so
+    rounding the float64 table cannot flush one."""
+    if dtype not in _LUTS32:
+        _LUTS32[dtype] = ((np.arange(65536, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+                          if dtype == torch.bfloat16 else lut(dtype).astype(np.float32))
+    return _LUTS32[dtype]
 
 
 def grid_args(dtype: torch.dtype) -> tuple:

@@ -29,7 +29,6 @@ AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
 # output dtype code -> (dropped float32 mantissa bits, precision p, emin, largest finite value)
 _FORMATS = {"BF16": (16, 8, -126, float.fromhex("0x1.fep127")), "F16": (13, 11, -14, 65504.0)}
 _HALF = (torch.bfloat16, torch.float16)
-_LUTS: dict[torch.dtype, np.ndarray] = {}
 
 
 def supports(w2: torch.Tensor, m2: torch.Tensor) -> bool:
@@ -38,10 +37,11 @@ def supports(w2: torch.Tensor, m2: torch.Tensor) -> bool:
 
 
 def _lut(dtype: torch.dtype) -> np.ndarray:
-    """float32 value of every 16-bit pattern of `dtype` (exact: both half formats fit in float32)."""
-    if dtype not in _LUTS:
-        _LUTS[dtype] = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).to(torch.float32).numpy()
-    return _LUTS[dtype]
+    """float32 value of every 16-bit pattern of `dtype` (exact: both half formats fit in float32),
+    built from the bits (rounding_kernel.lut32: a float conversion in a thread that flushes
+    subnormals would cache bfloat16's subnormals as 0)."""
+    from ..engine.rounding_kernel import lut32
+    return lut32(dtype)
 
 
 def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor, nb: torch.Tensor,
