@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import loramerge
 from exact_ref import exact_merge
-from loramerge.engine import ops, precision, rounding_kernel
+from loramerge.engine import fpenv, ops, precision, rounding_kernel
 from loramerge.verifier import compare_kernel
 
 R, ALPHA = 4, 8
@@ -29,7 +29,7 @@ def flushing():
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU has no flush-to-zero mode torch can set")
     try:
-        assert precision.flushes_subnormals()
+        assert fpenv.flushes_subnormals()
         yield
     finally:
         torch.set_flush_denormal(False)
@@ -91,7 +91,7 @@ def test_merge_with_subnormals_is_the_same_with_the_callers_flush_denormal(path,
     try:
         _fresh_tables()  # first built under the caller's flag
         loramerge.apply(base, adapter, tmp_path / "on", sync=False)
-        assert precision.flushes_subnormals()  # the caller's setting is back
+        assert fpenv.flushes_subnormals()  # the caller's setting is back
     finally:
         torch.set_flush_denormal(False)
     loramerge.apply(base, adapter, tmp_path / "off", sync=False)
@@ -124,13 +124,50 @@ def test_guard_turns_flushing_off_for_its_threads_and_restores_it(flushing):
     with precision.exact_matmul():
         with precision.exact_matmul():  # nested: the inner exit must not restore early
             pass
-        seen.append(precision.flushes_subnormals())
-        t = threading.Thread(target=lambda: seen.append(precision.flushes_subnormals()))  # a worker started inside
+        seen.append(fpenv.flushes_subnormals())
+        t = threading.Thread(target=lambda: seen.append(fpenv.flushes_subnormals()))  # a worker started inside
         t.start()
         t.join()
     assert seen == [False, False]
-    assert precision.flushes_subnormals()
+    assert fpenv.flushes_subnormals()
     with pytest.raises(RuntimeError):
         with precision.exact_matmul():
             raise RuntimeError("boom")
-    assert precision.flushes_subnormals()
+    assert fpenv.flushes_subnormals()
+
+
+def test_a_thread_whose_openmp_pool_was_made_while_flushing_merges_right():
+    """GNU OpenMP makes a thread's pool at its first parallel region, with that thread's setting,
+    and never updates it: the guard must bring the pool in line, or the merge math on the caller's
+    own thread (verify, combine, the ONNX paths) reads subnormals as zero in part of the rows; and
+    must not leave the pool flushing after the caller turns flushing off (fpenv.py)."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("no OpenMP pool with one thread")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randint(0, 0x100, (256, 256), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    a, b = torch.randn(4, 256, generator=g) * 2.0 ** -64, torch.randn(256, 4, generator=g) * 2.0 ** -68
+    f = torch.full((4,), 2.0, dtype=torch.float64)
+    got = {}
+
+    def caller(name, flush):
+        if flush and not torch.set_flush_denormal(True):
+            return
+        (torch.ones(1 << 20) * 2).sum()  # this thread's first parallel region: its pool is made now
+        with precision.exact_matmul():
+            got[name] = ops.merge_weight(w, a, b, f, torch.bfloat16)[0]
+            got[name + " torch"] = ops.merge_weight(w, a, b, f, torch.bfloat16, block_elems=1 << 16)[0]
+        got[name + " after"] = fpenv.flushes_subnormals()
+        torch.set_flush_denormal(False)  # the caller turns it off: the pool must not flush either
+        tiny = torch.ones(1 << 20, dtype=torch.int32).view(torch.float32)
+        got[name + " pool flushes"] = bool((tiny * 2).view(torch.int32).ne(2).any())
+
+    for name, flush in (("clean", False), ("flushing", True)):
+        t = threading.Thread(target=caller, args=(name, flush))  # a fresh thread: a fresh pool
+        t.start()
+        t.join()
+    if "flushing" not in got:
+        pytest.skip("this CPU has no flush-to-zero mode torch can set")
+    assert got["flushing after"] and not got["clean after"]  # the caller's thread got its setting back
+    assert not got["flushing pool flushes"] and not got["clean pool flushes"]
+    for path in ("", " torch"):
+        assert torch.equal(got["flushing" + path].view(torch.int16), got["clean" + path].view(torch.int16)), path

@@ -9,14 +9,10 @@ call from several compute threads: every entry point that does merge math (api.a
 engine.run, onnx.export_onnx and the fold, verify, combine) runs inside `exact_matmul()`, which
 sets them to IEEE once for the outermost call and puts them back after it.
 
-The same guard gives the merge gradual underflow. torch.set_flush_denormal(True) (or a library
-built with -ffast-math) makes the CPU treat float32/float64 subnormals as zero (DAZ) and flush
-subnormal results to zero (FTZ): every bfloat16 subnormal is a float32 subnormal, so torch's
-bf16 -> float32/float64 conversions read them as 0 and the rounding of a result in that range
-goes wrong. The setting belongs to a thread (x86's MXCSR) and a thread starts with its creator's,
-so the guard turns it off in the thread that enters, for as long as it is inside, and the threads
-the merge starts there (the engine's compute workers, and their OpenMP and numba pools) inherit
-gradual underflow. Each entering thread puts its own setting back on exit.
+The same guard gives the merge gradual underflow (fpenv.py): a caller's
+torch.set_flush_denormal(True) would have bfloat16 subnormals read as zero. That setting is per
+thread (and per OpenMP pool thread), so it is turned off for each thread that enters, with its
+pools, and put back for the thread when it leaves.
 
 What the flags cannot guarantee is checked where it matters: ops.merge_weight (and verify's
 float32 comparison) asks `float32_gemm_exact(device)` before a float32 GEMM, which reads the flags
@@ -33,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import NumericsError
+from . import fpenv
 
 _lock = threading.RLock()
 _depth = 0
@@ -63,49 +59,27 @@ def _set(state: dict | None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False if state is None else state["tf32"]
 
 
-def flushes_subnormals() -> bool:
-    """Whether this thread flushes float32 subnormals to zero (DAZ or FTZ): 2^-149 * 2 is 2^-148
-    with gradual underflow, 0 with either."""
-    tiny = torch.tensor(1, dtype=torch.int32).view(torch.float32)
-    return int(tiny.mul(2).view(torch.int32)) != 2
-
-
-def _gradual_underflow() -> bool:
-    """Turn this thread's flushing of subnormals off; whether it was on (to be put back)."""
-    if not flushes_subnormals():
-        return False
-    torch.set_flush_denormal(False)
-    if flushes_subnormals():
-        torch.set_flush_denormal(True)
-        raise NumericsError("this thread's floating-point unit flushes subnormal numbers to zero (set by "
-                            "torch.set_flush_denormal(True) or by a library built with -ffast-math) and torch "
-                            "cannot turn that off on this CPU: merged values near zero would be wrong. Run "
-                            "loramerge in a process (or thread) that does not set it")
-    return True
-
-
 @contextmanager
 def exact_matmul():
     """IEEE float32 matmuls (no TF32, no bf16) and gradual underflow for the duration; reentrant
     and thread-safe: the outermost entry sets the matmul flags, its exit restores what the caller
-    had; each entering thread that flushed subnormals gets that back on its exit."""
+    had; each entering thread gets fpenv.gradual_underflow() (its own outermost entry turns
+    flushing off, its exit puts the thread's setting back)."""
     global _depth, _saved
-    flushed = _gradual_underflow()
-    with _lock:
-        if _depth == 0:
-            _saved = _state()
-            _set(None)
-        _depth += 1
-    try:
-        yield
-    finally:
+    with fpenv.gradual_underflow():  # per thread (fpenv.py)
         with _lock:
-            _depth -= 1
             if _depth == 0:
-                _set(_saved)
-                _saved = None
-        if flushed:
-            torch.set_flush_denormal(True)
+                _saved = _state()
+                _set(None)
+            _depth += 1
+        try:
+            yield
+        finally:
+            with _lock:
+                _depth -= 1
+                if _depth == 0:
+                    _set(_saved)
+                    _saved = None
 
 
 def guarded(fn):
