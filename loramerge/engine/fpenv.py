@@ -54,10 +54,10 @@ def gradual_underflow():
             _local.depth -= 1
         return
     flushed = _unflush()
-    if flushed:  # (a pool that flushes under a thread that does not is not looked for: docstring)
-        _sync_pools()
     _local.depth = 1
     try:
+        if flushed:  # (a pool that flushes under a thread that does not is not looked for: docstring)
+            _sync_pools()
         yield
     finally:
         _local.depth = 0
