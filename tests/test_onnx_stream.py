@@ -249,3 +249,33 @@ def test_a_near_miss_outside_the_sampled_rows_is_refused(tmp_path):
     with pytest.raises(OnnxError, match="could be them") as e:
         patch.fold(graph, tmp_path / "o.onnx", [adapter], base=base, device="cpu")
     assert name in str(e.value) and DOWN.format(0) + ": not found" in str(e.value)
+
+
+def test_view_reads_what_read_reads(tmp_path):
+    """Content matching reads external data through a private mapping (graph.view): the same
+    values as read(), for aligned and unaligned offsets, and nothing written back to the file."""
+    from loramerge.onnx.graph import OnnxGraph
+
+    graph, *_ = _build(tmp_path, TensorProto.FLOAT16)
+    data = graph.parent / "model.onnx.data"
+    before = data.read_bytes()
+    g = OnnxGraph(graph)
+    for name in g.inits:
+        v = g.view(name)
+        assert torch.equal(v.view(torch.int16), g.read(name).view(torch.int16)), name
+        v.view(torch.int16)[0] += 1   # a private mapping: the file must not change
+    assert data.read_bytes() == before
+    g.release_views()
+    assert torch.equal(g.view(name), g.read(name))
+    m = onnx.load(str(graph), load_external_data=False)   # an odd offset: read() instead of a mapping
+    t = m.graph.initializer[1]
+    info = {e.key: e.value for e in t.external_data}
+    want = g.read(t.name)
+    data.write_bytes(b"\0" + before)
+    for e in t.external_data:
+        if e.key == "offset":
+            e.value = str(int(info["offset"]) + 1)
+    odd = graph.with_name("odd.onnx")
+    odd.write_bytes(m.SerializeToString())
+    g2 = OnnxGraph(odd)
+    assert torch.equal(g2.view(t.name).view(torch.int16), want.view(torch.int16))

@@ -245,6 +245,11 @@ class OnnxGraph:
             return self.read(name)
         return torch.frombuffer(m, dtype=torch.uint8, count=length, offset=offset).view(dtype).reshape(self.shape(name))
 
+    def release_views(self) -> None:
+        """Drop the mappings view() made (each goes once no view of it is left), so the folded
+        graph's pages do not stay mapped into the process for the rest of the fold."""
+        self._maps.clear()
+
     # -- writing -------------------------------------------------------------------------
     def clone_initializer(self, name: str, new_name: str, uses: list[tuple[onnx.NodeProto, int]]) -> str:
         """Add a copy of initializer `name` (same values; external data shared until saved) and

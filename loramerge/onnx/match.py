@@ -201,6 +201,13 @@ def by_block(ctx: _Context, blocks: BlockIndex, t: Target) -> list[Match]:
 def match_targets(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None) -> MatchResult:
     """Where each target lives in `graph`. Raises OnnxError only for ambiguity (identical
     candidates that graph position cannot tell apart); misses are in result.missing/unmatched."""
+    try:
+        return _match(graph, targets, base)
+    finally:
+        graph.release_views()
+
+
+def _match(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None) -> MatchResult:
     ctx = _Context(graph, base)
     result = MatchResult()
     reasons: dict[str, list[str]] = {}
