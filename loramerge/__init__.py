@@ -4,6 +4,7 @@ The public API is imported lazily: `import loramerge` (and the CLI's `--help`) d
 torch until a function is used.
 """
 
+import contextlib as _contextlib
 import os as _os
 
 # OpenMP threads that spin while waiting for work fight the reader, writer and compute threads of
@@ -44,14 +45,24 @@ def __getattr__(name):
 def import_heavy(module: str):
     """importlib.import_module for a module that imports torch, with the garbage collector's
     automatic collections held meanwhile: importing torch sets off ~370 of them, 0.12-0.23 s on a
-    2-core machine (gc.callbacks). The caller's setting is put back."""
-    import gc
+    2-core machine (gc.callbacks)."""
     import importlib
+
+    with collections_held():
+        return importlib.import_module(module)
+
+
+@_contextlib.contextmanager
+def collections_held():
+    """The garbage collector's automatic collections held for the duration (a context manager, or
+    a decorator: `@collections_held()`); the caller's setting is put back. With torch and numba
+    loaded, a full collection walks some 300k objects holding the GIL."""
+    import gc
 
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return importlib.import_module(module)
+        yield
     finally:
         if was_enabled:
             gc.enable()
