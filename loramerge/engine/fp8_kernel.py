@@ -25,6 +25,8 @@ import os
 import numpy as np
 import torch
 
+from .rounding_kernel import numba_threads
+
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a core dependency; the torch path does the same math
@@ -70,7 +72,7 @@ def merge(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], left: to
     so = scale_out.numpy() if scale_out is not None else np.zeros((0, 0), dtype=np.float32)
     nbr = -(-rows // block[0])
     bad, first, value = np.zeros(nbr, np.int64), np.full(nbr, -1, np.int64), np.zeros(nbr)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba_threads()
     _blocks(q.contiguous().view(torch.uint8).numpy(), _fp8_values(), scale.to(torch.float32).contiguous().numpy(),
             bs, a, block[0], block[1], p, emin, emax, clamp, _LIMIT[out.dtype], scale_out is not None, codes, f32, so,
             bad, first, value)

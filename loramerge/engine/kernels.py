@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import rounding
-from .rounding_kernel import AVAILABLE, lut, lut32, numba
+from .rounding_kernel import AVAILABLE, lut, lut32, numba, numba_threads
 
 if numba is not None:
     from .rounding_kernel import exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits, quick_ok
@@ -88,8 +88,7 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     redone = np.zeros(rows, dtype=np.int64)
     g = rounding.GRIDS[out_dtype]
     lo, hi = rounding.QUICK_RANGE[out_dtype]
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+    threads = numba_threads()
     args64 = (w16, lut(w.dtype), a64, bs64, out16, out_dtype == torch.float16, bad, undecided, lut(out_dtype),
               g.inf_bits, g.top_ulp, rounding.overflow_threshold(out_dtype), rounding.BOUND_SLACK, *bound64,
               52 - g.mbits, lo, hi)

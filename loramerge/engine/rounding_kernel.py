@@ -63,6 +63,14 @@ def lut32(dtype: torch.dtype) -> np.ndarray:
     return _LUTS32[dtype]
 
 
+def numba_threads() -> int:
+    """Set numba's thread count to torch's (within the pool numba started with) and return it:
+    torch.set_num_threads, or torch's default, governs every CPU kernel of the merge alike."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
+
 def grid_args(dtype: torch.dtype) -> tuple:
     """What the per-element functions need to know of a 16-bit output format: (value table, +Inf
     pattern, spacing below the largest value, overflow threshold, float16?, and for the quick
@@ -79,7 +87,7 @@ def round_decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
     to bfloat16/float16: (y, undecided), the same answers, in one pass."""
     y = torch.empty(approx.shape, dtype=dtype)
     und = torch.empty(approx.shape, dtype=torch.bool)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba_threads()
     x = approx.reshape(-1).numpy()
     single = x.dtype == np.float32
     _round_decide(x, x.view(np.uint32 if single else np.uint64), single,

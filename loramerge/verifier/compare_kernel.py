@@ -20,6 +20,8 @@ import os
 import numpy as np
 import torch
 
+from ..engine.rounding_kernel import lut32, numba_threads
+
 try:  # numba is a core dependency, but the torch path does the same where it is missing
     import numba
 except ImportError:  # pragma: no cover
@@ -40,7 +42,6 @@ def _lut(dtype: torch.dtype) -> np.ndarray:
     """float32 value of every 16-bit pattern of `dtype` (exact: both half formats fit in float32),
     built from the bits (rounding_kernel.lut32: a float conversion in a thread that flushes
     subnormals would cache bfloat16's subnormals as 0)."""
-    from ..engine.rounding_kernel import lut32
     return lut32(dtype)
 
 
@@ -56,7 +57,7 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
     p64, q64 = p.to(torch.float64).contiguous().numpy(), q.to(torch.float64).contiguous().numpy()
     fo = np.zeros((rows, 6), np.float64)   # max ulps, sq_err, sq_delta, dot, max_err, max_e
     io = np.zeros((rows, 3), np.int64)     # bad, first col with the row's max ulps, redone
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba_threads()
     mlut = _lut(m2.dtype)
     mcell = mlut.view(np.uint32) >> np.uint32(shift)  # M is on the grid: its cell is its top bits
     _rows(w16, _lut(w2.dtype), w2.dtype == torch.bfloat16, m16, mlut, mcell, p64.astype(np.float32), q64.astype(np.float32), p64, q64,
