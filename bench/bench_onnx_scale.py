@@ -184,9 +184,13 @@ def main():
             out.mkdir()
             if m == "fold":
                 cmd = [sys.executable, "-m", "loramerge", "export-onnx", str(graph), str(out / "model.onnx"),
-                       "--adapter", str(adapter), "--base", str(base), "--device", args.device]
+                       "--adapter", str(adapter), "--base", str(base), "--device", args.device, "--json"]
                 wall, anon, stdout = measure(cmd, env=env)
-                log(stdout.strip())
+                rep = json.loads(stdout)
+                stages = {k: round(v, 3) for k, v in rep.get("stages", {}).items()}
+                raw[m].setdefault("in_process", []).append(round(rep["seconds"], 3))
+                raw[m].setdefault("stages", []).append(stages)
+                log(f"  in-process {rep['seconds']:.2f} s, stages {stages}")
             else:
                 script = "; ".join(f"cat '{f}' > '{out / f.name}'" for f in files)
                 script += "; sync " + " ".join(f"'{out / f.name}'" for f in files)

@@ -15,11 +15,18 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from loramerge.onnx import patch  # noqa: E402
+from loramerge.onnx import content, patch  # noqa: E402
 
 H, I, R, ALPHA = 24, 40, 4, 8.0
 SHAPES = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (8, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
 NP = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}
+
+
+@pytest.fixture(autouse=True)
+def small_sample(monkeypatch):
+    """A 4 x 4 grid (content.SAMPLE) so that these small weights (24..40 wide) are proposed by
+    their sampled digest, as an 8B model's are by the default grid."""
+    monkeypatch.setattr(content, "SAMPLE", 4)
 
 
 def _build(tmp: Path, dtype: int, layers: int = 2, tweak=None):
@@ -206,9 +213,9 @@ DOWN = "model.layers.{}.mlp.down_proj.weight"   # stored [40, 24]: content match
 
 
 def test_initializers_alike_in_the_sampled_rows_are_told_apart_by_the_rest(tmp_path):
-    """Content matching proposes candidates from a digest of a few rows (content.sample_digest);
-    two initializers that agree there but differ in one other row must each still be matched to
-    their own base tensor, and folded as such."""
+    """Content matching proposes candidates from a digest of a grid (content.sample_digest); two
+    initializers that agree there but differ in one other row must each still be matched to their
+    own base tensor, and folded as such."""
     from loramerge.onnx.content import sample_digest
 
     seen = {}
@@ -279,3 +286,75 @@ def test_view_reads_what_read_reads(tmp_path):
     odd.write_bytes(m.SerializeToString())
     g2 = OnnxGraph(odd)
     assert torch.equal(g2.view(t.name).view(torch.int16), want.view(torch.int16))
+
+
+def _spy_reads(monkeypatch):
+    from loramerge.readers.checkpoint import Checkpoint
+
+    reads, rows = [], []
+    real_read, real_rows = Checkpoint.read, Checkpoint.read_rows
+    monkeypatch.setattr(Checkpoint, "read", lambda self, ref, out=None: (reads.append(ref.name),
+                                                                          real_read(self, ref, out))[1])
+    monkeypatch.setattr(Checkpoint, "read_rows", lambda self, ref, r: (rows.append(ref.name),
+                                                                       real_rows(self, ref, r))[1])
+    folds = []
+    real_fold = patch._fold
+    monkeypatch.setattr(patch, "_fold", lambda *a, defer: (folds.append(defer), real_fold(*a, defer=defer))[1])
+    return reads, rows, folds
+
+
+def test_samples_propose_and_the_merge_confirms_reading_each_base_tensor_once(tmp_path, monkeypatch):
+    """With a base, a sampled tensor is matched from SAMPLE rows of it, and read whole once, by the
+    merge, which also compares it with the initializer (a tensor too small to sample is read by
+    matching as well); the result is the float64 reference's."""
+    graph, base, adapter, expected = _build(tmp_path, TensorProto.FLOAT16)
+    reads, rows, folds = _spy_reads(monkeypatch)
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    report = patch.fold(graph, out, [adapter], base=base, device="cpu")
+    assert folds == [True] and len(report.matched) == 8
+    big = [f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in SHAPES if content.sampled(SHAPES[m])]
+    assert len(big) == 6 and sorted(rows) == sorted(big)           # k_proj (8 wide) is digested whole
+    small = [f"model.layers.{i}.self_attn.k_proj.weight" for i in (0, 1)]   # whole: by matching, then the merge
+    assert sorted(reads) == sorted(big + small + small)
+    got = _initializers(out)
+    for name, want in expected.items():
+        assert np.array_equal(got[name].view(np.uint8), want.view(np.uint8)), name
+
+
+def test_a_pending_match_that_does_not_hold_starts_the_fold_over(tmp_path, monkeypatch):
+    """A near miss outside the grid is proposed, taken pending, refuted by the merge's comparison:
+    the fold starts over matching in full, which finds no holder and refuses; nothing is written."""
+    from loramerge.errors import OnnxError
+
+    graph, base, adapter, _ = _build(tmp_path, TensorProto.FLOAT16)
+    name, off = _stored(graph, DOWN.format(1), base)
+    with open(graph.parent / "model.onnx.data", "r+b") as f:   # stored row 1 (not in the grid), column 5
+        f.seek(off + (24 + 5) * 2)
+        x = np.frombuffer(f.read(2), np.int16).copy()
+        f.seek(off + (24 + 5) * 2)
+        f.write((x + 1).tobytes())
+    assert 1 not in content.spread(40).tolist()
+    _, _, folds = _spy_reads(monkeypatch)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(OnnxError, match="could be them") as e:
+        patch.fold(graph, tmp_path / "o.onnx", [adapter], base=base, device="cpu")
+    assert folds == [True, False] and DOWN.format(1) + ": not found" in str(e.value)
+    assert sorted(tmp_path.rglob("*")) == before   # no output, no staging left
+
+
+def test_read_rows_reads_the_rows_read_reads(tmp_path):
+    from loramerge.readers.checkpoint import open_checkpoint
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(37, 5, generator=g).to(torch.bfloat16), "b": torch.randn(9, 3, 4, generator=g)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    for path in (tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin"):
+        ck = open_checkpoint(path)
+        for name, t in tensors.items():
+            rows = [0, 3, t.shape[0] - 1, 3]
+            got = ck.read_rows(ck.tensors[name], rows)
+            assert got.dtype == t.dtype and torch.equal(got, t[rows]), (path, name)
+        with pytest.raises(IndexError):
+            ck.read_rows(ck.tensors["a"], [37])

@@ -41,19 +41,42 @@ def content_digest(t: torch.Tensor) -> bytes:
     return sketch.digest(t, canonical=True)
 
 
-SAMPLE_ROWS = 16
+SAMPLE = 32   # a SAMPLE x SAMPLE grid spread over a 2-D tensor proposes its candidates
+
+
+def sampled(shape) -> bool:
+    """Whether tensors of `shape` are proposed by their grid (else by their whole content): a
+    condition symmetric in the two axes, so W and W.T are always digested the same way."""
+    return len(shape) == 2 and min(shape) > 2 * SAMPLE
+
+
+def spread(n: int) -> torch.Tensor:
+    """SAMPLE indices spread evenly over 0..n-1 (the first and the last included)."""
+    return torch.linspace(0, n - 1, SAMPLE, dtype=torch.float64).round().long()
+
+
+def grid(t: torch.Tensor) -> torch.Tensor:
+    """t[spread(rows)][:, spread(cols)] of a 2-D tensor (any view), contiguous. grid(X.T) is
+    grid(X).T, so a transposed view is sampled through the memory behind it: SAMPLE of its rows,
+    a few pages, whichever way the tensor is stored."""
+    if t.shape[0] > 1 and t.shape[1] > 1 and t.stride() == (1, t.shape[0]):
+        return grid(t.T).T.contiguous()
+    return t.index_select(0, spread(t.shape[0])).index_select(1, spread(t.shape[1]))
 
 
 def sample_digest(t: torch.Tensor) -> bytes:
-    """Digest of SAMPLE_ROWS rows spread over a 2-D tensor (any view; the whole tensor when it is
-    small or not 2-D): equal for any two tensors that hold the same values, so it can propose the
-    candidates for a base value while reading a few pages of each initializer instead of all of it.
-    Only a proposal: rows it skips are seen by content_digest (when several initializers share a
+    """Digest of t's grid (any 2-D view; the whole tensor when not sampled()): equal for any two
+    tensors that hold the same values, so it proposes the candidates for a base value while
+    reading SAMPLE rows of each initializer, and of the base tensor, instead of all of them. Only
+    a proposal: elements it skips are seen by content_digest (when several initializers share a
     sample) and by holds()."""
-    if t.dim() != 2 or t.shape[0] <= 2 * SAMPLE_ROWS:
-        return content_digest(t)
-    rows = torch.linspace(0, t.shape[0] - 1, SAMPLE_ROWS, dtype=torch.float64).round().long()
-    return content_digest(t.index_select(0, rows))
+    return content_digest(grid(t) if sampled(t.shape) else t)
+
+
+def converter_note(k: int) -> str:
+    """What a match's note says when `k` elements hold other bits than a plain cast."""
+    return (f"{k} element(s) differ from a plain cast, all tiny or overflowing values that the graph's "
+            "half-precision converter stored its own way" if k else "")
 
 
 def holds(a: torch.Tensor, v: torch.Tensor) -> tuple[bool, int]:
@@ -61,6 +84,11 @@ def holds(a: torch.Tensor, v: torch.Tensor) -> tuple[bool, int]:
     element by element, and in how many elements the bits differ (a converter's own rounding)."""
     canon, raw = sketch.compare(a, v)
     return canon == 0, raw
+
+
+def variant(w: torch.Tensor, dtype: torch.dtype, via: torch.dtype | None) -> torch.Tensor:
+    """The value variants() yields for `via`."""
+    return ops.cast(w, dtype) if via is None else ops.cast(w, via).to(dtype)
 
 
 def variants(w: torch.Tensor, dtype: torch.dtype):

@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from ..errors import OnnxError
-from ..writers.direct import DirectSink, direct_wanted
+from .datafile import Clock, DataOut, tensor_bytes, tensor_view
 
 FLOAT_TYPES: dict[int, torch.dtype] = {
     TensorProto.FLOAT: torch.float32,
@@ -35,7 +35,6 @@ TORCH_TO_ONNX = {v: k for k, v in FLOAT_TYPES.items()}
 # path that produced them.
 FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-COPY_CHUNK = 64 << 20
 AHEAD = 2               # patched tensors computed ahead of the writer when saving
 ALIGN_LARGE = 1 << 20   # tensors this big start on a 64 KiB boundary in external data (as onnx.save
 ALIGNMENT = 1 << 16     # does), so onnxruntime can memory-map them
@@ -278,20 +277,23 @@ class OnnxGraph:
         t.ClearField("double_data")
         t.raw_data = tensor_bytes(value)
 
-    def save(self, out_model: Path, out_data_name: str, data_tmp: Path | None, patched: dict) -> int:
+    def save(self, out_model: Path, out_data_name: str, data_tmp: Path | None, patched: dict,
+             stages: dict | None = None) -> int:
         """Write the model proto to `out_model`. External initializers go to `data_tmp` (whose final
-        name, relative to the model, is `out_data_name`; written through _Out, O_DIRECT where the
+        name, relative to the model, is `out_data_name`; written through DataOut, O_DIRECT where the
         file system allows it), copied range by range, except those in `patched` (name -> callable
         returning the new tensor). Those are computed by a worker thread up to AHEAD tensors in
         front of the writer, so the math overlaps the copies and writes; memory stays at a few
-        tensors. Returns the bytes of external data written."""
+        tensors. Returns the bytes of external data written. `stages` (if given) accumulates the
+        seconds spent waiting for patched values, writing them, copying the rest and syncing."""
+        clock = Clock(stages)
         written = 0
         if data_tmp is not None:
             external = [t for t in self.model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
             todo = iter([t.name for t in external if t.name in patched])
             ahead: dict[str, Future] = {}
             fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            out = _Out(fd, data_tmp)
+            out = DataOut(fd, data_tmp)
             try:
                 with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fold") as pool:
                     def top_up():
@@ -308,23 +310,27 @@ class OnnxGraph:
                             out.pad(ALIGNMENT if length >= ALIGN_LARGE else 64)
                             pos = out.pos
                             if name in patched:
-                                value = ahead.pop(name).result()
+                                with clock("wait"):
+                                    value = ahead.pop(name).result()
                                 top_up()
                                 data = tensor_view(value)
                                 if len(data) != length:
                                     raise OnnxError(f"internal error: new value of {name!r} has {len(data)} bytes, "
                                                     f"not {length}")
-                                out.write(data)
+                                with clock("write"):
+                                    out.write(data)
                                 del value, data
                             else:
-                                out.copy(*self._external(name), name)
+                                with clock("copy"):
+                                    out.copy(*self._external(name), name)
                             _set_external(t, out_data_name, pos, length)
                             written += length
                     finally:
                         for f in ahead.values():
                             f.cancel()
-                out.finish()
-                os.fsync(fd)
+                with clock("sync"):
+                    out.finish()
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         try:
@@ -361,81 +367,3 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
         e.key, e.value = key, value
     t.data_location = TensorProto.EXTERNAL
     t.ClearField("raw_data")
-
-
-class _Out:
-    """The output data file, written front to back through one descriptor, with O_DIRECT where
-    the file system takes it (writers/direct.py: no copy into the page cache, which on a VM whose
-    free memory goes back to the host costs more than the disk). Untouched ranges are read into
-    aligned buffers and written from them; where writes are buffered, they are copied file to
-    file (copy_file_range, falling back to pread/write) and each 64 MiB is handed to the disk at
-    once (writers.writeback) rather than all at the final fsync."""
-
-    def __init__(self, fd: int, path: Path):
-        self._sink = DirectSink(fd, path, direct_wanted())
-
-    @property
-    def pos(self) -> int:
-        return self._sink.pos
-
-    def write(self, data) -> None:
-        self._sink.write(data)
-
-    def pad(self, align: int) -> None:
-        if self.pos % align:
-            self.write(b"\0" * (align - self.pos % align))
-
-    def finish(self) -> None:
-        """Write what is still staged; before the fsync."""
-        self._sink.finish()
-
-    def copy(self, src: Path, offset: int, length: int, name: str) -> None:
-        try:
-            fin = os.open(src, os.O_RDONLY)
-        except OSError as e:
-            raise OnnxError(f"{src}: cannot read external data of initializer {name!r} ({e.strerror or e})") from e
-
-        def truncated():
-            return OnnxError(f"{src}: file ends inside initializer {name!r}; the external data file is truncated")
-
-        try:
-            if self._sink.direct:
-                self._sink.copy_range(fin, offset, length, truncated)
-                return
-            done, kernel_copy = 0, hasattr(os, "copy_file_range")
-            while done < length:
-                n = 0
-                if kernel_copy:
-                    try:
-                        n = os.copy_file_range(fin, self._sink.fd, min(length - done, COPY_CHUNK), offset + done)
-                    except OSError:
-                        n = 0
-                    if n == 0:
-                        kernel_copy = False  # not supported here (or a short file): the slow path decides
-                    else:
-                        self._sink.copied(n)
-                if not kernel_copy:
-                    chunk = os.pread(fin, min(COPY_CHUNK, length - done), offset + done)
-                    if not chunk:
-                        raise truncated()
-                    self.write(chunk)
-                    n = len(chunk)
-                done += n
-        finally:
-            os.close(fin)
-
-
-def tensor_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a CPU tensor without copying them (a contiguous copy only if it is not)."""
-    t = t.detach().cpu().contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-

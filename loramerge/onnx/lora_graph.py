@@ -26,7 +26,8 @@ from onnx import helper
 from ..engine import deltas, tuners
 from ..errors import OnnxError
 from ..types import Adapter
-from .graph import TORCH_TO_ONNX, OnnxGraph, tensor_bytes
+from .datafile import tensor_bytes
+from .graph import TORCH_TO_ONNX, OnnxGraph
 from .targets import Match, Target
 
 META_KEY = "loramerge.lora_branches"

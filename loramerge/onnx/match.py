@@ -29,8 +29,8 @@ import torch
 
 from ..errors import OnnxError
 from ..readers.checkpoint import Checkpoint
-from .content import (BlockIndex, DigestCache, block_holders, content_digest, holds, orientations, sample_digest,
-                      variants, whole_holders)
+from .content import (BlockIndex, DigestCache, block_holders, content_digest, converter_note, grid, holds,
+                      orientations, sample_digest, sampled, spread, variants, whole_holders)
 from .graph import OnnxGraph
 from .targets import Match, MatchResult, Target
 
@@ -62,8 +62,8 @@ class _Names:
 class _Context:
     """What every strategy reads: the graph, the base, and indexes built once."""
 
-    def __init__(self, graph: OnnxGraph, base: Checkpoint | None):
-        self.graph, self.base = graph, base
+    def __init__(self, graph: OnnxGraph, base: Checkpoint | None, defer: bool = False):
+        self.graph, self.base, self.defer = graph, base, defer
         self.float_inits = [n for n in graph.inits if graph.dtype(n) is not None]
         self.digest = DigestCache(graph)
         self.sources: dict[str, list[tuple[str, str]]] = {}   # source name -> [(init, how)]
@@ -88,6 +88,14 @@ class _Context:
             self._w = (t.name, self.base.read(t.ref))
         return self._w[1]
 
+    def base_grid(self, t: Target) -> torch.Tensor:
+        """content.grid of the base value (or the whole value, when not sampled): SAMPLE rows read."""
+        if not sampled(t.shape):
+            return self.base_value(t)
+        if self._w is not None and self._w[0] == t.name:
+            return grid(self._w[1])
+        return self.base.read_rows(t.ref, spread(t.shape[0]).tolist()).index_select(1, spread(t.shape[1]))
+
     def holds(self, init: str, v: torch.Tensor, proposed: bool = False) -> tuple[bool, str]:
         """Whether `init` holds `v` (a base value in the initializer's dtype and layout), compared
         element by element once the digests agree (or the caller's index `proposed` the pair); the
@@ -97,8 +105,7 @@ class _Context:
         if not proposed and content_digest(v) != self.digest(init):
             return False, ""
         ok, k = holds(self.graph.view(init), v)
-        return ok, (f"{k} element(s) differ from a plain cast, all tiny or overflowing values that the graph's "
-                    "half-precision converter stored its own way" if ok and k else "")
+        return ok, (converter_note(k) if ok else "")
 
 
 # -- strategies: each returns (candidates, reasons why a lead did not pan out) -------------------
@@ -170,7 +177,33 @@ class _ContentIndex:
         self.kinds = {k[:2] for k in self.index}   # (dtype, shape): a layout no initializer has is not digested
 
 
+def _proposals(index: _ContentIndex, t: Target, dt: torch.dtype, g: torch.Tensor) -> list[tuple[bool, str]]:
+    """(transposed, initializer) whose sampled digest equals that of the base value cast to `dt`
+    (`g`: its grid, or whole value) in either layout."""
+    out = []
+    for transposed, gv in orientations(g):
+        shape = tuple(t.shape[::-1] if transposed else t.shape)
+        if (dt, shape) in index.kinds:
+            out += [(transposed, n) for n in index.index.get((dt, shape, content_digest(gv)), ())]
+    return out
+
+
 def by_content(ctx: _Context, index: _ContentIndex, t: Target) -> list[Match]:
+    if ctx.defer:
+        # proposals from the base value's grid alone (SAMPLE rows read); one proposal in all is
+        # taken pending: the fold compares it in full when it reads the value to merge it
+        g, found = ctx.base_grid(t), []
+        for dt in index.dtypes:
+            for via, gc in variants(g, dt):
+                hits = _proposals(index, t, dt, gc)
+                if hits:
+                    found += [(dt, via, transposed, n) for transposed, n in hits]
+                    break
+        if len(found) == 1:
+            _, via, transposed, init = found[0]
+            return [Match(t, init, transposed, "content", via=via, pending=True)]
+        if not found:
+            return []
     w = ctx.base_value(t)
     cands = []
     for dt in index.dtypes:
@@ -179,7 +212,7 @@ def by_content(ctx: _Context, index: _ContentIndex, t: Target) -> list[Match]:
                 if (dt, tuple(v.shape)) not in index.kinds:
                     continue
                 proposed = index.index.get((dt, tuple(v.shape), sample_digest(v)), [])
-                if len(proposed) > 1:  # rows the sample skipped decide (e.g. layers alike but for pruned rows)
+                if len(proposed) > 1:  # elements the sample skipped decide (e.g. layers alike but for pruned rows)
                     d = content_digest(v)
                     proposed = [n for n in proposed if ctx.digest(n) == d]
                 for init in proposed:
@@ -198,17 +231,20 @@ def by_block(ctx: _Context, blocks: BlockIndex, t: Target) -> list[Match]:
 
 # -- putting it together ------------------------------------------------------------------------
 
-def match_targets(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None) -> MatchResult:
+def match_targets(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None,
+                  defer: bool = False) -> MatchResult:
     """Where each target lives in `graph`. Raises OnnxError only for ambiguity (identical
-    candidates that graph position cannot tell apart); misses are in result.missing/unmatched."""
+    candidates that graph position cannot tell apart); misses are in result.missing/unmatched.
+    defer: a content match proposed by the sampled digest alone, with no other candidate, is
+    returned pending (Match.pending), for the caller to confirm when it reads the base value."""
     try:
-        return _match(graph, targets, base)
+        return _match(graph, targets, base, defer)
     finally:
         graph.release_views()
 
 
-def _match(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None) -> MatchResult:
-    ctx = _Context(graph, base)
+def _match(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None, defer: bool) -> MatchResult:
+    ctx = _Context(graph, base, defer)
     result = MatchResult()
     reasons: dict[str, list[str]] = {}
     left = []

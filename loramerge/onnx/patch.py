@@ -27,11 +27,13 @@ from ..readers.checkpoint import Checkpoint, open_checkpoint
 from ..report import JsonReport
 from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
 from ..writers.output import Staged, check_disk_space, check_output_path, commit_all
+from .datafile import Clock
 from .graph import OnnxGraph
 from .lora_graph import add_branches
 from .match import match_targets
 from .shared import check_shared, shared_uses
-from .targets import Match, MatchResult, Target, collect_targets
+from .content import converter_note, holds, variant
+from .targets import Match, MatchResult, Target, Unconfirmed, collect_targets
 from .runtime import Comparison, compare_graphs, op_counts, sample_inputs
 
 FOLD_META_KEY = "loramerge.folded"
@@ -53,6 +55,7 @@ class OnnxReport(JsonReport):
     tolerance: tuple[float, float] | None = None  # (atol, rtol) of the check, if any
     adapter_files: list[str] = field(default_factory=list)  # .onnx_adapter files (--lora-inputs)
     seconds: float = 0.0
+    stages: dict = field(default_factory=dict)  # fold: seconds per stage (match, read, confirm, merge, wait, ...)
 
     def summary(self) -> str:
         lines = []
@@ -98,27 +101,38 @@ def _in_graph_layout(t: Target) -> Target | None:
 
 
 def merged_value(graph: OnnxGraph, init: str, ms: list[Match], adapters: list[Adapter], ck: Checkpoint | None,
-                 device: torch.device) -> torch.Tensor:
-    """The new value of initializer `init`, in its own layout and dtype."""
+                 device: torch.device, clock: Clock = Clock(None)) -> torch.Tensor:
+    """The new value of initializer `init`, in its own layout and dtype (`clock`: the seconds spent
+    reading, confirming and merging)."""
     dtype = graph.dtype(init)
     code = TORCH_TO_ST[dtype]
 
     def new_w(m: Match, current) -> torch.Tensor:
         """`current()` reads the initializer (or its block) as stored; with a base checkpoint the
-        merge starts from the base's own values instead, and the initializer is not read at all."""
+        merge starts from the base's own values instead, and the initializer is read only to
+        confirm a pending match."""
         from_base = ck is not None and m.target.ref is not None
         # one rounding, to the precision the graph holds the values in (m.via: rounded to a half type
         # first, as exporting the merged half-precision checkpoint would), then an exact widening
         job_code = TORCH_TO_ST[m.via] if m.via is not None else code
         flipped = _in_graph_layout(m.target) if m.transposed else None
-        if flipped is not None:
-            w = ck.read(m.target.ref).T if from_base else current()
-            y, _ = engine.compute(_job(flipped, job_code), w, adapters, device, torch.float32)
-            return y.to(dtype)
-        w = ck.read(m.target.ref) if from_base else (current().T if m.transposed else current())
-        y, _ = engine.compute(_job(m.target, job_code), w, adapters, device, torch.float32)
-        y = y.to(dtype)
-        return y.T if m.transposed else y
+        with clock("read"):
+            if from_base:
+                w = ck.read(m.target.ref)
+            else:
+                w = current().T if m.transposed and flipped is None else current()
+        if from_base and m.pending:  # proposed by a sample only: compared in full now that W is in memory
+            with clock("confirm"):
+                confirm(graph, m, w)
+        if from_base and flipped is not None:
+            w = w.T
+        with clock("merge"):
+            if flipped is not None:
+                y, _ = engine.compute(_job(flipped, job_code), w, adapters, device, torch.float32)
+                return y.to(dtype)
+            y, _ = engine.compute(_job(m.target, job_code), w, adapters, device, torch.float32)
+            y = y.to(dtype)
+            return y.T if m.transposed else y
 
     if ms[0].block is None:
         return new_w(ms[0], lambda: graph.read(init)).contiguous()
@@ -131,15 +145,25 @@ def merged_value(graph: OnnxGraph, init: str, ms: list[Match], adapters: list[Ad
     return big
 
 
+def confirm(graph: OnnxGraph, m: Match, w: torch.Tensor) -> None:
+    """Compare a pending match's initializer with the base value `w` element by element (in the
+    form the match says the graph holds it); raise Unconfirmed when they differ."""
+    v = variant(w, graph.dtype(m.init), m.via)
+    ok, k = holds(graph.view(m.init), v.T if m.transposed else v)
+    if not ok:
+        raise Unconfirmed(f"{m.target.name} -> {m.init}")
+    m.pending, m.note = False, "; ".join(filter(None, [m.note, converter_note(k)]))
+
+
 def _match_lines(result: MatchResult) -> list[str]:
     return [m.describe() for m in result.matches]
 
 
-def locate(graph: OnnxGraph, targets: list[Target], ck: Checkpoint | None) -> MatchResult:
+def locate(graph: OnnxGraph, targets: list[Target], ck: Checkpoint | None, defer: bool = False) -> MatchResult:
     """Match the targets to initializers, then give each target that shares an initializer with
     other modules its own copy (same values, used by its own nodes), and refuse what is shared in
-    ways the graph cannot tell apart."""
-    result = match_targets(graph, targets, ck)
+    ways the graph cannot tell apart. defer: see match.match_targets."""
+    result = match_targets(graph, targets, ck, defer)
     unshare(graph, result)
     check_shared(graph, result, ck is not None)
     return result
@@ -163,7 +187,23 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
     keep_lora: write the base graph with LoRA side branches instead (lora_inputs: as overridable
     graph inputs). verify: also build the other variant (keep-lora or folded) and compare outputs
     with onnxruntime before anything is committed. adapter_opts: what some adapter formats do not
-    store (lora_alpha, fan_in_fan_out, enable_lora, only; see loramerge.readers.adapters.load_adapters)."""
+    store (lora_alpha, fan_in_fan_out, enable_lora, only; see loramerge.readers.adapters.load_adapters).
+
+    With a base, content matches proposed by a sampled digest alone are confirmed element by
+    element as each target is merged (so the base is read once and matching costs a few pages per
+    tensor); if one does not hold, the fold starts over with every candidate compared up front."""
+    args = (graph_path, out, adapters, weights, base, strict, keep_lora, lora_inputs, device, overwrite, verify,
+            adapter_opts)
+    if base is not None and not keep_lora:
+        try:
+            return _fold(*args, defer=True)
+        except Unconfirmed:
+            pass  # a sampled digest proposed an initializer that differs elsewhere: match in full
+    return _fold(*args, defer=False)
+
+
+def _fold(graph_path, out, adapters, weights, base, strict, keep_lora, lora_inputs, device, overwrite, verify,
+          adapter_opts, defer: bool) -> OnnxReport:
     t0 = time.perf_counter()
     graph_path, out = Path(graph_path), Path(out)
     adapter_paths = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
@@ -180,6 +220,8 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
     ck = open_checkpoint(base) if base is not None else None
     dev = engine.resolve_device(device)
     report = OnnxReport(out=out, mode="keep-lora" if keep_lora else "fold")
+    clock = Clock(report.stages)
+    report.stages["open"] = time.perf_counter() - t0
     try:
         inputs = [graph_path, *graph.external_files(), *adapter_paths] + ([Path(base)] if base is not None else [])
         check_output_path(out, inputs, overwrite)
@@ -188,7 +230,8 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
             _check_data_path(out.parent / data_name, inputs, overwrite)
         check_disk_space(out, graph_path.stat().st_size + sum(f.stat().st_size for f in graph.external_files()))
         targets = collect_targets(loaded, weights, ck)
-        result = locate(graph, targets, ck)
+        with clock("match"):
+            result = locate(graph, targets, ck, defer)
         _check_coverage(graph_path, targets, result, ck is not None, strict, report)
 
         for p in graph.model.metadata_props:
@@ -196,7 +239,6 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
                 report.warnings.append(f"{graph_path} already has adapters folded in by loramerge ({p.value}); "
                                        "folding again adds on top of them")
         report.ops_before = op_counts(graph.model)
-        report.matched = _match_lines(result)
         for m in result.matches:
             report.how[m.how + (" (packed block)" if m.block else "")] = \
                 report.how.get(m.how + (" (packed block)" if m.block else ""), 0) + 1
@@ -206,9 +248,9 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
         else:
             for init, ms in result.by_init().items():
                 if graph.is_external(init):
-                    patched[init] = (lambda i=init, g=ms: merged_value(graph, i, g, loaded, ck, dev))
+                    patched[init] = (lambda i=init, g=ms: merged_value(graph, i, g, loaded, ck, dev, clock))
                 else:
-                    graph.set_internal(init, merged_value(graph, init, ms, loaded, ck, dev))
+                    graph.set_internal(init, merged_value(graph, init, ms, loaded, ck, dev, clock))
         _set_meta(graph.model, {FOLD_META_KEY if not keep_lora else "loramerge.keep_lora": json.dumps(
             {"adapters": [str(p) for p in adapter_paths], "weights": weights or [1.0] * len(adapter_paths)})})
         report.ops_after = op_counts(graph.model)
@@ -221,13 +263,15 @@ def fold(graph_path, out, adapters, *, weights: list[float] | None = None, base=
                 staged_data = Staged(out.parent / data_name, is_dir=False, overwrite=overwrite, group=staged)
                 tmp_data = stack.enter_context(staged_data)
             location = (tmp_data.name if verify else data_name) if tmp_data is not None else ""
-            graph.save(tmp_model, location, tmp_data, patched)
+            with clock("save"):
+                graph.save(tmp_model, location, tmp_data, patched, report.stages)
             if verify:
                 report.comparison, report.tolerance = _verify(
                     tmp_model, graph_path, adapter_paths, weights, base, not keep_lora, stack, graph, result,
                     adapter_opts)
             if tmp_data is not None and verify:
                 graph.relocate(tmp_data.name, data_name, tmp_model)
+            report.matched = _match_lines(result)  # after the merges, which confirm pending matches
             commit_all(*[s for s in (staged_data, staged) if s is not None])  # model and data: one commit
     finally:
         if ck is not None:

@@ -44,12 +44,20 @@ class Match:
     block: tuple[int, int] | None = None
     note: str = ""
     via: torch.dtype | None = None    # the initializer holds values rounded to this dtype first
+    # proposed by a sampled digest alone: the fold compares it with the base value element by
+    # element when it reads that value to merge (patch.confirm), and starts over without
+    # deferring (every candidate compared up front) if they differ
+    pending: bool = False
 
     def describe(self) -> str:
         where = f"{self.init}" + (f" [block at {self.block[1]} on axis {self.block[0]}]" if self.block else "")
         via = f", via {str(self.via).removeprefix('torch.')}" if self.via is not None else ""
         return (f"{self.target.name} -> {where} ({self.how}{', transposed' if self.transposed else ''}{via}"
                 f"{'; ' + self.note if self.note else ''})")
+
+
+class Unconfirmed(Exception):
+    """A pending match's initializer turned out not to hold the base value."""
 
 
 @dataclass

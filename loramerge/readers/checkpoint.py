@@ -151,6 +151,28 @@ class Checkpoint:
                 got += n
         return buf[: ref.nbytes].view(ST_TO_TORCH[ref.dtype]).reshape(ref.shape)
 
+    def read_rows(self, ref: TensorRef, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` (indices along the first axis) of a tensor with at least one dimension, as
+        [len(rows), *shape[1:]] in its own memory: from safetensors only those rows' bytes are read
+        (one pread each), so sampling a big tensor costs a few pages, not the tensor."""
+        if ref.offset is None:
+            return self._bin_tensor(ref)[rows].clone()
+        row_bytes = ref.nbytes // ref.shape[0] if ref.shape and ref.shape[0] else 0
+        buf = torch.empty(len(rows) * row_bytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()).cast("B")
+        fd = os.open(ref.file, os.O_RDONLY)
+        try:
+            for k, i in enumerate(rows):
+                if not 0 <= i < ref.shape[0]:
+                    raise IndexError(f"{ref.name}: row {i} of {ref.shape[0]}")
+                got = os.preadv(fd, [view[k * row_bytes:(k + 1) * row_bytes]], ref.offset + i * row_bytes)
+                if got != row_bytes:
+                    raise CheckpointError(f"{ref.file}: file ended while reading tensor {ref.name!r}; "
+                                          "it was truncated after it was opened")
+        finally:
+            os.close(fd)
+        return buf.view(ST_TO_TORCH[ref.dtype]).reshape(len(rows), *ref.shape[1:])
+
     def _bin_tensor(self, ref: TensorRef) -> torch.Tensor:
         sd = self._load_bin(ref.file)
         return sd[ref.name]
