@@ -14,7 +14,7 @@ float32 (--accum float32, the default), per row i, k in order:
   u = 2^-24, B' = B f (float64), B32 and A32 its and A's float32 roundings. Higham's bound for the
   ordered dot product (gamma_R) and for adding W last (u|r|: W's own error is one rounding, not
   R), the roundings of B' and A to float32 (2u), Cauchy-Schwarz for sum_k |B'_ik A_kj| (O(1) per
-  element from row and column norms), and what underflow can lose - products, partial sums,
+  element from row and column norms, computed never below the true ones: kernel_terms), and what underflow can lose - products, partial sums,
   subnormal inputs, each less than 2^-126 even where the FPU flushes subnormals to zero (FTZ/DAZ;
   a subnormal W adds one more 2^-126). R < 2^14 keeps gamma_R within 1.001 R u.
   An element this leaves undecided is evaluated again in float64 (a rank-long dot product) and
@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import rounding
+from . import kernel_terms, rounding
 from .rounding_kernel import AVAILABLE, lut, lut32, numba, numba_threads
 
 if numba is not None:
@@ -67,19 +67,23 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     rows, cols = w.shape
     rank = a.shape[0]
     w16 = w.contiguous().view(torch.int16).numpy().view(np.uint16)
-    f64 = factors.to(torch.float64).numpy()
-    a64 = a.to(torch.float64).contiguous().numpy()
-    b64 = b.to(torch.float64).numpy()
-    bs64 = np.ascontiguousarray(b64 * f64)
-    # the bounds' per-row and per-column parts, zero where no term can be nonzero (then the float
-    # sum is W itself); numpy, not torch: torch's CPU reductions along a short axis cost more than
-    # the merge itself
-    live_r = ((b64 != 0) & (f64 != 0)).any(1).astype(np.float64)
-    live_c = (a64 != 0).any(0).astype(np.float64)
-    na, nb = upper_norms(a64, 0), upper_norms(bs64, 1)
-    coef = 1.01 * (rank + 2) * U64  # lowrank.bound64
-    bound64 = (live_r * coef, live_r * coef * nb, live_c, na * live_c,
-               (na * (2 * rank ** 0.5) + (rank + 4)) * TINY64 * live_c)
+    first32 = accum == torch.float32 and 0 < rank < MAX_RANK_32
+    threads = numba_threads()
+    # B' = B f and A in float64 (and float32 for the float32 pass), and the bounds' per-row and
+    # per-column parts, zero where no term can be nonzero (then the float sum is W itself):
+    #   float64 pass: row_w = coef, row_n = coef ||B'_i||, col_w = 1, col_n = ||A_j||,
+    #                 col_u = (2 sqrt(R) ||A_j|| + R + 4) 2^-1074      (lowrank.bound64)
+    #   float32 pass, in float32 rounded up: c ||B'_i||, ||A_j||, 2^-126 sum_k |B'_ik|,
+    #                 2^-126 (sum_k |A_kj| + 2R + 3), and the live masks
+    # with norms never below the true ones (kernel_terms; 1 + 2(R+2)u raises them)
+    coef = 1.01 * (rank + 2) * U64
+    raise_ = 1 + 2 * (rank + 2) * U64
+    bs64, bs32, row_w, row_n, rn32, ru32, live_r32 = kernel_terms.row_terms(
+        kernel_terms.as_array(b), kernel_terms.as_array(factors.to(torch.float64)), first32, coef, raise_,
+        1.01 * (rank + 2) * U32, TINY_N)
+    a64, a32, col_w, col_n, col_u, cn32, cu32, live_c32 = kernel_terms.col_terms(
+        kernel_terms.as_array(a), first32, raise_, 2 * rank ** 0.5, rank + 4.0, TINY64, TINY_N, 2.0 * rank, 3.0)
+    bound64 = (row_w, row_n, col_w, col_n, col_u)
     if out is None:
         out = torch.empty(w.shape, dtype=out_dtype)
     out16 = out.view(torch.int16).numpy().view(np.uint16)
@@ -88,19 +92,16 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     redone = np.zeros(rows, dtype=np.int64)
     g = rounding.GRIDS[out_dtype]
     lo, hi = rounding.QUICK_RANGE[out_dtype]
-    threads = numba_threads()
     args64 = (w16, lut(w.dtype), a64, bs64, out16, out_dtype == torch.float16, bad, undecided, lut(out_dtype),
               g.inf_bits, g.top_ulp, rounding.overflow_threshold(out_dtype), rounding.BOUND_SLACK, *bound64,
               52 - g.mbits, lo, hi)
-    if accum != torch.float32 or not 0 < rank < MAX_RANK_32:
+    if not first32:
         _rows64(args64, 0, rows, _block(rows, threads))
         return out, bad, undecided, 0
     # the float32 pass's bound (module docstring), per row and per column, in float32 rounded up
-    bound32 = tuple(_up32(x) for x in ((1.01 * (rank + 2) * U32) * nb * live_r, na * live_c,
-                                       TINY_N * np.abs(bs64).sum(1) * live_r,
-                                       TINY_N * (np.abs(a64).sum(0) + 2 * rank + 3) * live_c, live_r, live_c))
+    bound32 = (rn32, cn32, ru32, cu32, live_r32, live_c32)
     lo32, hi32 = np.float32(lo), np.float32(hi if hi < 2.0 ** 128 else np.inf)
-    args32 = (bs64.astype(np.float32), a64.astype(np.float32), lut32(w.dtype),
+    args32 = (bs32, a32, lut32(w.dtype),
               w.dtype == torch.bfloat16, *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
     _rows32(args32, args64, 0, probe, _block(probe, threads))
@@ -118,24 +119,6 @@ def _block(rows: int, threads: int) -> int:
     row (three rows' buffers allocated per row cost a few percent of a bf16 r=16 merge); at least
     8 tasks per thread, so that uneven threads still balance."""
     return max(1, min(64, rows // (8 * threads)))
-
-
-def _up32(x: np.ndarray) -> np.ndarray:
-    """x (float64, >= 0) in float32, rounded up (zero stays zero)."""
-    f = x.astype(np.float32)
-    return np.where(f.astype(np.float64) < x, np.nextafter(f, np.float32(np.inf)), f)
-
-
-def upper_norms(x: np.ndarray, axis: int) -> np.ndarray:
-    """lowrank.upper_norms in numpy: 2-norms along `axis` (float64), never below the true ones:
-    each slice scaled by a power of two (exact) so that its squares neither underflow nor
-    overflow, the result raised to cover the roundings of the sum of squares and the root."""
-    from .lowrank import U64
-    x = np.abs(x)
-    _, ex = np.frexp(x.max(axis, keepdims=True))
-    scale = np.ldexp(1.0, np.clip(-ex, -1022, 1000))
-    n = np.sqrt(np.square(x * scale).sum(axis)) / np.squeeze(scale, axis)
-    return n * (1 + 2 * (x.shape[axis] + 2) * U64)
 
 
 if numba is not None:
