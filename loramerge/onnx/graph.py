@@ -224,6 +224,25 @@ class OnnxGraph:
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
         return t.view(dtype).reshape(self.shape(name))
 
+    def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """read(), into the byte buffer `buf` (at least nbytes) for external data: one pread, no
+        page faults on a mapping and no fresh memory, which is what the fold's reader wants."""
+        if not self.is_external(name) or self.dtype(name) is None:
+            return self.read(name)
+        file, offset, length = self._external(name)
+        if length != self.nbytes(name):
+            return self.read(name)  # read() explains what is wrong
+        view = memoryview(buf.numpy()).cast("B")[:length]
+        got = 0
+        with open(file, "rb", buffering=0) as f:
+            while got < length:
+                n = os.preadv(f.fileno(), [view[got:]], offset + got)
+                if not n:
+                    raise OnnxError(f"{file}: file ends inside initializer {name!r}; the external data file is "
+                                    "truncated or belongs to another model")
+                got += n
+        return buf[:length].view(self.dtype(name)).reshape(self.shape(name))
+
     def view(self, name: str) -> torch.Tensor:
         """A float initializer to read, not to keep or change: external data is mapped from its
         file (a private mapping: no copy, nothing written back), the rest is read()."""
@@ -281,11 +300,13 @@ class OnnxGraph:
              stages: dict | None = None) -> int:
         """Write the model proto to `out_model`. External initializers go to `data_tmp` (whose final
         name, relative to the model, is `out_data_name`; written through DataOut, O_DIRECT where the
-        file system allows it), copied range by range, except those in `patched` (name -> callable
-        returning the new tensor). Those are computed by a worker thread up to AHEAD tensors in
-        front of the writer, so the math overlaps the copies and writes; memory stays at a few
-        tensors. Returns the bytes of external data written. `stages` (if given) accumulates the
-        seconds spent waiting for patched values, writing them, copying the rest and syncing."""
+        file system allows it), copied range by range, except those in `patched` (name -> a task
+        with load(), compute(loaded) -> the new tensor, done(): merging.Task). Each task is loaded
+        on a reader thread and computed on a compute thread, up to AHEAD tensors in front of the
+        writer, so reading, merging and writing overlap; memory stays at a few tensors; done() is
+        called once its bytes are written. Returns the bytes of external data written. `stages`
+        (if given) accumulates the seconds spent waiting for patched values, writing them, copying
+        the rest and syncing."""
         clock = Clock(stages)
         written = 0
         if data_tmp is not None:
@@ -295,13 +316,16 @@ class OnnxGraph:
             fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             out = DataOut(fd, data_tmp)
             try:
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fold") as pool:
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fold-read") as reader, \
+                        ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-fold") as worker:
                     def top_up():
                         while len(ahead) < AHEAD:
                             name = next(todo, None)
                             if name is None:
                                 return
-                            ahead[name] = pool.submit(patched[name])
+                            task = patched[name]
+                            loaded = reader.submit(task.load)
+                            ahead[name] = worker.submit(lambda t=task, f=loaded: t.compute(f.result()))
                     try:
                         top_up()
                         for t in external:
@@ -320,6 +344,7 @@ class OnnxGraph:
                                 with clock("write"):
                                     out.write(data)
                                 del value, data
+                                patched[name].done()
                             else:
                                 with clock("copy"):
                                     out.copy(*self._external(name), name)

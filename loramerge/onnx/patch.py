@@ -28,11 +28,11 @@ from ..report import JsonReport
 from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
 from ..writers.output import Staged, check_disk_space, check_output_path, commit_all
 from .datafile import Clock
-from .graph import OnnxGraph
+from .merging import merge_tasks, merged_value
+from .graph import AHEAD, OnnxGraph
 from .lora_graph import add_branches
 from .match import match_targets
 from .shared import check_shared, shared_uses
-from .content import converter_note, holds, variant
 from .targets import Match, MatchResult, Target, Unconfirmed, collect_targets
 from .runtime import Comparison, compare_graphs, op_counts, sample_inputs
 
@@ -77,82 +77,6 @@ class OnnxReport(JsonReport):
         lines += self.notes
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
-
-
-def _job(t: Target, code: str) -> Job:
-    ref = t.ref or TensorRef(t.name, Path("<onnx>"), code, t.shape, None, 0)
-    return Job(t.name, ref, code, t.terms)
-
-
-_FLIP = {"linear": "transposed", "transposed": "linear"}
-
-
-def _in_graph_layout(t: Target) -> Target | None:
-    """`t` as the merge of W.T: every term's layout flipped (deltas.factors then hands out A.T and
-    B.T), so a target stored transposed is merged in the initializer's own layout and the result
-    needs no transposed copy. None where the terms are not plain 2-D LoRA terms."""
-    if len(t.shape) != 2 or any(term.kind != "lora" or term.pair is None or term.pair.layout not in _FLIP
-                                for term in t.terms):
-        return None
-    terms = tuple(replace(term, pair=replace(term.pair, layout=_FLIP[term.pair.layout],
-                                                   base_shape=tuple(term.pair.base_shape)[::-1]))
-                  for term in t.terms)
-    return Target(t.name, t.shape[::-1], terms)
-
-
-def merged_value(graph: OnnxGraph, init: str, ms: list[Match], adapters: list[Adapter], ck: Checkpoint | None,
-                 device: torch.device, clock: Clock = Clock(None)) -> torch.Tensor:
-    """The new value of initializer `init`, in its own layout and dtype (`clock`: the seconds spent
-    reading, confirming and merging)."""
-    dtype = graph.dtype(init)
-    code = TORCH_TO_ST[dtype]
-
-    def new_w(m: Match, current) -> torch.Tensor:
-        """`current()` reads the initializer (or its block) as stored; with a base checkpoint the
-        merge starts from the base's own values instead, and the initializer is read only to
-        confirm a pending match."""
-        from_base = ck is not None and m.target.ref is not None
-        # one rounding, to the precision the graph holds the values in (m.via: rounded to a half type
-        # first, as exporting the merged half-precision checkpoint would), then an exact widening
-        job_code = TORCH_TO_ST[m.via] if m.via is not None else code
-        flipped = _in_graph_layout(m.target) if m.transposed else None
-        with clock("read"):
-            if from_base:
-                w = ck.read(m.target.ref)
-            else:
-                w = current().T if m.transposed and flipped is None else current()
-        if from_base and m.pending:  # proposed by a sample only: compared in full now that W is in memory
-            with clock("confirm"):
-                confirm(graph, m, w)
-        if from_base and flipped is not None:
-            w = w.T
-        with clock("merge"):
-            if flipped is not None:
-                y, _ = engine.compute(_job(flipped, job_code), w, adapters, device, torch.float32)
-                return y.to(dtype)
-            y, _ = engine.compute(_job(m.target, job_code), w, adapters, device, torch.float32)
-            y = y.to(dtype)
-            return y.T if m.transposed else y
-
-    if ms[0].block is None:
-        return new_w(ms[0], lambda: graph.read(init)).contiguous()
-    big = graph.read(init).clone()
-    for m in ms:
-        axis, start = m.block
-        size = (m.target.shape[::-1] if m.transposed else m.target.shape)[axis]
-        part = big.narrow(axis, start, size)
-        part.copy_(new_w(m, lambda p=part: p.clone()))
-    return big
-
-
-def confirm(graph: OnnxGraph, m: Match, w: torch.Tensor) -> None:
-    """Compare a pending match's initializer with the base value `w` element by element (in the
-    form the match says the graph holds it); raise Unconfirmed when they differ."""
-    v = variant(w, graph.dtype(m.init), m.via)
-    ok, k = holds(graph.view(m.init), v.T if m.transposed else v)
-    if not ok:
-        raise Unconfirmed(f"{m.target.name} -> {m.init}")
-    m.pending, m.note = False, "; ".join(filter(None, [m.note, converter_note(k)]))
 
 
 def _match_lines(result: MatchResult) -> list[str]:
@@ -247,10 +171,9 @@ def _fold(graph_path, out, adapters, weights, base, strict, keep_lora, lora_inpu
             add_branches(graph, result.matches, loaded, targets, lora_inputs)
         else:
             for init, ms in result.by_init().items():
-                if graph.is_external(init):
-                    patched[init] = (lambda i=init, g=ms: merged_value(graph, i, g, loaded, ck, dev, clock))
-                else:
+                if not graph.is_external(init):
                     graph.set_internal(init, merged_value(graph, init, ms, loaded, ck, dev, clock))
+            patched = merge_tasks(graph, result, loaded, ck, dev, clock, AHEAD)
         _set_meta(graph.model, {FOLD_META_KEY if not keep_lora else "loramerge.keep_lora": json.dumps(
             {"adapters": [str(p) for p in adapter_paths], "weights": weights or [1.0] * len(adapter_paths)})})
         report.ops_after = op_counts(graph.model)
