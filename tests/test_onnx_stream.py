@@ -100,12 +100,18 @@ def _initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.FLOAT])
-def test_transposed_external_fold_matches_the_float64_reference(tmp_path, dtype):
+def test_transposed_external_fold_matches_the_float64_reference(tmp_path, dtype, device):
+    """On a GPU, pending matches are settled by a bit-for-bit comparison there and W.T is a view."""
     graph, base, adapter, expected = _build(tmp_path, dtype)
     out = tmp_path / "out" / "folded.onnx"
     out.parent.mkdir()
-    report = patch.fold(graph, out, [adapter], base=base, device="cpu")
+    report = patch.fold(graph, out, [adapter], base=base, device=device)
     assert len(report.matched) == 8 and not report.missing
     got = _initializers(out)
     assert set(got) == set(expected)
@@ -322,7 +328,8 @@ def test_samples_propose_and_the_merge_confirms_reading_each_base_tensor_once(tm
         assert np.array_equal(got[name].view(np.uint8), want.view(np.uint8)), name
 
 
-def test_a_pending_match_that_does_not_hold_starts_the_fold_over(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_pending_match_that_does_not_hold_starts_the_fold_over(tmp_path, monkeypatch, device):
     """A near miss outside the grid is proposed, taken pending, refuted by the merge's comparison:
     the fold starts over matching in full, which finds no holder and refuses; nothing is written."""
     from loramerge.errors import OnnxError
@@ -338,7 +345,7 @@ def test_a_pending_match_that_does_not_hold_starts_the_fold_over(tmp_path, monke
     _, _, folds = _spy_reads(monkeypatch)
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(OnnxError, match="could be them") as e:
-        patch.fold(graph, tmp_path / "o.onnx", [adapter], base=base, device="cpu")
+        patch.fold(graph, tmp_path / "o.onnx", [adapter], base=base, device=device)
     assert folds == [True, False] and DOWN.format(1) + ": not found" in str(e.value)
     assert sorted(tmp_path.rglob("*")) == before   # no output, no staging left
 

@@ -153,63 +153,73 @@ _KERNELS = threading.Lock()
 
 class _FromBase(Task):
     """A whole initializer merged from the base value, through pooled buffers. load() reads W and,
-    for a transposed match of the initializer's dtype, lays out W.T once (torch's blocked copy):
-    the comparison then runs row by row and the merge reads it as is."""
+    for a pending match, the initializer's stored bytes (pread: no page faults on a mapping).
+    compute() confirms a pending match and merges. On a GPU both tensors go there first: a
+    bit-for-bit comparison there (exact: integers) settles the usual case, the canonical one on
+    the CPU the rest, and W.T for a transposed initializer is a view there, not a CPU copy."""
 
     def __init__(self, graph: OnnxGraph, m: Match, adapters, ck: Checkpoint, device, clock: Clock, pools):
         super().__init__()
         self.graph, self.m, self.adapters, self.ck, self.device, self.clock, self.pools = (
             graph, m, adapters, ck, device, clock, pools)
-        self.inbuf = self.outbuf = None
+        self.held: list[torch.Tensor] = []
+        self.outbuf = None
 
-    def _buffer(self) -> torch.Tensor:
-        return self.pools.inputs.get(self.pools.stop)
-
-    def load(self) -> tuple[torch.Tensor, bool]:
-        m, graph, pools = self.m, self.graph, self.pools
-        dtype, held = graph.dtype(m.init), []
+    def load(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m, pools = self.m, self.pools
         try:
             with self.clock("read"):
-                held.append(self._buffer())
-                w = self.ck.read(m.target.ref, out=held[-1])
-            laid_out = m.transposed and m.via is None and w.dtype == dtype and _in_graph_layout(m.target) is not None
-            if laid_out:
-                with self.clock("transpose"):
-                    held.append(self._buffer())
-                    w = _placed(held[-1], dtype, graph.shape(m.init)).copy_(w.T)
-                    pools.inputs.put(held.pop(0))
-            if m.pending:
-                with self.clock("read"):
-                    held.append(self._buffer())
-                    stored = graph.read_into(m.init, held[-1])
-                with self.clock("confirm"), _KERNELS:
-                    confirm(graph, m, w, stored, laid_out)
-                del stored
-                pools.inputs.put(held.pop())
+                self.held.append(pools.inputs.get(pools.stop))
+                w = self.ck.read(m.target.ref, out=self.held[-1])
+                stored = None
+                if m.pending:
+                    self.held.append(pools.inputs.get(pools.stop))
+                    stored = self.graph.read_into(m.init, self.held[-1])
         except BaseException:
-            for buf in held:
-                pools.inputs.put(buf)
+            self._release_inputs()
             raise
-        self.inbuf = held[0]
-        return w, laid_out
+        return w, stored
 
-    def compute(self, loaded: tuple[torch.Tensor, bool]) -> torch.Tensor:
-        (w, laid_out), m, dtype = loaded, self.m, self.graph.dtype(self.m.init)
+    def _release_inputs(self) -> None:
+        for buf in self.held:
+            self.pools.inputs.put(buf)
+        self.held = []
+
+    def compute(self, loaded: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        (w, stored), m, dtype = loaded, self.m, self.graph.dtype(self.m.init)
+        gpu = self.device.type != "cpu"
         try:
-            with self.clock("merge"), (_KERNELS if self.device.type == "cpu" else _no_lock()):
+            with self.clock("merge"), (_no_lock() if gpu else _KERNELS):
+                if gpu:
+                    w = w.to(self.device)
+                if m.pending:
+                    with self.clock("confirm"):
+                        if not (gpu and _same_bits(m, w, stored.to(self.device), dtype)):
+                            confirm(self.graph, m, w.cpu(), stored)
+                        m.pending = False
                 self.outbuf = self.pools.results.get(self.pools.stop)
                 out = _placed(self.outbuf, dtype, self.graph.shape(m.init))
-                if m.transposed and not laid_out and _in_graph_layout(m.target) is not None:
+                if m.transposed and _in_graph_layout(m.target) is not None:
                     w = w.T
                 y = _merge(m, w, self.adapters, self.device, dtype, out if m.via is None else None)
                 return y.contiguous()
         finally:
-            self.pools.inputs.put(self.inbuf)
-            self.inbuf = None
+            self._release_inputs()
 
     def done(self) -> None:
         self.pools.results.put(self.outbuf)
         self.outbuf = None
+
+
+def _same_bits(m: Match, w: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the initializer holds exactly the bits of W as the match says it stores it (on W's
+    device; an integer comparison, so exact anywhere)."""
+    v = variant(w, dtype, m.via)
+    v = v.T if m.transposed else v
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(dtype.itemsize)
+    if ints is None or tuple(v.shape) != tuple(stored.shape):
+        return False
+    return bool(torch.equal(stored.view(ints), v.view(ints)))
 
 
 class _Pools:
@@ -242,8 +252,8 @@ def merge_tasks(graph: OnnxGraph, result: MatchResult, adapters: list[Adapter], 
             tasks[init] = Task(lambda i=init, g=ms: merged_value(graph, i, g, adapters, ck, device, clock))
     if whole:
         largest = max(max(m.target.ref.nbytes, graph.nbytes(init)) for init, m in whole)
-        # inputs: one per task in flight, and three while one loads (W, W.T, the stored copy)
-        pools = _Pools(largest, ahead + 3, ahead + 1, device.type == "cuda")
+        # inputs: W and the stored copy per task in flight, and per task loading
+        pools = _Pools(largest, 2 * (ahead + 1), ahead + 1, device.type == "cuda")
         for init, m in whole:
             tasks[init] = _FromBase(graph, m, adapters, ck, device, clock, pools)
     return tasks
