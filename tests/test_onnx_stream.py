@@ -365,3 +365,30 @@ def test_read_rows_reads_the_rows_read_reads(tmp_path):
             assert got.dtype == t.dtype and torch.equal(got, t[rows]), (path, name)
         with pytest.raises(IndexError):
             ck.read_rows(ck.tensors["a"], [37])
+
+
+def test_write_order_copies_untouched_initializers_while_a_merge_runs():
+    """graph._write_order: every initializer once, patched ones in graph order, an untouched one
+    taken early only while the next patched value is not ready."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from loramerge.onnx.graph import _write_order
+
+    ext = [SimpleNamespace(name=n) for n in ["emb", "p1", "n1", "p2", "n2", "head"]]
+    patched = {"p1": None, "p2": None}
+    ahead = {"p1": Future(), "p2": Future()}
+    it = _write_order(ext, patched, ahead)
+    got = [next(it).name for _ in range(3)]
+    assert got == ["emb", "n1", "n2"]          # p1 not ready: the untouched ones go first, in order
+    ahead["p1"].set_result(None)
+    assert next(it).name == "p1"
+    got.append("p1")
+    got.append(next(it).name)                  # p2 not ready: the last untouched one
+    ahead["p2"].set_result(None)
+    got += [t.name for t in it]
+    assert got == ["emb", "n1", "n2", "p1", "head", "p2"]
+    ready = {"p1": Future(), "p2": Future()}
+    for f in ready.values():
+        f.set_result(None)
+    assert [t.name for t in _write_order(ext, patched, ready)] == [t.name for t in ext]  # all ready: graph order

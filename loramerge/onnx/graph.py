@@ -306,7 +306,9 @@ class OnnxGraph:
         writer, so reading, merging and writing overlap; memory stays at a few tensors; done() is
         called once its bytes are written. Returns the bytes of external data written. `stages`
         (if given) accumulates the seconds spent waiting for patched values, writing them, copying
-        the rest and syncing."""
+        the rest and syncing. The file's order is the graph's, except that the writer copies
+        untouched initializers while the next patched value is not ready (_write_order): offsets
+        are recorded per tensor, so the order is free, and the disk is kept busy."""
         clock = Clock(stages)
         written = 0
         if data_tmp is not None:
@@ -328,7 +330,7 @@ class OnnxGraph:
                             ahead[name] = worker.submit(lambda t=task, f=loaded: t.compute(f.result()))
                     try:
                         top_up()
-                        for t in external:
+                        for t in _write_order(external, patched, ahead):
                             name = t.name
                             length = self._external(name)[2]
                             out.pad(ALIGNMENT if length >= ALIGN_LARGE else 64)
@@ -375,6 +377,33 @@ class OnnxGraph:
                     if e.key == "location" and e.value == old:
                         e.value = new
         _write_synced(out_model, self.model.SerializeToString())
+
+
+def _write_order(external: list, patched: dict, ahead: dict):
+    """The external initializers in graph order, except that an untouched one is taken early while
+    the next patched one is being computed (`ahead`: name -> its Future, filled by the caller as
+    it goes), so the writer waits only when nothing else is left to copy."""
+    todo = list(external)
+    untouched = [t for t in todo if t.name not in patched]
+    taken: set[str] = set()
+    k = 0
+    while k < len(todo):
+        t = todo[k]
+        if t.name in taken:
+            k += 1
+            continue
+        if t.name in patched:
+            f = ahead.get(t.name)
+            while untouched and untouched[0].name in taken:
+                untouched.pop(0)
+            if untouched and f is not None and not f.done():
+                early = untouched.pop(0)
+                taken.add(early.name)
+                yield early
+                continue
+        taken.add(t.name)
+        yield t
+        k += 1
 
 
 def _write_synced(path: Path, data: bytes) -> None:
