@@ -144,6 +144,9 @@ def apply(
     adapter_paths = [a for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not adapter_paths:
         raise UsageError("no adapter given")
+    devices = engine.resolve_devices(device)
+    if not dry_run:
+        engine.warm_up(devices)  # while the headers are read and the plan is built
     base = hub.resolve(base, "base", revision)
     adapter_paths = hub.resolve_all(adapter_paths, "adapter", revision)
     ck = open_checkpoint(base)
@@ -151,7 +154,6 @@ def apply(
     single_file = out.suffix == ".safetensors"
     plan = build_plan(ck, loaded, weights=weights, dtype=dtype, shard_size=shard_size, single_file=single_file,
                       qlora=qlora_spec)
-    devices = engine.resolve_devices(device)
     report = ApplyReport(out=out, dry_run=dry_run, device=",".join(map(str, devices)), plan=plan,
                          warnings=list(plan.warnings))
     report.plan_text = describe(plan, loaded)

@@ -2,7 +2,7 @@
 output tensor, with ops/kernels/deltas) into the writers, on the devices resolve_devices picks."""
 
 from .compute import compute
-from .devices import resolve_device, resolve_devices
+from .devices import resolve_device, resolve_devices, warm_up
 from .pipeline import BufferPool, EngineStats, run
 
-__all__ = ["run", "EngineStats", "BufferPool", "compute", "resolve_device", "resolve_devices"]
+__all__ = ["run", "EngineStats", "BufferPool", "compute", "resolve_device", "resolve_devices", "warm_up"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -144,8 +143,8 @@ def _fold(graph_path, out, adapters, weights, base, strict, keep_lora, lora_inpu
     loaded = load_adapters(adapter_paths, **adapter_opts)
     ck = open_checkpoint(base) if base is not None else None
     dev = engine.resolve_device(device)
-    if dev.type == "cuda" and not keep_lora:
-        _warm_up(dev)
+    if not keep_lora:
+        engine.warm_up([dev])
     report = OnnxReport(out=out, mode="keep-lora" if keep_lora else "fold")
     clock = Clock(report.stages)
     report.stages["open"] = time.perf_counter() - t0
@@ -205,18 +204,6 @@ def _fold(graph_path, out, adapters, weights, base, strict, keep_lora, lora_inpu
     report.files = [out.name] + ([data_name] if data_name else [])
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _warm_up(dev: torch.device) -> None:
-    """Start the GPU's context on a thread of its own (a second or so) while the graph is read and
-    matched, instead of on the first merge, which the writer would wait for."""
-    def run():
-        try:
-            torch.empty(1, device=dev)
-        except Exception:  # noqa: BLE001 - the merge will meet (and report) the same problem
-            pass
-
-    threading.Thread(target=run, name="loramerge-cuda-init", daemon=True).start()
 
 
 def _check_coverage(graph_path: Path, targets: list[Target], result: MatchResult, with_base: bool, strict: bool,
