@@ -84,7 +84,7 @@ def _plain(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: to
         if len({x.dtype for x in lefts}) > 1:  # LoRA float32 beside a tuner's float64 factors
             lefts, rights = [x.double() for x in lefts], [x.double() for x in rights]
         w2 = w.reshape(w.shape[0], -1)
-        y, fixed = ops.merge_weight(w2, torch.cat(rights), torch.cat(lefts, dim=1), torch.cat(factors), out_dtype,
+        y, fixed = ops.merge_weight(w2, _joined(rights, 0), _joined(lefts, 1), _joined(factors, 0), out_dtype,
                                     accum=accum, out=None if out is None else out.view(w2.shape), check=True)
         return y.reshape(w.shape), fixed
     dora = bool(lora) and lora[0].pair.magnitude_key is not None
@@ -126,6 +126,12 @@ def _stacked(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: 
             dst[e].copy_(y)
         fixed += f
     return dst, fixed
+
+
+def _joined(parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
+    """torch.cat, except that one part is passed as it is: the usual single adapter's factors are
+    not copied (a torch copy is a parallel region per tensor, which a busy machine makes wait)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _factored(t: Term, adapters: list[Adapter], shape: tuple[int, ...], device):

@@ -30,6 +30,13 @@ def as_array(t: torch.Tensor) -> np.ndarray:
 if numba is not None:
 
     @numba.njit(cache=True, nogil=True)
+    def terms(a, b, f, with32, coef, raise_, coef32, tiny, two_sqrt_r, r4, tiny64, two_r, three):
+        """(row_terms(b, f, ...), col_terms(a, ...)) in one call: one compiled entry point, so
+        that a cold process loads one function from numba's cache, not two."""
+        return (row_terms(b, f, with32, coef, raise_, coef32, tiny),
+                col_terms(a, with32, raise_, two_sqrt_r, r4, tiny64, tiny, two_r, three))
+
+    @numba.njit(cache=True, nogil=True)
     def row_terms(b, f, with32, coef, raise_, coef32, tiny):
         """Per row i of B' = B f (each element one float64 product, as numpy's b * f): (B', B' in
         float32, row_w = live coef, row_n = live coef ||B'_i|| (the float64 bound's parts), then

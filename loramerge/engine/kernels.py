@@ -78,11 +78,10 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     # with norms never below the true ones (kernel_terms; 1 + 2(R+2)u raises them)
     coef = 1.01 * (rank + 2) * U64
     raise_ = 1 + 2 * (rank + 2) * U64
-    bs64, bs32, row_w, row_n, rn32, ru32, live_r32 = kernel_terms.row_terms(
-        kernel_terms.as_array(b), kernel_terms.as_array(factors.to(torch.float64)), first32, coef, raise_,
-        1.01 * (rank + 2) * U32, TINY_N)
-    a64, a32, col_w, col_n, col_u, cn32, cu32, live_c32 = kernel_terms.col_terms(
-        kernel_terms.as_array(a), first32, raise_, 2 * rank ** 0.5, rank + 4.0, TINY64, TINY_N, 2.0 * rank, 3.0)
+    (bs64, bs32, row_w, row_n, rn32, ru32, live_r32), (a64, a32, col_w, col_n, col_u, cn32, cu32, live_c32) = \
+        kernel_terms.terms(kernel_terms.as_array(a), kernel_terms.as_array(b),
+                           kernel_terms.as_array(factors.to(torch.float64)), first32, coef, raise_,
+                           1.01 * (rank + 2) * U32, TINY_N, 2 * rank ** 0.5, rank + 4.0, TINY64, 2.0 * rank, 3.0)
     bound64 = (row_w, row_n, col_w, col_n, col_u)
     if out is None:
         out = torch.empty(w.shape, dtype=out_dtype)

@@ -13,6 +13,7 @@ Elements the rule cannot decide are handed to a more precise stage (float64, the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +161,7 @@ def _overflow_distance(approx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return approx.abs() - torch.tensor(overflow_threshold(dtype), dtype=approx.dtype, device=approx.device)
 
 
+@functools.cache  # asked once per merged tensor by the kernels: a few torch ops each time
 def overflow_threshold(dtype: torch.dtype) -> float:
     """The smallest magnitude that rounds to Inf (ties to even go up from the largest finite value,
     whose mantissa is odd)."""
