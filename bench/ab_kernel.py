@@ -11,6 +11,9 @@ A's lacks (a helper module new in B).
 Shape: 14336 x 4096 (an 8B MLP weight), b scaled so that the delta is ~4% of W.
 Then the same, interleaved, with the kernel's parallel passes (_rows32, _rows64) stubbed out: the
 serial setup around them alone (conversions of A, B and the factors, bounds, allocations).
+Both sides are compiled in the process (NUMBA_CACHE_DIR a fresh temp dir unless set): code loaded
+from numba's cache measured up to ~25% slower than the same code compiled fresh (RESULTS.md), which
+would favour B, compiled fresh from its copy.
 """
 import hashlib
 import importlib.util
@@ -21,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="abk_cache_"))  # before numba loads
 import torch
 torch.set_num_threads(int(os.environ.get("T", "1")))
 import loramerge.engine.kernels as A

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -152,3 +157,26 @@ def test_fused_kernel_rounds_edge_values():
             # the reference only searches finite neighbours, so it covers the finite columns
             assert torch.equal(y.view(torch.int16)[0, :6], ref.view(torch.int16)[0, :6])
             assert torch.isinf(y[0, 6]) and torch.isnan(y[0, 7]) and bad == 2
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE or (os.cpu_count() or 1) < 2, reason="numba, and a pool of 2+ threads")
+def test_kernel_keeps_the_callers_thread_count():
+    """torch.set_num_threads(1) before the first merge holds for torch and for the kernel after it
+    (numba's OpenMP layer, launched by the first merge, reset the count torch reads to its whole
+    pool). A fresh process: the layer launches once per process."""
+    code = ("import torch, numba\n"
+            "torch.set_num_threads(1)\n"
+            "from loramerge.engine import kernels\n"
+            "w = torch.zeros(64, 128, dtype=torch.bfloat16); a = torch.randn(4, 128); b = torch.randn(64, 4)\n"
+            "f = torch.ones(4, dtype=torch.float64)\n"
+            "for _ in range(2):\n"
+            "    kernels.merge_half(w, a, b, f, torch.bfloat16)\n"
+            "print(torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS)\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {**{k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")},
+           "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                         check=True).stdout
+    torch_threads, numba_threads, pool = map(int, out.split())
+    assert pool >= 2
+    assert (torch_threads, numba_threads) == (1, 1)

@@ -65,9 +65,16 @@ def lut32(dtype: torch.dtype) -> np.ndarray:
 
 def numba_threads() -> int:
     """Set numba's thread count to torch's (within the pool numba started with) and return it:
-    torch.set_num_threads, or torch's default, governs every CPU kernel of the merge alike."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads, or torch's default, governs every CPU kernel of the merge alike.
+
+    numba's OpenMP layer, launched by its first set_num_threads, sets the OpenMP thread count
+    that torch reads back to numba's whole pool: torch.set_num_threads(1) before the first merge
+    became 2 (16) threads for torch, and for numba from the second merge on. Put torch's back."""
+    want = torch.get_num_threads()
+    threads = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
     return threads
 
 
