@@ -30,17 +30,6 @@ for _command in (apply_cmd, verify_cmd, unmerge_cmd, combine_cmd, export_onnx_cm
 
 
 
-def _idle_openmp_threads_sleep() -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless the user chose a policy, before torch (and its OpenMP
-    runtime) is loaded. A merge alternates torch's OpenMP regions with numba's parallel kernels
-    while the reader, writer and hash threads need cores too; with GNU OpenMP's default, each
-    pool's idle threads spin after every region and take those cores from the others. Measured:
-    the fused kernel on the H200's 16 cores 24.8 -> 19.4 ms per 14336 x 4096 tensor; the 1.1B
-    apply on 2 cores, see bench/RESULTS.md. The library itself leaves the environment alone."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def run(argv: list[str] | None = None) -> None:
     """The `loramerge` command (console script and `python -m loramerge`): main(), then exit.
 
@@ -49,7 +38,6 @@ def run(argv: list[str] | None = None) -> None:
     modules object by object, still takes ~0.5 s on a 2-core machine (measured: 0.44-0.73 s
     after the last line ran, 0.03 s without it). The exit handlers run and the standard streams
     are flushed, then the process ends with os._exit, skipping only that teardown."""
-    _idle_openmp_threads_sleep()
     try:
         main(args=argv, prog_name="loramerge")
         code = 0
