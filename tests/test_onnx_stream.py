@@ -392,3 +392,23 @@ def test_write_order_copies_untouched_initializers_while_a_merge_runs():
     for f in ready.values():
         f.set_result(None)
     assert [t.name for t in _write_order(ext, patched, ready)] == [t.name for t in ext]  # all ready: graph order
+
+
+def test_same_bits_decides_only_exact_copies():
+    """merging._same_bits (the GPU's quick confirmation) is true only for the very bits of W as the
+    match stores it; a converter's rounding of a tiny value is left to the canonical comparison."""
+    from loramerge.onnx.merging import _same_bits
+    from loramerge.onnx.targets import Match, Target
+
+    w = (torch.randn(40, 24, generator=torch.Generator().manual_seed(3)) * 0.05).half()
+    t = Target("x.weight", (40, 24), ())
+    stored = w.T.contiguous()
+    assert _same_bits(Match(t, "i", True, "content"), w, stored, torch.float16)
+    assert not _same_bits(Match(t, "i", False, "content"), w, stored, torch.float16)   # layout
+    tiny = stored.clone()
+    w2 = w.clone()
+    w2[5, 3] = 0.0                                   # W's value rounds to 0; the converter kept 2^-24
+    tiny[3, 5] = 2.0 ** -24
+    assert not _same_bits(Match(t, "i", True, "content"), w2, tiny, torch.float16)
+    from loramerge.onnx.content import holds
+    assert holds(tiny, w2.T)[0]                      # ... which the canonical comparison accepts

@@ -95,15 +95,12 @@ def merged_value(graph: OnnxGraph, init: str, ms: list[Match], adapters: list[Ad
     return big
 
 
-def confirm(graph: OnnxGraph, m: Match, w: torch.Tensor, stored: torch.Tensor | None = None,
-            laid_out: bool = False) -> None:
+def confirm(graph: OnnxGraph, m: Match, w: torch.Tensor, stored: torch.Tensor | None = None) -> None:
     """Compare a pending match's initializer (`stored`, or read from the graph) with the base value
-    `w` element by element, in the form the match says the graph holds it (laid_out: `w` already
-    is in that dtype and layout); raise Unconfirmed when they differ."""
-    v = w if laid_out else variant(w, graph.dtype(m.init), m.via)
-    if not laid_out and m.transposed:
-        v = v.T
-    ok, k = holds(graph.view(m.init) if stored is None else stored, v)
+    `w` element by element, in the form the match says the graph holds it; raise Unconfirmed when
+    they differ."""
+    v = variant(w, graph.dtype(m.init), m.via)
+    ok, k = holds(graph.view(m.init) if stored is None else stored, v.T if m.transposed else v)
     if not ok:
         raise Unconfirmed(f"{m.target.name} -> {m.init}")
     m.pending, m.note = False, "; ".join(filter(None, [m.note, converter_note(k)]))
@@ -189,20 +186,22 @@ class _FromBase(Task):
         (w, stored), m, dtype = loaded, self.m, self.graph.dtype(self.m.init)
         gpu = self.device.type != "cpu"
         try:
-            with self.clock("merge"), (_no_lock() if gpu else _KERNELS):
+            with _no_lock() if gpu else _KERNELS:
                 if gpu:
-                    w = w.to(self.device)
+                    with self.clock("merge"):
+                        w = w.to(self.device)
                 if m.pending:
                     with self.clock("confirm"):
                         if not (gpu and _same_bits(m, w, stored.to(self.device), dtype)):
                             confirm(self.graph, m, w.cpu(), stored)
                         m.pending = False
-                self.outbuf = self.pools.results.get(self.pools.stop)
-                out = _placed(self.outbuf, dtype, self.graph.shape(m.init))
-                if m.transposed and _in_graph_layout(m.target) is not None:
-                    w = w.T
-                y = _merge(m, w, self.adapters, self.device, dtype, out if m.via is None else None)
-                return y.contiguous()
+                with self.clock("merge"):
+                    self.outbuf = self.pools.results.get(self.pools.stop)
+                    out = _placed(self.outbuf, dtype, self.graph.shape(m.init))
+                    if m.transposed and _in_graph_layout(m.target) is not None:
+                        w = w.T
+                    y = _merge(m, w, self.adapters, self.device, dtype, out if m.via is None else None)
+                    return y.contiguous()
         finally:
             self._release_inputs()
 
