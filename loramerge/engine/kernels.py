@@ -14,9 +14,10 @@ float32 (--accum float32, the default), per row i, k in order:
   u = 2^-24, B' = B f (float64), B32 and A32 its and A's float32 roundings. Higham's bound for the
   ordered dot product (gamma_R) and for adding W last (u|r|: W's own error is one rounding, not
   R), the roundings of B' and A to float32 (2u), Cauchy-Schwarz for sum_k |B'_ik A_kj| (O(1) per
-  element from row and column norms, computed never below the true ones: kernel_terms), and what underflow can lose - products, partial sums,
-  subnormal inputs, each less than 2^-126 even where the FPU flushes subnormals to zero (FTZ/DAZ;
-  a subnormal W adds one more 2^-126). R < 2^14 keeps gamma_R within 1.001 R u.
+  element from row and column norms, computed never below the true ones: kernel_terms), and what
+  underflow can lose - products, partial sums, subnormal inputs, each less than 2^-126 even where
+  the FPU flushes subnormals to zero (FTZ/DAZ; a subnormal W adds one more 2^-126). R < 2^14
+  keeps gamma_R within 1.001 R u.
   An element this leaves undecided is evaluated again in float64 (a rank-long dot product) and
   decided by the float64 bound; a row with many such elements (large rank and delta) is redone
   whole in float64, and when a tensor's first rows need that often, its other rows start there.
