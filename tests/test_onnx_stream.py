@@ -412,3 +412,58 @@ def test_same_bits_decides_only_exact_copies():
     assert not _same_bits(Match(t, "i", True, "content"), w2, tiny, torch.float16)
     from loramerge.onnx.content import holds
     assert holds(tiny, w2.T)[0]                      # ... which the canonical comparison accepts
+
+
+def _named_after_parameters(graph: Path, base: Path) -> dict[str, str]:
+    """Rename the graph's `onnx::MatMul_N` initializers (and their uses) to the base parameters they
+    hold, as an exporter that keeps parameter names would: old name -> new name."""
+    from safetensors.torch import load_file
+
+    m = onnx.load(str(graph), load_external_data=False)
+    data = (graph.parent / "model.onnx.data").read_bytes()
+    ws = {n: np.ascontiguousarray(w.numpy().T).tobytes() for n, w in load_file(str(base / "model.safetensors")).items()}
+    renamed = {}
+    for t in m.graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        raw = data[int(info["offset"]):int(info["offset"]) + int(info["length"])]
+        new = [n for n, b in ws.items() if b == raw and t.name.startswith("onnx::")]
+        if new:
+            renamed[t.name], t.name = new[0], new[0]
+    for node in m.graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    graph.write_bytes(m.SerializeToString())
+    return renamed
+
+
+def test_name_matches_are_sampled_and_confirmed_by_the_merge(tmp_path, monkeypatch):
+    """Initializers named after their parameters (stored transposed): proposed by the sampled
+    digest (which also picks the layout of a square one), confirmed in full by the merge; a near
+    miss outside the grid sends the fold back to comparing up front, which refuses it."""
+    from loramerge.errors import OnnxError
+
+    graph, base, adapter, expected = _build(tmp_path, TensorProto.FLOAT16)
+    renamed = _named_after_parameters(graph, base)
+    assert len(renamed) == 8
+    reads, rows, folds = _spy_reads(monkeypatch)
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    report = patch.fold(graph, out, [adapter], base=base, device="cpu")
+    assert folds == [True] and report.how == {"name": 8}
+    assert all("transposed" in line for line in report.matched)
+    small = [f"model.layers.{i}.self_attn.k_proj.weight" for i in (0, 1)]
+    assert sorted(reads) == sorted(list(renamed.values()) + small)   # sampled ones once, by the merge
+    got = _initializers(out)
+    for old, new in renamed.items():
+        assert np.array_equal(got[new].view(np.uint8), expected[old].view(np.uint8)), new
+
+    name = DOWN.format(1)
+    with open(graph.parent / "model.onnx.data", "r+b") as f:   # stored row 1 (not in the grid), column 5
+        _, off = _stored(graph, name, base)
+        f.seek(off + (24 + 5) * 2)
+        x = np.frombuffer(f.read(2), np.int16).copy()
+        f.seek(off + (24 + 5) * 2)
+        f.write((x + 1).tobytes())
+    folds.clear()
+    with pytest.raises(OnnxError) as e:
+        patch.fold(graph, tmp_path / "o.onnx", [adapter], base=base, device="cpu")
+    assert folds == [True, False] and "holds other values than the base tensor " + name in str(e.value)

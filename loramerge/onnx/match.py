@@ -29,9 +29,10 @@ import torch
 
 from ..errors import OnnxError
 from ..readers.checkpoint import Checkpoint
-from .content import (BlockIndex, DigestCache, block_holders, content_digest, converter_note, grid, holds,
-                      orientations, sample_digest, sampled, spread, variants, whole_holders)
+from .content import (BlockIndex, DigestCache, content_digest, converter_note, grid, holds, orientations,
+                      sample_digest, sampled, spread, variants)
 from .graph import OnnxGraph
+from .misses import explain_misses
 from .targets import Match, MatchResult, Target
 
 
@@ -118,20 +119,53 @@ def by_folded_from(ctx: _Context, t: Target) -> tuple[list[Match], list[str]]:
     return _provenance(ctx, t, "folded_from")
 
 
+def _orients(shape: tuple[int, ...], t: Target) -> list[bool]:
+    """Whether an initializer of `shape` can hold W (False), W.T (True), or either (square)."""
+    orients = []
+    if shape == t.shape:
+        orients.append(False)
+    if len(shape) == 2 and shape == t.shape[::-1] and shape != t.shape:
+        orients.append(True)
+    if len(shape) == 2 and shape[0] == shape[1] == t.shape[0] == t.shape[-1]:
+        orients = [False, True]
+    return orients
+
+
+def _provenance_sampled(ctx: _Context, t: Target, kind: str) -> Match | None:
+    """With a base and ctx.defer: the one initializer named after (or folded from) t, in the one
+    layout and rounding whose sampled digest equals the base value's, as a pending match (the
+    fold compares it in full when it merges). None when that is not the whole story (no such
+    lead, a lead that does not sample alike, several): _provenance then compares in full."""
+    hits = []
+    for src in ctx.names.lookup(t.name):
+        for init, how in ctx.sources[src]:
+            orients = _orients(ctx.graph.shape(init), t) if how == kind else []
+            if not orients:
+                continue
+            g, want = ctx.base_grid(t), ctx.digest(init, sample=True)
+            found = [(o, via) for o in orients for via, gc in variants(g, ctx.graph.dtype(init))
+                     if content_digest(gc.T if o else gc) == want][:1]
+            if not found:
+                return None
+            hits += [(init, how, *found[0])]
+    if len(hits) != 1:
+        return None
+    init, how, o, via = hits[0]
+    return Match(t, init, o, how, via=via, pending=True)
+
+
 def _provenance(ctx: _Context, t: Target, kind: str) -> tuple[list[Match], list[str]]:
+    if ctx.base is not None and ctx.defer:
+        m = _provenance_sampled(ctx, t, kind)
+        if m is not None:
+            return [m], []
     graph, cands, why = ctx.graph, [], []
     for src in ctx.names.lookup(t.name):
         for init, how in ctx.sources[src]:
             if how != kind:
                 continue
             shape = graph.shape(init)
-            orients = []
-            if shape == t.shape:
-                orients.append(False)
-            if len(shape) == 2 and shape == t.shape[::-1] and shape != t.shape:
-                orients.append(True)
-            if len(shape) == 2 and shape[0] == shape[1] == t.shape[0] == t.shape[-1]:
-                orients = [False, True]
+            orients = _orients(shape, t)
             if not orients:
                 why.append(f"initializer {init} ({how} match) has shape {list(shape)}, not {list(t.shape)} or its "
                            "transpose")
@@ -253,6 +287,12 @@ def _match(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None, def
         for strategy in (by_name, by_folded_from):
             c, w = strategy(ctx, t)
             cands, why = cands + c, why + w
+        if len(cands) > 1 and any(m.pending for m in cands):  # several leads: all compared in full
+            ctx.defer, cands, why = False, [], []
+            for strategy in (by_name, by_folded_from):
+                c, w = strategy(ctx, t)
+                cands, why = cands + c, why + w
+            ctx.defer = defer
         if cands:
             settle(graph, t, cands, result)
         else:
@@ -268,7 +308,7 @@ def _match(graph: OnnxGraph, targets: list[Target], base: Checkpoint | None, def
             blocks = BlockIndex(graph, [n for n in ctx.float_inits if n not in claimed], dims)
             left = [t for t in left if len(t.shape) != 2 or not settle(graph, t, by_block(ctx, blocks, t), result)]
     if left:
-        _explain_misses(ctx, left, reasons, result)
+        explain_misses(ctx, left, reasons, result)
     return result
 
 
@@ -298,113 +338,6 @@ def settle(graph: OnnxGraph, t: Target, cands: list[Match], result: MatchResult)
                     f"{t.module}; folding into the wrong one would silently change another layer. Re-export the "
                     "graph with node names kept (torch.onnx.export does by default), or fold into a graph where "
                     "these weights differ")
-
-
-def _fits(shape: tuple[int, ...], t: Target) -> bool:
-    return shape == t.shape or (len(shape) == 2 and shape == t.shape[::-1])
-
-
-def _explain_misses(ctx: _Context, left: list[Target], reasons: dict[str, list[str]], result: MatchResult) -> None:
-    """Sort the targets no strategy found into `missing` (nothing left in the graph could hold
-    them) and `unmatched` (something could), with the evidence either way. An initializer could
-    hold a target when it has its shape (or the transpose), or is a 2-D initializer with a long
-    enough run not covered by known blocks (a packed weight), and no base tensor accounts for it."""
-    graph = ctx.graph
-    claimed_whole = {m.init for m in result.matches if m.block is None}
-    spans: dict[str, list[tuple[int, int, int]]] = {}  # init -> (axis, start, end) of known blocks
-    for m in result.matches:
-        if m.block is not None:
-            size = (m.target.shape[::-1] if m.transposed else m.target.shape)[m.block[0]]
-            spans.setdefault(m.init, []).append((m.block[0], m.block[1], m.block[1] + size))
-    free = [n for n in ctx.float_inits if n not in claimed_whole]
-    whole = [n for n in free if any(_fits(graph.shape(n), t) for t in left)]
-    roomy = [n for n in free if n not in whole and any(_room(graph.shape(n), spans.get(n, []), t) for t in left)]
-    held: dict[str, list[str]] = {}   # init -> the base tensors (or parameter names) it holds whole
-    in_blocks: dict[str, list[str]] = {}   # packed init -> base tensors found as its blocks
-    unknown_blocks = False
-    if ctx.base is not None:
-        held = whole_holders(graph, ctx.base, whole + roomy, ctx.digest)
-        packed = [n for n in roomy if n not in held]
-        if packed:
-            found = block_holders(graph, ctx.base, packed)
-            unknown_blocks = found is None
-            for n, blocks in (found or {}).items():
-                spans.setdefault(n, []).extend((axis, s, e) for _, axis, s, e in blocks)
-                in_blocks[n] = [name for name, *_ in blocks]
-    else:  # no content to go by: an initializer named after (or folded from) a parameter holds it
-        for n in whole + roomy:
-            srcs = [s for s, entries in ctx.sources.items() if any(i == n for i, _ in entries)]
-            srcs += [s for s, inits in ctx.packed_sources.items() if n in inits]
-            named = [s for s in srcs if "." in s and "/" not in s and "::" not in s]
-            if named:
-                held[n] = named
-    for t in left:
-        # without a base, an initializer named after (or folded from) t itself is t's, not another's
-        mine = set(ctx.names.lookup(t.name)) | set(ctx.packed_names.lookup(t.name))
-        others = {n for n, names in held.items() if not mine & set(names)}
-        could = [n for n in whole if n not in others and _fits(graph.shape(n), t)]
-        could += [n for n in roomy if n not in others
-                  and (unknown_blocks or _room(graph.shape(n), spans.get(n, []), t))]
-        packed_src = sorted({i for s in ctx.packed_names.lookup(t.name) for i in ctx.packed_sources[s]})
-        why = "; ".join(reasons.get(t.name, []))
-        if could:
-            result.unmatched.append((t, _unmatched_text(ctx, t, could, why, packed_src)))
-        else:
-            packed = {n: in_blocks.get(n, []) for n in roomy if n not in held and _room(graph.shape(n), [], t)}
-            result.missing.append((t, _absent_text(graph, t, held, packed, why)))
-
-
-def _room(shape: tuple[int, ...], spans: list[tuple[int, int, int]], t: Target) -> bool:
-    """Whether a packed 2-D initializer has an uncovered run long enough for W or W.T."""
-    if len(shape) != 2 or len(t.shape) != 2:
-        return False
-    for rows, cols in (t.shape, t.shape[::-1]):
-        for axis, length, other in ((0, rows, cols), (1, cols, rows)):
-            if shape[1 - axis] != other or shape[axis] <= length:
-                continue
-            pos, best = 0, 0
-            for a, s, e in sorted(x for x in spans if x[0] == axis):
-                best, pos = max(best, s - pos), max(pos, e)
-            if max(best, shape[axis] - pos) >= length:
-                return True
-    return False
-
-
-def _unmatched_text(ctx: _Context, t: Target, could: list[str], why: str, packed_src: list[str]) -> str:
-    def kind(n: str) -> str:
-        if _fits(ctx.graph.shape(n), t):
-            return "its shape or transpose" + (", holding no base tensor" if ctx.base is not None else "")
-        return "packed, with room" + (" that no base tensor accounts for" if ctx.base is not None else "")
-
-    shown = ", ".join(f"{n} {list(ctx.graph.shape(n))} ({kind(n)})" for n in could[:4]) + (
-        f" and {len(could) - 4} more" if len(could) > 4 else "")
-    if ctx.base is None:
-        how = ("packed with other tensors by a graph optimizer (folded_from lists several sources)" if packed_src
-               else "no initializer is named after it or folded from it")
-        return (f"{how}, but {shown} could hold it; pass --base BASE_CHECKPOINT so it is identified by content"
-                + (f" ({why})" if why else ""))
-    return (f"not found by name, provenance or content, but {shown} could hold it"
-            + (f": {why}" if why else ": the graph's copy differs from the base checkpoint beyond rounding (another "
-               "checkpoint, or an adapter already folded in)"))
-
-
-def _absent_text(graph: OnnxGraph, t: Target, held: dict[str, list[str]], packed: dict[str, list[str]],
-                 why: str) -> str:
-    """The evidence that nothing in the graph could hold t: what its look-alikes hold instead."""
-
-    def listed(names) -> str:
-        names = sorted(set(names))
-        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-    same = [n for n in held if _fits(graph.shape(n), t)]
-    evidence = [f"the {len(same)} initializer(s) of shape {list(t.shape)} or its transpose not matched to other "
-                f"targets hold other base tensors ({listed(x for n in same for x in held[n])})" if same else
-                f"no initializer of shape {list(t.shape)} or its transpose is left unmatched"]
-    if packed:
-        evidence.append(f"the rest of the {len(packed)} packed initializer(s) big enough for it hold other base "
-                        f"tensors ({listed(x for v in packed.values() for x in v)})")
-    return (f"absent from the graph: {'; '.join(evidence)}. Exporters drop what the graph's outputs never use "
-            "(e.g. a pooler)" + (f" ({why})" if why else ""))
 
 
 # -- reading the graph's structure ------------------------------------------------------------
