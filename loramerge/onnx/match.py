@@ -269,8 +269,9 @@ def match_targets(graph: OnnxGraph, targets: list[Target], base: Checkpoint | No
                   defer: bool = False) -> MatchResult:
     """Where each target lives in `graph`. Raises OnnxError only for ambiguity (identical
     candidates that graph position cannot tell apart); misses are in result.missing/unmatched.
-    defer: a content match proposed by the sampled digest alone, with no other candidate, is
-    returned pending (Match.pending), for the caller to confirm when it reads the base value."""
+    defer (with a base): a match by content, name or folded_from that the sampled digest alone
+    proposes, with no other candidate, is returned pending (Match.pending), for the caller to
+    confirm element by element when it reads the base value to merge it."""
     try:
         return _match(graph, targets, base, defer)
     finally:

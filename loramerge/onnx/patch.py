@@ -4,7 +4,8 @@ The output has exactly the base graph's nodes, inputs and outputs, so it runs ex
 Each target's new value is computed from the base checkpoint's tensor when given (one rounding
 to the initializer's dtype), else from the initializer itself, by the same engine.compute the
 safetensors path uses, then laid out as the initializer is (transposed, or as a block of a
-packed tensor). External data is streamed: one tensor in memory at a time.
+packed tensor): merging.py. External data is streamed, reading, merging and writing overlapped
+with a few tensors in memory (graph.save).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -25,7 +26,6 @@ from ..readers.adapters import load_adapters
 from ..errors import OnnxError, OutputError, UsageError
 from ..readers.checkpoint import Checkpoint, open_checkpoint
 from ..report import JsonReport
-from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
 from ..writers.output import Staged, check_disk_space, check_output_path, commit_all
 from .datafile import Clock
 from .merging import merge_tasks, merged_value
@@ -33,7 +33,7 @@ from .graph import AHEAD, OnnxGraph
 from .lora_graph import add_branches
 from .match import match_targets
 from .shared import check_shared, shared_uses
-from .targets import Match, MatchResult, Target, Unconfirmed, collect_targets
+from .targets import MatchResult, Target, Unconfirmed, collect_targets
 from .runtime import Comparison, compare_graphs, op_counts, sample_inputs
 
 FOLD_META_KEY = "loramerge.folded"

@@ -45,7 +45,7 @@ class Match:
     note: str = ""
     via: torch.dtype | None = None    # the initializer holds values rounded to this dtype first
     # proposed by a sampled digest alone: the fold compares it with the base value element by
-    # element when it reads that value to merge (patch.confirm), and starts over without
+    # element when it reads that value to merge (merging.confirm), and starts over without
     # deferring (every candidate compared up front) if they differ
     pending: bool = False
 
