@@ -367,31 +367,29 @@ def test_read_rows_reads_the_rows_read_reads(tmp_path):
             ck.read_rows(ck.tensors["a"], [37])
 
 
-def test_write_order_copies_untouched_initializers_while_a_merge_runs():
-    """graph._write_order: every initializer once, patched ones in graph order, an untouched one
-    taken early only while the next patched value is not ready."""
-    from concurrent.futures import Future
-    from types import SimpleNamespace
-
-    from loramerge.onnx.graph import _write_order
-
-    ext = [SimpleNamespace(name=n) for n in ["emb", "p1", "n1", "p2", "n2", "head"]]
-    patched = {"p1": None, "p2": None}
-    ahead = {"p1": Future(), "p2": Future()}
-    it = _write_order(ext, patched, ahead)
-    got = [next(it).name for _ in range(3)]
-    assert got == ["emb", "n1", "n2"]          # p1 not ready: the untouched ones go first, in order
-    ahead["p1"].set_result(None)
-    assert next(it).name == "p1"
-    got.append("p1")
-    got.append(next(it).name)                  # p2 not ready: the last untouched one
-    ahead["p2"].set_result(None)
-    got += [t.name for t in it]
-    assert got == ["emb", "n1", "n2", "p1", "head", "p2"]
-    ready = {"p1": Future(), "p2": Future()}
-    for f in ready.values():
-        f.set_result(None)
-    assert [t.name for t in _write_order(ext, patched, ready)] == [t.name for t in ext]  # all ready: graph order
+def test_untouched_initializers_go_first_and_folding_twice_writes_the_same_bytes(tmp_path):
+    """graph._write_order puts the untouched initializers first (the writer copies them while the
+    first merges start), each group in graph order; the order is fixed, so two folds write the
+    same bytes, and every tensor is where the model says."""
+    graph, base, adapter, expected = _build(tmp_path, TensorProto.FLOAT16)
+    outs = []
+    for k in (1, 2):
+        out = tmp_path / f"out{k}" / "folded.onnx"
+        out.parent.mkdir()
+        patch.fold(graph, out, [adapter], base=base, device="cpu")
+        outs.append(out)
+    assert (outs[0].parent / "folded.onnx.data").read_bytes() == (outs[1].parent / "folded.onnx.data").read_bytes()
+    m = onnx.load(str(outs[0]), load_external_data=False)
+    offsets = {t.name: int({e.key: e.value for e in t.external_data}["offset"]) for t in m.graph.initializer}
+    norms = [n for n in offsets if n.endswith("layernorm.weight")]
+    mats = [n for n in offsets if n.startswith("onnx::")]
+    graph_order = [t.name for t in m.graph.initializer]
+    assert max(offsets[n] for n in norms) < min(offsets[n] for n in mats)
+    assert sorted(norms, key=offsets.get) == [n for n in graph_order if n in norms]
+    assert sorted(mats, key=offsets.get) == [n for n in graph_order if n in mats]
+    got = _initializers(outs[0])
+    for name, want in expected.items():
+        assert np.array_equal(got[name].view(np.uint8), want.view(np.uint8)), name
 
 
 def test_same_bits_decides_only_exact_copies():

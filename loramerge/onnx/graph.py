@@ -306,9 +306,9 @@ class OnnxGraph:
         writer, so reading, merging and writing overlap; memory stays at a few tensors; done() is
         called once its bytes are written. Returns the bytes of external data written. `stages`
         (if given) accumulates the seconds spent waiting for patched values, writing them, copying
-        the rest and syncing. The file's order is the graph's, except that the writer copies
-        untouched initializers while the next patched value is not ready (_write_order): offsets
-        are recorded per tensor, so the order is free, and the disk is kept busy."""
+        the rest and syncing. The untouched initializers are written first (_write_order): offsets
+        are recorded per tensor, so the order is free, and the disk is kept busy while the first
+        merges start."""
         clock = Clock(stages)
         written = 0
         if data_tmp is not None:
@@ -330,7 +330,7 @@ class OnnxGraph:
                             ahead[name] = worker.submit(lambda t=task, f=loaded: t.compute(f.result()))
                     try:
                         top_up()
-                        for t in _write_order(external, patched, ahead):
+                        for t in _write_order(external, patched):
                             name = t.name
                             length = self._external(name)[2]
                             out.pad(ALIGNMENT if length >= ALIGN_LARGE else 64)
@@ -379,31 +379,12 @@ class OnnxGraph:
         _write_synced(out_model, self.model.SerializeToString())
 
 
-def _write_order(external: list, patched: dict, ahead: dict):
-    """The external initializers in graph order, except that an untouched one is taken early while
-    the next patched one is being computed (`ahead`: name -> its Future, filled by the caller as
-    it goes), so the writer waits only when nothing else is left to copy."""
-    todo = list(external)
-    untouched = [t for t in todo if t.name not in patched]
-    taken: set[str] = set()
-    k = 0
-    while k < len(todo):
-        t = todo[k]
-        if t.name in taken:
-            k += 1
-            continue
-        if t.name in patched:
-            f = ahead.get(t.name)
-            while untouched and untouched[0].name in taken:
-                untouched.pop(0)
-            if untouched and f is not None and not f.done():
-                early = untouched.pop(0)
-                taken.add(early.name)
-                yield early
-                continue
-        taken.add(t.name)
-        yield t
-        k += 1
+def _write_order(external: list, patched: dict) -> list:
+    """The order external initializers go into the data file: the untouched ones first, then the
+    patched ones, each in graph order. The writer copies while the first merges are read and
+    computed (GPU start, first reads), instead of waiting for them; the order is fixed, so folding
+    twice writes the same bytes."""
+    return [t for t in external if t.name not in patched] + [t for t in external if t.name in patched]
 
 
 def _write_synced(path: Path, data: bytes) -> None:
