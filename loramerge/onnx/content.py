@@ -59,7 +59,7 @@ def grid(t: torch.Tensor) -> torch.Tensor:
     """t[spread(rows)][:, spread(cols)] of a 2-D tensor (any view), contiguous. grid(X.T) is
     grid(X).T, so a transposed view is sampled through the memory behind it: SAMPLE of its rows,
     a few pages, whichever way the tensor is stored."""
-    if t.shape[0] > 1 and t.shape[1] > 1 and t.stride() == (1, t.shape[0]):
+    if sketch.transposed_view(t):
         return grid(t.T).T.contiguous()
     return t.index_select(0, spread(t.shape[0])).index_select(1, spread(t.shape[1]))
 

@@ -30,7 +30,7 @@ import torch
 from ..errors import OnnxError
 from ..readers.checkpoint import Checkpoint
 from .content import (BlockIndex, DigestCache, content_digest, converter_note, grid, holds, orientations,
-                      sample_digest, sampled, spread, variants)
+                      sampled, spread, variants)
 from .graph import OnnxGraph
 from .misses import explain_misses
 from .targets import Match, MatchResult, Target
@@ -136,13 +136,14 @@ def _provenance_sampled(ctx: _Context, t: Target, kind: str) -> Match | None:
     layout and rounding whose sampled digest equals the base value's, as a pending match (the
     fold compares it in full when it merges). None when that is not the whole story (no such
     lead, a lead that does not sample alike, several): _provenance then compares in full."""
-    hits = []
+    hits, g = [], None
     for src in ctx.names.lookup(t.name):
         for init, how in ctx.sources[src]:
             orients = _orients(ctx.graph.shape(init), t) if how == kind else []
             if not orients:
                 continue
-            g, want = ctx.base_grid(t), ctx.digest(init, sample=True)
+            g = ctx.base_grid(t) if g is None else g
+            want = ctx.digest(init, sample=True)
             found = [(o, via) for o in orients for via, gc in variants(g, ctx.graph.dtype(init))
                      if content_digest(gc.T if o else gc) == want][:1]
             if not found:
@@ -242,10 +243,9 @@ def by_content(ctx: _Context, index: _ContentIndex, t: Target) -> list[Match]:
     cands = []
     for dt in index.dtypes:
         for via, wc in variants(w, dt):
+            hits = _proposals(index, t, dt, grid(wc) if sampled(t.shape) else wc)
             for transposed, v in orientations(wc):
-                if (dt, tuple(v.shape)) not in index.kinds:
-                    continue
-                proposed = index.index.get((dt, tuple(v.shape), sample_digest(v)), [])
+                proposed = [n for tr, n in hits if tr == transposed]
                 if len(proposed) > 1:  # elements the sample skipped decide (e.g. layers alike but for pruned rows)
                     d = content_digest(v)
                     proposed = [n for n in proposed if ctx.digest(n) == d]

@@ -28,6 +28,7 @@ from ..engine.pipeline import BufferPool
 from ..readers.checkpoint import Checkpoint
 from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
 from ..writers.direct import ALIGN
+from . import sketch
 from .content import converter_note, holds, variant
 from .datafile import Clock
 from .graph import OnnxGraph
@@ -60,16 +61,12 @@ def merged_value(graph: OnnxGraph, init: str, ms: list[Match], adapters: list[Ad
     """The new value of initializer `init`, in its own layout and dtype (`clock`: the seconds spent
     reading, confirming and merging)."""
     dtype = graph.dtype(init)
-    code = TORCH_TO_ST[dtype]
 
     def new_w(m: Match, current) -> torch.Tensor:
         """`current()` reads the initializer (or its block) as stored; with a base checkpoint the
         merge starts from the base's own values instead, and the initializer is read only to
         confirm a pending match."""
         from_base = ck is not None and m.target.ref is not None
-        # one rounding, to the precision the graph holds the values in (m.via: rounded to a half type
-        # first, as exporting the merged half-precision checkpoint would), then an exact widening
-        job_code = TORCH_TO_ST[m.via] if m.via is not None else code
         flipped = _in_graph_layout(m.target) if m.transposed else None
         with clock("read"):
             if from_base:
@@ -86,7 +83,7 @@ def merged_value(graph: OnnxGraph, init: str, ms: list[Match], adapters: list[Ad
 
     if ms[0].block is None:
         return new_w(ms[0], lambda: graph.read(init)).contiguous()
-    big = graph.read(init).clone()
+    big = graph.read(init)  # its own memory (OnnxGraph.read)
     for m in ms:
         axis, start = m.block
         size = (m.target.shape[::-1] if m.transposed else m.target.shape)[axis]
@@ -229,13 +226,9 @@ class _FromBase(Task):
 
 def _same_bits(m: Match, w: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the initializer holds exactly the bits of W as the match says it stores it (on W's
-    device; an integer comparison, so exact anywhere)."""
+    device)."""
     v = variant(w, dtype, m.via)
-    v = v.T if m.transposed else v
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(dtype.itemsize)
-    if ints is None or tuple(v.shape) != tuple(stored.shape):
-        return False
-    return bool(torch.equal(stored.view(ints), v.view(ints)))
+    return sketch.same_bits(stored, v.T if m.transposed else v)
 
 
 class _Pools:

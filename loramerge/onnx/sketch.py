@@ -94,7 +94,7 @@ def digest(t: torch.Tensor, canonical: bool = False) -> bytes:
     if kernel is None:
         return _blake(t, canonical)
     swapped = False
-    if t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride() == (1, t.shape[0]):
+    if transposed_view(t):
         t, swapped = t.T, True   # t.T is contiguous: read it in memory order, roles swapped
     x = t.reshape(1, -1) if t.dim() != 2 else t
     if x.dim() == 2 and x.stride(1) != 1:
@@ -120,7 +120,7 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
     if kernel is None or fmt is None or a.numel() < SMALL:
         raw = _bit_differences(a, b)
         return (_bit_differences(canonical_values(a), canonical_values(b)) if raw and fmt else raw), raw
-    transposed = b.dim() == 2 and b.shape[0] > 1 and b.shape[1] > 1 and b.stride() == (1, b.shape[0])
+    transposed = transposed_view(b)
     shape = tuple(a.shape) if a.dim() == 2 else (a.shape[0] if a.dim() > 2 else 1, -1)
     a = a.contiguous().reshape(shape)
     b = b.T if transposed else b.contiguous().reshape(shape)   # b.T: the contiguous memory behind b
@@ -128,6 +128,18 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
     magmask = (1 << (8 * a.element_size() - 1)) - 1
     canon, raw = kernel.differ(a.view(ints).numpy(), b.view(ints).numpy(), transposed, magmask, *fmt[1:2], *fmt[3:])
     return int(canon), int(raw)
+
+
+def transposed_view(t: torch.Tensor) -> bool:
+    """Whether `t` is the transpose of a contiguous 2-D tensor (t.T is then read in memory order)."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride() == (1, t.shape[0])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one float dtype and shape hold the same bits (any device, any views:
+    an integer comparison, so exact anywhere)."""
+    ints = _INTS.get(a.element_size(), torch.uint8)
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a.view(ints), b.view(ints)))
 
 
 def _bit_differences(a: torch.Tensor, b: torch.Tensor) -> int:
