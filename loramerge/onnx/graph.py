@@ -189,21 +189,12 @@ class OnnxGraph:
         length = int(info["length"]) if "length" in info else self.nbytes(name)
         return self.path.parent / loc, offset, length
 
-    def read_bytes(self, name: str) -> bytes | memoryview:
+    def read_bytes(self, name: str) -> bytes | bytearray:
         """The initializer's little-endian bytes, exactly as stored."""
         t = self.inits[name]
         if t.data_location == TensorProto.EXTERNAL:
-            file, offset, length = self._external(name)
-            try:
-                with open(file, "rb") as f:
-                    f.seek(offset)
-                    data = f.read(length)
-            except OSError as e:
-                raise OnnxError(f"{file}: cannot read external data of initializer {name!r} ({e.strerror or e}); "
-                                "keep the data file next to the .onnx file it belongs to") from e
-            if len(data) != length:
-                raise OnnxError(f"{file}: file ends before initializer {name!r} (needs bytes {offset}..{offset + length}); "
-                                "the external data file is truncated or belongs to another model")
+            data = bytearray(self._external(name)[2])
+            self._read_external(name, memoryview(data))
             return data
         if t.HasField("raw_data") or t.raw_data:
             return t.raw_data
@@ -221,7 +212,8 @@ class OnnxGraph:
         if len(data) != expected:
             raise OnnxError(f"{self.path}: initializer {name!r} holds {len(data)} bytes, its shape "
                             f"{list(self.shape(name))} needs {expected}; the model is corrupt")
-        t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+        own = data if isinstance(data, bytearray) else bytearray(data)
+        t = torch.frombuffer(own, dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
         return t.view(dtype).reshape(self.shape(name))
 
     def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
@@ -229,19 +221,28 @@ class OnnxGraph:
         page faults on a mapping and no fresh memory, which is what the fold's reader wants."""
         if not self.is_external(name) or self.dtype(name) is None:
             return self.read(name)
-        file, offset, length = self._external(name)
+        length = self._external(name)[2]
         if length != self.nbytes(name):
             return self.read(name)  # read() explains what is wrong
-        view = memoryview(buf.numpy()).cast("B")[:length]
-        got = 0
-        with open(file, "rb", buffering=0) as f:
-            while got < length:
-                n = os.preadv(f.fileno(), [view[got:]], offset + got)
-                if not n:
-                    raise OnnxError(f"{file}: file ends inside initializer {name!r}; the external data file is "
-                                    "truncated or belongs to another model")
-                got += n
+        self._read_external(name, memoryview(buf.numpy()).cast("B")[:length])
         return buf[:length].view(self.dtype(name)).reshape(self.shape(name))
+
+    def _read_external(self, name: str, view: memoryview) -> None:
+        """Fill `view` (as long as the initializer's external data) from its file, with preads."""
+        file, offset, length = self._external(name)
+        try:
+            with open(file, "rb", buffering=0) as f:
+                got = 0
+                while got < length:
+                    n = os.preadv(f.fileno(), [view[got:length]], offset + got)
+                    if not n:
+                        raise OnnxError(f"{file}: file ends before initializer {name!r} (needs bytes {offset}.."
+                                        f"{offset + length}); the external data file is truncated or belongs to "
+                                        "another model")
+                    got += n
+        except OSError as e:
+            raise OnnxError(f"{file}: cannot read external data of initializer {name!r} ({e.strerror or e}); "
+                            "keep the data file next to the .onnx file it belongs to") from e
 
     def view(self, name: str) -> torch.Tensor:
         """A float initializer to read, not to keep or change: external data is mapped from its
