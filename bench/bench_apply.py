@@ -135,7 +135,8 @@ base, adapter, out, device = sys.argv[1:5]
 r = loramerge.apply(base, adapter, out, device=device, overwrite=True)
 import torch
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-print("STAGES " + json.dumps(r.stage_seconds))
+from loramerge.engine.timeline import since_start
+print("STAGES " + json.dumps(dict(r.stage_seconds, at_script_end=since_start())))
 print("GPUMEM", gpu)
 """
 
@@ -196,7 +197,8 @@ def main():
                 wall, anon, stdout = measure([py, "-c", LORAMERGE_SCRIPT, str(base), str(adapter), str(out),
                                               args.device], env=env)
                 if m == "loramerge":
-                    stages.append(json.loads(stdout.split("STAGES ", 1)[1].splitlines()[0]))
+                    # at_*: seconds since the process started; at_exit: the wall, i.e. when it was gone
+                    stages.append(dict(json.loads(stdout.split("STAGES ", 1)[1].splitlines()[0]), at_exit=wall))
             elif m == "verify":
                 merged = args.workdir / "out-verify-src"
                 if not (merged / "DONE").exists():

@@ -52,6 +52,19 @@ def import_heavy(module: str):
         return importlib.import_module(module)
 
 
+def frozen_imports() -> None:
+    """Move every object the garbage collector tracks now into its permanent generation
+    (gc.freeze), called right after torch (or numba) is imported. Those imports leave some 170k
+    (300k) tracked objects, module-level and alive until the process ends. Python's exit runs full
+    collections over all of them: 0.4 s of a 2-core machine's wall after the last line of a
+    script that imported torch, against 0.1 s frozen. Frozen objects are still freed by reference
+    counting; only a reference cycle that was already garbage at this moment is kept until exit.
+    Every later full collection in the process skips them too."""
+    import gc
+
+    gc.freeze()
+
+
 @_contextlib.contextmanager
 def collections_held():
     """The garbage collector's automatic collections held for the duration (a context manager, or

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import collections_held, engine
+from . import collections_held, engine, frozen_imports
 from .engine import tuners
 from .engine.precision import guarded
+from .engine.timeline import since_start
 from .errors import AdapterError, UsageError
 from .plan import build_plan, describe, plan_json
 from .plan.codecs import qlora_codec
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .verifier.report import VerifyReport
 
 ACCUM = {"float32": torch.float32, "float64": torch.float64}
+
+frozen_imports()
 
 
 @dataclass
@@ -136,7 +139,7 @@ def apply(
     bitsandbytes 4-bit bases are read through their codecs (see loramerge.codecs). Raises a
     LoraMergeError subclass on any user error, before anything is written.
     """
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), since_start()
     if accum not in ACCUM:
         raise UsageError(f"--accum {accum!r}: expected float32 or float64")
     qlora_spec = qlora_codec(qlora, qlora_double_quant, qlora_kernel)
@@ -182,6 +185,7 @@ def apply(
                 if plan.indexed:
                     write_index(plan, tmp, written)
                 report.carried_over = copy_extras(plan, tmp, written)
+            planned = since_start()
             stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
                                progress=bar.update if bar else None, sync=sync)
             written.update({out.name if single_file else k: v for k, v in stats.files.items()})
@@ -191,6 +195,7 @@ def apply(
             (tmp_manifest or tmp / manifest.NAME).write_bytes(record)
             # every file is complete and fsynced: the rename is the commit point
             commit_all(*([staged, beside] if beside is not None else [staged]))
+            committed = since_start()
     finally:
         if bar is not None:
             bar.close()
@@ -201,7 +206,10 @@ def apply(
     report.exact_fixups = stats.exact_fixups
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,
-                            "hash_wait": stats.seconds_hash_wait}
+                            "hash_wait": stats.seconds_hash_wait,
+                            # when, in seconds since the process started (engine/timeline.py)
+                            "at_start": started, "at_planned": planned,
+                            **{f"at_{k}": v for k, v in stats.marks.items()}, "at_committed": committed}
     report.seconds = time.perf_counter() - t0
     return report
 

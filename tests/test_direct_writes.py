@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import loramerge
 from conftest import adapter_dir, base_dir
+from loramerge.engine.timeline import since_start
 from loramerge.readers.checkpoint import read_safetensors_header
 from loramerge.types import TORCH_TO_ST
 from loramerge.writers import direct
@@ -203,7 +204,13 @@ def test_apply_writes_results_from_the_engine_buffers(tmp_path, monkeypatch):
     report = loramerge.apply(base, adapter, tmp_path / "a.safetensors", sync=False)
     assert report.tensors_merged == 4 and report.tensors_copied == 6
     st = report.stage_seconds  # the writer's wait for the manifest's hash is part of its time
-    assert set(st) == {"read", "math", "write", "hash_wait"} and 0 <= st["hash_wait"] <= st["write"]
+    assert {k for k in st if not k.startswith("at_")} == {"read", "math", "write", "hash_wait"}
+    assert 0 <= st["hash_wait"] <= st["write"]
+    # the timeline (seconds since the process started) in the order things happen
+    marks = ["at_start", "at_planned", "at_first_write", "at_last_write", "at_synced", "at_committed"]
+    assert [k for k in st if k.startswith("at_")] == marks
+    assert 0 < st["at_start"] <= st["at_planned"] <= st["at_first_write"] <= st["at_last_write"] \
+        <= st["at_synced"] <= st["at_committed"] <= since_start()
     data = (tmp_path / "a.safetensors").read_bytes()
     monkeypatch.setenv("LORAMERGE_BUFFERED_WRITES", "1")
     loramerge.apply(base, adapter, tmp_path / "b.safetensors", sync=False)

@@ -25,6 +25,7 @@ from ..writers.direct import ALIGN
 from ..writers.safetensors import SafetensorsWriter, data_offsets
 from .compute import compute
 from .precision import guarded
+from .timeline import since_start
 
 _DONE = object()
 _REPLACED = object()
@@ -47,6 +48,7 @@ class EngineStats:
     seconds_write: float = 0.0
     seconds_hash_wait: float = 0.0  # of seconds_write: waiting for the manifest's sha256 to catch up
     files: dict = field(default_factory=dict)   # output file name -> {"sha256", "bytes"} (manifest)
+    marks: dict = field(default_factory=dict)   # "first_write", "last_write", "synced": timeline.since_start()
 
 
 class _Stage(threading.Thread):
@@ -336,6 +338,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     stats.exact_fixups += fixed
                     stats.seconds_math += seconds
                 t0 = time.perf_counter()
+                stats.marks.setdefault("first_write", since_start())
                 w = writers.get(fi)
                 if w is None:
                     f = plan.files[fi]
@@ -371,6 +374,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 if progress is not None:
                     progress(job.nbytes)
         finally:
+            stats.marks["last_write"] = since_start()
             for w in writers.values():
                 w.abort()
 
@@ -410,4 +414,5 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             raise t.error
     for f in closing:
         f.result()  # a failed fsync is a failed run
+    stats.marks["synced"] = since_start()
     return stats
