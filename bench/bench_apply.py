@@ -31,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,6 +146,11 @@ def measure(cmd: list[str], env=None) -> tuple[float, int, str]:
     """(wall seconds, peak RssAnon bytes over the process tree's main process, stdout)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # the pipes are drained meanwhile: a command that prints more than a pipe holds (--json)
+    # would otherwise block on its write and never exit
+    streams = {}
+    drain = threading.Thread(target=lambda: streams.update(zip(("out", "err"), p.communicate())), daemon=True)
+    drain.start()
     peak = 0
     status = f"/proc/{p.pid}/status"
     while p.poll() is None:
@@ -157,7 +163,8 @@ def measure(cmd: list[str], env=None) -> tuple[float, int, str]:
             pass
         time.sleep(0.01)
     wall = time.perf_counter() - t0
-    out, err = p.communicate()
+    drain.join()
+    out, err = streams["out"], streams["err"]
     if p.returncode != 0:
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
     return wall, peak, out
@@ -185,7 +192,7 @@ def main():
     py = sys.executable
     methods = args.methods.split(",")
     results = {m: {"wall": [], "anon": [], "gpu": []} for m in methods}
-    stages = []
+    stages, cli_stages = [], []
     for run in range(args.runs):
         order = methods[run % len(methods):] + methods[:run % len(methods)]  # rotate who goes first
         for m in order:
@@ -209,7 +216,8 @@ def main():
                                               "--no-outputs", "--device", args.device])
             elif m == "cli":
                 wall, anon, stdout = measure([py, "-m", "loramerge", "apply", str(base), str(adapter), str(out),
-                                              "--device", args.device, "-q"])
+                                              "--device", args.device, "-q", "--json"])
+                cli_stages.append(dict(json.loads(stdout)["stage_seconds"], at_exit=wall))
             elif m == "peft":
                 wall, anon, stdout = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
             else:
@@ -238,6 +246,8 @@ def main():
         "preset": args.preset, "bytes": nbytes, "runs": args.runs, "device": args.device,
         "medians": med, "raw": results,
         "loramerge_stage_seconds_median": {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {},
+        "cli_stage_seconds_median": {k: statistics.median(s[k] for s in cli_stages) for k in cli_stages[0]}
+        if cli_stages else {},
     }
     if "verify" in med and "loramerge" in med:
         summary["verify_vs_apply"] = med["verify"]["wall"] / med["loramerge"]["wall"]
