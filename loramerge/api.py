@@ -169,7 +169,8 @@ def apply(
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="merging", leave=False)
-    inputs = {"base": manifest.base_inputs(ck), "adapters": manifest.adapter_inputs(loaded, weights)}
+    inputs = {"base": manifest.base_inputs(ck)}
+    adapter_inputs = manifest.adapter_inputs_later(loaded, weights)  # hashed while the merge runs
     options = {"weights": weights, "dtype": dtype, "accum": accum, "shard_size": shard_size, "qlora": qlora,
                **({"qlora_double_quant": qlora_double_quant, "qlora_kernel": qlora_kernel} if qlora else {})}
     staged = Staged(out, is_dir=not single_file, overwrite=overwrite)
@@ -189,6 +190,7 @@ def apply(
             stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
                                progress=bar.update if bar else None, sync=sync)
             written.update({out.name if single_file else k: v for k, v in stats.files.items()})
+            inputs["adapters"] = adapter_inputs.result()
             record = manifest.dumps(manifest.build(_command, inputs, written, options=options,
                                                    targets=plan_json(plan)["targets"],
                                                    output_dtypes=manifest.output_dtypes(plan)))

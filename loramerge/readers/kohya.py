@@ -21,6 +21,7 @@ import torch
 from ..errors import AdapterError
 from ..types import Adapter, LoraPair, TunerTarget
 from . import lycoris
+from .files import all_finite
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
 FLAT = "flat:"
@@ -70,7 +71,7 @@ def read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> Adapter:
                             "([r, in(, k..)] and [out, r(, 1..)], r > 0)")
             continue
         rank = down.shape[0]
-        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+        if not (all_finite(down) and all_finite(up)):
             problems.append(f"{module}: lora_down/lora_up contain NaN or Inf; the file is broken")
             continue
         alpha_t = tensors.get(slots.get("alpha", ""), torch.tensor(float(rank)))

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import AdapterError
 from ..types import Adapter, LoraPair
+from .files import all_finite
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)$")
 
@@ -58,7 +59,7 @@ def read_loralib(path: Path, tensors: dict[str, torch.Tensor], lora_alpha: float
         if a.shape[0] % r:
             problems.append(f"{module}: lora_A has {a.shape[0]} rows, not a multiple of lora_B's rank {r}")
             continue
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not (all_finite(a) and all_finite(b)):
             problems.append(f"{module}: lora_A/lora_B contain NaN or Inf; the adapter is broken")
             continue
         n_groups = a.shape[0] // r

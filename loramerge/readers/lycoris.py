@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .files import all_finite
+
 # key suffix -> role in engine/tuners.py
 SLOTS = {
     "loha": {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
@@ -35,7 +37,7 @@ def shapes(tuner: str, roles: dict[str, str], tensors: dict[str, torch.Tensor]):
     (None, None, problem). base_shape is W's shape as far as the factors tell it: the full shape
     with Tucker cores or a full lokr_w2, else W's 2-D view [out, in*k]. rank is None for a LoKr
     made of two full matrices (no rank anywhere)."""
-    bad = [k for k in roles.values() if not tensors[k].is_floating_point() or not torch.isfinite(tensors[k]).all()]
+    bad = [k for k in roles.values() if not tensors[k].is_floating_point() or not all_finite(tensors[k])]
     if bad:
         return None, None, f"{', '.join(sorted(bad))}: not finite floating-point values; the adapter is broken"
     s = {role: tuple(tensors[key].shape) for role, key in roles.items()}

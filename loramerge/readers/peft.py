@@ -16,7 +16,7 @@ import torch
 
 from ..errors import AdapterError
 from ..types import Adapter, LoraPair, TokenRows
-from .files import load_adapter_file
+from .files import all_finite, load_adapter_file
 from .peft_config import pattern_value as _pattern_value
 from .peft_config import type_problems
 from .peft_params import param_targets, split_param_modules
@@ -236,7 +236,7 @@ def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]):
         problems.append(f"{len(unknown)} tensor(s) are neither LoRA factors nor modules_to_save copies, "
                         f"e.g. {unknown[0]!r}; this adapter format is not supported")
     for name, key in replacements.items():
-        if not torch.isfinite(tensors[key]).all():
+        if not all_finite(tensors[key]):
             problems.append(f"{name}: saved tensor {key} contains NaN or Inf; the adapter is broken")
 
     rank_pattern = config.get("rank_pattern") or {}
@@ -271,7 +271,7 @@ def _pairs(root: Path, config: dict, tensors: dict[str, torch.Tensor]):
             problems.append(f"{module}: has LoRA weights but {CONFIG}'s target_modules/layers_to_transform "
                             "do not select it (PEFT would ignore them); fix the config")
             continue
-        bad = [n for n, k in slots.items() if not torch.isfinite(tensors[k]).all()]
+        bad = [n for n, k in slots.items() if not all_finite(tensors[k])]
         if bad:
             problems.append(f"{module}: {', '.join(sorted(bad))} contain NaN or Inf; the adapter is broken "
                             "(training diverged or the file is corrupt)")
@@ -334,7 +334,7 @@ def _token_rows(config: dict, keys: dict[str, str], tensors: dict[str, torch.Ten
         elif delta.dim() != 2 or delta.shape[0] != len(ids) or not delta.is_floating_point():
             problems.append(f"{module}: {key} is {delta.dtype} {list(delta.shape)}, expected floating point "
                             f"[{len(ids)}, dim] for {len(ids)} token ids")
-        elif not torch.isfinite(delta).all():
+        elif not all_finite(delta):
             problems.append(f"{module}: {key} contains NaN or Inf; the adapter is broken")
         else:
             rows.append(TokenRows(module + ".weight", key, tuple(ids)))

@@ -22,6 +22,7 @@ import torch
 
 from ..types import ParamTarget
 from .experts import matches_target, nesting
+from .files import all_finite
 from .peft_config import pattern_value
 
 _NESTED = ".base_layer"
@@ -99,7 +100,7 @@ def _one(config: dict, bare: str, param: str, depth: int, slots: dict[str, str],
         problems.append(f"{where}: lora_A has {a.shape[0]} rows and lora_B {b.shape[1]} columns; with rank {r} "
                         "(r/rank_pattern) both must be rank x number of experts")
         return None
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    if not (all_finite(a) and all_finite(b)):
         problems.append(f"{where}: lora_A/lora_B contain NaN or Inf; the adapter is broken")
         return None
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r

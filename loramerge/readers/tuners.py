@@ -28,6 +28,7 @@ import torch
 from ..errors import AdapterError
 from ..types import Adapter, TunerTarget
 from . import lycoris
+from .files import all_finite
 from .peft import (BASE_CHANGING_INITS, CONFIG, UNSUPPORTED_FIELDS, _classify, _load_weights, _pattern_value,
                    targets_module)
 
@@ -75,7 +76,7 @@ def read_tuner_adapter(path: Path, root: Path, cfg_path: Path, config: dict) -> 
             continue
         slots[slot] = key
     for name, key in replacements.items():
-        if not torch.isfinite(tensors[key]).all():
+        if not all_finite(tensors[key]):
             problems.append(f"{name}: saved tensor {key} contains NaN or Inf; the adapter is broken")
     build = {"adalora": _adalora, "ia3": _ia3, "vera": _vera}.get(tuner, _lycoris)
     pairs = []
@@ -121,7 +122,7 @@ def _check_config(cfg_path: Path, tuner: str, config: dict) -> None:
 
 
 def _floats(roles: dict[str, str], tensors) -> str | None:
-    bad = [k for k in roles.values() if not tensors[k].is_floating_point() or not torch.isfinite(tensors[k]).all()]
+    bad = [k for k in roles.values() if not tensors[k].is_floating_point() or not all_finite(tensors[k])]
     return f"{', '.join(sorted(bad))}: not finite floating-point values; the adapter is broken" if bad else None
 
 
