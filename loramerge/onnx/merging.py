@@ -164,6 +164,8 @@ class _FromBase(Task):
             graph, m, adapters, ck, device, clock, pools)
         self.held: list[torch.Tensor] = []
         self.outbuf = None
+        # the merge runs on W.T, in the initializer's own layout (_merge, _in_graph_layout)
+        self.flips = m.transposed and _in_graph_layout(m.target) is not None
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         m, pools, dtype = self.m, self.pools, self.graph.dtype(self.m.init)
@@ -174,8 +176,7 @@ class _FromBase(Task):
             # on the CPU, W.T laid out once (into a pooled buffer: torch's blocked copy) serves both
             # the comparison, then row against row, and the merge, which would otherwise make its
             # own contiguous copy of the transposed view
-            laid_out = (self.device.type == "cpu" and m.transposed and m.via is None and w.dtype == dtype
-                        and _in_graph_layout(m.target) is not None)
+            laid_out = self.device.type == "cpu" and self.flips and m.via is None and w.dtype == dtype
             if laid_out:
                 with self.clock("transpose"):
                     self.held.append(pools.inputs.get(pools.stop))
@@ -212,7 +213,7 @@ class _FromBase(Task):
                 with self.clock("merge"):
                     self.outbuf = self.pools.results.get(self.pools.stop)
                     out = _placed(self.outbuf, dtype, self.graph.shape(m.init))
-                    if m.transposed and not laid_out and _in_graph_layout(m.target) is not None:
+                    if self.flips and not laid_out:
                         w = w.T
                     y = _merge(m, w, self.adapters, self.device, dtype, out if m.via is None else None)
                     return y.contiguous()
