@@ -32,6 +32,7 @@ from ..errors import AdapterError, UsageError
 from ..report import JsonReport
 from ..readers import hub
 from ..readers.adapters import load_adapters
+from ..readers.files import all_finite
 from ..types import Adapter, LoraPair
 from ..writers import manifest
 from ..writers.output import Staged, check_output_path
@@ -297,7 +298,7 @@ def combine(
             err = low.relative_error()
             if not report.worst_target or err > report.worst_error:
                 report.worst_error, report.worst_target = err, module
-        bad = [n for n in ("lora_A", "lora_B") if not torch.isfinite(tensors[f"{key}.{n}.weight"]).all()]
+        bad = [n for n in ("lora_A", "lora_B") if not all_finite(tensors[f"{key}.{n}.weight"])]
         if bad:
             raise AdapterError(f"{module}: the combined {' and '.join(bad)} are not finite (the weights or "
                                "inputs overflow float32); nothing was written")
