@@ -22,7 +22,8 @@ import torch
 from ..readers.checkpoint import Checkpoint
 from ..types import ST_TO_TORCH, Adapter, Job, Plan
 from ..writers.direct import ALIGN
-from ..writers.safetensors import SafetensorsWriter, data_offsets
+from ..writers.header import data_offsets
+from ..writers.safetensors import SafetensorsWriter
 from .compute import compute
 from .precision import guarded
 from .timeline import since_start
@@ -253,10 +254,11 @@ def _placed(buf: torch.Tensor, phase: int, nbytes: int) -> torch.Tensor:
 
 @guarded  # IEEE float32 matmuls for every compute thread (the flags are process-global): precision.py
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
-        accum: torch.dtype = torch.float32, progress=None, sync: bool = True) -> EngineStats:
+        accum: torch.dtype = torch.float32, progress=None, sync: bool = True, early=None) -> EngineStats:
     """Stream every job of the plan into its output file. Reader thread -> one compute worker per
     device -> writer thread; the writer takes results in plan order, so several devices can work
-    on different tensors while the files are still written strictly in order."""
+    on different tensors while the files are still written strictly in order. `early`: an adopted
+    writers.early.EarlyCopy, whose child writes the middles of some copied tensors."""
     stats = EngineStats()
     stop = threading.Event()
     read_q: queue.Queue = queue.Queue(maxsize=2)
@@ -323,6 +325,11 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
 
     delay = float(os.environ.get("LORAMERGE_TEST_WRITE_DELAY") or 0)
 
+    def close(w: SafetensorsWriter, name: str) -> None:
+        if early is not None:
+            early.settle(name)  # the early child's ranges of this file are in place before the fsync
+        w.close(sync)
+
     def writer():
         writers: dict[int, SafetensorsWriter] = {}
         try:
@@ -343,9 +350,11 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 if w is None:
                     f = plan.files[fi]
                     entries = [e for j in f.jobs for e in j.entries]
-                    w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, {"format": "pt"})
+                    w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, {"format": "pt"},
+                                                        existing=early is not None and f.name in early.made)
                 if tensor is None:
-                    w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes)
+                    w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes,
+                                 written=early and early.written(plan.files[fi].name, job.name))
                     stats.copied += 1
                 else:
                     # the hash of what is written from out_buf is not waited for: out_buf goes back
@@ -365,7 +374,7 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                     stats.files[plan.files[fi].name] = w.hasher.record()
                     stats.seconds_hash_wait += w.hasher.waited
                     # fsync in the background: the next file's writes keep the disk busy meanwhile
-                    closing.append(closer.submit(w.close, sync))
+                    closing.append(closer.submit(close, w, plan.files[fi].name))
                     writers.pop(fi)
                 stats.bytes_written += job.nbytes
                 stats.seconds_write += time.perf_counter() - t0

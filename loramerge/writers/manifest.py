@@ -59,6 +59,15 @@ class Hasher:
             self.update(chunk)
             offset, nbytes = offset + len(chunk), nbytes - len(chunk)
 
+    def later_from(self, path, offset: int, nbytes: int) -> Future:
+        """Hash bytes [offset, offset+nbytes) of the file at `path` on the hashing thread, after
+        what was handed to it before, without waiting (a range another process wrote into the
+        output: writers/early.py)."""
+        def hash_file():
+            with open(path, "rb", buffering=0) as f:
+                self.update_from(f.fileno(), offset, nbytes)
+        return self._submit(hash_file)
+
     def _submit(self, fn, *args) -> Future:
         if self._thread is None:
             self._thread = _HashThread()
