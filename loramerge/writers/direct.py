@@ -24,7 +24,6 @@ early writeback (writeback.py). LORAMERGE_BUFFERED_WRITES=1 forces buffered writ
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -66,7 +65,7 @@ class DirectSink:
         self._writeback = Writeback(fd, enabled=not self.direct)  # buffered: push to the disk early
         self._stage = self._stage_view = None
         self._pending = 0     # staged bytes not yet written; they end at self.pos
-        self._chunks = None   # two buffers for copied ranges (copy_range)
+        self._chunk = None    # the buffer for copied ranges (copy_range)
 
     def _set_direct(self, on: bool) -> bool:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
@@ -150,37 +149,25 @@ class DirectSink:
         os.lseek(self.fd, n, os.SEEK_CUR)
         self.pos += n
 
-    def copy_range(self, fd_in: int, offset: int, nbytes: int, truncated, around=None) -> None:
+    def copy_range(self, fd_in: int, offset: int, nbytes: int, truncated) -> None:
         """Append bytes [offset, offset+nbytes) of the open file fd_in (O_DIRECT sinks): read
-        chunk by chunk into two aligned buffers, placed so that each chunk is written from where
-        it was read. `around(view)`, if given, is a context manager wrapped around each chunk's
-        write (the manifest's hash, on its own thread): the next chunk is read into the other
-        buffer inside it, while the current one may still be read. `truncated()` is the error to
-        raise if fd_in ends early."""
-        if self._chunks is None:
-            self._chunks = [aligned_buffer(COPY_CHUNK + ALIGN)[1] for _ in range(2)]
-        at = self.pos
-
-        def read(turn: int, done: int) -> memoryview:
+        chunk by chunk into an aligned buffer, placed so that each chunk is written from where it
+        was read. `truncated()` is the error to raise if fd_in ends early."""
+        if self._chunk is None:
+            self._chunk = aligned_buffer(COPY_CHUNK + ALIGN)[1]
+        at, done = self.pos, 0
+        while done < nbytes:
             n = min(COPY_CHUNK, nbytes - done)
             phase = (at + done) % ALIGN
-            view = self._chunks[turn][phase: phase + n]
+            view = self._chunk[phase: phase + n]
             got = 0
             while got < n:
                 k = os.preadv(fd_in, [view[got:]], offset + done + got)
                 if k == 0:
                     raise truncated()
                 got += k
-            return view
-
-        done, turn = 0, 0
-        view = read(turn, 0) if nbytes else None
-        while view is not None:
-            with around(view) if around is not None else contextlib.nullcontext():
-                self.write(view)
-                done += len(view)
-                turn = 1 - turn
-                view = read(turn, done) if done < nbytes else None
+            self.write(view)
+            done += n
 
     def finish(self) -> None:
         """Write what is staged (the last partial block without O_DIRECT, which takes whole blocks
@@ -191,4 +178,4 @@ class DirectSink:
         if self._pending:
             self._os_write(self._stage_view[: self._pending], direct=self.direct and not tail)
             self._pending = 0
-        self._stage = self._stage_view = self._chunks = None
+        self._stage = self._stage_view = self._chunk = None

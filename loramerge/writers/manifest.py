@@ -10,8 +10,7 @@ full read of the base, which a merge that copies untouched tensors file to file 
 per target the adapter terms (rank, alpha, scale, weight); the output dtypes; and
 "files": {NAME: {"sha256", "bytes"}} for every file written. Output hashes are computed while the
 bytes are written (Hasher, on a thread of its own beside the writer), never by reading the output
-back; a range the kernel copies file to file (copy_file_range) is hashed from its source while it
-is copied. Cost: bench/bench_manifest.py, results in bench/RESULTS.md.
+back; a copied tensor is hashed from its source, on the same thread, in file order. Cost: bench/bench_manifest.py, results in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -45,24 +44,28 @@ class Hasher:
         self.waited = 0.0  # seconds the writer waited for the hash after its own write was done
         self._thread: _HashThread | None = None
         self._last: Future | None = None  # the latest job handed to the thread (they run in order)
+        self._buf: memoryview | None = None  # update_from's (used on the hashing thread only)
 
     def update(self, data) -> None:
         self._sha.update(data)  # hashlib releases the GIL for large buffers
         self.bytes += len(data)
 
     def update_from(self, fd: int, offset: int, nbytes: int) -> None:
-        """Hash bytes [offset, offset+nbytes) of an open file (a range copied inside the kernel)."""
+        """Hash bytes [offset, offset+nbytes) of an open file (the source of a copied range), read
+        into one buffer reused chunk after chunk (fresh memory per chunk costs page faults)."""
+        if self._buf is None or len(self._buf) < min(nbytes, CHUNK):
+            self._buf = memoryview(bytearray(min(max(nbytes, 1 << 16), CHUNK)))
         while nbytes > 0:
-            chunk = os.pread(fd, min(nbytes, CHUNK), offset)
-            if not chunk:
+            k = os.preadv(fd, [self._buf[: min(nbytes, CHUNK)]], offset)
+            if not k:
                 raise OSError(f"file ended at byte {offset} while hashing a copied range")
-            self.update(chunk)
-            offset, nbytes = offset + len(chunk), nbytes - len(chunk)
+            self.update(self._buf[:k])
+            offset, nbytes = offset + k, nbytes - k
 
     def later_from(self, path, offset: int, nbytes: int) -> Future:
         """Hash bytes [offset, offset+nbytes) of the file at `path` on the hashing thread, after
-        what was handed to it before, without waiting (a range another process wrote into the
-        output: writers/early.py)."""
+        what was handed to it before, without waiting: the source of a copied tensor, whose
+        bytes the output holds (written by the writer, or by writers/early.py's child)."""
         def hash_file():
             with open(path, "rb", buffering=0) as f:
                 self.update_from(f.fileno(), offset, nbytes)

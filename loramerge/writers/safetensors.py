@@ -6,8 +6,9 @@ hand is ever buffered. Bytes go to the disk with O_DIRECT where the file system 
 (direct.py says why); there, untouched tensors are read from the base into aligned buffers and
 written from them. Buffered, they are copied file-to-file inside the kernel (copy_file_range),
 never entering this process's memory. The file's sha256 (for the manifest) is computed as it is
-written, on a thread of the file's own; a range copied inside the kernel is hashed from its source
-while it is copied.
+written, on a thread of the file's own; a copied range is hashed there from its source, and the
+writer goes on without waiting for that hash (a copy waiting for it idled the disk: an 8B merge's
+writer waited 2.7 s for hashes once the embedding's write was left to writers/early.py).
 """
 
 from __future__ import annotations
@@ -93,15 +94,14 @@ class SafetensorsWriter:
     def _copy(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         if not nbytes:
             return
-        if self._sink.direct:  # read into aligned buffers, written and hashed from there
+        self.hasher.later_from(src, offset, nbytes)  # in file order, not waited for
+        if self._sink.direct:  # read into aligned buffers, written from there
             with open(src, "rb", buffering=0) as f:
                 self._sink.copy_range(
                     f.fileno(), offset, nbytes,
-                    truncated=lambda: OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated"),
-                    around=lambda view: self.hasher.alongside(self.hasher.update, view))
+                    truncated=lambda: OutputError(f"{src}: file ended while copying tensor {name!r}; it was truncated"))
             return
-        with open(src, "rb", buffering=0) as f, self.hasher.alongside(self.hasher.update_from, f.fileno(), offset,
-                                                                      nbytes):
+        with open(src, "rb", buffering=0) as f:
             fd_in = f.fileno()
             done = 0
             use_cfr = hasattr(os, "copy_file_range")
