@@ -326,8 +326,16 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
     delay = float(os.environ.get("LORAMERGE_TEST_WRITE_DELAY") or 0)
 
     def close(w: SafetensorsWriter, name: str) -> None:
-        if early is not None:
-            early.settle(name)  # the early child's ranges of this file are in place before the fsync
+        """A finished file, on the closer's thread: its hash, then its fsync. The writer goes on
+        meanwhile: a file's last hashes can lag its writes by a second (a copied 1 GB embedding is
+        hashed from its source at ~1.3 GB/s), and waiting for them idled the disk."""
+        try:
+            stats.files[name] = w.hasher.record()
+            if early is not None:
+                early.settle(name)  # the early child's ranges of this file are in place before the fsync
+        except BaseException:
+            w.abort()
+            raise
         w.close(sync)
 
     def writer():
@@ -371,9 +379,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 if out_buf is not None:
                     _when_done(hashed, lambda b=out_buf: out_pool.put(b))
                 if w.complete:
-                    stats.files[plan.files[fi].name] = w.hasher.record()
                     stats.seconds_hash_wait += w.hasher.waited
-                    # fsync in the background: the next file's writes keep the disk busy meanwhile
+                    # hash and fsync in the background: the next file's writes keep the disk busy meanwhile
                     closing.append(closer.submit(close, w, plan.files[fi].name))
                     writers.pop(fi)
                 stats.bytes_written += job.nbytes
