@@ -194,7 +194,7 @@ def main():
     py = sys.executable
     methods = args.methods.split(",")
     results = {m: {"wall": [], "anon": [], "gpu": []} for m in methods}
-    stages, cli_stages = [], []
+    stages, cli_stages, noearly_stages = [], [], []
     for run in range(args.runs):
         order = methods[run % len(methods):] + methods[:run % len(methods)]  # rotate who goes first
         for m in order:
@@ -220,9 +220,9 @@ def main():
                 env = dict(os.environ, LORAMERGE_EARLY_COPY="0") if m == "noearly" else None
                 wall, anon, stdout = measure([py, "-m", "loramerge", "apply", str(base), str(adapter), str(out),
                                               "--device", args.device, "-q", "--json"], env=env)
-                if m == "cli":
-                    report = json.loads(stdout)
-                    cli_stages.append(dict(report["stage_seconds"], at_exit=wall, bytes_early=report["bytes_early"]))
+                report = json.loads(stdout)
+                (cli_stages if m == "cli" else noearly_stages).append(
+                    dict(report["stage_seconds"], at_exit=wall, bytes_early=report["bytes_early"]))
             elif m == "peft":
                 wall, anon, stdout = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
             else:
@@ -251,8 +251,8 @@ def main():
         "preset": args.preset, "bytes": nbytes, "runs": args.runs, "device": args.device,
         "medians": med, "raw": results,
         "loramerge_stage_seconds_median": {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {},
-        "cli_stage_seconds_median": {k: statistics.median(s[k] for s in cli_stages) for k in cli_stages[0]}
-        if cli_stages else {},
+        **{f"{name}_stage_seconds_median": {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+           for name, runs in (("cli", cli_stages), ("noearly", noearly_stages)) if runs},
     }
     if "verify" in med and "loramerge" in med:
         summary["verify_vs_apply"] = med["verify"]["wall"] / med["loramerge"]["wall"]
