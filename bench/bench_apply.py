@@ -7,8 +7,6 @@ shards and an r=16 all-linear PEFT adapter, then runs, alternating, --runs times
   floor      cat of each shard into OUT, then `sync` of those files (read once, write once, durable)
 and, when named in --methods:
   cli        the command as users run it, a cold process: python -m loramerge apply BASE ADAPTER OUT -q
-  noearly    cli with LORAMERGE_EARLY_COPY=0: no untouched tensors written while torch imports
-             (writers/early.py), for the A/B in one run
   torchpath  loramerge with LORAMERGE_NO_KERNEL=1: the torch fallback an install without numba runs
   cat        cat of each shard into OUT without sync (the page-cache copy)
   ddirect    dd of each shard into OUT with O_DIRECT writes and fsync (oflag=direct conv=fsync): the
@@ -139,7 +137,7 @@ r = loramerge.apply(base, adapter, out, device=device, overwrite=True)
 import torch
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 from loramerge.engine.timeline import since_start
-print("STAGES " + json.dumps(dict(r.stage_seconds, at_script_end=since_start(), bytes_early=r.bytes_early)))
+print("STAGES " + json.dumps(dict(r.stage_seconds, at_script_end=since_start())))
 print("GPUMEM", gpu)
 """
 
@@ -194,7 +192,7 @@ def main():
     py = sys.executable
     methods = args.methods.split(",")
     results = {m: {"wall": [], "anon": [], "gpu": []} for m in methods}
-    stages, cli_stages, noearly_stages = [], [], []
+    stages, cli_stages = [], []
     for run in range(args.runs):
         order = methods[run % len(methods):] + methods[:run % len(methods)]  # rotate who goes first
         for m in order:
@@ -216,13 +214,10 @@ def main():
                     (merged / "DONE").touch()
                 wall, anon, stdout = measure([py, "-m", "loramerge", "verify", str(base), str(adapter), str(merged),
                                               "--no-outputs", "--device", args.device])
-            elif m in ("cli", "noearly"):
-                env = dict(os.environ, LORAMERGE_EARLY_COPY="0") if m == "noearly" else None
+            elif m == "cli":
                 wall, anon, stdout = measure([py, "-m", "loramerge", "apply", str(base), str(adapter), str(out),
-                                              "--device", args.device, "-q", "--json"], env=env)
-                report = json.loads(stdout)
-                (cli_stages if m == "cli" else noearly_stages).append(
-                    dict(report["stage_seconds"], at_exit=wall, bytes_early=report["bytes_early"]))
+                                              "--device", args.device, "-q", "--json"])
+                cli_stages.append(dict(json.loads(stdout)["stage_seconds"], at_exit=wall))
             elif m == "peft":
                 wall, anon, stdout = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
             else:
@@ -251,12 +246,12 @@ def main():
         "preset": args.preset, "bytes": nbytes, "runs": args.runs, "device": args.device,
         "medians": med, "raw": results,
         "loramerge_stage_seconds_median": {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {},
-        **{f"{name}_stage_seconds_median": {k: statistics.median(s[k] for s in runs) for k in runs[0]}
-           for name, runs in (("cli", cli_stages), ("noearly", noearly_stages)) if runs},
+        "cli_stage_seconds_median": {k: statistics.median(s[k] for s in cli_stages) for k in cli_stages[0]}
+        if cli_stages else {},
     }
     if "verify" in med and "loramerge" in med:
         summary["verify_vs_apply"] = med["verify"]["wall"] / med["loramerge"]["wall"]
-    for name in ("loramerge", "cli", "noearly", "torchpath"):
+    for name in ("loramerge", "cli", "torchpath"):
         if name not in med:
             continue
         lm, key = med[name], "" if name == "loramerge" else name + "_"

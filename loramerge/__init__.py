@@ -6,7 +6,6 @@ torch until a function is used.
 
 import contextlib as _contextlib
 import os as _os
-import sys as _sys
 
 # OpenMP threads that spin while waiting for work fight the reader, writer and compute threads of
 # the streaming pipeline (measured: a small torch op 30x slower on a 2-core VM). Passive waiting
@@ -18,7 +17,7 @@ from .errors import (AdapterError, CheckpointError, LoraMergeError, NumericsErro
 
 # public name -> module that defines it (imported on first use)
 _LAZY = {
-    "ApplyReport": "api", "unmerge": "api", "UnmergeReport": "api",
+    "apply": "api", "ApplyReport": "api", "unmerge": "api", "UnmergeReport": "api",
     "combine": "arithmetic", "CombineReport": "arithmetic",
     "verify": "verifier", "VerifyReport": "verifier",
     "export_onnx": "onnx",
@@ -41,24 +40,6 @@ def __getattr__(name):
     value = getattr(import_heavy(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
-
-
-def apply(base, adapters, out, **options):
-    """Merge LoRA adapters into `base` and write the merged checkpoint to `out`: the options and
-    the report are loramerge.api.apply's (help(loramerge.api.apply)).
-
-    Called before torch is imported (a fresh process: the CLI, a script), it first starts copying
-    the tensors no adapter touches into the output, so that the disk works while torch imports
-    (writers/early.py); the plan later keeps those copies only if it agrees with each of them."""
-    early = None
-    if "torch" not in _sys.modules:
-        from .writers import early as _early
-
-        early = _early.start(base, adapters, out, **options)
-    if early is None:
-        return import_heavy(f"{__name__}.api").apply(base, adapters, out, **options)
-    with early:  # however apply ends, the child is stopped and the staging released
-        return import_heavy(f"{__name__}.api").apply(base, adapters, out, _early=early, **options)
 
 
 def import_heavy(module: str):

@@ -49,7 +49,6 @@ class ApplyReport(JsonReport):
     tensors_copied: int = 0
     tensors_cast: int = 0
     bytes_written: int = 0
-    bytes_early: int = 0   # of bytes_written: copied while torch was still importing (writers/early.py)
     seconds: float = 0.0
     exact_fixups: int = 0
     files: list[str] = field(default_factory=list)
@@ -125,7 +124,6 @@ def apply(
     qlora_double_quant: bool = True,
     qlora_kernel: str = "cuda",
     _command: str = "apply",
-    _early=None,
 ) -> ApplyReport:
     """Merge one or more LoRA adapters into `base`, writing a new checkpoint at `out`.
 
@@ -140,9 +138,6 @@ def apply(
     `qlora_double_quant` is False; `qlora_kernel` 'cuda' or 'cpu' picks whose roundings). FP8 and
     bitsandbytes 4-bit bases are read through their codecs (see loramerge.codecs). Raises a
     LoraMergeError subclass on any user error, before anything is written.
-
-    `_early`: a writers.early.EarlyCopy that loramerge.apply started before importing torch; its
-    staging is the output's, and its copies are kept only if the plan agrees with every one.
     """
     t0, started = time.perf_counter(), since_start()
     if accum not in ACCUM:
@@ -165,12 +160,10 @@ def apply(
     report = ApplyReport(out=out, dry_run=dry_run, device=",".join(map(str, devices)), plan=plan,
                          warnings=list(plan.warnings))
     report.plan_text = describe(plan, loaded)
-    report.warnings += (_early.warnings if _early is not None else []) + check_output_path(
-        out, [base, *adapter_paths], overwrite)
+    report.warnings += check_output_path(out, [base, *adapter_paths], overwrite)
     if dry_run:
         return report
     check_disk_space(out, plan.nbytes)
-    early = _early if _early is not None and _early.adopt(plan) else None
 
     bar = None
     if progress:
@@ -180,7 +173,7 @@ def apply(
     adapter_inputs = manifest.adapter_inputs_later(loaded, weights)  # hashed while the merge runs
     options = {"weights": weights, "dtype": dtype, "accum": accum, "shard_size": shard_size, "qlora": qlora,
                **({"qlora_double_quant": qlora_double_quant, "qlora_kernel": qlora_kernel} if qlora else {})}
-    staged = _early.staged if _early is not None else Staged(out, is_dir=not single_file, overwrite=overwrite)
+    staged = Staged(out, is_dir=not single_file, overwrite=overwrite)
     # a single file's manifest is a sibling, committed with it (overwritten with it: OUT was checked)
     beside = Staged(manifest.sibling(out), is_dir=False, overwrite=True, group=staged) if single_file else None
     written: dict[str, dict] = {}
@@ -195,7 +188,7 @@ def apply(
                 report.carried_over = copy_extras(plan, tmp, written)
             planned = since_start()
             stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
-                               progress=bar.update if bar else None, sync=sync, early=early)
+                               progress=bar.update if bar else None, sync=sync)
             written.update({out.name if single_file else k: v for k, v in stats.files.items()})
             inputs["adapters"] = adapter_inputs.result()
             record = manifest.dumps(manifest.build(_command, inputs, written, options=options,
@@ -212,7 +205,6 @@ def apply(
     report.not_carried_over = list(plan.skipped_files)
     report.tensors_merged, report.tensors_copied, report.tensors_cast = stats.merged, stats.copied, stats.cast
     report.bytes_written = stats.bytes_written
-    report.bytes_early = early.bytes_adopted if early is not None else 0
     report.exact_fixups = stats.exact_fixups
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,

@@ -206,15 +206,14 @@ def test_apply_holds_automatic_collections_and_restores_the_callers_setting(tmp_
 
 
 def test_lazy_import_of_torch_holds_collections_and_restores_the_setting():
-    """loramerge's lazy names (and the CLI's commands) import torch with automatic collections held.
-    (`loramerge.apply` itself is a light function that imports loramerge.api when called.)"""
+    """`loramerge.apply` (and the CLI's commands) import torch with automatic collections held."""
     probe = textwrap.dedent("""
         import gc, json, sys
         import loramerge
         seen = []
         gc.callbacks.append(lambda phase, info: seen.append(1) if phase == "start" else None)
         gc.set_threshold(10)
-        loramerge.ApplyReport  # imports loramerge.api, torch with it
+        loramerge.apply  # imports loramerge.api, torch with it
         out = {"torch": "torch" in sys.modules, "during": len(seen), "enabled": gc.isenabled()}
         gc.disable()
         loramerge.verify

@@ -71,7 +71,8 @@ def _tensors():
 def _write(path, tensors, order, copy_from=None, place=False, direct_mode=None):
     """Write `tensors` in `order` with SafetensorsWriter; names (but "tiny") are copied from
     copy_from's ranges if given. place=True hands each tensor's bytes at the phase of its file
-    offset, as the engine does."""
+    offset, as the engine does; place=False at another phase (a fresh tensor's own address could
+    match by chance, which made the "everything is staged" case depend on the allocator)."""
     entries = [(n, TORCH_TO_ST[tensors[n].dtype], tuple(tensors[n].shape),
                 tensors[n].numel() * tensors[n].element_size()) for n in order]
     w = SafetensorsWriter(path, entries, {"format": "pt"}, direct=direct_mode)
@@ -81,10 +82,10 @@ def _write(path, tensors, order, copy_from=None, place=False, direct_mode=None):
             w.copy_range(n, copy_from, refs[n].offset, refs[n].nbytes)
             continue
         t = tensors[n].contiguous().view(-1).view(torch.uint8)
-        if place:  # a copy of t's bytes at an address with the phase of its file offset
-            buf = torch.empty(t.numel() + direct.ALIGN, dtype=torch.uint8)
-            start = (w._sink.pos - buf.data_ptr()) % direct.ALIGN
-            t = buf[start: start + t.numel()].copy_(t)
+        # a copy of t's bytes at an address with the phase of its file offset (place), or 64 bytes off it
+        buf = torch.empty(t.numel() + direct.ALIGN, dtype=torch.uint8)
+        start = (w._sink.pos + (0 if place else 64) - buf.data_ptr()) % direct.ALIGN
+        t = buf[start: start + t.numel()].copy_(t)
         w.write(n, t)
     w.close()
     return w

@@ -139,3 +139,30 @@ def test_when_done_runs_once_after_the_last_future():
     assert calls == [1]
     pipeline._when_done([], lambda: calls.append(2))
     assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_copy_does_not_wait_for_its_hash(tmp_path, monkeypatch, direct):
+    """A copied tensor is hashed from its source on the file's hashing thread while the writer goes
+    on (waiting for that hash idled the disk); the record still covers every byte, in order."""
+    from loramerge.writers.safetensors import SafetensorsWriter
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 40000)
+    gate, real = threading.Event(), manifest.Hasher.update_from
+
+    def slow(self, fd, offset, nbytes):
+        assert gate.wait(timeout=30)
+        real(self, fd, offset, nbytes)
+
+    monkeypatch.setattr(manifest.Hasher, "update_from", slow)
+    entries = [("a", "U8", (5000,), 5000), ("b", "U8", (3_000_000,), 3_000_000), ("c", "U8", (7,), 7)]
+    w = SafetensorsWriter(tmp_path / "out.safetensors", entries, {"format": "pt"}, direct=direct)
+    w.copy_range("a", src, 10, 5000)
+    w.copy_range("b", src, 100, 3_000_000)  # returns with neither hash done
+    assert not gate.is_set() and w.hasher.bytes < 5000
+    gate.set()
+    w.copy_range("c", src, 7, 7)
+    record = w.hasher.record()
+    w.close()
+    data = (tmp_path / "out.safetensors").read_bytes()
+    assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}

@@ -37,7 +37,7 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
     from ..readers.prefetch import prefetch
 
     prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
-    from .. import apply  # starts writing untouched tensors, then imports torch
+    apply = import_heavy("loramerge.api").apply
 
     report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
                    accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,

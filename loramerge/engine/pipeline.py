@@ -22,8 +22,7 @@ import torch
 from ..readers.checkpoint import Checkpoint
 from ..types import ST_TO_TORCH, Adapter, Job, Plan
 from ..writers.direct import ALIGN
-from ..writers.header import data_offsets
-from ..writers.safetensors import SafetensorsWriter
+from ..writers.safetensors import SafetensorsWriter, data_offsets
 from .compute import compute
 from .precision import guarded
 from .timeline import since_start
@@ -254,11 +253,10 @@ def _placed(buf: torch.Tensor, phase: int, nbytes: int) -> torch.Tensor:
 
 @guarded  # IEEE float32 matmuls for every compute thread (the flags are process-global): precision.py
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
-        accum: torch.dtype = torch.float32, progress=None, sync: bool = True, early=None) -> EngineStats:
+        accum: torch.dtype = torch.float32, progress=None, sync: bool = True) -> EngineStats:
     """Stream every job of the plan into its output file. Reader thread -> one compute worker per
     device -> writer thread; the writer takes results in plan order, so several devices can work
-    on different tensors while the files are still written strictly in order. `early`: an adopted
-    writers.early.EarlyCopy, whose child writes the middles of some copied tensors."""
+    on different tensors while the files are still written strictly in order."""
     stats = EngineStats()
     stop = threading.Event()
     read_q: queue.Queue = queue.Queue(maxsize=2)
@@ -331,8 +329,6 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
         hashed from its source at ~1.3 GB/s), and waiting for them idled the disk."""
         try:
             stats.files[name] = w.hasher.record()
-            if early is not None:
-                early.settle(name)  # the early child's ranges of this file are in place before the fsync
         except BaseException:
             w.abort()
             raise
@@ -358,11 +354,9 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 if w is None:
                     f = plan.files[fi]
                     entries = [e for j in f.jobs for e in j.entries]
-                    w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, {"format": "pt"},
-                                                        existing=early is not None and f.name in early.made)
+                    w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, {"format": "pt"})
                 if tensor is None:
-                    w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes,
-                                 written=early and early.written(plan.files[fi].name, job.name))
+                    w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes)
                     stats.copied += 1
                 else:
                     # the hash of what is written from out_buf is not waited for: out_buf goes back

@@ -140,15 +140,6 @@ class DirectSink:
         self.pos += n
         self._writeback.wrote(self.pos)
 
-    def skip(self, n: int) -> None:
-        """Move past n bytes that are already in the file (written by writers/early.py's child).
-        The position and n are multiples of ALIGN, so nothing staged straddles the gap."""
-        if self.pos % ALIGN or n % ALIGN:
-            raise ValueError(f"{self.path}: skip of {n} bytes at {self.pos}: not block-aligned")
-        self._flush_stage()
-        os.lseek(self.fd, n, os.SEEK_CUR)
-        self.pos += n
-
     def copy_range(self, fd_in: int, offset: int, nbytes: int, truncated) -> None:
         """Append bytes [offset, offset+nbytes) of the open file fd_in (O_DIRECT sinks): read
         chunk by chunk into an aligned buffer, placed so that each chunk is written from where it

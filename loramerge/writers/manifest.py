@@ -10,7 +10,8 @@ full read of the base, which a merge that copies untouched tensors file to file 
 per target the adapter terms (rank, alpha, scale, weight); the output dtypes; and
 "files": {NAME: {"sha256", "bytes"}} for every file written. Output hashes are computed while the
 bytes are written (Hasher, on a thread of its own beside the writer), never by reading the output
-back; a copied tensor is hashed from its source, on the same thread, in file order. Cost: bench/bench_manifest.py, results in bench/RESULTS.md.
+back; a copied tensor is hashed from its source, on the same thread, in file order. Cost:
+bench/bench_manifest.py, results in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Hasher:
     def later_from(self, path, offset: int, nbytes: int) -> Future:
         """Hash bytes [offset, offset+nbytes) of the file at `path` on the hashing thread, after
         what was handed to it before, without waiting: the source of a copied tensor, whose
-        bytes the output holds (written by the writer, or by writers/early.py's child)."""
+        bytes the writer copies into the output."""
         def hash_file():
             with open(path, "rb", buffering=0) as f:
                 self.update_from(f.fileno(), offset, nbytes)

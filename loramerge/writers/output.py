@@ -59,8 +59,7 @@ class Staged:
     """Context manager: yields a temporary path next to `final`; commit() moves it into place.
     While it is open, the run holds the lock that tells other runs its staging is alive.
     Outputs of several files (a model and its external data) are staged with one `group` (the
-    first Staged) and committed together by commit_all(). Entering or leaving it a second time
-    does nothing: writers/early.py enters it before torch is imported, apply's `with` again."""
+    first Staged) and committed together by commit_all()."""
 
     def __init__(self, final: Path, is_dir: bool, overwrite: bool, group: Staged | None = None):
         self.final = final
@@ -71,19 +70,14 @@ class Staged:
         self._old = staging.entry(final, "old", self.tag)
         self._lock = staging.Lock(final, self.tag) if group is None else None
         self._committed = False
-        self._state = "new"  # -> "open" -> "closed"
 
     def __enter__(self) -> Path:
-        if self._state != "new":
-            return self.tmp
-        self._state = "open"
         try:
             if self._lock is not None:
                 self._lock.acquire()  # before the staging exists: a sweep never sees it unowned
             if self.is_dir:
                 self.tmp.mkdir()
         except OSError as e:
-            self._state = "closed"
             self._release()
             raise _write_error(self.final, e) from e
         return self.tmp
@@ -114,9 +108,6 @@ class Staged:
         self._committed = True
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._state == "closed":
-            return
-        self._state = "closed"
         try:
             if not self._committed:
                 with signals.deferred():
