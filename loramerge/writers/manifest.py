@@ -30,6 +30,7 @@ from pathlib import Path
 NAME = "loramerge_manifest.json"
 FORMAT = 1
 CHUNK = 16 << 20
+SOURCE_CHUNK = 4 << 20  # update_from's reads: one buffer per file being written, four files at a time
 
 
 class Hasher:
@@ -54,10 +55,10 @@ class Hasher:
     def update_from(self, fd: int, offset: int, nbytes: int) -> None:
         """Hash bytes [offset, offset+nbytes) of an open file (the source of a copied range), read
         into one buffer reused chunk after chunk (fresh memory per chunk costs page faults)."""
-        if self._buf is None or len(self._buf) < min(nbytes, CHUNK):
-            self._buf = memoryview(bytearray(min(max(nbytes, 1 << 16), CHUNK)))
+        if self._buf is None or len(self._buf) < min(nbytes, SOURCE_CHUNK):
+            self._buf = memoryview(bytearray(min(max(nbytes, 1 << 16), SOURCE_CHUNK)))
         while nbytes > 0:
-            k = os.preadv(fd, [self._buf[: min(nbytes, CHUNK)]], offset)
+            k = os.preadv(fd, [self._buf[: min(nbytes, SOURCE_CHUNK)]], offset)
             if not k:
                 raise OSError(f"file ended at byte {offset} while hashing a copied range")
             self.update(self._buf[:k])
