@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import collections_held, engine, frozen_imports
-from .engine import tuners
+from .engine import jit_time, tuners
 from .engine.precision import guarded
 from .engine.timeline import since_start
 from .errors import AdapterError, UsageError
@@ -58,7 +58,8 @@ class ApplyReport(JsonReport):
     plan_text: str = ""
     plan: Plan | None = field(default=None, repr=False)
     # thread seconds per stage (they overlap): read, math, write, and hash_wait, the part of write
-    # spent waiting for the manifest's sha256 of what was just written to catch up
+    # spent waiting for the manifest's sha256 of what was just written to catch up; compile, the
+    # part of math numba spent compiling the CPU kernels (the first run after an install)
     stage_seconds: dict = field(default_factory=dict)
     verification: VerifyReport | None = None   # set by `apply --verify`
 
@@ -88,6 +89,10 @@ class ApplyReport(JsonReport):
             lines.append("carried over: " + ", ".join(self.carried_over))
         if self.not_carried_over:
             lines.append("not carried over (weights or folders): " + ", ".join(self.not_carried_over))
+        compiled = self.stage_seconds.get("compile", 0.0)
+        if compiled >= 1.0:
+            lines.append(f"compiled the CPU kernels for this machine: {compiled:.1f} s of this run (once: later "
+                         "runs load them from numba's cache)")
         lines += [f"warning: {w}" for w in self.warnings]
         if self.verification is not None:
             lines.append(self.verification.summary())
@@ -139,7 +144,7 @@ def apply(
     bitsandbytes 4-bit bases are read through their codecs (see loramerge.codecs). Raises a
     LoraMergeError subclass on any user error, before anything is written.
     """
-    t0, started = time.perf_counter(), since_start()
+    t0, started, compiled = time.perf_counter(), since_start(), jit_time.seconds()
     if accum not in ACCUM:
         raise UsageError(f"--accum {accum!r}: expected float32 or float64")
     qlora_spec = qlora_codec(qlora, qlora_double_quant, qlora_kernel)
@@ -208,7 +213,7 @@ def apply(
     report.exact_fixups = stats.exact_fixups
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,
-                            "hash_wait": stats.seconds_hash_wait,
+                            "hash_wait": stats.seconds_hash_wait, "compile": jit_time.seconds() - compiled,
                             # when, in seconds since the process started (engine/timeline.py)
                             "at_start": started, "at_planned": planned,
                             **{f"at_{k}": v for k, v in stats.marks.items()}, "at_committed": committed}

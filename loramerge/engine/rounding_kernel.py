@@ -14,12 +14,14 @@ import os
 import numpy as np
 import torch
 
-from . import rounding
+from . import jit_time, rounding
 
 try:  # numba is a core dependency; LORAMERGE_NO_KERNEL=1 (or no numba) leaves torch to do the same
     import numba
 except ImportError:  # pragma: no cover
     numba = None
+else:
+    jit_time.install()  # the first run after an install compiles the kernels: apply reports it
 
 AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
 _HALF = (torch.bfloat16, torch.float16)
