@@ -22,6 +22,13 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def float_problem(roles: dict[str, str], tensors: dict[str, torch.Tensor]) -> str | None:
+    """One problem line naming every tensor of `roles` (role -> key) that is not floating point or
+    holds a NaN or an infinity; None when all are finite floats."""
+    bad = [k for k in roles.values() if not tensors[k].is_floating_point() or not all_finite(tensors[k])]
+    return f"{', '.join(sorted(bad))}: not finite floating-point values; the adapter is broken" if bad else None
+
+
 def load_adapter_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .files import all_finite
+from .files import float_problem
 
 # key suffix -> role in engine/tuners.py
 SLOTS = {
@@ -37,9 +37,9 @@ def shapes(tuner: str, roles: dict[str, str], tensors: dict[str, torch.Tensor]):
     (None, None, problem). base_shape is W's shape as far as the factors tell it: the full shape
     with Tucker cores or a full lokr_w2, else W's 2-D view [out, in*k]. rank is None for a LoKr
     made of two full matrices (no rank anywhere)."""
-    bad = [k for k in roles.values() if not tensors[k].is_floating_point() or not all_finite(tensors[k])]
-    if bad:
-        return None, None, f"{', '.join(sorted(bad))}: not finite floating-point values; the adapter is broken"
+    problem = float_problem(roles, tensors)
+    if problem:
+        return None, None, problem
     s = {role: tuple(tensors[key].shape) for role, key in roles.items()}
     try:
         return (*(_loha if tuner == "loha" else _lokr)(s), None)

@@ -28,7 +28,7 @@ import torch
 from ..errors import AdapterError
 from ..types import Adapter, TunerTarget
 from . import lycoris
-from .files import all_finite
+from .files import all_finite, float_problem
 from .peft import (BASE_CHANGING_INITS, CONFIG, UNSUPPORTED_FIELDS, _classify, _load_weights, _pattern_value,
                    targets_module)
 
@@ -121,16 +121,11 @@ def _check_config(cfg_path: Path, tuner: str, config: dict) -> None:
         raise AdapterError(f"{cfg_path}: cannot merge this {NAMES[tuner]} adapter as configured", problems)
 
 
-def _floats(roles: dict[str, str], tensors) -> str | None:
-    bad = [k for k in roles.values() if not tensors[k].is_floating_point() or not all_finite(tensors[k])]
-    return f"{', '.join(sorted(bad))}: not finite floating-point values; the adapter is broken" if bad else None
-
-
 def _adalora(tuner, module, roles, tensors, config):
     missing = [r for r in ("A", "B", "E") if r not in roles]
     if missing:
         return f"AdaLoRA needs lora_A, lora_B and lora_E; missing {', '.join('lora_' + r for r in missing)}"
-    problem = _floats(roles, tensors)
+    problem = float_problem(roles, tensors)
     if problem:
         return problem
     a, b, e = (tensors[roles[r]] for r in ("A", "B", "E"))
@@ -166,7 +161,7 @@ def _is_feedforward(config: dict, module: str) -> bool:
 
 
 def _ia3(tuner, module, roles, tensors, config):
-    problem = _floats(roles, tensors)
+    problem = float_problem(roles, tensors)
     if problem:
         return problem
     l = tensors[roles["l"]]
@@ -200,13 +195,13 @@ def _vera(tuner, module, roles, tensors, config):
             return (f"the shared VeRA projections are not saved and projection_prng_key={key!r} is not an "
                     "integer seed to regenerate them from")
         roles = {**roles, **REGENERATED}
-        problem = _floats({k: v for k, v in roles.items() if v in tensors}, tensors)
+        problem = float_problem({k: v for k, v in roles.items() if v in tensors}, tensors)
         lam_d = tensors[roles["lambda_d"]]
         if problem or lam_d.numel() != config["r"]:
             return problem or f"vera_lambda_d has {lam_d.numel()} entries but r={config['r']} in {CONFIG}"
         return _vera_target(tuner, module, roles, tensors, config)
     roles = {**roles, **VERA_SHARED}
-    problem = _floats(roles, tensors)
+    problem = float_problem(roles, tensors)
     if problem:
         return problem
     a, b = tensors[VERA_SHARED["A"]], tensors[VERA_SHARED["B"]]
