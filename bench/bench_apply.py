@@ -7,6 +7,7 @@ shards and an r=16 all-linear PEFT adapter, then runs, alternating, --runs times
   floor      cat of each shard into OUT, then `sync` of those files (read once, write once, durable)
 and, when named in --methods:
   cli        the command as users run it, a cold process: python -m loramerge apply BASE ADAPTER OUT -q
+  cli:K=V+K2=V2  the same with environment variables set (an A/B in one run: --methods cli,cli:OMP_NUM_THREADS=12)
   torchpath  loramerge with LORAMERGE_NO_KERNEL=1: the torch fallback an install without numba runs
   cat        cat of each shard into OUT without sync (the page-cache copy)
   ddirect    dd of each shard into OUT with O_DIRECT writes and fsync (oflag=direct conv=fsync): the
@@ -192,11 +193,11 @@ def main():
     py = sys.executable
     methods = args.methods.split(",")
     results = {m: {"wall": [], "anon": [], "gpu": []} for m in methods}
-    stages, cli_stages = [], []
+    stages, cli_stages = [], {m: [] for m in methods if m.split(":")[0] == "cli"}
     for run in range(args.runs):
         order = methods[run % len(methods):] + methods[:run % len(methods)]  # rotate who goes first
         for m in order:
-            out = args.workdir / f"out-{m}"
+            out = args.workdir / f"out-{m.split(':')[0]}"
             shutil.rmtree(out, ignore_errors=True)
             stdout = ""
             if m in ("loramerge", "torchpath"):
@@ -214,10 +215,12 @@ def main():
                     (merged / "DONE").touch()
                 wall, anon, stdout = measure([py, "-m", "loramerge", "verify", str(base), str(adapter), str(merged),
                                               "--no-outputs", "--device", args.device])
-            elif m == "cli":
+            elif m.split(":")[0] == "cli":
+                env = dict(os.environ, **dict(kv.split("=", 1) for kv in m.split(":", 1)[1].split("+"))) \
+                    if ":" in m else None
                 wall, anon, stdout = measure([py, "-m", "loramerge", "apply", str(base), str(adapter), str(out),
-                                              "--device", args.device, "-q", "--json"])
-                cli_stages.append(dict(json.loads(stdout)["stage_seconds"], at_exit=wall))
+                                              "--device", args.device, "-q", "--json"], env=env)
+                cli_stages[m].append(dict(json.loads(stdout)["stage_seconds"], at_exit=wall))
             elif m == "peft":
                 wall, anon, stdout = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
             else:
@@ -246,12 +249,12 @@ def main():
         "preset": args.preset, "bytes": nbytes, "runs": args.runs, "device": args.device,
         "medians": med, "raw": results,
         "loramerge_stage_seconds_median": {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {},
-        "cli_stage_seconds_median": {k: statistics.median(s[k] for s in cli_stages) for k in cli_stages[0]}
-        if cli_stages else {},
+        **{f"{m}_stage_seconds_median": {k: statistics.median(s[k] for s in st) for k in st[0]}
+           for m, st in cli_stages.items() if st},
     }
     if "verify" in med and "loramerge" in med:
         summary["verify_vs_apply"] = med["verify"]["wall"] / med["loramerge"]["wall"]
-    for name in ("loramerge", "cli", "torchpath"):
+    for name in ("loramerge", "torchpath", *cli_stages):
         if name not in med:
             continue
         lm, key = med[name], "" if name == "loramerge" else name + "_"

@@ -59,7 +59,9 @@ class ApplyReport(JsonReport):
     plan: Plan | None = field(default=None, repr=False)
     # thread seconds per stage (they overlap): read, math, write, and hash_wait, the part of write
     # spent waiting for the manifest's sha256 of what was just written to catch up; compile, the
-    # part of math numba spent compiling the CPU kernels (the first run after an install)
+    # part of math numba spent compiling the CPU kernels (the first run after an install);
+    # buffer_wait, the math waiting for a free output buffer (the writer's pace), result_wait, the
+    # writer waiting for the math's next result (the math's pace)
     stage_seconds: dict = field(default_factory=dict)
     verification: VerifyReport | None = None   # set by `apply --verify`
 
@@ -213,7 +215,9 @@ def apply(
     report.exact_fixups = stats.exact_fixups
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,
-                            "hash_wait": stats.seconds_hash_wait, "compile": jit_time.seconds() - compiled,
+                            "hash_wait": stats.seconds_hash_wait,
+                            "buffer_wait": stats.seconds_buffer_wait, "result_wait": stats.seconds_result_wait,
+                            "compile": jit_time.seconds() - compiled,
                             # when, in seconds since the process started (engine/timeline.py)
                             "at_start": started, "at_planned": planned,
                             **{f"at_{k}": v for k, v in stats.marks.items()}, "at_committed": committed}

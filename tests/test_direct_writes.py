@@ -9,6 +9,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import time
 
 import pytest
 import torch
@@ -205,7 +206,8 @@ def test_apply_writes_results_from_the_engine_buffers(tmp_path, monkeypatch):
     report = loramerge.apply(base, adapter, tmp_path / "a.safetensors", sync=False)
     assert report.tensors_merged == 4 and report.tensors_copied == 6
     st = report.stage_seconds  # the writer's wait for the manifest's hash is part of its time
-    assert {k for k in st if not k.startswith("at_")} == {"read", "math", "write", "hash_wait", "compile"}
+    assert {k for k in st if not k.startswith("at_")} == {"read", "math", "write", "hash_wait", "compile",
+                                                        "buffer_wait", "result_wait"}
     assert 0 <= st["hash_wait"] <= st["write"]
     assert 0 <= st["compile"] <= st["math"]  # numba compiles inside the merge's first calls, if at all
     # the timeline (seconds since the process started) in the order things happen
@@ -221,3 +223,33 @@ def test_apply_writes_results_from_the_engine_buffers(tmp_path, monkeypatch):
     header = min(r.offset for r in refs.values())
     # staged: the header, at most the bytes that complete a block and a last partial block per tensor
     assert 0 < sum(staged) <= header + sum(min(r.nbytes, 2 * direct.ALIGN) for r in refs.values()) < len(data) // 8
+
+
+def test_waits_name_the_stage_that_set_the_pace(tmp_path, monkeypatch):
+    """stage_seconds says who waited for whom: slow math shows as the writer's result_wait; slow
+    hashing (which holds the output buffers) as the math's buffer_wait; neither shows the other."""
+    import loramerge.engine.pipeline as pipeline
+    from loramerge.writers import manifest
+    base, adapter = _checkpoint(tmp_path)
+    real_compute, real_update = pipeline.compute, manifest.Hasher.update
+
+    def slow_compute(*a, **k):
+        time.sleep(0.15)
+        return real_compute(*a, **k)
+
+    monkeypatch.setattr(pipeline, "compute", slow_compute)
+    st = loramerge.apply(base, adapter, tmp_path / "a.safetensors", sync=False).stage_seconds
+    assert st["result_wait"] >= 0.4, st  # 4 merged tensors x 0.15 s, the writer idle for most of it
+    assert st["buffer_wait"] < 0.1, st
+    monkeypatch.setattr(pipeline, "compute", real_compute)
+
+    def slow_update(self, data):
+        if len(data) >= 100_000:  # each weight (384 KiB) and the embedding, not the header
+            time.sleep(0.2)
+        real_update(self, data)
+
+    monkeypatch.setattr(manifest.Hasher, "update", slow_update)
+    st = loramerge.apply(base, adapter, tmp_path / "b.safetensors", sync=False).stage_seconds
+    # three output buffers: the 4th merged tensor waits for the 1st one's hash, which comes after
+    # the embedding's and its own (0.4 s from the start)
+    assert st["buffer_wait"] >= 0.1, st

@@ -47,6 +47,10 @@ class EngineStats:
     seconds_math: float = 0.0
     seconds_write: float = 0.0
     seconds_hash_wait: float = 0.0  # of seconds_write: waiting for the manifest's sha256 to catch up
+    # where the stages waited for each other: the math for a free output buffer (the writer and
+    # the hashing threads set the pace), the writer for a result (the math sets the pace)
+    seconds_buffer_wait: float = 0.0
+    seconds_result_wait: float = 0.0
     files: dict = field(default_factory=dict)   # output file name -> {"sha256", "bytes"} (manifest)
     marks: dict = field(default_factory=dict)   # "first_write", "last_write", "synced": timeline.since_start()
 
@@ -292,7 +296,9 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             torch.cuda.set_device(local.device)
 
     def work(job: Job, w, extra, read_buf):
+        t0 = time.perf_counter()
         out_buf = out_pool.get(stop)
+        waited = time.perf_counter() - t0
         out = _placed(out_buf, phases[id(job)], job.main_nbytes).view(ST_TO_TORCH[job.dtype]).view(job.shape)
         t0 = time.perf_counter()  # after the wait for a free buffer, which is the writer's time
         try:
@@ -302,7 +308,8 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
             raise
         finally:
             read_pool.put(read_buf)  # the input is consumed (GPU copies are complete: out is filled)
-        return (tensor, fixed, out_buf), time.perf_counter() - t0
+        # the seconds are summed by the writer: several compute threads would race on stats
+        return (tensor, fixed, out_buf), time.perf_counter() - t0, waited
 
     def reader():
         for fi, job in order:
@@ -345,9 +352,12 @@ def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, de
                 tensor = out_buf = None
                 hashed = []
                 if future is not None:
-                    (tensor, fixed, out_buf), seconds = future.result()
+                    t0 = time.perf_counter()
+                    (tensor, fixed, out_buf), seconds, waited = future.result()
+                    stats.seconds_result_wait += time.perf_counter() - t0
                     stats.exact_fixups += fixed
                     stats.seconds_math += seconds
+                    stats.seconds_buffer_wait += waited
                 t0 = time.perf_counter()
                 stats.marks.setdefault("first_write", since_start())
                 w = writers.get(fi)
