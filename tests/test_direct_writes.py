@@ -253,3 +253,38 @@ def test_waits_name_the_stage_that_set_the_pace(tmp_path, monkeypatch):
     # three output buffers: the 4th merged tensor waits for the 1st one's hash, which comes after
     # the embedding's and its own (0.4 s from the start)
     assert st["buffer_wait"] >= 0.1, st
+
+
+def test_a_cpu_merge_runs_with_a_short_switch_interval_and_gives_it_back(tmp_path, monkeypatch):
+    """The GIL switch interval is CPU_SWITCH_INTERVAL while a CPU merge's threads run (so the
+    writer gets the GIL back soon after each write), and the caller's own once apply returns,
+    whether it succeeded or failed."""
+    import sys
+
+    import loramerge.engine.pipeline as pipeline
+    base, adapter = _checkpoint(tmp_path)
+    real_compute, seen = pipeline.compute, []
+
+    def spy(*a, **k):
+        seen.append(sys.getswitchinterval())
+        return real_compute(*a, **k)
+
+    monkeypatch.setattr(pipeline, "compute", spy)
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.003)
+        loramerge.apply(base, adapter, tmp_path / "a.safetensors", sync=False, device="cpu")
+        assert seen and all(s == pytest.approx(pipeline.CPU_SWITCH_INTERVAL) for s in seen)
+        assert sys.getswitchinterval() == pytest.approx(0.003)
+
+        def broken(*a, **k):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(pipeline, "compute", broken)
+        with pytest.raises(Exception):
+            loramerge.apply(base, adapter, tmp_path / "b.safetensors", sync=False, device="cpu")
+        assert sys.getswitchinterval() == pytest.approx(0.003)
+        with pipeline._switch_interval(None):  # a GPU run leaves it alone
+            assert sys.getswitchinterval() == pytest.approx(0.003)
+    finally:
+        sys.setswitchinterval(before)
