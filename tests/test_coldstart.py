@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loramerge.engine.pipeline import BufferPool
+from loramerge.engine.threads import BufferPool
 from loramerge.readers import prefetch as pf
 from loramerge.writers import writeback
 from loramerge.writers.safetensors import SafetensorsWriter

@@ -262,6 +262,7 @@ def test_a_cpu_merge_runs_with_a_short_switch_interval_and_gives_it_back(tmp_pat
     import sys
 
     import loramerge.engine.pipeline as pipeline
+    import loramerge.engine.threads as engine_threads
     base, adapter = _checkpoint(tmp_path)
     real_compute, seen = pipeline.compute, []
 
@@ -284,7 +285,7 @@ def test_a_cpu_merge_runs_with_a_short_switch_interval_and_gives_it_back(tmp_pat
         with pytest.raises(Exception):
             loramerge.apply(base, adapter, tmp_path / "b.safetensors", sync=False, device="cpu")
         assert sys.getswitchinterval() == pytest.approx(0.003)
-        with pipeline._switch_interval(None):  # a GPU run leaves it alone
+        with engine_threads.switch_interval(None):  # a GPU run leaves it alone
             assert sys.getswitchinterval() == pytest.approx(0.003)
     finally:
         sys.setswitchinterval(before)

@@ -18,6 +18,7 @@ from conftest import adapter_dir, base_dir
 
 import loramerge
 from loramerge.engine import pipeline
+from loramerge.engine import threads
 from loramerge.writers import manifest
 
 
@@ -132,12 +133,12 @@ def test_when_done_runs_once_after_the_last_future():
     from concurrent.futures import Future
     calls = []
     a, b = Future(), Future()
-    pipeline._when_done([a, None, b], lambda: calls.append(1))
+    threads.when_done([a, None, b], lambda: calls.append(1))
     a.set_result(None)
     assert calls == []
     b.set_result(None)
     assert calls == [1]
-    pipeline._when_done([], lambda: calls.append(2))
+    threads.when_done([], lambda: calls.append(2))
     assert calls == [1, 2]
 
 

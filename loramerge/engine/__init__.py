@@ -3,6 +3,7 @@ output tensor, with ops/kernels/deltas) into the writers, on the devices resolve
 
 from .compute import compute
 from .devices import resolve_device, resolve_devices, warm_up
-from .pipeline import BufferPool, EngineStats, run
+from .pipeline import EngineStats, run
+from .threads import BufferPool
 
 __all__ = ["run", "EngineStats", "BufferPool", "compute", "resolve_device", "resolve_devices", "warm_up"]

@@ -9,13 +9,10 @@ copied file-to-file by the writer.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
-import sys
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from ..writers.direct import ALIGN
 from ..writers.safetensors import SafetensorsWriter, data_offsets
 from .compute import compute
 from .precision import guarded
+from .threads import BufferPool, Stage, Workers, get_or_stop, put_or_stop, switch_interval, when_done
 from .timeline import since_start
 
 _DONE = object()
@@ -63,140 +61,6 @@ class EngineStats:
     marks: dict = field(default_factory=dict)   # "first_write", "last_write", "synced": timeline.since_start()
 
 
-class _Stage(threading.Thread):
-    """A daemon thread that keeps its exception in `error` for the other stages to re-raise."""
-
-    def __init__(self, target, name):
-        super().__init__(name=name, daemon=True)
-        self._fn = target
-        self.error: BaseException | None = None
-
-    def run(self):
-        try:
-            self._fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            self.error = e
-
-
-class _Workers:
-    """Daemon threads running submitted calls in submission order (like a ThreadPoolExecutor).
-    Daemons, because an interrupted run must not wait for the tensor being computed: the
-    executor's threads would hold up the interpreter's exit until it is done (seconds for a big
-    tensor on a CPU)."""
-
-    def __init__(self, n: int, name: str, initializer=None):
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._loop, args=(initializer,), name=f"{name}_{i}", daemon=True)
-                         for i in range(n)]
-        for t in self._threads:
-            t.start()
-
-    def _loop(self, initializer) -> None:
-        broken = None
-        if initializer is not None:
-            try:
-                initializer()
-            except BaseException as e:  # noqa: BLE001 - every call then fails with it
-                broken = e
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            if broken is not None:
-                future.set_exception(broken)
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
-                future.set_exception(e)
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        self._q.put((future, fn, args))
-        return future
-
-    def shutdown(self, wait: bool) -> None:
-        """wait: finish every call submitted, then stop. Otherwise cancel what has not started and
-        return at once (a call that runs finishes in the background)."""
-        while not wait:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[0].cancel()
-        for _ in self._threads:
-            self._q.put(None)
-        if wait:
-            for t in self._threads:
-                t.join()
-
-
-def _put(q: queue.Queue, item, stop: threading.Event, *others: _Stage) -> bool:
-    """Put unless the pipeline stopped; re-raise a failed stage's error instead of waiting forever
-    for a consumer that is gone."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            for t in others:
-                if t.error is not None:
-                    raise t.error
-    return False
-
-
-def _get(q: queue.Queue, stop: threading.Event, *others: _Stage):
-    while True:
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            for t in others:
-                if t.error is not None:
-                    raise t.error
-            if stop.is_set():
-                raise RuntimeError("pipeline stopped")
-
-
-class BufferPool:
-    """A few reusable byte buffers, each large enough for the largest tensor that needs one.
-    Reusing them avoids a page fault per 4 KiB of every tensor; pinned (page-locked) buffers make
-    host<->GPU copies run at full speed. get() blocks when all are in use, which is what bounds
-    the memory of the whole pipeline."""
-
-    def __init__(self, nbytes: int, count: int, pin: bool):
-        self._free: queue.Queue = queue.Queue()
-        # Buffers are made on first need, by the thread that needs one: the reader starts at once
-        # instead of waiting for all of them to be allocated (page-locking is slow).
-        self._left = count if nbytes else 0
-        self._nbytes, self._pin = nbytes, pin
-        self._lock = threading.Lock()
-
-    def get(self, stop: threading.Event) -> torch.Tensor:
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            make = self._left > 0
-            self._left -= make
-        if make:
-            return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
-        while True:
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                if stop.is_set():
-                    raise RuntimeError("pipeline stopped") from None
-
-    def put(self, buf: torch.Tensor | None) -> None:
-        if buf is not None:
-            self._free.put(buf)
-
-
 def _copied_by_writer(job: Job) -> bool:
     """Untouched tensors of a safetensors base go file-to-file; nothing reads or computes them."""
     return job.kind == "copy" and job.source.offset is not None
@@ -218,25 +82,6 @@ def _write_order(plan: Plan) -> list[tuple[int, Job]]:
         keyed.sort(key=lambda x: x[:3])
         order += [(fi, job) for _, fi, _, job in keyed]
     return order
-
-
-def _when_done(futures: list, fn) -> None:
-    """fn() once every future in the list (None for none) is done: at once, or on the thread that
-    finishes the last."""
-    futures = [f for f in futures if f is not None]
-    left, lock = [len(futures)], threading.Lock()
-
-    def one(_=None):
-        with lock:
-            left[0] -= 1
-            last = left[0] <= 0
-        if last:
-            fn()
-
-    if not futures:
-        fn()
-    for f in futures:
-        f.add_done_callback(one)
 
 
 def _phases(plan: Plan) -> dict[int, int]:
@@ -263,24 +108,11 @@ def _placed(buf: torch.Tensor, phase: int, nbytes: int) -> torch.Tensor:
     return buf[start: start + nbytes]
 
 
-@contextlib.contextmanager
-def _switch_interval(seconds: float | None):
-    """sys.setswitchinterval(seconds) for the block (None: unchanged), then the caller's back: it is
-    process-wide, and a library caller's setting is theirs."""
-    before = sys.getswitchinterval()
-    if seconds is not None and seconds < before:
-        sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
-
-
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
         accum: torch.dtype = torch.float32, progress=None, sync: bool = True) -> EngineStats:
     """Stream every job of the plan into its output file (_run), with a short GIL switch interval
     when the math runs on the CPU (CPU_SWITCH_INTERVAL)."""
-    with _switch_interval(CPU_SWITCH_INTERVAL if any(d.type == "cpu" for d in devices) else None):
+    with switch_interval(CPU_SWITCH_INTERVAL if any(d.type == "cpu" for d in devices) else None):
         return _run(plan, base, adapters, out_dir, devices, accum, progress, sync)
 
 
@@ -313,7 +145,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
     # writer holds; and those still being hashed
     hashing = 2 if len(plan.files) > 1 else 1
     out_pool = BufferPool(out_bytes + ALIGN if out_bytes else 0, (2 if n == 1 else 2 * n + 2) + hashing, pin)
-    closer = _Workers(1, "loramerge-fsync")
+    closer = Workers(1, "loramerge-fsync")
     closing = []
     free_devices: queue.Queue = queue.Queue()
     for d in devices:
@@ -353,9 +185,9 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                 extra = tuple(base.read(ref) for ref in job.inputs)
                 item = (fi, job, base.read(job.source, out=buf), extra, buf)
                 stats.seconds_read += time.perf_counter() - t0
-            if not _put(read_q, item, stop):
+            if not put_or_stop(read_q, item, stop):
                 return
-        _put(read_q, _DONE, stop)
+        put_or_stop(read_q, _DONE, stop)
 
     delay = float(os.environ.get("LORAMERGE_TEST_WRITE_DELAY") or 0)
 
@@ -374,7 +206,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
         writers: dict[int, SafetensorsWriter] = {}
         try:
             while True:
-                item = _get(write_q, stop)
+                item = get_or_stop(write_q, stop)
                 if item is _DONE or stop.is_set():
                     break
                 fi, job, future = item
@@ -410,7 +242,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                         stats.copied += 1
                 del tensor
                 if out_buf is not None:
-                    _when_done(hashed, lambda b=out_buf: out_pool.put(b))
+                    when_done(hashed, lambda b=out_buf: out_pool.put(b))
                 if w.complete:
                     stats.seconds_hash_wait += w.hasher.waited
                     # hash and fsync in the background: the next file's writes keep the disk busy meanwhile
@@ -427,21 +259,21 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
             for w in writers.values():
                 w.abort()
 
-    threads = [_Stage(reader, "loramerge-reader"), _Stage(writer, "loramerge-writer")]
-    pool = _Workers(len(devices), "loramerge-compute", initializer=bind_device)
+    threads = [Stage(reader, "loramerge-reader"), Stage(writer, "loramerge-writer")]
+    pool = Workers(len(devices), "loramerge-compute", initializer=bind_device)
     for t in threads:
         t.start()
     try:
         while True:
-            item = _get(read_q, stop, *threads)
+            item = get_or_stop(read_q, stop, *threads)
             if item is _DONE:
                 break
             fi, job, w, extra, read_buf = item
             future = None if w is None else pool.submit(work, job, w, extra, read_buf)
             del w, extra, read_buf
-            if not _put(write_q, (fi, job, future), stop, *threads):
+            if not put_or_stop(write_q, (fi, job, future), stop, *threads):
                 break
-        _put(write_q, _DONE, stop, *threads)
+        put_or_stop(write_q, _DONE, stop, *threads)
         threads[1].join()
         if threads[1].error is not None:
             raise threads[1].error

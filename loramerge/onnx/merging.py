@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import engine
-from ..engine.pipeline import BufferPool
+from ..engine.threads import BufferPool
 from ..readers.checkpoint import Checkpoint
 from ..types import TORCH_TO_ST, Adapter, Job, TensorRef
 from ..writers.direct import ALIGN

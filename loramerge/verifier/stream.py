@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.pipeline import BufferPool
+from ..engine.threads import BufferPool
 from ..readers.checkpoint import Checkpoint
 from ..types import Job, TensorRef
 
