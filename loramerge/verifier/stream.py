@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.threads import BufferPool
+from ..engine.threads import BufferPool, put_or_stop
 from ..readers.checkpoint import Checkpoint
 from ..types import Job, TensorRef
 
@@ -98,20 +98,11 @@ class TensorStream:
                     got = (ck.read(ref, out=buf), buf)
                 elif side == 1 and is_copy(job, mref) and job.source.offset is not None and mref.offset is not None:
                     got = _same_bytes(job.source, mref)
-                if not self._put(q, got):
+                if not put_or_stop(q, got, self._stop):
                     return
         except BaseException as e:  # noqa: BLE001 - re-raised by the main thread
             self._errors.append(e)
-        self._put(q, _END)
-
-    def _put(self, q: queue.Queue, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        put_or_stop(q, _END, self._stop)
 
     def _get(self, side: int):
         while True:
