@@ -24,6 +24,7 @@ from .report import JsonReport
 from .types import Adapter, Plan
 from .writers import manifest
 from .writers.model_dir import copy_extras, write_index
+from .writers.headstart import HeadStart
 from .writers.output import Staged, check_disk_space, check_output_path, commit_all
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ class ApplyReport(JsonReport):
     tensors_copied: int = 0
     tensors_cast: int = 0
     bytes_written: int = 0
+    # of bytes_written: untouched tensors the CLI's head start wrote while the process was still
+    # importing and planning (writers/headstart.py)
+    bytes_early: int = 0
     seconds: float = 0.0
     exact_fixups: int = 0
     files: list[str] = field(default_factory=list)
@@ -131,6 +135,7 @@ def apply(
     qlora_double_quant: bool = True,
     qlora_kernel: str = "cuda",
     _command: str = "apply",
+    _head_start: HeadStart | None = None,
 ) -> ApplyReport:
     """Merge one or more LoRA adapters into `base`, writing a new checkpoint at `out`.
 
@@ -170,7 +175,8 @@ def apply(
     report.warnings += check_output_path(out, [base, *adapter_paths], overwrite)
     if dry_run:
         return report
-    check_disk_space(out, plan.nbytes)
+    # what a head start wrote is already off the free space (its shards are taken over, not copied)
+    check_disk_space(out, plan.nbytes - (_head_start.written if _head_start is not None else 0))
 
     bar = None
     if progress:
@@ -194,8 +200,9 @@ def apply(
                     write_index(plan, tmp, written)
                 report.carried_over = copy_extras(plan, tmp, written)
             planned = since_start()
+            early = _head_start.stop() if _head_start is not None and not single_file else None
             stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
-                               progress=bar.update if bar else None, sync=sync)
+                               progress=bar.update if bar else None, sync=sync, early=early)
             written.update({out.name if single_file else k: v for k, v in stats.files.items()})
             inputs["adapters"] = adapter_inputs.result()
             record = manifest.dumps(manifest.build(_command, inputs, written, options=options,
@@ -212,6 +219,7 @@ def apply(
     report.not_carried_over = list(plan.skipped_files)
     report.tensors_merged, report.tensors_copied, report.tensors_cast = stats.merged, stats.copied, stats.cast
     report.bytes_written = stats.bytes_written
+    report.bytes_early = stats.bytes_early
     report.exact_fixups = stats.exact_fixups
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,

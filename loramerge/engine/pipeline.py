@@ -21,7 +21,9 @@ import torch
 from ..readers.checkpoint import Checkpoint
 from ..types import ST_TO_TORCH, Adapter, Job, Plan
 from ..writers.direct import ALIGN
-from ..writers.safetensors import SafetensorsWriter, data_offsets
+from ..writers.header import METADATA, data_offsets
+from ..writers.headstart import EarlyFile
+from ..writers.safetensors import SafetensorsWriter
 from .compute import compute
 from .precision import guarded
 from .threads import BufferPool, Stage, Workers, get_or_stop, put_or_stop, switch_interval, when_done
@@ -57,6 +59,7 @@ class EngineStats:
     # the hashing threads set the pace), the writer for a result (the math sets the pace)
     seconds_buffer_wait: float = 0.0
     seconds_result_wait: float = 0.0
+    bytes_early: int = 0            # of bytes_written: written by a head start before the plan existed
     files: dict = field(default_factory=dict)   # output file name -> {"sha256", "bytes"} (manifest)
     marks: dict = field(default_factory=dict)   # "first_write", "last_write", "synced": timeline.since_start()
 
@@ -92,7 +95,7 @@ def _phases(plan: Plan) -> dict[int, int]:
     phases = {}
     for f in plan.files:
         entries = [e for j in f.jobs for e in j.entries]
-        offsets = iter(data_offsets(entries, {"format": "pt"}))
+        offsets = iter(data_offsets(entries, METADATA))
         for j in f.jobs:
             first = next(offsets)
             for _ in j.entries[1:]:
@@ -109,20 +112,24 @@ def _placed(buf: torch.Tensor, phase: int, nbytes: int) -> torch.Tensor:
 
 
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
-        accum: torch.dtype = torch.float32, progress=None, sync: bool = True) -> EngineStats:
+        accum: torch.dtype = torch.float32, progress=None, sync: bool = True,
+        early: dict[str, EarlyFile] | None = None) -> EngineStats:
     """Stream every job of the plan into its output file (_run), with a short GIL switch interval
-    when the math runs on the CPU (CPU_SWITCH_INTERVAL)."""
+    when the math runs on the CPU (CPU_SWITCH_INTERVAL). `early`: shards a head start began, by
+    name (writers/headstart.py); each writer takes its own over if its header is the plan's."""
     with switch_interval(CPU_SWITCH_INTERVAL if any(d.type == "cpu" for d in devices) else None):
-        return _run(plan, base, adapters, out_dir, devices, accum, progress, sync)
+        return _run(plan, base, adapters, out_dir, devices, accum, progress, sync, early)
 
 
 @guarded  # IEEE float32 matmuls for every compute thread (the flags are process-global): precision.py
 def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
-        accum: torch.dtype = torch.float32, progress=None, sync: bool = True) -> EngineStats:
+        accum: torch.dtype = torch.float32, progress=None, sync: bool = True,
+        early: dict[str, EarlyFile] | None = None) -> EngineStats:
     """Stream every job of the plan into its output file. Reader thread -> one compute worker per
     device -> writer thread; the writer takes results in plan order, so several devices can work
     on different tensors while the files are still written strictly in order."""
     stats = EngineStats()
+    early = early or {}
     stop = threading.Event()
     read_q: queue.Queue = queue.Queue(maxsize=2)
     # Each entry holds one tensor in flight (a future); the bound keeps memory near a few tensors.
@@ -225,7 +232,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                 if w is None:
                     f = plan.files[fi]
                     entries = [e for j in f.jobs for e in j.entries]
-                    w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, {"format": "pt"})
+                    w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, METADATA, early=early.get(f.name))
                 if tensor is None:
                     w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes)
                     stats.copied += 1
@@ -245,6 +252,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                     when_done(hashed, lambda b=out_buf: out_pool.put(b))
                 if w.complete:
                     stats.seconds_hash_wait += w.hasher.waited
+                    stats.bytes_early += w.bytes_early
                     # hash and fsync in the background: the next file's writes keep the disk busy meanwhile
                     closing.append(closer.submit(close, w, plan.files[fi].name))
                     writers.pop(fi)

@@ -140,6 +140,16 @@ class DirectSink:
         self.pos += n
         self._writeback.wrote(self.pos)
 
+    def skip(self, nbytes: int) -> None:
+        """The file's next `nbytes` are already written (a head start wrote them: headstart.py):
+        move past them. Whole blocks only, from a block boundary, so nothing staged is cut."""
+        if self.pos % ALIGN or nbytes % ALIGN:
+            raise ValueError(f"skip of {nbytes} bytes at {self.pos}: whole {ALIGN}-byte blocks only")
+        self._flush_stage()  # staged bytes start at a block boundary and end at pos: whole blocks
+        os.lseek(self.fd, nbytes, os.SEEK_CUR)
+        self.pos += nbytes
+        self._writeback.wrote(self.pos)
+
     def copy_range(self, fd_in: int, offset: int, nbytes: int, truncated) -> None:
         """Append bytes [offset, offset+nbytes) of the open file fd_in (O_DIRECT sinks): read
         chunk by chunk into an aligned buffer, placed so that each chunk is written from where it

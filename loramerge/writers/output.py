@@ -27,6 +27,12 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> list[st
     finishes or removes what runs into the same directory left behind when they died (returns
     one line per thing done), so that OUT is what those runs committed."""
     done = staging.sweep(out.parent) if out.parent.is_dir() else []
+    refuse_paths(out, inputs, overwrite)
+    return done
+
+
+def refuse_paths(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """check_output_path's refusals alone, without the sweep (the head start asks before it stages)."""
     out_r = out.resolve()
     for p in inputs:
         p_r = p.resolve()
@@ -45,7 +51,6 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> list[st
                               "(it is replaced only once the new output is complete)")
     if not out.parent.exists():
         raise OutputError(f"{out}: parent directory {out.parent} does not exist; create it first")
-    return done
 
 
 def check_disk_space(out: Path, nbytes: int) -> None:

@@ -14,7 +14,6 @@ one core, ~1.3 GB/s on the H200 machine, is slower than its disk).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -22,34 +21,9 @@ import torch
 
 from ..errors import OutputError
 from .direct import DirectSink, direct_wanted
+from .header import build_header
+from .headstart import EarlyFile, adopt
 from .manifest import Hasher
-
-ALIGN = 8  # the header is padded with spaces to a multiple of 8, as the reference writer does
-
-
-def build_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> bytes:
-    """Header bytes for tensors in the given order: (name, dtype code, shape, nbytes). Compact JSON
-    with __metadata__ first and space padding: for the same tensor order, byte for byte what
-    safetensors' own serializer writes (it sorts by dtype, then name; we keep the base's order)."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    pos = 0
-    for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
-        pos += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % ALIGN)
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def data_offsets(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> list[int]:
-    """The file offset of each entry's first byte in the file build_header() starts."""
-    pos, offsets = len(build_header(entries, metadata)), []
-    for *_, nbytes in entries:
-        offsets.append(pos)
-        pos += nbytes
-    return offsets
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -62,15 +36,21 @@ class SafetensorsWriter:
     """Writes one .safetensors file: header first, then tensors strictly in header order."""
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None,
-                 direct: bool | None = None):
-        """direct: O_DIRECT where the file system takes it (default: unless LORAMERGE_BUFFERED_WRITES)."""
+                 direct: bool | None = None, early: EarlyFile | None = None):
+        """direct: O_DIRECT where the file system takes it (default: unless LORAMERGE_BUFFERED_WRITES).
+        early: this file as a head start began it before the plan existed (headstart.py); taken
+        over, and its copied ranges not written again, only if its header is this file's."""
         self.path = path
         self.entries = entries
         self._next = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        header = build_header(entries, metadata)
+        self._early = adopt(early, header, path)
+        self.bytes_early = 0  # bytes the head start wrote that this writer moved past
+        flags = os.O_WRONLY if self._early else os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        self._fd = os.open(path, flags, 0o644)
         self._sink = DirectSink(self._fd, path, direct_wanted() if direct is None else direct)
         self.hasher = Hasher()
-        self._write_all(build_header(entries, metadata))
+        self._write_all(header)
         self.bytes_written = 0
 
     def _expect(self, name: str, nbytes: int) -> None:
@@ -105,9 +85,24 @@ class SafetensorsWriter:
         return hashed
 
     def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
-        """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can."""
+        """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can;
+        the part a head start already copied from the same bytes is moved past."""
+        at = self._sink.pos
         self._expect(name, nbytes)
         self.hasher.later_from(src, offset, nbytes)  # in file order, not waited for
+        done = self._early.pop(at, None)
+        if done is None or not done.same(src, offset, nbytes):
+            self._copy(name, src, offset, nbytes)
+            return
+        # [at, start) and [end, at + nbytes): the partial blocks around what the head start wrote
+        self._copy(name, src, offset, done.start - at)
+        self._sink.skip(done.end - done.start)
+        self.bytes_early += done.end - done.start
+        self._copy(name, src, offset + done.end - at, at + nbytes - done.end)
+
+    def _copy(self, name: str, src: Path, offset: int, nbytes: int) -> None:
+        if not nbytes:
+            return
         if self._sink.direct:  # read into aligned buffers, written from there
             with open(src, "rb", buffering=0) as f:
                 self._sink.copy_range(

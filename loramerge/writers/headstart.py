@@ -1,0 +1,294 @@
+"""Write while the process is still starting: untouched tensors, copied before the plan exists.
+
+A cold `loramerge apply` spends seconds before its first write: importing torch (3-4.4 s on the
+H200 machines, ~1 s on a 2-core VM), then numba's kernels, the adapter and the plan. A merge is
+paced by its writes, so the disk's idle time then is time lost against copying the same bytes.
+Most of what a merge writes is known before any of that: with the base's own sharding and dtypes
+(`--dtype auto`, no `--shard-size`), each output shard has the base shard's tensors in the base's
+order, so its header, and where each tensor lands, follow from the base's headers alone (JSON).
+The head start reads those, guesses from the adapter's tensor names which base tensors no adapter
+touches (embeddings, the LM head, norms; whole MLPs for an attention-only adapter) and copies
+them into a staged shard of its own while torch imports, on a daemon thread (its reads and
+O_DIRECT writes release the GIL).
+
+It is a guess that cannot be wrong in the output: the writer takes a head-started shard over only
+if the header the plan computed is byte for byte the guessed one, and moves past a range only
+where the plan copies that very tensor, from the same file and offset, to that very place;
+everything else it writes as always, over whatever the head start put there. A shard it does not
+take over stays in the head start's own staging, removed at the end (HeadStart.close). Standard
+library only: it runs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import OutputError
+from ..readers.prefetch import weight_files
+from .direct import ALIGN, aligned_buffer
+from .header import METADATA, build_header
+from .output import Staged, refuse_paths
+from .writeback import Writeback
+
+MIN_BYTES = 1 << 20   # a smaller tensor costs the writer next to nothing: not worth a head start
+CHUNK = 32 << 20      # bytes per read and write: one GIL hand-over per ~20 ms of disk time
+MAX_HEADER = 100 * 1024 * 1024  # as readers/checkpoint.py: anything larger is not a header
+# a tensor's own name that says nothing of its module (every adapter's names hold "weight")
+PARAMETERS = {"weight", "bias"}
+
+
+@dataclass
+class EarlyRange:
+    """One base tensor (the file identified by `src`, stat's (device, inode), at `src_offset`)
+    whose output bytes [start, end) the head start wrote (whole blocks inside the tensor)."""
+
+    src: tuple[int, int]
+    src_offset: int
+    nbytes: int
+    start: int
+    end: int
+
+    def same(self, path: Path, offset: int, nbytes: int) -> bool:
+        """Whether the writer's copy of `nbytes` at `offset` of `path` is this range's tensor."""
+        if (offset, nbytes) != (self.src_offset, self.nbytes) or self.end <= self.start:
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.src
+
+
+@dataclass
+class EarlyFile:
+    """A shard the head start began: its guessed header, and what it wrote, by output offset."""
+
+    path: Path
+    header: bytes
+    ranges: dict[int, EarlyRange] = field(default_factory=dict)
+
+
+def adopt(early: EarlyFile | None, header: bytes, path: Path) -> dict[int, EarlyRange]:
+    """Move a head-started shard to `path` if its header is `header` (the writer's own) and it
+    wrote anything; returns its ranges then, else {} (and the writer starts a fresh file). Linked,
+    not renamed, so that an existing `path` fails as the writer's O_EXCL would."""
+    ranges = {at: r for at, r in early.ranges.items() if r.end > r.start} if early is not None else {}
+    if not ranges or early.header != header:
+        return {}
+    try:
+        os.link(early.path, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        return {}  # a file system without hard links: no head start, nothing else changes
+    os.unlink(early.path)
+    return ranges
+
+
+@dataclass
+class _Copy:
+    file: int          # index into HeadStart.files
+    src: Path
+    src_offset: int    # of the tensor's first byte in src
+    out_offset: int    # of the tensor's first byte in the output shard
+    nbytes: int
+    done: int = 0      # output bytes [start, done) written
+
+    @property
+    def start(self) -> int:
+        return -(-self.out_offset // ALIGN) * ALIGN
+
+    @property
+    def end(self) -> int:
+        return (self.out_offset + self.nbytes) // ALIGN * ALIGN
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (without __metadata__) and where its data starts. Errors are
+    the checkpoint reader's to report: here any of them only means no head start."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER:
+            raise ValueError(f"{path}: header of {n} bytes")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _adapter_names(path: Path) -> list[str] | None:
+    """The tensor names of a safetensors adapter (a PEFT directory or a single file), and the
+    module names its PEFT config lists; None for anything else (no guess, no head start)."""
+    names = []
+    if path.is_dir():
+        config = path / "adapter_config.json"
+        if config.is_file():
+            c = json.loads(config.read_text())
+            for key in ("target_modules", "modules_to_save", "layers_to_transform"):
+                if isinstance(c.get(key), list):
+                    names += [str(m) for m in c[key]]
+        path = path / "adapter_model.safetensors"
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    return names + list(_header(path)[0])
+
+
+def _touched_by(adapters: list[list[str]]):
+    """A test for base tensor names some adapter may change: one whose module name (or own name,
+    unless a plain weight or bias) is a part of an adapter's tensor names, or made of parts of them
+    (kohya joins a module's path with '_'; fused experts are named like gate_up_proj). It may say yes too often (the tensor is then written as always), never no wrongly for
+    PEFT's names, which hold each target module's name."""
+    parts = {p for names in adapters for n in names for p in n.split(".")}
+    pieces = {q for p in parts for q in p.split("_")}
+
+    def touched(name: str) -> bool:
+        *_, module, own = [""] + name.split(".")
+        return any(p in parts or all(q in pieces for q in p.split("_"))
+                   for p in (module, own) if p and p not in PARAMETERS)
+    return touched
+
+
+def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy]] | None:
+    """The output shards (header guessed, in the head start's staging once it begins) and the
+    copies to make into them, or None where no guess can be made."""
+    files = weight_files(base)
+    names = [_adapter_names(a) for a in adapters]
+    if not files or any(f.suffix != ".safetensors" for f in files) or None in names:
+        return None
+    touched = _touched_by(names)
+    shards, copies = [], []
+    for fi, f in enumerate(files):
+        header, data = _header(f)
+        order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        entries = [(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for k, v in order]
+        raw = build_header(entries, METADATA)
+        shards.append(EarlyFile(Path(f.name), raw))
+        at = len(raw)
+        for (name, _, _, nbytes), (_, info) in zip(entries, order):
+            c = _Copy(fi, f, data + info["data_offsets"][0], at, nbytes)
+            if nbytes >= MIN_BYTES and not touched(name) and c.end > c.start:
+                copies.append(c)
+            at += nbytes
+    return (shards, copies) if copies else None
+
+
+class HeadStart:
+    """The running head start of one output: its staging, its thread, what it has written."""
+
+    def __init__(self, out: Path, shards: list[EarlyFile], copies: list[_Copy]):
+        self.shards, self.copies = shards, copies
+        self.written = 0
+        self._stop = threading.Event()
+        self._staged = Staged(out, is_dir=True, overwrite=True)
+        tmp = self._staged.__enter__()
+        for s in shards:
+            s.path = tmp / s.path.name
+        self._thread = threading.Thread(target=self._run, name="loramerge-headstart", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fds: dict[int, tuple[int, bool, Writeback]] = {}
+        buf = aligned_buffer(CHUNK)[1]
+        try:
+            for c in self.copies:
+                if c.file not in fds:
+                    fd = os.open(self.shards[c.file].path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    direct = _set_direct(fd, True)
+                    fds[c.file] = (fd, direct, Writeback(fd, enabled=not direct))
+                with open(c.src, "rb", buffering=0) as src:
+                    c.done = c.start
+                    while c.done < c.end and not self._stop.is_set():
+                        n = min(CHUNK, c.end - c.done)
+                        view = buf[:n]
+                        got = 0
+                        while got < n:
+                            k = os.preadv(src.fileno(), [view[got:]], c.src_offset + c.done - c.out_offset + got)
+                            if k == 0:
+                                return  # the base is shorter than its header says: the merge will say so
+                            got += k
+                        fds[c.file] = _pwrite_all(*fds[c.file], view, c.done)
+                        c.done += n
+                        self.written += n
+                if self._stop.is_set():
+                    return
+        except OSError:
+            return  # a head start only: the merge writes whatever is missing and reports real errors
+        finally:
+            for fd, *_ in fds.values():
+                os.close(fd)
+
+    def stop(self) -> dict[str, EarlyFile]:
+        """Stop after the chunk in hand; the shards begun, by name, with what each holds."""
+        self._stop.set()
+        self._thread.join()
+        for c in self.copies:
+            if c.done > c.start:
+                self.shards[c.file].ranges[c.out_offset] = EarlyRange(_file_id(c.src), c.src_offset, c.nbytes,
+                                                                      c.start, c.done)
+        return {s.path.name: s for s in self.shards if s.ranges}
+
+    def close(self) -> None:
+        """Stop, and remove the head start's staging with whatever the merge did not take over."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self._staged.__exit__(None, None, None)
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _pwrite_all(fd: int, direct: bool, writeback: Writeback, view: memoryview, at: int):
+    """Write all of `view` at `at` (whole blocks: O_DIRECT where the file system takes it, else
+    buffered with early writeback). Returns the file's (fd, direct, writeback) for the next write."""
+    while view:
+        try:
+            n = os.pwrite(fd, view, at)
+        except OSError as e:
+            if e.errno != errno.EINVAL or not direct:
+                raise
+            _set_direct(fd, False)
+            direct, writeback = False, Writeback(fd)
+            continue
+        view, at = view[n:], at + n
+        writeback.wrote(at)
+    return fd, direct, writeback
+
+
+def begin(base, adapters, out, *, dtype: str = "auto", shard_size=None, dry_run: bool = False,
+          overwrite: bool = False) -> HeadStart | None:
+    """Start a head start for `loramerge apply BASE ADAPTERS OUT`, or None where the output's
+    layout cannot be known before the plan (another dtype or sharding, one output file, a base or
+    adapter that is not local safetensors), nothing would be copied, the output would be refused
+    anyway, the disk has no room for the base's bytes, or LORAMERGE_NO_HEAD_START is set."""
+    if dry_run or dtype != "auto" or shard_size is not None or os.environ.get("LORAMERGE_NO_HEAD_START"):
+        return None
+    out, base, adapters = Path(out), Path(base), [Path(a) for a in adapters]
+    if out.suffix == ".safetensors" or not hasattr(os, "preadv"):
+        return None
+    try:
+        refuse_paths(out, [base, *adapters], overwrite)
+        guessed = guess(base, adapters)
+        if guessed is None or shutil.disk_usage(out.parent).free < sum(f.stat().st_size for f in weight_files(base)):
+            return None
+        return HeadStart(out, *guessed)
+    except (OSError, OutputError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error):
+        return None  # whatever is wrong, the merge finds and reports it
