@@ -1,0 +1,238 @@
+"""The head start (writers/headstart.py): untouched tensors written while the process starts.
+
+Each merge here runs twice, with and without a head start, and the outputs must be the same bytes;
+what the head start wrote must be counted, and whatever it got wrong (a guessed header, a target it
+took for untouched, a range it did not finish) must leave no trace in the output."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import adapter_dir, base_dir
+from loramerge import apply
+from loramerge.cli import main
+from loramerge.writers import headstart
+from loramerge.writers.direct import ALIGN, DirectSink
+from loramerge.writers.header import METADATA, build_header, data_offsets
+
+# the merge adds a tensor (the tied lm_head, untied by an lm_head or embedding change): the guessed header is not the plan's, nothing is taken over
+LAYOUT_CHANGES = [("qwen2", "qwen2-lmhead"), ("qwen2", "qwen2-embed")]
+PAIRS = [("llama-fp32", "llama-basic"), ("llama-bf16-sharded", "llama-bf16"), ("qwen2", "qwen2-lmhead"),
+         ("qwen2", "qwen2-embed"), ("qwen2", "qwen2-bias"), ("llama-fp32", "llama-embed"),
+         ("llama-fp32", "llama-layers"), ("gpt2", "gpt2-fifo")]
+
+
+@pytest.fixture(autouse=True)
+def small(monkeypatch):
+    # the fixtures' tensors are KiB, not MiB: every tensor with a whole block inside counts, and the
+    # copies go in chunks of three blocks, so a tensor takes several
+    monkeypatch.setattr(headstart, "MIN_BYTES", 0)
+    monkeypatch.setattr(headstart, "CHUNK", 3 * ALIGN)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """Every file of an output; the manifest without its creation time."""
+    got = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    m = json.loads(got.pop("loramerge_manifest.json"))
+    m.pop("created", None)
+    got["loramerge_manifest.json"] = json.dumps(m, sort_keys=True).encode()
+    return got
+
+
+def _merge(base: Path, adapter: Path, out: Path, head=None, **kw):
+    try:
+        return apply(base, [adapter], out, device="cpu", _head_start=head, **kw)
+    finally:
+        if head is not None:
+            head.close()
+
+
+def _staging_left(parent: Path) -> list[str]:
+    return [n for n in os.listdir(parent) if ".loramerge-" in n]
+
+
+def _started(base, adapter, out) -> headstart.HeadStart:
+    head = headstart.begin(base, [adapter], out)
+    assert head is not None, "no head start: the test would prove nothing"
+    head._thread.join()  # it finishes (the fixtures are small): what it wrote is then known
+    return head
+
+
+def _untouched_interiors(base: Path, adapter: Path, scratch: Path) -> int:
+    """Bytes of whole blocks inside the base tensors the merge copies bit for bit, by its plan, in
+    the shards whose guessed header is the plan's."""
+    plan = apply(base, [adapter], scratch / "never-written", device="cpu", dry_run=True).plan
+    shards, copies = headstart.guess(base, [adapter]) or ([], [])
+    total = 0
+    for f in plan.files:
+        s_i = next((i for i, s in enumerate(shards) if s.path.name == f.name), None)
+        entries = [e for j in f.jobs for e in j.entries]
+        if s_i is None or shards[s_i].header != build_header(entries, METADATA):
+            continue
+        at = dict(zip(data_offsets(entries, METADATA), (j for j in f.jobs for _ in j.entries)))
+        total += sum(c.end - c.start for c in copies if c.file == s_i and at[c.out_offset].kind == "copy")
+    return total
+
+
+@pytest.mark.parametrize("base,adapter", PAIRS)
+def test_a_head_start_writes_what_the_merge_copies_and_the_output_is_the_same(tmp_path, base, adapter):
+    changes_layout = (base, adapter) in LAYOUT_CHANGES
+    base, adapter = base_dir(base), adapter_dir(adapter)
+    ref = _merge(base, adapter, tmp_path / "ref")
+    got = _merge(base, adapter, tmp_path / "out", _started(base, adapter, tmp_path / "out"))
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+    assert got.bytes_written == ref.bytes_written and ref.bytes_early == 0
+    # every whole block of every tensor it guessed untouched, and the plan copies, was not written again
+    expected = _untouched_interiors(base, adapter, tmp_path)
+    assert got.bytes_early == expected and (expected == 0) == changes_layout
+    assert _staging_left(tmp_path) == []
+
+
+def test_a_target_taken_for_untouched_is_merged_all_the_same(tmp_path, monkeypatch):
+    """The guess says no tensor is touched: the head start copies the base's targets too, and the
+    writer must write the merged values over them."""
+    base, adapter = base_dir("llama-fp32"), adapter_dir("llama-basic")
+    ref = _merge(base, adapter, tmp_path / "ref")
+    expected = _untouched_interiors(base, adapter, tmp_path)
+    monkeypatch.setattr(headstart, "_touched_by", lambda names: lambda name: False)
+    head = _started(base, adapter, tmp_path / "out")
+    assert head.written > expected  # it did copy targets
+    got = _merge(base, adapter, tmp_path / "out", head)
+    assert ref.tensors_merged > 0
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+    assert got.bytes_early == expected
+
+
+def test_what_the_head_start_did_not_finish_is_written_by_the_merge(tmp_path):
+    """Ranges cut short (stopped mid-copy), with garbage where the head start had not written:
+    the writer writes all but the finished blocks."""
+    base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+    _merge(base, adapter, tmp_path / "ref")
+    head = _started(base, adapter, tmp_path / "out")
+    real_stop, skipped = head.stop, []
+
+    def stop_short():
+        shards = real_stop()
+        for s in shards.values():
+            with open(s.path, "r+b") as f:
+                for at, r in s.ranges.items():
+                    r.end = r.start + (r.end - r.start) // ALIGN // 2 * ALIGN  # half its blocks
+                    f.seek(at)
+                    f.write(b"\xff" * (r.start - at))  # the partial block before: never the head start's
+                    f.seek(r.end)
+                    f.write(b"\xff" * (at + r.nbytes - r.end))
+                    skipped.append(r.end - r.start)
+        return shards
+
+    head.stop = stop_short
+    got = _merge(base, adapter, tmp_path / "out", head)
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+    assert got.bytes_early == sum(skipped) > 0
+
+
+def test_a_wrong_header_guess_is_not_taken_over(tmp_path):
+    base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+    _merge(base, adapter, tmp_path / "ref")
+    head = _started(base, adapter, tmp_path / "out")
+    for s in head.shards:
+        s.header = s.header[:-1] + b"!"  # one byte off
+    got = _merge(base, adapter, tmp_path / "out", head)
+    assert got.bytes_early == 0
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")  # no stray shard either
+    assert _staging_left(tmp_path) == []
+
+
+def test_a_copy_from_another_file_or_offset_is_not_skipped(tmp_path):
+    """A range is moved past only for the same tensor bytes: same file (device, inode) and offset."""
+    base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+    _merge(base, adapter, tmp_path / "ref")
+    head = _started(base, adapter, tmp_path / "out")
+    real_stop = head.stop
+
+    def stop_elsewhere():
+        shards = real_stop()
+        kept = 0
+        for s in shards.values():
+            with open(s.path, "r+b") as f:
+                for at, r in list(s.ranges.items()):
+                    f.seek(r.start)
+                    f.write(b"\xee" * (r.end - r.start))  # garbage in every copied block: any skip shows
+                    if kept == 0:
+                        r.src = (r.src[0], r.src[1] + 1)  # another file
+                    elif kept == 1:
+                        r.src_offset += 2                 # another place in the same file
+                    else:
+                        del s.ranges[at]
+                    kept += 1
+        assert kept >= 2
+        return shards
+
+    head.stop = stop_elsewhere
+    got = _merge(base, adapter, tmp_path / "out", head)
+    assert got.bytes_early == 0
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+def test_a_failed_run_leaves_nothing_of_its_head_start(tmp_path):
+    base, adapter = base_dir("llama-fp32"), adapter_dir("llama-basic")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["apply", str(base), str(adapter), str(out), "--weights", "1,2"])
+    assert result.exit_code != 0 and "--weights" in result.output
+    assert not out.exists() and _staging_left(tmp_path) == []
+
+
+def test_the_cli_takes_a_head_start_and_says_how_much(tmp_path):
+    base, adapter = base_dir("llama-fp32"), adapter_dir("llama-basic")
+    runner = CliRunner()
+    got = runner.invoke(main, ["apply", str(base), str(adapter), str(tmp_path / "out"), "--json"])
+    ref = runner.invoke(main, ["apply", str(base), str(adapter), str(tmp_path / "ref"), "--json"],
+                        env={"LORAMERGE_NO_HEAD_START": "1"})
+    assert got.exit_code == 0 and ref.exit_code == 0, got.output + ref.output
+    early = json.loads(got.stdout)["bytes_early"]
+    assert early == _untouched_interiors(base, adapter, tmp_path) > 0 and json.loads(ref.stdout)["bytes_early"] == 0
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("change", ["dtype", "shard_size", "single_file", "dry_run", "exists", "inside_base",
+                                    "bin_adapter", "bin_base"])
+def test_no_head_start_where_the_layout_is_not_the_bases(tmp_path, change):
+    base, adapter, out = base_dir("llama-fp32"), adapter_dir("llama-basic"), tmp_path / "out"
+    kw = {}
+    if change in ("dtype", "shard_size", "dry_run"):
+        kw = {"dtype": "bfloat16"} if change == "dtype" else {"shard_size": "1MB"} if change == "shard_size" \
+            else {"dry_run": True}
+    elif change == "single_file":
+        out = tmp_path / "model.safetensors"
+    elif change == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif change == "inside_base":
+        out = base / "merged"
+    elif change == "bin_adapter":
+        adapter = adapter_dir("llama-bin")
+    else:
+        base = base_dir("llama-bin-sharded")
+    assert headstart.guess(base_dir("llama-fp32"), [adapter_dir("llama-basic")]) is not None
+    assert headstart.begin(base, [adapter], out, **kw) is None
+    assert _staging_left(tmp_path) == [] and _staging_left(base) == []
+
+
+def test_skip_moves_past_whole_blocks_only(tmp_path):
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        sink = DirectSink(fd, tmp_path / "f", direct=False)
+        sink.write(b"a" * ALIGN)
+        sink.skip(2 * ALIGN)
+        sink.write(b"b" * 10)
+        sink.finish()
+        with pytest.raises(ValueError):
+            sink.skip(ALIGN)  # from an unaligned position
+    finally:
+        os.close(fd)
+    data = (tmp_path / "f").read_bytes()
+    assert data[:ALIGN] == b"a" * ALIGN and data[3 * ALIGN:] == b"b" * 10 and data[ALIGN:3 * ALIGN] == bytes(2 * ALIGN)
