@@ -220,7 +220,10 @@ def main():
                     if ":" in m else None
                 wall, anon, stdout = measure([py, "-m", "loramerge", "apply", str(base), str(adapter), str(out),
                                               "--device", args.device, "-q", "--json"], env=env)
-                cli_stages[m].append(dict(json.loads(stdout)["stage_seconds"], at_exit=wall))
+                report = json.loads(stdout)
+                # early_gb: what the head start wrote while the process started (writers/headstart.py)
+                cli_stages[m].append(dict(report["stage_seconds"], at_exit=wall,
+                                          early_gb=report.get("bytes_early", 0) / 1e9))
             elif m == "peft":
                 wall, anon, stdout = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
             else:
