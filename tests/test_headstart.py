@@ -59,7 +59,8 @@ def _staging_left(parent: Path) -> list[str]:
 def _started(base, adapter, out) -> headstart.HeadStart:
     head = headstart.begin(base, [adapter], out)
     assert head is not None, "no head start: the test would prove nothing"
-    head._thread.join()  # it finishes (the fixtures are small): what it wrote is then known
+    for t in head._threads:  # they finish (the fixtures are small): what they did is then known
+        t.join()
     return head
 
 
@@ -93,10 +94,11 @@ def test_a_head_start_writes_what_the_merge_copies_and_the_output_is_the_same(tm
     assert _staging_left(tmp_path) == []
 
 
-def test_a_target_taken_for_untouched_is_merged_all_the_same(tmp_path, monkeypatch):
-    """The guess says no tensor is touched: the head start copies the base's targets too, and the
-    writer must write the merged values over them."""
-    base, adapter = base_dir("llama-fp32"), adapter_dir("llama-basic")
+@pytest.mark.parametrize("base,adapter", [("llama-fp32", "llama-basic"), ("llama-bf16-sharded", "llama-bf16")])
+def test_a_target_taken_for_untouched_is_merged_all_the_same(tmp_path, monkeypatch, base, adapter):
+    """The guess says no tensor is touched: the head start copies (and hashes, where they lead a
+    shard) the base's targets too, and the writer must write and hash the merged values instead."""
+    base, adapter = base_dir(base), adapter_dir(adapter)
     ref = _merge(base, adapter, tmp_path / "ref")
     expected = _untouched_interiors(base, adapter, tmp_path)
     monkeypatch.setattr(headstart, "_touched_by", lambda names: lambda name: False)
@@ -119,8 +121,12 @@ def test_what_the_head_start_did_not_finish_is_written_by_the_merge(tmp_path):
     def stop_short():
         shards = real_stop()
         for s in shards.values():
+            if not s.path.exists():
+                continue
             with open(s.path, "r+b") as f:
                 for at, r in s.ranges.items():
+                    if r.end <= r.start:
+                        continue
                     r.end = r.start + (r.end - r.start) // ALIGN // 2 * ALIGN  # half its blocks
                     f.seek(at)
                     f.write(b"\xff" * (r.start - at))  # the partial block before: never the head start's
@@ -158,8 +164,13 @@ def test_a_copy_from_another_file_or_offset_is_not_skipped(tmp_path):
         shards = real_stop()
         kept = 0
         for s in shards.values():
+            s.hashed = None  # (its ranges may be in the hashed prefix, which would show the change anyway)
+            if not s.path.exists():
+                continue
             with open(s.path, "r+b") as f:
                 for at, r in list(s.ranges.items()):
+                    if r.end <= r.start:
+                        continue
                     f.seek(r.start)
                     f.write(b"\xee" * (r.end - r.start))  # garbage in every copied block: any skip shows
                     if kept == 0:
@@ -236,3 +247,42 @@ def test_skip_moves_past_whole_blocks_only(tmp_path):
         os.close(fd)
     data = (tmp_path / "f").read_bytes()
     assert data[:ALIGN] == b"a" * ALIGN and data[3 * ALIGN:] == b"b" * 10 and data[ALIGN:3 * ALIGN] == bytes(2 * ALIGN)
+
+
+def test_the_manifest_goes_on_from_the_head_starts_hash(tmp_path):
+    """A shard's header and leading copied tensors are hashed by the head start; the writer's hash
+    goes on from that state (a wrong state shows in the manifest, the shard's bytes unchanged)."""
+    import hashlib
+
+    base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+    _merge(base, adapter, tmp_path / "ref")
+    head = _started(base, adapter, tmp_path / "out")
+    hashed = [s for s in head.shards if s.hashed is not None]
+    assert hashed and all(s.hashed[1] > len(s.header) for s in hashed)
+    victim = hashed[0]
+    victim.hashed = (hashlib.sha256(b"not the shard's bytes"), victim.hashed[1])
+    _merge(base, adapter, tmp_path / "out", head)
+    got, ref = _files(tmp_path / "out"), _files(tmp_path / "ref")
+    assert got.pop("loramerge_manifest.json") != ref.pop("loramerge_manifest.json")
+    assert got == ref
+
+
+def test_a_hashed_prefix_is_kept_only_if_the_plan_copies_all_of_it(tmp_path):
+    src = tmp_path / "base.safetensors"
+    src.write_bytes(b"x" * 100_000)
+    st = os.stat(src)
+    header = b"h" * 16
+    early = headstart.EarlyFile(tmp_path / "early", header, hashed=("sha", 16 + 2 * 8192))
+    early.path.write_bytes(b"")
+    early.ranges = {16: headstart.EarlyRange((st.st_dev, st.st_ino), 100, 8192, 4096, 8192),
+                    16 + 8192: headstart.EarlyRange((st.st_dev, st.st_ino), 9000, 8192, 12288, 12288)}
+    plan = {16: (src, 100, 8192), 16 + 8192: (src, 9000, 8192)}
+    got = headstart.adopt(early, header, tmp_path / "a", plan)
+    assert got.hashed == ("sha", 16 + 2 * 8192) and list(got.ranges) == [16]  # the second wrote nothing
+    early.path.write_bytes(b"")
+    assert headstart.adopt(early, header + b" ", tmp_path / "b", plan) is None  # another header
+    for other in [(src, 9001, 8192), (tmp_path / "early", 9000, 8192), None]:
+        changed = {**plan, 16 + 8192: other} if other else {16: plan[16]}
+        got = headstart.adopt(early, header, tmp_path / f"c{len(os.listdir(tmp_path))}", changed)
+        assert got.hashed is None and list(got.ranges) == [16]
+        early.path.write_bytes(b"")

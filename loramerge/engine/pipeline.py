@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..readers.checkpoint import Checkpoint
-from ..types import ST_TO_TORCH, Adapter, Job, Plan
+from ..types import ST_TO_TORCH, Adapter, Job, OutputFile, Plan
 from ..writers.direct import ALIGN
 from ..writers.header import METADATA, data_offsets
 from ..writers.headstart import EarlyFile
@@ -87,21 +87,29 @@ def _write_order(plan: Plan) -> list[tuple[int, Job]]:
     return order
 
 
+def _placed_jobs(f: OutputFile) -> list[tuple[int, Job]]:
+    """(file offset of its main tensor, job) for each job of an output file."""
+    offsets = iter(data_offsets([e for j in f.jobs for e in j.entries], METADATA))
+    placed = []
+    for j in f.jobs:
+        placed.append((next(offsets), j))
+        for _ in j.entries[1:]:
+            next(offsets)
+    return placed
+
+
 def _phases(plan: Plan) -> dict[int, int]:
     """id(job) -> where its main tensor lands in its file, modulo direct.ALIGN. A result placed at
     that phase in a page-aligned buffer is written to the disk straight from it (O_DIRECT needs
     the memory and the file offset aligned alike); 0 where the offset is not a multiple of the
     dtype's size, whose elements must stay aligned (the writer then stages the bytes)."""
-    phases = {}
-    for f in plan.files:
-        entries = [e for j in f.jobs for e in j.entries]
-        offsets = iter(data_offsets(entries, METADATA))
-        for j in f.jobs:
-            first = next(offsets)
-            for _ in j.entries[1:]:
-                next(offsets)
-            phases[id(j)] = first % ALIGN if first % ST_TO_TORCH[j.dtype].itemsize == 0 else 0
-    return phases
+    return {id(j): at % ALIGN if at % ST_TO_TORCH[j.dtype].itemsize == 0 else 0
+            for f in plan.files for at, j in _placed_jobs(f)}
+
+
+def _copies(f: OutputFile) -> dict[int, tuple[Path, int, int]]:
+    """The writer's copies into an output file: file offset -> (source file, offset, nbytes)."""
+    return {at: (j.source.file, j.source.offset, j.main_nbytes) for at, j in _placed_jobs(f) if _copied_by_writer(j)}
 
 
 def _placed(buf: torch.Tensor, phase: int, nbytes: int) -> torch.Tensor:
@@ -232,7 +240,9 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                 if w is None:
                     f = plan.files[fi]
                     entries = [e for j in f.jobs for e in j.entries]
-                    w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, METADATA, early=early.get(f.name))
+                    head = early.get(f.name)
+                    w = writers[fi] = SafetensorsWriter(out_dir / f.name, entries, METADATA, early=head,
+                                                        copies=_copies(f) if head is not None else None)
                 if tensor is None:
                     w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes)
                     stats.copied += 1

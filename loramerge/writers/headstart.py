@@ -15,14 +15,22 @@ It is a guess that cannot be wrong in the output: the writer takes a head-starte
 if the header the plan computed is byte for byte the guessed one, and moves past a range only
 where the plan copies that very tensor, from the same file and offset, to that very place;
 everything else it writes as always, over whatever the head start put there. A shard it does not
-take over stays in the head start's own staging, removed at the end (HeadStart.close). Standard
-library only: it runs before torch is imported.
+take over stays in the head start's own staging, removed at the end (HeadStart.close).
+
+The manifest's sha256 of a shard runs in file order. An untouched tensor first in its shard (the
+embedding, the LM head: save_file sorts names) would otherwise be hashed from its source after
+the writer moved past it, while the merged tensors behind it hold their output buffers: on the
+H200 machine that stalled the merge ~1 s per such tensor (bench/trace_pipeline.py). A second
+thread of the head start hashes each shard's header and leading copied tensors from the base, and
+the writer's hash starts from there when the plan copies exactly those tensors. Standard library
+only: it runs before torch is imported.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +48,7 @@ from .writeback import Writeback
 
 MIN_BYTES = 1 << 20   # a smaller tensor costs the writer next to nothing: not worth a head start
 CHUNK = 32 << 20      # bytes per read and write: one GIL hand-over per ~20 ms of disk time
+HASH_CHUNK = 8 << 20  # bytes per read of the hashing thread (hashlib releases the GIL meanwhile)
 MAX_HEADER = 100 * 1024 * 1024  # as readers/checkpoint.py: anything larger is not a header
 # a tensor's own name that says nothing of its module (every adapter's names hold "weight")
 PARAMETERS = {"weight", "bias"}
@@ -56,12 +65,12 @@ class EarlyRange:
     start: int
     end: int
 
-    def same(self, path: Path, offset: int, nbytes: int) -> bool:
-        """Whether the writer's copy of `nbytes` at `offset` of `path` is this range's tensor."""
-        if (offset, nbytes) != (self.src_offset, self.nbytes) or self.end <= self.start:
+    def same(self, copy: tuple[Path, int, int] | None) -> bool:
+        """Whether the plan's copy (source path, offset, nbytes) into this place is this tensor."""
+        if copy is None or (copy[1], copy[2]) != (self.src_offset, self.nbytes):
             return False
         try:
-            st = os.stat(path)
+            st = os.stat(copy[0])
         except OSError:
             return False
         return (st.st_dev, st.st_ino) == self.src
@@ -69,28 +78,49 @@ class EarlyRange:
 
 @dataclass
 class EarlyFile:
-    """A shard the head start began: its guessed header, and what it wrote, by output offset."""
+    """A shard the head start began: its guessed header; the tensors it took for untouched, by
+    output offset, with what it wrote of each; and `hashed`: (sha256 object, n), the shard's first
+    n bytes hashed (its header and the leading ones of those tensors, whole), or None."""
 
     path: Path
     header: bytes
     ranges: dict[int, EarlyRange] = field(default_factory=dict)
+    hashed: tuple | None = None
 
 
-def adopt(early: EarlyFile | None, header: bytes, path: Path) -> dict[int, EarlyRange]:
-    """Move a head-started shard to `path` if its header is `header` (the writer's own) and it
-    wrote anything; returns its ranges then, else {} (and the writer starts a fresh file). Linked,
-    not renamed, so that an existing `path` fails as the writer's O_EXCL would."""
-    ranges = {at: r for at, r in early.ranges.items() if r.end > r.start} if early is not None else {}
-    if not ranges or early.header != header:
-        return {}
+@dataclass
+class Adopted:
+    """What a writer takes over: bytes to move past (by output offset), and the hash to start from."""
+
+    ranges: dict[int, EarlyRange]
+    hashed: tuple | None
+
+
+def adopt(early: EarlyFile | None, header: bytes, path: Path,
+          copies: dict[int, tuple[Path, int, int]]) -> Adopted | None:
+    """Move a head-started shard to `path` if its header is `header` (the writer's own); `copies`
+    are the plan's copies into the file (output offset -> source path, offset, nbytes). Keeps the
+    ranges the plan copies from the same bytes, and the hashed prefix if the plan copies every
+    tensor in it so. None (the writer starts a fresh file) where nothing is left to take over.
+    The shard is linked to `path` where there are ranges (not renamed: an existing `path` fails,
+    as the writer's O_EXCL would); with none, the writer starts a fresh file from the hash."""
+    if early is None or early.header != header:
+        return None
+    same = {at for at, r in early.ranges.items() if r.same(copies.get(at))}
+    ranges = {at: early.ranges[at] for at in same if early.ranges[at].end > early.ranges[at].start}
+    hashed = early.hashed
+    if hashed is not None and any(at < hashed[1] and at not in same for at in early.ranges):
+        hashed = None
+    if not ranges:  # nothing written to take over (the file may not exist): the hash alone
+        return Adopted({}, hashed) if hashed is not None else None
     try:
         os.link(early.path, path)
     except FileExistsError:
         raise
-    except OSError:
-        return {}  # a file system without hard links: no head start, nothing else changes
+    except OSError:  # a file system without hard links: the writer writes it all, as without
+        return Adopted({}, hashed) if hashed is not None else None
     os.unlink(early.path)
-    return ranges
+    return Adopted(ranges, hashed)
 
 
 @dataclass
@@ -101,6 +131,7 @@ class _Copy:
     out_offset: int    # of the tensor's first byte in the output shard
     nbytes: int
     done: int = 0      # output bytes [start, done) written
+    lead: bool = False  # it and every tensor before it in its shard are copies: hashed ahead
 
     @property
     def start(self) -> int:
@@ -170,10 +201,12 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
         entries = [(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for k, v in order]
         raw = build_header(entries, METADATA)
         shards.append(EarlyFile(Path(f.name), raw))
-        at = len(raw)
+        at, lead = len(raw), True
         for (name, _, _, nbytes), (_, info) in zip(entries, order):
             c = _Copy(fi, f, data + info["data_offsets"][0], at, nbytes)
+            lead = lead and nbytes >= MIN_BYTES and not touched(name) and c.end > c.start
             if nbytes >= MIN_BYTES and not touched(name) and c.end > c.start:
+                c.lead = lead
                 copies.append(c)
             at += nbytes
     return (shards, copies) if copies else None
@@ -190,10 +223,37 @@ class HeadStart:
         tmp = self._staged.__enter__()
         for s in shards:
             s.path = tmp / s.path.name
-        self._thread = threading.Thread(target=self._run, name="loramerge-headstart", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=fn, name=f"loramerge-headstart-{fn.__name__[1:]}", daemon=True)
+                         for fn in (self._copy, self._hash)]
+        for t in self._threads:
+            t.start()
 
-    def _run(self) -> None:
+    def _hash(self) -> None:
+        """Each shard's header and leading copied tensors, hashed from the base (the copies'
+        sources) into the sha256 the manifest's hash of the shard goes on from."""
+        buf = memoryview(bytearray(HASH_CHUNK))
+        try:
+            for fi, shard in enumerate(self.shards):
+                lead = [c for c in self.copies if c.file == fi and c.lead]
+                if not lead:
+                    continue
+                sha = hashlib.sha256(shard.header)
+                for c in lead:
+                    with open(c.src, "rb", buffering=0) as src:
+                        done = 0
+                        while done < c.nbytes:
+                            if self._stop.is_set():
+                                return
+                            k = os.preadv(src.fileno(), [buf[: min(HASH_CHUNK, c.nbytes - done)]], c.src_offset + done)
+                            if k == 0:
+                                return
+                            sha.update(buf[:k])
+                            done += k
+                shard.hashed = (sha, lead[-1].out_offset + lead[-1].nbytes)
+        except OSError:
+            return
+
+    def _copy(self) -> None:
         fds: dict[int, tuple[int, bool, Writeback]] = {}
         buf = aligned_buffer(CHUNK)[1]
         try:
@@ -225,20 +285,24 @@ class HeadStart:
                 os.close(fd)
 
     def stop(self) -> dict[str, EarlyFile]:
-        """Stop after the chunk in hand; the shards begun, by name, with what each holds."""
+        """Stop after the chunks in hand; the shards, by name, with what each holds."""
         self._stop.set()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
         for c in self.copies:
-            if c.done > c.start:
-                self.shards[c.file].ranges[c.out_offset] = EarlyRange(_file_id(c.src), c.src_offset, c.nbytes,
-                                                                      c.start, c.done)
-        return {s.path.name: s for s in self.shards if s.ranges}
+            try:
+                src = _file_id(c.src)
+            except OSError:
+                src = (-1, -1)  # gone: matches no copy of the plan (which will not find it either)
+            self.shards[c.file].ranges[c.out_offset] = EarlyRange(src, c.src_offset, c.nbytes, c.start,
+                                                                  max(c.done, c.start))
+        return {s.path.name: s for s in self.shards}
 
     def close(self) -> None:
         """Stop, and remove the head start's staging with whatever the merge did not take over."""
-        if self._thread.is_alive():
-            self._stop.set()
-            self._thread.join()
+        self._stop.set()
+        for t in self._threads:
+            t.join()
         self._staged.__exit__(None, None, None)
 
 

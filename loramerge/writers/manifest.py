@@ -40,9 +40,9 @@ class Hasher:
     H200 machine, slower than its disk: with one thread for all files the manifest set the pace of
     an 8B merge (bench/RESULTS.md)."""
 
-    def __init__(self):
-        self._sha = hashlib.sha256()
-        self.bytes = 0
+    def __init__(self, start: tuple | None = None):
+        """start: (a sha256 object, n): the file's first n bytes are already hashed into it."""
+        self._sha, self.bytes = start if start is not None else (hashlib.sha256(), 0)
         self.waited = 0.0  # seconds the writer waited for the hash after its own write was done
         self._thread: _HashThread | None = None
         self._last: Future | None = None  # the latest job handed to the thread (they run in order)

@@ -36,21 +36,26 @@ class SafetensorsWriter:
     """Writes one .safetensors file: header first, then tensors strictly in header order."""
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None,
-                 direct: bool | None = None, early: EarlyFile | None = None):
+                 direct: bool | None = None, early: EarlyFile | None = None,
+                 copies: dict[int, tuple[Path, int, int]] | None = None):
         """direct: O_DIRECT where the file system takes it (default: unless LORAMERGE_BUFFERED_WRITES).
-        early: this file as a head start began it before the plan existed (headstart.py); taken
-        over, and its copied ranges not written again, only if its header is this file's."""
+        early: this file as a head start began it before the plan existed (headstart.py), and
+        copies: the copy_range calls this file will get (output offset -> source, offset, nbytes).
+        Taken over only if its header is this file's: of what it copied and hashed, what copies
+        confirms is not written or hashed again."""
         self.path = path
         self.entries = entries
         self._next = 0
         header = build_header(entries, metadata)
-        self._early = adopt(early, header, path)
+        taken = adopt(early, header, path, copies or {}) if early is not None else None
+        self._early = taken.ranges if taken is not None else {}
+        self._hashed_to = taken.hashed[1] if taken is not None and taken.hashed is not None else 0
         self.bytes_early = 0  # bytes the head start wrote that this writer moved past
         flags = os.O_WRONLY if self._early else os.O_WRONLY | os.O_CREAT | os.O_EXCL
         self._fd = os.open(path, flags, 0o644)
         self._sink = DirectSink(self._fd, path, direct_wanted() if direct is None else direct)
-        self.hasher = Hasher()
-        self._write_all(header)
+        self.hasher = Hasher(taken.hashed if self._hashed_to else None)
+        self._write_all(header, hashed=not self._hashed_to)  # a hashed prefix starts with the header
         self.bytes_written = 0
 
     def _expect(self, name: str, nbytes: int) -> None:
@@ -89,11 +94,14 @@ class SafetensorsWriter:
         the part a head start already copied from the same bytes is moved past."""
         at = self._sink.pos
         self._expect(name, nbytes)
-        self.hasher.later_from(src, offset, nbytes)  # in file order, not waited for
+        if at >= self._hashed_to:  # (a hashed prefix holds whole tensors)
+            self.hasher.later_from(src, offset, nbytes)  # in file order, not waited for
         done = self._early.pop(at, None)
-        if done is None or not done.same(src, offset, nbytes):
+        if done is None:
             self._copy(name, src, offset, nbytes)
             return
+        if (done.src_offset, done.nbytes) != (offset, nbytes):
+            raise RuntimeError(f"{self.path}: tensor {name!r} is not the copy the head start was taken over for")
         # [at, start) and [end, at + nbytes): the partial blocks around what the head start wrote
         self._copy(name, src, offset, done.start - at)
         self._sink.skip(done.end - done.start)
