@@ -46,11 +46,21 @@ def resolve_devices(device: str) -> list[torch.device]:
 
 def warm_up(devices: list[torch.device]) -> None:
     """Start each GPU's context on a thread of its own (0.3-1 s) while the caller reads headers,
-    plans and matches, instead of on the first merge, which the reader and writer would wait for.
-    An error is left for the merge to meet and report."""
+    plans and matches, instead of on the first merge, which the reader and writer would wait for;
+    then run the merge's math once on a few elements per output dtype: cuBLAS's handle and the
+    kernels load on first use, and the first 8B job took 0.85 s against ~60 ms for the next ones
+    (H200, bench/trace_pipeline.py), a wait the writer no longer hid once a head start had copied
+    the shard's first tensor. An error is left for the merge to meet and report."""
     def run(dev: torch.device) -> None:
+        from .lowrank import merge
+
         try:
             torch.empty(1, device=dev)
+            a, b = torch.ones(2, 8, device=dev), torch.ones(8, 2, device=dev)
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                merge(torch.ones(8, 8, dtype=dtype, device=dev), a, b, torch.ones(2, dtype=torch.float64),
+                      dtype, torch.float32, 64)
+            torch.cuda.synchronize(dev)
         except Exception:  # noqa: BLE001 - see the docstring
             pass
 
