@@ -231,6 +231,7 @@ class HeadStart:
     def _hash(self) -> None:
         """Each shard's header and leading copied tensors, hashed from the base (the copies'
         sources) into the sha256 the manifest's hash of the shard goes on from."""
+        _yield_cpu()
         buf = memoryview(bytearray(HASH_CHUNK))
         try:
             for fi, shard in enumerate(self.shards):
@@ -254,6 +255,7 @@ class HeadStart:
             return
 
     def _copy(self) -> None:
+        _yield_cpu()
         fds: dict[int, tuple[int, bool, Writeback]] = {}
         buf = aligned_buffer(CHUNK)[1]
         try:
@@ -304,6 +306,15 @@ class HeadStart:
         for t in self._threads:
             t.join()
         self._staged.__exit__(None, None, None)
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority: on a machine with few cores the head start's page-cache
+    copies and hashing would otherwise slow the import they are meant to hide behind."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
+    except (OSError, AttributeError):
+        pass
 
 
 def _file_id(path: Path) -> tuple[int, int]:
