@@ -49,6 +49,16 @@ def address(view: memoryview) -> int | None:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
+def set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for an open file; False where the file system (or OS) refuses."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def aligned_buffer(nbytes: int) -> tuple[mmap.mmap, memoryview]:
     """An anonymous mapping (page-aligned, so ALIGN-aligned) and a view of it."""
     m = mmap.mmap(-1, max(nbytes, ALIGN))
@@ -68,12 +78,7 @@ class DirectSink:
         self._chunk = None    # the buffer for copied ranges (copy_range)
 
     def _set_direct(self, on: bool) -> bool:
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
-        except OSError:
-            return False
-        return True
+        return set_direct(self.fd, on)
 
     def _to_buffered(self) -> None:
         """The file system refused a direct write: the rest of the file goes through the page cache."""

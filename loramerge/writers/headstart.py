@@ -29,7 +29,6 @@ only: it runs before torch is imported.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..readers.prefetch import weight_files
-from .direct import ALIGN, aligned_buffer
+from .direct import ALIGN, aligned_buffer, set_direct
 from .header import METADATA, build_header
 from .output import Staged, refuse_paths
 from .writeback import Writeback
@@ -116,7 +115,7 @@ def adopt(early: EarlyFile | None, header: bytes, path: Path,
     try:
         os.link(early.path, path)
     except FileExistsError:
-        raise
+        raise  # as O_EXCL: never over an existing file
     except OSError:  # a file system without hard links: the writer writes it all, as without
         return Adopted({}, hashed) if hashed is not None else None
     os.unlink(early.path)
@@ -125,7 +124,7 @@ def adopt(early: EarlyFile | None, header: bytes, path: Path,
 
 @dataclass
 class _Copy:
-    file: int          # index into HeadStart.files
+    file: int          # index into HeadStart.shards
     src: Path
     src_offset: int    # of the tensor's first byte in src
     out_offset: int    # of the tensor's first byte in the output shard
@@ -174,8 +173,9 @@ def _adapter_names(path: Path) -> list[str] | None:
 def _touched_by(adapters: list[list[str]]):
     """A test for base tensor names some adapter may change: one whose module name (or own name,
     unless a plain weight or bias) is a part of an adapter's tensor names, or made of parts of them
-    (kohya joins a module's path with '_'; fused experts are named like gate_up_proj). It may say yes too often (the tensor is then written as always), never no wrongly for
-    PEFT's names, which hold each target module's name."""
+    (kohya joins a module's path with '_'; fused experts are named like gate_up_proj). It may say
+    yes too often (the tensor is then written as always), never no wrongly for PEFT's names, which
+    hold each target module's name."""
     parts = {p for names in adapters for n in names for p in n.split(".")}
     pieces = {q for p in parts for q in p.split("_")}
 
@@ -204,8 +204,9 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
         at, lead = len(raw), True
         for (name, _, _, nbytes), (_, info) in zip(entries, order):
             c = _Copy(fi, f, data + info["data_offsets"][0], at, nbytes)
-            lead = lead and nbytes >= MIN_BYTES and not touched(name) and c.end > c.start
-            if nbytes >= MIN_BYTES and not touched(name) and c.end > c.start:
+            wanted = nbytes >= MIN_BYTES and not touched(name) and c.end > c.start
+            lead = lead and wanted
+            if wanted:
                 c.lead = lead
                 copies.append(c)
             at += nbytes
@@ -250,7 +251,8 @@ class HeadStart:
                                 return
                             sha.update(buf[:k])
                             done += k
-                shard.hashed = (sha, lead[-1].out_offset + lead[-1].nbytes)
+                    # what is hashed so far, at a tensor's end: a stop midway keeps it
+                    shard.hashed = (sha.copy(), c.out_offset + c.nbytes)
         except OSError:
             return
 
@@ -262,7 +264,7 @@ class HeadStart:
             for c in self.copies:
                 if c.file not in fds:
                     fd = os.open(self.shards[c.file].path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    direct = _set_direct(fd, True)
+                    direct = set_direct(fd, True)
                     fds[c.file] = (fd, direct, Writeback(fd, enabled=not direct))
                 with open(c.src, "rb", buffering=0) as src:
                     c.done = c.start
@@ -322,15 +324,6 @@ def _file_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _set_direct(fd: int, on: bool) -> bool:
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
 def _pwrite_all(fd: int, direct: bool, writeback: Writeback, view: memoryview, at: int):
     """Write all of `view` at `at` (whole blocks: O_DIRECT where the file system takes it, else
     buffered with early writeback). Returns the file's (fd, direct, writeback) for the next write."""
@@ -340,7 +333,7 @@ def _pwrite_all(fd: int, direct: bool, writeback: Writeback, view: memoryview, a
         except OSError as e:
             if e.errno != errno.EINVAL or not direct:
                 raise
-            _set_direct(fd, False)
+            set_direct(fd, False)
             direct, writeback = False, Writeback(fd)
             continue
         view, at = view[n:], at + n

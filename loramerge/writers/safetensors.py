@@ -80,6 +80,8 @@ class SafetensorsWriter:
         """Write the next tensor. defer_hash: do not wait for its hash; the returned future is done
         once the hashing thread is (the tensor's memory must stay untouched until then)."""
         data = tensor_bytes(t.cpu())
+        if self._sink.pos < self._hashed_to:
+            raise RuntimeError(f"{self.path}: tensor {name!r} lies in the prefix a head start hashed as copied")
         self._expect(name, len(data))
         if not defer_hash:
             self._write_all(data)
