@@ -286,3 +286,16 @@ def test_a_hashed_prefix_is_kept_only_if_the_plan_copies_all_of_it(tmp_path):
         got = headstart.adopt(early, header, tmp_path / f"c{len(os.listdir(tmp_path))}", changed)
         assert got.hashed is None and list(got.ranges) == [16]
         early.path.write_bytes(b"")
+
+
+def test_unmerge_takes_a_head_start_too(tmp_path):
+    base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+    _merge(base, adapter, tmp_path / "merged")
+    runner = CliRunner()
+    got = runner.invoke(main, ["unmerge", str(tmp_path / "merged"), str(adapter), str(tmp_path / "out"), "--json"])
+    ref = runner.invoke(main, ["unmerge", str(tmp_path / "merged"), str(adapter), str(tmp_path / "ref"), "--json"],
+                        env={"LORAMERGE_NO_HEAD_START": "1"})
+    assert got.exit_code == 0 and ref.exit_code == 0, got.output + ref.output
+    assert json.loads(got.stdout)["bytes_early"] == _untouched_interiors(tmp_path / "merged", adapter, tmp_path) > 0
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+    assert _staging_left(tmp_path) == []

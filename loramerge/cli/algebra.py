@@ -48,11 +48,14 @@ def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_r
     """Subtract ADAPTER(s) from the MERGED checkpoint and write the result to OUT; prints what can
     and cannot be recovered."""
     from ..readers.prefetch import prefetch
+    from ..writers import headstart
 
     prefetch(merged, adapters)  # the disk reads ahead while the next line imports torch
-    unmerge = import_heavy("loramerge.api").unmerge
-
-    report = unmerge(merged, list(adapters), out, weights=parse_weights(weights), device=device, accum=accum,
-                     shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=show_progress(quiet),
-                     revision=revision, **adapter_opts)
+    # and untouched tensors are written meanwhile (writers/headstart.py; apply's dtype: auto)
+    with headstart.running(merged, adapters, out, shard_size=shard_size, dry_run=dry_run,
+                           overwrite=overwrite) as head:
+        unmerge = import_heavy("loramerge.api").unmerge
+        report = unmerge(merged, list(adapters), out, weights=parse_weights(weights), device=device, accum=accum,
+                         shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=show_progress(quiet),
+                         revision=revision, _head_start=head, **adapter_opts)
     return report

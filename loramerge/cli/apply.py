@@ -39,17 +39,13 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
 
     prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
     # and writes: the tensors no adapter touches go to the output meanwhile (writers/headstart.py)
-    head = headstart.begin(base, adapters, out, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
-                           overwrite=overwrite)
-    try:
+    with headstart.running(base, adapters, out, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
+                           overwrite=overwrite) as head:
         apply = import_heavy("loramerge.api").apply
         report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
                        accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
                        progress=show_progress(quiet), revision=revision, _head_start=head, **qlora_opts,
                        **adapter_opts)
-    finally:
-        if head is not None:
-            head.close()
     if run_verify and not dry_run:
         verify = import_heavy("loramerge.verifier").verify
 

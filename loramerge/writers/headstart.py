@@ -28,6 +28,7 @@ only: it runs before torch is imported.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -360,3 +361,14 @@ def begin(base, adapters, out, *, dtype: str = "auto", shard_size=None, dry_run:
         return HeadStart(out, *guessed)
     except (OSError, OutputError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error):
         return None  # whatever is wrong, the merge finds and reports it
+
+
+@contextlib.contextmanager
+def running(base, adapters, out, **options):
+    """begin() for the block (the head start, or None), closed at its end however it ends."""
+    head = begin(base, adapters, out, **options)
+    try:
+        yield head
+    finally:
+        if head is not None:
+            head.close()
