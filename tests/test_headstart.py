@@ -110,9 +110,12 @@ def test_a_target_taken_for_untouched_is_merged_all_the_same(tmp_path, monkeypat
     assert got.bytes_early == expected
 
 
-def test_what_the_head_start_did_not_finish_is_written_by_the_merge(tmp_path):
+@pytest.mark.parametrize("buffered", [False, True])
+def test_what_the_head_start_did_not_finish_is_written_by_the_merge(tmp_path, monkeypatch, buffered):
     """Ranges cut short (stopped mid-copy), with garbage where the head start had not written:
-    the writer writes all but the finished blocks."""
+    the writer writes all but the finished blocks (O_DIRECT or buffered, both sides)."""
+    if buffered:
+        monkeypatch.setenv("LORAMERGE_BUFFERED_WRITES", "1")
     base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
     _merge(base, adapter, tmp_path / "ref")
     head = _started(base, adapter, tmp_path / "out")

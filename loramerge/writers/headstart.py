@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..readers.prefetch import weight_files
-from .direct import ALIGN, aligned_buffer, set_direct
+from .direct import ALIGN, aligned_buffer, direct_wanted, set_direct
 from .header import METADATA, build_header
 from .output import Staged, refuse_paths
 from .writeback import Writeback
@@ -265,7 +265,7 @@ class HeadStart:
             for c in self.copies:
                 if c.file not in fds:
                     fd = os.open(self.shards[c.file].path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    direct = set_direct(fd, True)
+                    direct = direct_wanted() and set_direct(fd, True)
                     fds[c.file] = (fd, direct, Writeback(fd, enabled=not direct))
                 with open(c.src, "rb", buffering=0) as src:
                     c.done = c.start
