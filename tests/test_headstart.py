@@ -52,6 +52,20 @@ def _merge(base: Path, adapter: Path, out: Path, head=None, **kw):
             head.close()
 
 
+@pytest.fixture
+def finished(monkeypatch):
+    """The CLI's head start runs to its end before the merge starts: in-process the imports are
+    already done, so the merge would otherwise stop it after however much it got to."""
+    begin = headstart.begin
+
+    def begin_and_finish(*args, **kwargs):
+        head = begin(*args, **kwargs)
+        for t in head._threads if head is not None else ():
+            t.join()
+        return head
+    monkeypatch.setattr(headstart, "begin", begin_and_finish)
+
+
 def _staging_left(parent: Path) -> list[str]:
     return [n for n in os.listdir(parent) if ".loramerge-" in n]
 
@@ -200,7 +214,7 @@ def test_a_failed_run_leaves_nothing_of_its_head_start(tmp_path):
     assert not out.exists() and _staging_left(tmp_path) == []
 
 
-def test_the_cli_takes_a_head_start_and_says_how_much(tmp_path):
+def test_the_cli_takes_a_head_start_and_says_how_much(tmp_path, finished):
     base, adapter = base_dir("llama-fp32"), adapter_dir("llama-basic")
     runner = CliRunner()
     got = runner.invoke(main, ["apply", str(base), str(adapter), str(tmp_path / "out"), "--json"])
@@ -291,7 +305,7 @@ def test_a_hashed_prefix_is_kept_only_if_the_plan_copies_all_of_it(tmp_path):
         early.path.write_bytes(b"")
 
 
-def test_unmerge_takes_a_head_start_too(tmp_path):
+def test_unmerge_takes_a_head_start_too(tmp_path, finished):
     base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
     _merge(base, adapter, tmp_path / "merged")
     runner = CliRunner()
