@@ -88,7 +88,7 @@ class Hasher:
 
     @contextlib.contextmanager
     def alongside(self, fn, *args):
-        """Run fn(*args) (update or update_from) on the hashing thread during the block; wait for
+        """Run fn(*args) (the writer passes update) on the hashing thread during the block; wait for
         it at the end, so the bytes it reads stay valid and updates keep the file's order."""
         done = self._submit(fn, *args)
         try:
