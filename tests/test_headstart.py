@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import adapter_dir, base_dir
+from test_hub import cache_repo, hf_cache, tree  # noqa: F401  (hf_cache: a fixture)
 from loramerge import apply
 from loramerge.cli import main
 from loramerge.writers import headstart
@@ -316,3 +317,20 @@ def test_unmerge_takes_a_head_start_too(tmp_path, finished):
     assert json.loads(got.stdout)["bytes_early"] == _untouched_interiors(tmp_path / "merged", adapter, tmp_path) > 0
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
     assert _staging_left(tmp_path) == []
+
+
+def test_hub_ids_in_the_cache_get_a_head_start(hf_cache, tmp_path, finished):
+    cache_repo(hf_cache, "acme/llama", tree(base_dir("llama-bf16-sharded")))
+    cache_repo(hf_cache, "me/adapter", tree(adapter_dir("llama-bf16")))
+    runner = CliRunner()
+    got = runner.invoke(main, ["apply", "acme/llama", "me/adapter", str(tmp_path / "out"), "--json"])
+    assert got.exit_code == 0, got.output
+    snapshot = Path(json.loads(got.stdout)["plan"]["base"])
+    expected = _untouched_interiors(snapshot, adapter_dir("llama-bf16"), tmp_path)
+    assert json.loads(got.stdout)["bytes_early"] == expected > 0
+    _merge(base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16"), tmp_path / "ref")
+    shards = sorted(p.name for p in (tmp_path / "ref").glob("*.safetensors"))
+    assert shards and all((tmp_path / "out" / n).read_bytes() == (tmp_path / "ref" / n).read_bytes() for n in shards)
+    # not in the cache: no head start, and the command's own error
+    bad = runner.invoke(main, ["apply", "acme/llama", "me/none", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "not in the Hugging Face cache" in bad.output and _staging_left(tmp_path) == []

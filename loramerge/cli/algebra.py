@@ -53,7 +53,7 @@ def unmerge_cmd(merged, adapters, out, weights, device, accum, shard_size, dry_r
     prefetch(merged, adapters)  # the disk reads ahead while the next line imports torch
     # and untouched tensors are written meanwhile (writers/headstart.py; apply's dtype: auto)
     with headstart.running(merged, adapters, out, shard_size=shard_size, dry_run=dry_run,
-                           overwrite=overwrite) as head:
+                           overwrite=overwrite, revision=revision) as head:
         unmerge = import_heavy("loramerge.api").unmerge
         report = unmerge(merged, list(adapters), out, weights=parse_weights(weights), device=device, accum=accum,
                          shard_size=shard_size, dry_run=dry_run, overwrite=overwrite, progress=show_progress(quiet),

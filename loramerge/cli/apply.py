@@ -40,7 +40,7 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
     prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
     # and writes: the tensors no adapter touches go to the output meanwhile (writers/headstart.py)
     with headstart.running(base, adapters, out, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
-                           overwrite=overwrite) as head:
+                           overwrite=overwrite, revision=revision) as head:
         apply = import_heavy("loramerge.api").apply
         report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
                        accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,

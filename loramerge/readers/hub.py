@@ -110,6 +110,24 @@ def resolve(spec, kind: str = "auto", revision: str | None = None) -> Path:
                        "what was downloaded stays in the Hugging Face cache, run the command again to resume") from e
 
 
+def cached(spec, kind: str = "auto", revision: str | None = None) -> Path | None:
+    """A local path for `spec` without the network: the path itself, or for a Hub id the cached
+    snapshot holding what `kind` needs; None where there is neither (the CLI's head start then
+    does nothing: resolve() is what decides, and reports, once the command runs)."""
+    text = os.fspath(spec)
+    if not text.startswith("hf://") and Path(text).exists():
+        return Path(text)
+    ref = parse(text)
+    if ref is None:
+        return None
+    if ref.revision is None:
+        ref.revision = revision
+    try:
+        return _from_cache(_hub(), ref, kind, "")
+    except (HubError, OSError, ValueError):
+        return None
+
+
 def resolve_all(specs, kind: str, revision: str | None = None) -> list[Path]:
     return [resolve(s, kind, revision) for s in specs]
 

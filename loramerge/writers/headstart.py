@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OutputError
+from ..readers import hub
 from ..readers.prefetch import weight_files
 from .direct import ALIGN, aligned_buffer, direct_wanted, set_direct
 from .header import METADATA, build_header
@@ -343,15 +344,20 @@ def _pwrite_all(fd: int, direct: bool, writeback: Writeback, view: memoryview, a
 
 
 def begin(base, adapters, out, *, dtype: str = "auto", shard_size=None, dry_run: bool = False,
-          overwrite: bool = False) -> HeadStart | None:
+          overwrite: bool = False, revision: str | None = None) -> HeadStart | None:
     """Start a head start for `loramerge apply BASE ADAPTERS OUT`, or None where the output's
     layout cannot be known before the plan (another dtype or sharding, one output file, a base or
-    adapter that is not local safetensors), nothing would be copied, the output would be refused
-    anyway, the disk has no room for the base's bytes, or LORAMERGE_NO_HEAD_START is set."""
+    adapter that is not safetensors on this disk, or a Hub id not in the cache), nothing would be
+    copied, the output would be refused anyway, the disk has no room for the base's bytes, or
+    LORAMERGE_NO_HEAD_START is set."""
     if dry_run or dtype != "auto" or shard_size is not None or os.environ.get("LORAMERGE_NO_HEAD_START"):
         return None
-    out, base, adapters = Path(out), Path(base), [Path(a) for a in adapters]
+    out = Path(out)
     if out.suffix == ".safetensors" or not hasattr(os, "preadv"):
+        return None
+    # Hub ids from the cache only: a download is resolve()'s, with its errors, once the command runs
+    base, adapters = hub.cached(base, "base", revision), [hub.cached(a, "adapter", revision) for a in adapters]
+    if base is None or None in adapters:
         return None
     try:
         refuse_paths(out, [base, *adapters], overwrite)
