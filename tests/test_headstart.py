@@ -21,7 +21,8 @@ from loramerge.writers import headstart
 from loramerge.writers.direct import ALIGN, DirectSink
 from loramerge.writers.header import METADATA, build_header, data_offsets
 
-# the merge adds a tensor (the tied lm_head, untied by an lm_head or embedding change): the guessed header is not the plan's, nothing is taken over
+# the merge adds a tensor (the tied lm_head, untied by an lm_head or embedding change): the guessed
+# header is not the plan's, and nothing is taken over
 LAYOUT_CHANGES = [("qwen2", "qwen2-lmhead"), ("qwen2", "qwen2-embed")]
 PAIRS = [("llama-fp32", "llama-basic"), ("llama-bf16-sharded", "llama-bf16"), ("qwen2", "qwen2-lmhead"),
          ("qwen2", "qwen2-embed"), ("qwen2", "qwen2-bias"), ("llama-fp32", "llama-embed"),
