@@ -79,14 +79,9 @@ def resolve(spec, kind: str = "auto", revision: str | None = None) -> Path:
     (a checkpoint), 'adapter', 'onnx' (a graph file) or 'auto' (decided from the repo's files)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
-    text = os.fspath(spec)
-    if not text.startswith("hf://") and Path(text).exists():
-        return Path(text)
-    ref = parse(text)
-    if ref is None:
-        return Path(text)
-    if ref.revision is None:
-        ref.revision = revision
+    ref = _local_or_ref(spec, revision)
+    if not isinstance(ref, HubRef):
+        return Path(os.fspath(spec)) if ref is None else ref
     hf = _hub()
     offline = bool(hf.constants.HF_HUB_OFFLINE)
     files, reason = None, "while offline (HF_HUB_OFFLINE=1)"
@@ -114,18 +109,25 @@ def cached(spec, kind: str = "auto", revision: str | None = None) -> Path | None
     """A local path for `spec` without the network: the path itself, or for a Hub id the cached
     snapshot holding what `kind` needs; None where there is neither (the CLI's head start then
     does nothing: resolve() is what decides, and reports, once the command runs)."""
-    text = os.fspath(spec)
-    if not text.startswith("hf://") and Path(text).exists():
-        return Path(text)
-    ref = parse(text)
-    if ref is None:
-        return None
-    if ref.revision is None:
-        ref.revision = revision
+    ref = _local_or_ref(spec, revision)
+    if not isinstance(ref, HubRef):
+        return ref
     try:
         return _from_cache(_hub(), ref, kind, "")
     except (HubError, OSError, ValueError):
         return None
+
+
+def _local_or_ref(spec, revision: str | None) -> Path | HubRef | None:
+    """Rules 1 and 2 of the module docstring: the existing local path, or the Hub reference (its
+    revision defaulting to `revision`), or None for neither."""
+    text = os.fspath(spec)
+    if not text.startswith("hf://") and Path(text).exists():
+        return Path(text)
+    ref = parse(text)
+    if ref is not None and ref.revision is None:
+        ref.revision = revision
+    return ref
 
 
 def resolve_all(specs, kind: str, revision: str | None = None) -> list[Path]:

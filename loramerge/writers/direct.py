@@ -59,6 +59,17 @@ def set_direct(fd: int, on: bool) -> bool:
     return True
 
 
+def pread_full(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill `view` from the open file at `offset` (reads may come short); False if the file ends first."""
+    got = 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
 def aligned_buffer(nbytes: int) -> tuple[mmap.mmap, memoryview]:
     """An anonymous mapping (page-aligned, so ALIGN-aligned) and a view of it."""
     m = mmap.mmap(-1, max(nbytes, ALIGN))
@@ -166,12 +177,8 @@ class DirectSink:
             n = min(COPY_CHUNK, nbytes - done)
             phase = (at + done) % ALIGN
             view = self._chunk[phase: phase + n]
-            got = 0
-            while got < n:
-                k = os.preadv(fd_in, [view[got:]], offset + done + got)
-                if k == 0:
-                    raise truncated()
-                got += k
+            if not pread_full(fd_in, view, offset + done):
+                raise truncated()
             self.write(view)
             done += n
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -42,14 +41,15 @@ from pathlib import Path
 from ..errors import OutputError
 from ..readers import hub
 from ..readers.prefetch import weight_files
-from .direct import ALIGN, aligned_buffer, direct_wanted, set_direct
+from .direct import ALIGN, aligned_buffer, direct_wanted, pread_full, set_direct
 from .header import METADATA, build_header
+from .manifest import Hasher
 from .output import Staged, refuse_paths
 from .writeback import Writeback
 
 MIN_BYTES = 1 << 20   # a smaller tensor costs the writer next to nothing: not worth a head start
 CHUNK = 32 << 20      # bytes per read and write: one GIL hand-over per ~20 ms of disk time
-HASH_CHUNK = 8 << 20  # bytes per read of the hashing thread (hashlib releases the GIL meanwhile)
+HASH_CHUNK = 8 << 20  # bytes the hashing thread hashes between looks at the stop flag
 MAX_HEADER = 100 * 1024 * 1024  # as readers/checkpoint.py: anything larger is not a header
 # a tensor's own name that says nothing of its module (every adapter's names hold "weight")
 PARAMETERS = {"weight", "bias"}
@@ -220,7 +220,6 @@ class HeadStart:
 
     def __init__(self, out: Path, shards: list[EarlyFile], copies: list[_Copy]):
         self.shards, self.copies = shards, copies
-        self.written = 0
         self._stop = threading.Event()
         self._staged = Staged(out, is_dir=True, overwrite=True)
         tmp = self._staged.__enter__()
@@ -231,31 +230,31 @@ class HeadStart:
         for t in self._threads:
             t.start()
 
+    @property
+    def written(self) -> int:
+        """Bytes written so far (whole blocks)."""
+        return sum(c.done - c.start for c in self.copies if c.done > c.start)
+
     def _hash(self) -> None:
         """Each shard's header and leading copied tensors, hashed from the base (the copies'
         sources) into the sha256 the manifest's hash of the shard goes on from."""
         _yield_cpu()
-        buf = memoryview(bytearray(HASH_CHUNK))
         try:
             for fi, shard in enumerate(self.shards):
                 lead = [c for c in self.copies if c.file == fi and c.lead]
                 if not lead:
                     continue
-                sha = hashlib.sha256(shard.header)
+                hasher = Hasher()
+                hasher.update(shard.header)
                 for c in lead:
                     with open(c.src, "rb", buffering=0) as src:
-                        done = 0
-                        while done < c.nbytes:
+                        for done in range(0, c.nbytes, HASH_CHUNK):
                             if self._stop.is_set():
                                 return
-                            k = os.preadv(src.fileno(), [buf[: min(HASH_CHUNK, c.nbytes - done)]], c.src_offset + done)
-                            if k == 0:
-                                return
-                            sha.update(buf[:k])
-                            done += k
+                            hasher.update_from(src.fileno(), c.src_offset + done, min(HASH_CHUNK, c.nbytes - done))
                     # what is hashed so far, at a tensor's end: a stop midway keeps it
-                    shard.hashed = (sha.copy(), c.out_offset + c.nbytes)
-        except OSError:
+                    shard.hashed = hasher.state()
+        except OSError:  # (update_from's too: the base ends early) the merge reports real errors
             return
 
     def _copy(self) -> None:
@@ -271,17 +270,11 @@ class HeadStart:
                 with open(c.src, "rb", buffering=0) as src:
                     c.done = c.start
                     while c.done < c.end and not self._stop.is_set():
-                        n = min(CHUNK, c.end - c.done)
-                        view = buf[:n]
-                        got = 0
-                        while got < n:
-                            k = os.preadv(src.fileno(), [view[got:]], c.src_offset + c.done - c.out_offset + got)
-                            if k == 0:
-                                return  # the base is shorter than its header says: the merge will say so
-                            got += k
+                        view = buf[:min(CHUNK, c.end - c.done)]
+                        if not pread_full(src.fileno(), view, c.src_offset + c.done - c.out_offset):
+                            return  # the base is shorter than its header says: the merge will say so
                         fds[c.file] = _pwrite_all(*fds[c.file], view, c.done)
-                        c.done += n
-                        self.written += n
+                        c.done += len(view)
                 if self._stop.is_set():
                     return
         except OSError:

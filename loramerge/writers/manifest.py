@@ -52,6 +52,10 @@ class Hasher:
         self._sha.update(data)  # hashlib releases the GIL for large buffers
         self.bytes += len(data)
 
+    def state(self) -> tuple:
+        """(a copy of the sha256 so far, bytes hashed): what Hasher(start=...) goes on from."""
+        return self._sha.copy(), self.bytes
+
     def update_from(self, fd: int, offset: int, nbytes: int) -> None:
         """Hash bytes [offset, offset+nbytes) of an open file (the source of a copied range), read
         into one buffer reused chunk after chunk (fresh memory per chunk costs page faults)."""
