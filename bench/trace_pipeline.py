@@ -3,8 +3,9 @@
 apply's stage_seconds say how busy each thread was in all; this says when. It runs one merge in
 this process with the writer, the hashing threads and the buffer pools wrapped to log each event,
 and prints per-interval totals: bytes the writer wrote or copied, bytes moved past (a head start's),
-bytes hashed, and the seconds the reader and the math waited for a free buffer. With --head-start the
-head start is begun first and given --start-delay seconds (what the CLI's imports would give it).
+bytes hashed, read and merged, the seconds the writer, the reader and the math were busy, and the
+seconds the reader and the math waited for a free buffer. With --head-start the head start is
+begun first and given --start-delay seconds (what the CLI's imports would give it).
 
   python bench/trace_pipeline.py BASE ADAPTER OUT [--device cpu] [--head-start] [--start-delay 4]
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loramerge import api  # noqa: E402  (imports torch: the head start below gets a delay instead)
-from loramerge.engine import threads  # noqa: E402
+from loramerge.engine import pipeline, threads  # noqa: E402
+from loramerge.readers import checkpoint  # noqa: E402
 from loramerge.writers import headstart, manifest, safetensors  # noqa: E402
 
 T0 = time.perf_counter()
@@ -80,10 +82,31 @@ def _wrap_pool():
     threads.BufferPool.get = traced_get
 
 
+def _wrap_stages():
+    """The math (one compute call per tensor) and the reader's reads, each with its bytes."""
+    compute, read = pipeline.compute, checkpoint.Checkpoint.read
+
+    def traced_compute(job, *args, **kw):
+        t0 = time.perf_counter()
+        out = compute(job, *args, **kw)
+        _log("math", t0, time.perf_counter(), job.nbytes)
+        return out
+
+    def traced_read(self, ref, out=None):
+        t0 = time.perf_counter()
+        t = read(self, ref, out)
+        _log("read", t0, time.perf_counter(), ref.nbytes)
+        return t
+
+    pipeline.compute, checkpoint.Checkpoint.read = traced_compute, traced_read
+
+
 def summary(step: float) -> list[dict]:
     end = max(e[2] for e in EVENTS)
     bins = [{"t": round(i * step, 2), "write_gb": 0.0, "copy_gb": 0.0, "skip_gb": 0.0, "hash_gb": 0.0,
-             "read_pool_wait_s": 0.0, "out_pool_wait_s": 0.0, "writer_busy_s": 0.0} for i in range(int(end / step) + 1)]
+             "read_gb": 0.0, "math_gb": 0.0,
+             "read_pool_wait_s": 0.0, "out_pool_wait_s": 0.0, "writer_busy_s": 0.0, "math_busy_s": 0.0,
+             "reader_busy_s": 0.0} for i in range(int(end / step) + 1)]
 
     def spread(start, stop, key, amount):
         """Add `amount` over [start, stop] to the bins it overlaps, in proportion."""
@@ -96,10 +119,12 @@ def summary(step: float) -> list[dict]:
                 bins[i][key] += amount * (hi - lo) / (stop - start)
 
     for kind, start, stop, nbytes, _ in EVENTS:
-        if kind in ("write", "copy", "skip", "hash"):
+        if kind in ("write", "copy", "skip", "hash", "read", "math"):
             spread(start, stop, kind + "_gb", nbytes / 1e9)
         if kind in ("write", "copy"):
             spread(start, stop, "writer_busy_s", stop - start)
+        if kind in ("read", "math"):
+            spread(start, stop, {"read": "reader", "math": "math"}[kind] + "_busy_s", stop - start)
         if kind.startswith("pool-"):
             spread(start, stop, kind[5:] + "_pool_wait_s", stop - start)
     return [{k: round(v, 2) if isinstance(v, float) else v for k, v in b.items()} for b in bins]
@@ -120,6 +145,7 @@ def main():
     _wrap_writer()
     _wrap_hasher()
     _wrap_pool()
+    _wrap_stages()
     global T0
     T0 = time.perf_counter()
     head = headstart.begin(args.base, [args.adapter], args.out) if args.head_start else None
