@@ -55,9 +55,6 @@ class ApplyReport(JsonReport):
     bytes_early: int = 0
     seconds: float = 0.0
     exact_fixups: int = 0
-    # of tensors_merged: merged on the (slower) torch path while numba compiled the CPU kernel
-    # beside them, the first run after an install (engine/kernel_load.py)
-    merged_while_compiling: int = 0
     files: list[str] = field(default_factory=list)
     carried_over: list[str] = field(default_factory=list)
     not_carried_over: list[str] = field(default_factory=list)
@@ -66,8 +63,7 @@ class ApplyReport(JsonReport):
     plan: Plan | None = field(default=None, repr=False)
     # thread seconds per stage (they overlap): read, math, write, and hash_wait, the part of write
     # spent waiting for the manifest's sha256 of what was just written to catch up; compile, the
-    # seconds numba spent compiling the CPU kernels (the first run after an install), beside the
-    # merge or within its math;
+    # part of math numba spent compiling the CPU kernels (the first run after an install);
     # buffer_wait, the math waiting for a free output buffer (the writer's pace), result_wait, the
     # writer waiting for the math's next result (the math's pace)
     stage_seconds: dict = field(default_factory=dict)
@@ -101,10 +97,8 @@ class ApplyReport(JsonReport):
             lines.append("not carried over (weights or folders): " + ", ".join(self.not_carried_over))
         compiled = self.stage_seconds.get("compile", 0.0)
         if compiled >= 1.0:
-            meanwhile = (f"; {self.merged_while_compiling} tensor(s) merged meanwhile on the slower torch path"
-                         if self.merged_while_compiling else "")
             lines.append(f"compiled the CPU kernels for this machine: {compiled:.1f} s of this run (once: later "
-                         f"runs load them from numba's cache){meanwhile}")
+                         "runs load them from numba's cache)")
         lines += [f"warning: {w}" for w in self.warnings]
         if self.verification is not None:
             lines.append(self.verification.summary())
@@ -227,7 +221,6 @@ def apply(
     report.bytes_written = stats.bytes_written
     report.bytes_early = stats.bytes_early
     report.exact_fixups = stats.exact_fixups
-    report.merged_while_compiling = stats.merged_while_compiling
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,
                             "hash_wait": stats.seconds_hash_wait,

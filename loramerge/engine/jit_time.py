@@ -16,7 +16,6 @@ import time
 _lock = threading.Lock()
 _local = threading.local()
 _total = 0.0
-_active = 0  # threads compiling now
 _installed = False
 
 
@@ -25,28 +24,19 @@ def seconds() -> float:
     return _total
 
 
-def compiling() -> bool:
-    """Whether some thread is compiling now (kernel_load: merge on the torch path meanwhile)."""
-    return _active > 0
-
-
 def _start() -> None:
-    global _active
     depth = getattr(_local, "depth", 0)
     if depth == 0:
         _local.t0 = time.perf_counter()
-        with _lock:
-            _active += 1
     _local.depth = depth + 1
 
 
 def _end() -> None:
-    global _total, _active
+    global _total
     _local.depth = getattr(_local, "depth", 1) - 1
     if _local.depth == 0:
         with _lock:
             _total += time.perf_counter() - _local.t0
-            _active -= 1
 
 
 def install() -> None:

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from . import exact, kernel_load, rounding
+from . import exact, rounding
 
 U32, U64 = 2.0 ** -24, 2.0 ** -53
 TINY32 = 2.0 ** -126   # float32's smallest normal: more than underflow loses, flushed or not
@@ -175,11 +175,8 @@ def _gathered64(wv: torch.Tensor, fx: _Factors, ri: torch.Tensor, cj: torch.Tens
 def _decide(approx: torch.Tensor, e: torch.Tensor, out_dtype: torch.dtype,
             rel: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """rounding.decide; on the CPU to bf16/fp16 its numba twin (one pass instead of a few dozen).
-    numba is imported here, on the first such call, not with the engine; not while a thread loads
-    the kernels (kernel_load: the torch path merges meanwhile, and waiting for numba's import or
-    compiling its twin here would stall it)."""
-    if (approx.device.type == "cpu" and out_dtype in (torch.bfloat16, torch.float16)
-            and not kernel_load.loading()):
+    numba is imported here, on the first such call, not with the engine."""
+    if approx.device.type == "cpu" and out_dtype in (torch.bfloat16, torch.float16):
         from . import rounding_kernel
         if rounding_kernel.AVAILABLE:
             return rounding_kernel.round_decide(approx.contiguous(), e.expand_as(approx).contiguous(), out_dtype,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernel_load, lowrank, precision
+from . import lowrank, precision
 from .rounding import cast, round_to  # noqa: F401  (re-exported: callers round through ops)
 
 # Elements per row block: bounds the temporaries (16 MiB of float32 on CPU, more on GPU where
@@ -58,7 +58,7 @@ def merge_weight(
         # precision.exact_matmul()): float64 GEMMs are IEEE whatever the flags say
         accum = torch.float64
     if (block_elems is None and w.device.type == "cpu" and w.dtype in _HALF and out_dtype in _HALF
-            and kernel_load.use_kernel() and _kernel_supports(w, out_dtype)):
+            and _kernel_supports(w, out_dtype)):
         y, fixed, bad = _merge_kernel(w, a, b, factors, out_dtype, out, accum)
         if check and bad:
             check_finite(y)

@@ -24,7 +24,6 @@ from ..writers.direct import ALIGN
 from ..writers.header import METADATA, data_offsets
 from ..writers.headstart import EarlyFile
 from ..writers.safetensors import SafetensorsWriter
-from . import kernel_load
 from .compute import compute
 from .precision import guarded
 from .threads import BufferPool, Stage, Workers, get_or_stop, put_or_stop, switch_interval, when_done
@@ -61,7 +60,6 @@ class EngineStats:
     seconds_buffer_wait: float = 0.0
     seconds_result_wait: float = 0.0
     bytes_early: int = 0            # of bytes_written: written by a head start before the plan existed
-    merged_while_compiling: int = 0  # tensors merged on the torch path while numba compiled the kernel
     files: dict = field(default_factory=dict)   # output file name -> {"sha256", "bytes"} (manifest)
     marks: dict = field(default_factory=dict)   # "first_write", "last_write", "synced": timeline.since_start()
 
@@ -148,11 +146,6 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
     local = threading.local()
     pin = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
     computed = [j for _, j in order if not _copied_by_writer(j)]
-    # the CPU kernel loads on a thread of its own meanwhile (kernel_load: a compilation, the first
-    # run after an install, no longer holds the merge up)
-    loader = (kernel_load.start(accum) if any(d.type == "cpu" for d in devices)
-              and any(j.terms and j.source.dtype in ("BF16", "F16") and j.dtype in ("BF16", "F16") for j in computed)
-              else None)
     read_bytes = max((j.source.nbytes for j in computed if j.source.offset is not None
                       and j.replacement is None), default=0)
     out_bytes = max((j.main_nbytes for j in computed), default=0)
@@ -321,5 +314,4 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
     for f in closing:
         f.result()  # a failed fsync is a failed run
     stats.marks["synced"] = since_start()
-    stats.merged_while_compiling = loader.merged_meanwhile if loader is not None else 0
     return stats
