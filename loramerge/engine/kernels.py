@@ -32,11 +32,14 @@ float64 (--accum float64, and what float32 leaves):
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 from . import kernel_terms, rounding
-from .rounding_kernel import AVAILABLE, lut, lut32, numba, numba_threads
+from .rounding_kernel import AVAILABLE, lut, lut32, numba
 
 if numba is not None:
     from .rounding_kernel import exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits, quick_ok
@@ -49,6 +52,8 @@ MAX_RANK_32 = 1 << 14
 # tensor need that on average, the rest starts in float64.
 DENSE_ROW = 1 / 16
 PROBE_ROWS = 32
+# Row ranges per thread (kernels' _on_threads)
+TASKS_PER_THREAD = 4
 TINY_N = 2.0 ** -126  # float32's smallest normal: the most an underflowing or flushed value loses
 
 
@@ -69,7 +74,7 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     rank = a.shape[0]
     w16 = w.contiguous().view(torch.int16).numpy().view(np.uint16)
     first32 = accum == torch.float32 and 0 < rank < MAX_RANK_32
-    threads = numba_threads()
+    threads = torch.get_num_threads()  # the same count as every torch op of the merge
     # B' = B f and A in float64 (and float32 for the float32 pass), and the bounds' per-row and
     # per-column parts, zero where no term can be nonzero (then the float sum is W itself):
     #   float64 pass: row_w = coef, row_n = coef ||B'_i||, col_w = 1, col_n = ||A_j||,
@@ -96,7 +101,7 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
               g.inf_bits, g.top_ulp, rounding.overflow_threshold(out_dtype), rounding.BOUND_SLACK, *bound64,
               52 - g.mbits, lo, hi)
     if not first32:
-        _rows64(args64, 0, rows, _block(rows, threads))
+        _on_threads(_rows64, (args64,), 0, rows, threads)
         return out, bad, undecided, 0
     # the float32 pass's bound (module docstring), per row and per column, in float32 rounded up
     bound32 = (rn32, cn32, ru32, cu32, live_r32, live_c32)
@@ -104,21 +109,53 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     args32 = (bs32, a32, lut32(w.dtype),
               w.dtype == torch.bfloat16, *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
-    _rows32(args32, args64, 0, probe, _block(probe, threads))
+    _on_threads(_rows32, (args32, args64), 0, probe, threads)
     if probe < rows and redone[:probe].sum() > DENSE_ROW * probe * cols:
         # most rows would be redone: start them in float64
-        _rows64(args64, probe, rows, _block(rows - probe, threads))
+        _on_threads(_rows64, (args64,), probe, rows, threads)
         redone[probe:] = cols
     elif probe < rows:
-        _rows32(args32, args64, probe, rows, _block(rows - probe, threads))
+        _on_threads(_rows32, (args32, args64), probe, rows, threads)
     return out, bad, undecided, int(redone.sum())
 
 
-def _block(rows: int, threads: int) -> int:
-    """Rows per parallel task: the kernels take their scratch rows once per task, not once per
-    row (three rows' buffers allocated per row cost a few percent of a bf16 r=16 merge); at least
-    8 tasks per thread, so that uneven threads still balance."""
-    return max(1, min(64, rows // (8 * threads)))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _on_threads(fn, args: tuple, r0: int, r1: int, threads: int) -> None:
+    """fn(*args, lo, hi) over rows r0..r1 split among `threads` threads (this one included), in
+    TASKS_PER_THREAD ranges each so that uneven threads still balance. Python threads, not numba's
+    parallel loops: the row functions are nogil, and numba's parfor machinery cost ~3.7 s of the
+    ~13 s a first run after an install spends compiling them (bench/RESULTS.md)."""
+    global _pool
+    rows = r1 - r0
+    tasks = min(rows, threads * TASKS_PER_THREAD) if threads > 1 else 1
+    if tasks <= 1:
+        fn(*args, r0, r1)
+        return
+    cuts = [r0 + rows * k // tasks for k in range(tasks + 1)]
+    ranges = zip(cuts[:-1], cuts[1:])
+    take = threading.Lock()
+
+    def work():
+        while True:
+            with take:
+                lo_hi = next(ranges, None)
+            if lo_hi is None:
+                return
+            fn(*args, *lo_hi)
+
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < threads - 1:
+            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="loramerge-kernel")
+        pool = _pool
+    helpers = [pool.submit(work) for _ in range(min(threads, tasks) - 1)]
+    try:
+        work()
+    finally:
+        for h in helpers:
+            h.result()
 
 
 if numba is not None:
@@ -176,21 +213,28 @@ if numba is not None:
         bad[i] = nb
         undecided[i] = nu
 
-    @numba.njit(parallel=True, cache=True, nogil=True)  # nogil: the reader/writer threads keep going
-    def _rows64(args64, r0, r1, n):
-        """Rows r0..r1 in float64, n rows per parallel task (_block)."""
-        for blk in numba.prange((r1 - r0 + n - 1) // n):
-            acc, f, maybe = _scratch64(args64[0].shape[1])
-            for i in range(r0 + blk * n, min(r1, r0 + blk * n + n)):
-                _row64(i, args64, acc, f, maybe)
+    @numba.njit(cache=True, nogil=True)  # nogil: the other row ranges' threads and the pipeline's run meanwhile
+    def _rows64(args64, r0, r1):
+        """Rows r0..r1 in float64 (one thread's share: _on_threads)."""
+        acc, f, maybe = _scratch64(args64[0].shape[1])
+        for i in range(r0, r1):
+            _row64(i, args64, acc, f, maybe)
+
+    @numba.njit(cache=True)
+    def _aligned(cols, dtype):
+        """An empty row of `cols` elements starting on a 64-byte boundary (a cache line)."""
+        item = np.empty(1, dtype).itemsize
+        buf = np.empty(cols + 64 // item, dtype)
+        skip = (-(buf.ctypes.data // item)) % (64 // item)
+        return buf[skip:skip + cols]
 
     @numba.njit(cache=True)
     def _scratch64(cols):
-        return np.empty(cols, np.float64), np.empty(cols, np.float32), np.empty(cols, np.bool_)
+        return _aligned(cols, np.float64), _aligned(cols, np.float32), np.empty(cols, np.bool_)
 
     @numba.njit(cache=True)
     def _scratch32(cols):
-        return np.empty(cols, np.float32), np.empty(cols, np.float32), np.empty(cols, np.bool_)
+        return _aligned(cols, np.float32), _aligned(cols, np.float32), np.empty(cols, np.bool_)
 
     @numba.njit(cache=True, inline="always")
     def _accumulate(d, a, b, i, k0):
@@ -240,17 +284,16 @@ if numba is not None:
         mag = abs(r)
         return _quick32(bits, mag, _bound32(mag, wv, rn, cn, ru, cu, live), low_mask, half, upm, lo, hi)
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _rows32(args32, args64, r0, r1, n):
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def _rows32(args32, args64, r0, r1):
         """Rows r0..r1 by the float32 pass (module docstring), what it leaves in float64: writes
-        out, bad, undecided (what float64 leaves) and redone (elements evaluated in float64); n rows
-        per parallel task (_block)."""
-        for blk in numba.prange((r1 - r0 + n - 1) // n):
-            wf, d, maybe = _scratch32(args64[0].shape[1])
-            for i in range(r0 + blk * n, min(r1, r0 + blk * n + n)):
-                _row32(i, args32, args64, wf, d, maybe)
+        out, bad, undecided (what float64 leaves) and redone (elements evaluated in float64); one
+        thread's share (_on_threads)."""
+        wf, d, maybe = _scratch32(args64[0].shape[1])
+        for i in range(r0, r1):
+            _row32(i, args32, args64, wf, d, maybe)
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, error_model="numpy")
     def _row32(i, args32, args64, wf, d, maybe):
         """Row i by the float32 pass (a function of its own: numba's parallel loops mishandled
         the early exits of this body inline). wf, d, maybe: scratch rows (float32, float32, bool),
