@@ -9,7 +9,11 @@ first built under the flag. Reference: tests/exact_ref.py (Fractions), computed 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +175,26 @@ def test_a_thread_whose_openmp_pool_was_made_while_flushing_merges_right():
     assert not got["flushing pool flushes"] and not got["clean pool flushes"]
     for path in ("", " torch"):
         assert torch.equal(got["flushing" + path].view(torch.int16), got["clean" + path].view(torch.int16)), path
+
+
+def test_the_kernels_helper_threads_never_flush_whoever_made_them():
+    """The fused kernel's helper threads (kernels._on_threads) are made once per process, by the
+    first thread that shares a merge; made by one that flushed, they would inherit it for every
+    later merge. They start with gradual underflow instead. A fresh process: the pool is per process."""
+    code = ("import torch\n"
+            "from loramerge.engine import fpenv, kernels\n"
+            "torch.set_num_threads(3)\n"
+            "if not torch.set_flush_denormal(True):\n"
+            "    print('skip'); raise SystemExit\n"
+            "w = torch.zeros(512, 512, dtype=torch.bfloat16); a = torch.randn(4, 512); b = torch.randn(512, 4)\n"
+            "kernels.merge_half(w, a, b, torch.ones(4, dtype=torch.float64), torch.bfloat16)\n"
+            "seen = {kernels._pool.submit(lambda: (__import__('threading').current_thread().name,\n"
+            "                                      fpenv.flushes_subnormals())).result() for _ in range(8)}\n"
+            "print(fpenv.flushes_subnormals(), sorted(seen))\n")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout.strip()
+    if out == "skip":
+        pytest.skip("this CPU has no flush-to-zero mode torch can set")
+    assert out.startswith("True [('loramerge-kernel"), out  # the caller still flushes; its helpers exist
+    assert "True)" not in out, out  # and none of them flushes

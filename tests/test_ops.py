@@ -161,22 +161,59 @@ def test_fused_kernel_rounds_edge_values():
 
 @pytest.mark.skipif(not kernels.AVAILABLE or (os.cpu_count() or 1) < 2, reason="numba, and a pool of 2+ threads")
 def test_kernel_keeps_the_callers_thread_count():
-    """torch.set_num_threads(1) before the first merge holds for torch and for the kernel after it
-    (numba's OpenMP layer, launched by the first merge, reset the count torch reads to its whole
-    pool). A fresh process: the layer launches once per process."""
-    code = ("import torch, numba\n"
+    """The kernel runs on as many threads as torch.set_num_threads says (its helpers a pool of
+    Python threads), leaves torch's count as it was, and never launches numba's threading layer
+    (whose OpenMP start once reset the count torch reads to numba's whole pool). A fresh process:
+    the pool and the layer are per process."""
+    code = ("import threading, torch, numba\n"
             "torch.set_num_threads(1)\n"
             "from loramerge.engine import kernels\n"
-            "w = torch.zeros(64, 128, dtype=torch.bfloat16); a = torch.randn(4, 128); b = torch.randn(64, 4)\n"
-            "f = torch.ones(4, dtype=torch.float64)\n"
-            "for _ in range(2):\n"
-            "    kernels.merge_half(w, a, b, f, torch.bfloat16)\n"
-            "print(torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS)\n")
+            "def run(rows):\n"
+            "    w = torch.zeros(rows, 512, dtype=torch.bfloat16); a = torch.randn(4, 512); b = torch.randn(rows, 4)\n"
+            "    for _ in range(2):\n"
+            "        kernels.merge_half(w, a, b, torch.ones(4, dtype=torch.float64), torch.bfloat16)\n"
+            "    helpers = sum(t.name.startswith('loramerge-kernel') for t in threading.enumerate())\n"
+            "    print(torch.get_num_threads(), helpers, end=' ')\n"
+            "run(1024)\n"
+            "torch.set_num_threads(3)\n"
+            "run(4)\n"  # too small to share: no helpers yet
+            "run(1024)\n"
+            "try:\n"
+            "    numba.threading_layer(); print('launched')\n"
+            "except ValueError:\n"
+            "    print('never launched')\n")
     root = Path(__file__).resolve().parent.parent
     env = {**{k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")},
            "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
                          check=True).stdout
-    torch_threads, numba_threads, pool = map(int, out.split())
-    assert pool >= 2
-    assert (torch_threads, numba_threads) == (1, 1)
+    assert out.split() == ["1", "0", "3", "0", "3", "2", "never", "launched"], out
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("accum", [torch.float32, torch.float64])
+def test_kernel_gives_the_same_bits_on_any_number_of_threads(accum):
+    """Rows shared among threads in ranges (kernels._on_threads): every row merged once, whatever
+    the split, the probe rows included; the same bits as one thread and as the torch path."""
+    torch.manual_seed(5)
+    rows, cols, r = 301, 517, 8  # uneven splits; the probe (32 rows) shared too
+    w = (torch.randn(rows, cols) * 0.05).to(torch.bfloat16)
+    a, b = torch.randn(r, cols) * 0.1, torch.randn(rows, r) * 0.1
+    f = torch.full((r,), 0.75, dtype=torch.float64)
+    saved = torch.get_num_threads()
+    try:
+        got = {}
+        for t in (1, 2, 3, 7):
+            torch.set_num_threads(t)
+            y, bad, undecided, _ = kernels.merge_half(w, a, b, f, torch.bfloat16, accum=accum)
+            assert int(bad.sum()) == 0
+            got[t] = (y.view(torch.int16).clone(), undecided.copy())
+    finally:
+        torch.set_num_threads(saved)
+    ref = ops.merge_weight(w, a, b, f, torch.bfloat16, accum=accum, block_elems=1 << 12)[0]
+    for t, (bits, undecided) in got.items():
+        assert (undecided == got[1][1]).all(), t
+        done = torch.from_numpy(undecided == 0)
+        assert done.any()
+        assert torch.equal(bits[done], ref.view(torch.int16)[done]), t
+        assert torch.equal(bits, got[1][0]), t

@@ -52,8 +52,9 @@ MAX_RANK_32 = 1 << 14
 # tensor need that on average, the rest starts in float64.
 DENSE_ROW = 1 / 16
 PROBE_ROWS = 32
-# Row ranges per thread (kernels' _on_threads)
+# Row ranges per thread, and the fewest elements worth handing to another thread (_on_threads)
 TASKS_PER_THREAD = 4
+MIN_TASK_ELEMS = 1 << 15
 TINY_N = 2.0 ** -126  # float32's smallest normal: the most an underflowing or flushed value loses
 
 
@@ -120,18 +121,25 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
 def _on_threads(fn, args: tuple, r0: int, r1: int, threads: int) -> None:
-    """fn(*args, lo, hi) over rows r0..r1 split among `threads` threads (this one included), in
-    TASKS_PER_THREAD ranges each so that uneven threads still balance. Python threads, not numba's
-    parallel loops: the row functions are nogil, and numba's parfor machinery cost ~3.7 s of the
-    ~13 s a first run after an install spends compiling them (bench/RESULTS.md)."""
-    global _pool
+    """fn(*args, lo, hi) over rows r0..r1, in ranges taken in turn by `threads` threads (this one
+    and a shared pool's): TASKS_PER_THREAD ranges per thread, so that uneven threads still
+    balance, of at least MIN_TASK_ELEMS elements (a small tensor stays on this thread).
+
+    Python threads, not numba's parallel loops: the row functions are nogil, so the threads run
+    them side by side, and numba's parfor machinery was ~30% of what a first run after an install
+    spends compiling them (15.7 -> 11.1 s on the H200 machine, 12.4-13.0 -> 9.3 s on the 2-core
+    VM), for no speed: 16 threads merge_half 28.8-30.5 ms against 31.3-32.5 ms with prange, and
+    34.7-37.4 ms against 52.0-56.2 ms beside four sha256 threads (bench/RESULTS.md)."""
+    global _pool, _pool_size
     rows = r1 - r0
-    tasks = min(rows, threads * TASKS_PER_THREAD) if threads > 1 else 1
-    if tasks <= 1:
+    cols = args[-1][0].shape[1]  # args64's W
+    tasks = max(1, min(rows, threads * TASKS_PER_THREAD, rows * cols // MIN_TASK_ELEMS)) if threads > 1 else 1
+    if tasks == 1:
         fn(*args, r0, r1)
         return
     cuts = [r0 + rows * k // tasks for k in range(tasks + 1)]
@@ -146,16 +154,26 @@ def _on_threads(fn, args: tuple, r0: int, r1: int, threads: int) -> None:
                 return
             fn(*args, *lo_hi)
 
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < threads - 1:
-            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="loramerge-kernel")
-        pool = _pool
-    helpers = [pool.submit(work) for _ in range(min(threads, tasks) - 1)]
+    with _pool_lock:  # submitted under the lock: a pool replaced by a larger one is never given work
+        if _pool_size < threads - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its threads end once their work is done
+            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="loramerge-kernel", initializer=_gradual)
+            _pool_size = threads - 1
+        helpers = [_pool.submit(work) for _ in range(min(threads, tasks) - 1)]
     try:
         work()
     finally:
         for h in helpers:
             h.result()
+
+
+def _gradual() -> None:
+    """A helper thread's start: gradual underflow (IEEE's default) for good. A new thread gets its
+    creator's floating-point environment, and the pool lives on after it: made by a thread that
+    flushed subnormals to zero, it would flush for every later merge (fpenv.py; the kernel's bounds
+    allow for flushing, but the same bits whoever made the pool is the simpler promise)."""
+    torch.set_flush_denormal(False)
 
 
 if numba is not None:
@@ -222,7 +240,10 @@ if numba is not None:
 
     @numba.njit(cache=True)
     def _aligned(cols, dtype):
-        """An empty row of `cols` elements starting on a 64-byte boundary (a cache line)."""
+        """An empty row of `cols` elements starting on a 64-byte boundary (a cache line). The
+        scratch rows are taken once per range of rows; an unaligned one made every 512-bit load and
+        store of the row straddle two lines: a bf16 r=16 merge took 137-138 ms against 120-124 ms
+        on one thread of the VM (scratch taken every 64 rows, as before, averaged it out)."""
         item = np.empty(1, dtype).itemsize
         buf = np.empty(cols + 64 // item, dtype)
         skip = (-(buf.ctypes.data // item)) % (64 // item)
@@ -284,7 +305,7 @@ if numba is not None:
         mag = abs(r)
         return _quick32(bits, mag, _bound32(mag, wv, rn, cn, ru, cu, live), low_mask, half, upm, lo, hi)
 
-    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    @numba.njit(cache=True, nogil=True)
     def _rows32(args32, args64, r0, r1):
         """Rows r0..r1 by the float32 pass (module docstring), what it leaves in float64: writes
         out, bad, undecided (what float64 leaves) and redone (elements evaluated in float64); one
@@ -293,11 +314,11 @@ if numba is not None:
         for i in range(r0, r1):
             _row32(i, args32, args64, wf, d, maybe)
 
-    @numba.njit(cache=True, error_model="numpy")
+    @numba.njit(cache=True)
     def _row32(i, args32, args64, wf, d, maybe):
-        """Row i by the float32 pass (a function of its own: numba's parallel loops mishandled
-        the early exits of this body inline). wf, d, maybe: scratch rows (float32, float32, bool),
-        reused from row to row."""
+        """Row i by the float32 pass (a function of its own: numba's parallel loops, which ran the
+        rows before, mishandled the early exits of this body inline). wf, d, maybe: scratch rows
+        (float32, float32, bool), reused from row to row."""
         (bs32, a32, lut32, w_bf16, rn32, cn32, ru32, cu32, live_r, live_c, drop, redone, dense, lo32, hi32) = args32
         (w, lut, a, bs, out, to_f16, bad, undecided, lut_out, inf_bits, top_ulp, thr, slack,
          row_w, row_n, col_w, col_n, col_u, drop64, lo, hi) = args64
