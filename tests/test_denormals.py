@@ -178,17 +178,17 @@ def test_a_thread_whose_openmp_pool_was_made_while_flushing_merges_right():
 
 
 def test_the_kernels_helper_threads_never_flush_whoever_made_them():
-    """The fused kernel's helper threads (kernels._on_threads) are made once per process, by the
+    """The kernels' helper threads (engine/row_threads.py) are made once per process, by the
     first thread that shares a merge; made by one that flushed, they would inherit it for every
     later merge. They start with gradual underflow instead. A fresh process: the pool is per process."""
     code = ("import torch\n"
-            "from loramerge.engine import fpenv, kernels\n"
+            "from loramerge.engine import fpenv, kernels, row_threads\n"
             "torch.set_num_threads(3)\n"
             "if not torch.set_flush_denormal(True):\n"
             "    print('skip'); raise SystemExit\n"
             "w = torch.zeros(512, 512, dtype=torch.bfloat16); a = torch.randn(4, 512); b = torch.randn(512, 4)\n"
             "kernels.merge_half(w, a, b, torch.ones(4, dtype=torch.float64), torch.bfloat16)\n"
-            "seen = {kernels._pool.submit(lambda: (__import__('threading').current_thread().name,\n"
+            "seen = {row_threads._pool.submit(lambda: (__import__('threading').current_thread().name,\n"
             "                                      fpenv.flushes_subnormals())).result() for _ in range(8)}\n"
             "print(fpenv.flushes_subnormals(), sorted(seen))\n")
     root = Path(__file__).resolve().parent.parent

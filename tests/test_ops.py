@@ -193,7 +193,7 @@ def test_kernel_keeps_the_callers_thread_count():
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="numba not installed")
 @pytest.mark.parametrize("accum", [torch.float32, torch.float64])
 def test_kernel_gives_the_same_bits_on_any_number_of_threads(accum):
-    """Rows shared among threads in ranges (kernels._on_threads): every row merged once, whatever
+    """Rows shared among threads in ranges (engine/row_threads.py): every row merged once, whatever
     the split, the probe rows included; the same bits as one thread and as the torch path."""
     torch.manual_seed(5)
     rows, cols, r = 301, 517, 8  # uneven splits; the probe (32 rows) shared too

@@ -133,6 +133,24 @@ def test_same_verdicts_as_float64(path, code, transposed, data, monkeypatch):
         assert found["float32"].max_ulps > 0 and found["float32"].bad_elements == 0
 
 
+@pytest.mark.skipif(not compare_kernel.AVAILABLE, reason="numba not installed")
+def test_same_verdicts_on_any_number_of_threads(monkeypatch):
+    """The kernel's rows shared among threads in ranges (engine/row_threads.py; the tensors above
+    are too small to be shared): every row judged once, whatever the split, as the float64 rule."""
+    w, p, q, e = trap("BF16", rows=301, cols=517, seed=3)
+    tg = target(w, p, q, False)
+    m = outputs("BF16", w, e, seed=4)["nudged"]
+    old = decide("BF16", tg, m, "float64", monkeypatch)
+    assert old.bad_elements >= 3 and old.max_ulps >= 3  # the 3-ulp nudges are found: a case with failures
+    saved = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3, 7):
+            torch.set_num_threads(t)
+            same_verdicts(decide("BF16", tg, m, "kernel", monkeypatch), old)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_most_elements_are_decided_in_float32(path, monkeypatch):
     """Realistic data: the float64 rule runs for a small share of the elements; the trap's near-

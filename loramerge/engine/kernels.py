@@ -32,17 +32,15 @@ float64 (--accum float64, and what float32 leaves):
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
 from . import kernel_terms, rounding
 from .rounding_kernel import AVAILABLE, lut, lut32, numba
+from .row_threads import on_threads
 
 if numba is not None:
-    from .rounding_kernel import exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits, quick_ok
+    from .rounding_kernel import aligned, exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits, quick_ok
 
 _HALF = (torch.bfloat16, torch.float16)
 # The float32 pass up to this rank (its bound's 1.01 covers gamma_R = Ru / (1 - Ru) < 1.001 Ru)
@@ -52,9 +50,6 @@ MAX_RANK_32 = 1 << 14
 # tensor need that on average, the rest starts in float64.
 DENSE_ROW = 1 / 16
 PROBE_ROWS = 32
-# Row ranges per thread, and the fewest elements worth handing to another thread (_on_threads)
-TASKS_PER_THREAD = 4
-MIN_TASK_ELEMS = 1 << 15
 TINY_N = 2.0 ** -126  # float32's smallest normal: the most an underflowing or flushed value loses
 
 
@@ -102,7 +97,7 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
               g.inf_bits, g.top_ulp, rounding.overflow_threshold(out_dtype), rounding.BOUND_SLACK, *bound64,
               52 - g.mbits, lo, hi)
     if not first32:
-        _on_threads(_rows64, (args64,), 0, rows, threads)
+        on_threads(_rows64, (args64,), 0, rows, threads, cols)
         return out, bad, undecided, 0
     # the float32 pass's bound (module docstring), per row and per column, in float32 rounded up
     bound32 = (rn32, cn32, ru32, cu32, live_r32, live_c32)
@@ -110,70 +105,14 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     args32 = (bs32, a32, lut32(w.dtype),
               w.dtype == torch.bfloat16, *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
-    _on_threads(_rows32, (args32, args64), 0, probe, threads)
+    on_threads(_rows32, (args32, args64), 0, probe, threads, cols)
     if probe < rows and redone[:probe].sum() > DENSE_ROW * probe * cols:
         # most rows would be redone: start them in float64
-        _on_threads(_rows64, (args64,), probe, rows, threads)
+        on_threads(_rows64, (args64,), probe, rows, threads, cols)
         redone[probe:] = cols
     elif probe < rows:
-        _on_threads(_rows32, (args32, args64), probe, rows, threads)
+        on_threads(_rows32, (args32, args64), probe, rows, threads, cols)
     return out, bad, undecided, int(redone.sum())
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _on_threads(fn, args: tuple, r0: int, r1: int, threads: int) -> None:
-    """fn(*args, lo, hi) over rows r0..r1, in ranges taken in turn by `threads` threads (this one
-    and a shared pool's): TASKS_PER_THREAD ranges per thread, so that uneven threads still
-    balance, of at least MIN_TASK_ELEMS elements (a small tensor stays on this thread).
-
-    Python threads, not numba's parallel loops: the row functions are nogil, so the threads run
-    them side by side, and numba's parfor machinery was ~30% of what a first run after an install
-    spends compiling them (15.7 -> 11.1 s on the H200 machine, 12.4-13.0 -> 9.3 s on the 2-core
-    VM), for no speed: 16 threads merge_half 28.8-30.5 ms against 31.3-32.5 ms with prange, and
-    34.7-37.4 ms against 52.0-56.2 ms beside four sha256 threads (bench/RESULTS.md)."""
-    global _pool, _pool_size
-    rows = r1 - r0
-    cols = args[-1][0].shape[1]  # args64's W
-    tasks = max(1, min(rows, threads * TASKS_PER_THREAD, rows * cols // MIN_TASK_ELEMS)) if threads > 1 else 1
-    if tasks == 1:
-        fn(*args, r0, r1)
-        return
-    cuts = [r0 + rows * k // tasks for k in range(tasks + 1)]
-    ranges = zip(cuts[:-1], cuts[1:])
-    take = threading.Lock()
-
-    def work():
-        while True:
-            with take:
-                lo_hi = next(ranges, None)
-            if lo_hi is None:
-                return
-            fn(*args, *lo_hi)
-
-    with _pool_lock:  # submitted under the lock: a pool replaced by a larger one is never given work
-        if _pool_size < threads - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)  # its threads end once their work is done
-            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="loramerge-kernel", initializer=_gradual)
-            _pool_size = threads - 1
-        helpers = [_pool.submit(work) for _ in range(min(threads, tasks) - 1)]
-    try:
-        work()
-    finally:
-        for h in helpers:
-            h.result()
-
-
-def _gradual() -> None:
-    """A helper thread's start: gradual underflow (IEEE's default) for good. A new thread gets its
-    creator's floating-point environment, and the pool lives on after it: made by a thread that
-    flushed subnormals to zero, it would flush for every later merge (fpenv.py; the kernel's bounds
-    allow for flushing, but the same bits whoever made the pool is the simpler promise)."""
-    torch.set_flush_denormal(False)
 
 
 if numba is not None:
@@ -233,29 +172,18 @@ if numba is not None:
 
     @numba.njit(cache=True, nogil=True)  # nogil: the other row ranges' threads and the pipeline's run meanwhile
     def _rows64(args64, r0, r1):
-        """Rows r0..r1 in float64 (one thread's share: _on_threads)."""
+        """Rows r0..r1 in float64 (one thread's share: row_threads)."""
         acc, f, maybe = _scratch64(args64[0].shape[1])
         for i in range(r0, r1):
             _row64(i, args64, acc, f, maybe)
 
     @numba.njit(cache=True)
-    def _aligned(cols, dtype):
-        """An empty row of `cols` elements starting on a 64-byte boundary (a cache line). The
-        scratch rows are taken once per range of rows; an unaligned one made every 512-bit load and
-        store of the row straddle two lines: a bf16 r=16 merge took 137-138 ms against 120-124 ms
-        on one thread of the VM (scratch taken every 64 rows, as before, averaged it out)."""
-        item = np.empty(1, dtype).itemsize
-        buf = np.empty(cols + 64 // item, dtype)
-        skip = (-(buf.ctypes.data // item)) % (64 // item)
-        return buf[skip:skip + cols]
-
-    @numba.njit(cache=True)
     def _scratch64(cols):
-        return _aligned(cols, np.float64), _aligned(cols, np.float32), np.empty(cols, np.bool_)
+        return aligned(cols, np.float64), aligned(cols, np.float32), np.empty(cols, np.bool_)
 
     @numba.njit(cache=True)
     def _scratch32(cols):
-        return _aligned(cols, np.float32), _aligned(cols, np.float32), np.empty(cols, np.bool_)
+        return aligned(cols, np.float32), aligned(cols, np.float32), np.empty(cols, np.bool_)
 
     @numba.njit(cache=True, inline="always")
     def _accumulate(d, a, b, i, k0):
@@ -309,7 +237,7 @@ if numba is not None:
     def _rows32(args32, args64, r0, r1):
         """Rows r0..r1 by the float32 pass (module docstring), what it leaves in float64: writes
         out, bad, undecided (what float64 leaves) and redone (elements evaluated in float64); one
-        thread's share (_on_threads)."""
+        thread's share (row_threads)."""
         wf, d, maybe = _scratch32(args64[0].shape[1])
         for i in range(r0, r1):
             _row32(i, args32, args64, wf, d, maybe)

@@ -20,7 +20,8 @@ import os
 import numpy as np
 import torch
 
-from ..engine.rounding_kernel import lut32, numba_threads
+from ..engine.rounding_kernel import lut32
+from ..engine.row_threads import on_threads
 
 try:  # numba is a core dependency, but the torch path does the same where it is missing
     import numba
@@ -57,11 +58,11 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
     p64, q64 = p.to(torch.float64).contiguous().numpy(), q.to(torch.float64).contiguous().numpy()
     fo = np.zeros((rows, 6), np.float64)   # max ulps, sq_err, sq_delta, dot, max_err, max_e
     io = np.zeros((rows, 3), np.int64)     # bad, first col with the row's max ulps, redone
-    numba_threads()
     mlut = _lut(m2.dtype)
     mcell = mlut.view(np.uint32) >> np.uint32(shift)  # M is on the grid: its cell is its top bits
-    _rows(w16, _lut(w2.dtype), w2.dtype == torch.bfloat16, m16, mlut, mcell, p64.astype(np.float32), q64.astype(np.float32), p64, q64,
-          nb.numpy(), na.numpy(), *margins, shift, prec, emin, maxfin, tol, fo, io)
+    args = (w16, _lut(w2.dtype), w2.dtype == torch.bfloat16, m16, mlut, mcell, p64.astype(np.float32),
+            q64.astype(np.float32), p64, q64, nb.numpy(), na.numpy(), *margins, shift, prec, emin, maxfin, tol, fo, io)
+    on_threads(_rows, args, 0, rows, torch.get_num_threads(), cols)
     max_ulps = float(fo[:, 0].max())
     top = np.flatnonzero(fo[:, 0] == max_ulps)
     if max_ulps == 0:
@@ -76,6 +77,7 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
 
 
 if numba is not None:
+    from ..engine.rounding_kernel import aligned
 
     @numba.njit(cache=True)
     def _round_grid(x, prec, emin, maxfin):
@@ -121,31 +123,31 @@ if numba is not None:
             for j in range(bits.shape[0]):
                 out[j] = lut[bits[j]]
 
-    @numba.njit(parallel=True, cache=True, nogil=True)  # nogil: the reader threads keep reading
+    @numba.njit(cache=True, nogil=True)  # nogil: the other row ranges' threads and the readers run meanwhile
     def _rows(w, wlut, w_bf16, m, mlut, mcell, p32, q32, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin, tol,
-              fo, io):
-        rows, cols = w.shape
+              fo, io, r0, r1):
+        """Rows r0..r1 (one thread's share: engine/row_threads.py) into fo and io."""
+        cols = w.shape[1]
         rank = q32.shape[0]
         half = np.uint32((1 << (shift - 1)) - 1)
         f16 = shift == 13
         c32, eta32, rel32 = np.float32(c), np.float32(eta), np.float32(rel)
-        for i in numba.prange(rows):
-            scratch = np.empty(cols, np.uint32)
-            wv = np.empty(cols, np.float32)
-            mv = np.empty(cols, np.float32)
+        # scratch rows, once per range
+        scratch = np.empty(cols, np.uint32)
+        wv, mv, dv = aligned(cols, np.float32), aligned(cols, np.float32), aligned(cols, np.float32)
+        acc, lo, hi = aligned(cols, np.float32), aligned(cols, np.float32), aligned(cols, np.float32)
+        ok = np.empty(cols, np.bool_)
+        for i in range(r0, r1):
             _values(w[i], wlut, w_bf16, wv, scratch)
             _values(m[i], mlut, not f16, mv, scratch)
             # D = P @ Q first, then r = W + D: one summation order of the R + 1 terms (the bound holds
             # for any); D itself, accurate relative to |P| @ |Q| rather than to W, feeds the statistics
-            dv = np.zeros(cols, np.float32)
+            dv[:] = 0
             for k in range(rank):
                 pk = p32[i, k]
                 for j in range(cols):
                     dv[j] += pk * q32[k, j]
-            acc = np.empty(cols, np.float32)
             # b' in float32 (compare.margins covers its own rounding), then the cells
-            lo = np.empty(cols, np.float32)
-            hi = np.empty(cols, np.float32)
             nbi = nb[i]
             for j in range(cols):
                 r = wv[j] + dv[j]
@@ -154,7 +156,6 @@ if numba is not None:
                 lo[j] = r - b
                 hi[j] = r + b
             lob, hib, rb = lo.view(np.uint32), hi.view(np.uint32), acc.view(np.uint32)
-            ok = np.empty(cols, np.bool_)
             for j in range(cols):
                 cl = (lob[j] + half + ((lob[j] >> shift) & 1)) >> shift
                 ch = (hib[j] + half + ((hib[j] >> shift) & 1)) >> shift
