@@ -136,3 +136,26 @@ def test_random_weights_give_the_torch_paths_bytes(out_dtype):
         else:
             want, _ = ops.merge_weight(w64, right, left, factors, out_dtype, accum=torch.float64)
         assert torch.equal(out.view(torch.uint8), want.contiguous().view(torch.uint8)), (rows, cols, out_dtype)
+
+
+def test_bands_shared_among_threads_give_the_same_bytes():
+    """The 128-row bands go to threads in ranges (engine/row_threads.py): every band once, scales
+    included, whatever the number of threads; the bytes of one thread."""
+    g = torch.Generator().manual_seed(11)
+    rows, cols, rank, block = 1000, 300, 8, (128, 128)  # 8 bands, the last one short
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 0.02
+    q, s = fp8.quantize(w, block)
+    left, right = torch.randn(rows, rank, generator=g) * 0.01, torch.randn(rank, cols, generator=g) * 0.01
+    factors = torch.full((rank,), 2.0, dtype=torch.float64)
+    saved, got = torch.get_num_threads(), []
+    try:
+        for t in (1, 2, 3, 7):
+            torch.set_num_threads(t)
+            out, scales = torch.empty(rows, cols, dtype=torch.float8_e4m3fn), torch.full_like(s, -1.0)
+            assert fp8_kernel.merge(q, s, block, left, right, factors, out, scales) == (0, -1, 0.0)
+            got.append((out.view(torch.uint8).clone(), scales))
+    finally:
+        torch.set_num_threads(saved)
+    assert (got[0][1] > 0).all()  # every block got its scale
+    for bits, scales in got[1:]:
+        assert torch.equal(bits, got[0][0]) and torch.equal(scales, got[0][1])

@@ -44,3 +44,18 @@ def test_the_summary_says_when_the_kernels_were_compiled():
     assert "compiled the CPU kernels for this machine: 21.4 s" in report.summary()
     report.stage_seconds["compile"] = 0.0
     assert "compiled" not in report.summary()
+
+
+def test_every_kernel_module_counts_its_compilations():
+    """Each module that compiles CPU kernels installs the counter on import (an FP8 merge imports
+    fp8_kernel without the half-precision kernels). A fresh process: the counter is per process."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    for module in ("fp8_kernel", "rounding_kernel", "kernels"):
+        code = (f"import sys; from loramerge.engine import jit_time, {module}\n"
+                "print(jit_time._installed, 'loramerge.engine.rounding_kernel' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True,
+                             env={**os.environ, "PYTHONPATH": str(root)}).stdout.split()
+        assert out[0] == "True", (module, out)

@@ -25,12 +25,15 @@ import os
 import numpy as np
 import torch
 
-from .rounding_kernel import numba_threads
+from . import jit_time
+from .row_threads import on_threads
 
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a core dependency; the torch path does the same math
     numba = None
+else:
+    jit_time.install()  # the first run after an install compiles this kernel too: apply reports it
 
 AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
 
@@ -72,10 +75,10 @@ def merge(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], left: to
     so = scale_out.numpy() if scale_out is not None else np.zeros((0, 0), dtype=np.float32)
     nbr = -(-rows // block[0])
     bad, first, value = np.zeros(nbr, np.int64), np.full(nbr, -1, np.int64), np.zeros(nbr)
-    numba_threads()
-    _blocks(q.contiguous().view(torch.uint8).numpy(), _fp8_values(), scale.to(torch.float32).contiguous().numpy(),
+    args = (q.contiguous().view(torch.uint8).numpy(), _fp8_values(), scale.to(torch.float32).contiguous().numpy(),
             bs, a, block[0], block[1], p, emin, emax, clamp, _LIMIT[out.dtype], scale_out is not None, codes, f32, so,
             bad, first, value)
+    on_threads(_blocks, args, 0, nbr, torch.get_num_threads(), block[0] * cols)  # bands of bm rows
     if not bad.any():
         return 0, -1, 0.0
     i = int(np.where(first >= 0, first, rows * cols).argmin())
@@ -158,22 +161,23 @@ if numba is not None:
             nonfinite += m >= 0x7FF0000000000000
         return top, nonfinite
 
-    @numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+    @_jit  # nogil: the other bands' threads (row_threads) and the pipeline's run meanwhile
     def _blocks(q8, values, s32, bs, a, bm, bn, p, emin, emax, clamp, limit, requantize, codes, f32, scale_out,
-                bad, first, value):
+                bad, first, value, b0, b1):
+        """Bands b0..b1 of bm rows (one thread's share), a bm x bn block at a time."""
         rows, cols = q8.shape
         rank = a.shape[0]
         nbc = (cols + bn - 1) // bn
-        for bi in numba.prange((rows + bm - 1) // bm):
+        y = np.empty(bm * bn, dtype=np.float64)
+        yi = y.view(np.int64)
+        k = np.empty(bm * bn, dtype=np.float64)
+        ki = k.view(np.int64)
+        sg = np.empty(bm * bn, dtype=np.int64)
+        acc = np.empty(bn, dtype=np.float64)
+        for bi in range(b0, b1):
             r0 = bi * bm
             r1 = min(rows, r0 + bm)
             nr = r1 - r0
-            y = np.empty(bm * bn, dtype=np.float64)
-            yi = y.view(np.int64)
-            k = np.empty(bm * bn, dtype=np.float64)
-            ki = k.view(np.int64)
-            sg = np.empty(bm * bn, dtype=np.int64)
-            acc = np.empty(bn, dtype=np.float64)
             for bj in range(nbc):
                 c0 = bj * bn
                 w = min(cols, c0 + bn) - c0
