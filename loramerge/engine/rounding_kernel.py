@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import jit_time, rounding
+from .row_threads import on_threads
 
 try:  # numba is a core dependency; LORAMERGE_NO_KERNEL=1 (or no numba) leaves torch to do the same
     import numba
@@ -27,6 +28,7 @@ AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
 _HALF = (torch.bfloat16, torch.float16)
 _LUTS: dict[torch.dtype, np.ndarray] = {}
 _LUTS32: dict[torch.dtype, np.ndarray] = {}
+_CHUNK = 4096  # elements per task of round_decide
 
 
 # 16-bit format -> (exponent bits, stored mantissa bits)
@@ -65,21 +67,6 @@ def lut32(dtype: torch.dtype) -> np.ndarray:
     return _LUTS32[dtype]
 
 
-def numba_threads() -> int:
-    """Set numba's thread count to torch's (within the pool numba started with) and return it:
-    torch.set_num_threads, or torch's default, governs every CPU kernel of the merge alike.
-
-    numba's OpenMP layer, launched by its first set_num_threads, sets the OpenMP thread count
-    that torch reads back to numba's whole pool: torch.set_num_threads(1) before the first merge
-    became 2 (16) threads for torch, and for numba from the second merge on. Put torch's back."""
-    want = torch.get_num_threads()
-    threads = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    if torch.get_num_threads() != want:
-        torch.set_num_threads(want)
-    return threads
-
-
 def grid_args(dtype: torch.dtype) -> tuple:
     """What the per-element functions need to know of a 16-bit output format: (value table, +Inf
     pattern, spacing below the largest value, overflow threshold, float16?, and for the quick
@@ -96,13 +83,12 @@ def round_decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
     to bfloat16/float16: (y, undecided), the same answers, in one pass."""
     y = torch.empty(approx.shape, dtype=dtype)
     und = torch.empty(approx.shape, dtype=torch.bool)
-    numba_threads()
     x = approx.reshape(-1).numpy()
     single = x.dtype == np.float32
-    _round_decide(x, x.view(np.uint32 if single else np.uint64), single,
-                  bound.reshape(-1).numpy().astype(x.dtype, copy=False), rel, rounding.BOUND_SLACK,
-                  y.view(torch.int16).reshape(-1).numpy().view(np.uint16), und.reshape(-1).numpy(),
-                  *grid_args(dtype))
+    args = (x, x.view(np.uint32 if single else np.uint64), single, bound.reshape(-1).numpy().astype(x.dtype, copy=False),
+            rel, rounding.BOUND_SLACK, y.view(torch.int16).reshape(-1).numpy().view(np.uint16),
+            und.reshape(-1).numpy(), *grid_args(dtype))
+    on_threads(_round_decide, args, 0, -(-x.shape[0] // _CHUNK), torch.get_num_threads(), _CHUNK)
     return y, und
 
 
@@ -193,17 +179,18 @@ if numba is not None:
         mag = abs(x)
         return (dist * ulp_per_mag * mag > e) & (mag >= lo) & (mag < hi)
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True)  # nogil: the other chunks' threads (row_threads) run meanwhile
     def _round_decide(x, xbits, single, e, rel, slack, out, und, lut_out, inf_bits, top_ulp, thr, to_f16, mbits,
-                      lo, hi):
+                      lo, hi, c0, c1):
+        """Chunks c0..c1 of _CHUNK elements (one thread's share)."""
         n = x.shape[0]
-        chunk = 4096
+        chunk = _CHUNK
         mb = 23 if single else 52
         drop = mb - mbits
         half = np.int64(1) << (drop - 1)
         low_mask = (np.int64(1) << drop) - 1
         upm = 2.0 ** -(mb + 1) / slack
-        for c in numba.prange((n + chunk - 1) // chunk):
+        for c in range(c0, c1):
             s0 = c * chunk
             s1 = min(n, s0 + chunk)
             xs = x[s0:s1]
