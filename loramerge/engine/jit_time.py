@@ -3,8 +3,9 @@
 The first CPU merge after an install compiles the fused kernels for the machine (~9 s on two
 cores, ~11 s on the H200 machine: bench/RESULTS.md, "The first run after an install compiles the
 CPU kernels"); later runs load them from numba's on-disk cache and compile nothing. Reporting it
-says why a first run was slow. Measured with numba's event API ("numba:compile" start/end, on the compiling thread); only
-the outermost compilation on a thread counts, as a kernel's callees are compiled inside it.
+says why a first run was slow. Measured with numba's event API ("numba:compile" start/end, on the
+compiling thread); only the outermost compilation on a thread counts, as a kernel's callees are
+compiled inside it.
 Standard library only: numba is imported by the kernel modules, which call install().
 """
 

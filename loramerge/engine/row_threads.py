@@ -6,7 +6,9 @@ install spends compiling the merge kernel (15.7 -> 11.1 s on the H200 machine, 1
 on the 2-core VM), for no speed: at 16 threads merge_half took 28.8-30.5 ms against 31.3-32.5 ms
 with prange, and 34.7-37.4 ms against 52.0-56.2 ms beside four sha256 threads (bench/RESULTS.md,
 "The first run after an install compiles the CPU kernels"). Nor do they launch numba's OpenMP
-layer. Used by the merge kernel (kernels.py) and verify's comparison (verifier/compare_kernel.py).
+layer. Used by the merge kernel (kernels.py), the FP8 kernel (fp8_kernel.py), rounding.decide's
+numba twin (rounding_kernel.round_decide) and verify's comparison (verifier/compare_kernel.py).
+An interrupted merge's helpers finish the tensor's remaining ranges (tens of milliseconds).
 """
 
 from __future__ import annotations
