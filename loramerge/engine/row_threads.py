@@ -8,22 +8,25 @@ with prange, and 34.7-37.4 ms against 52.0-56.2 ms beside four sha256 threads (b
 "The first run after an install compiles the CPU kernels"). Nor do they launch numba's OpenMP
 layer. Used by the merge kernel (kernels.py), the FP8 kernel (fp8_kernel.py), rounding.decide's
 numba twin (rounding_kernel.round_decide) and verify's comparison (verifier/compare_kernel.py).
-An interrupted merge's helpers finish the tensor's remaining ranges (tens of milliseconds).
+The helpers are the pipeline's own daemon Workers (threads.py): an interrupted merge's exit does
+not wait for them.
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError
 
 import torch
+
+from .threads import Workers
 
 # Ranges per thread, so that uneven threads still balance, and the fewest elements worth handing
 # to another thread
 TASKS_PER_THREAD = 4
 MIN_TASK_ELEMS = 1 << 15
 
-_pool: ThreadPoolExecutor | None = None
+_pool: Workers | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
 
@@ -52,15 +55,20 @@ def on_threads(fn, args: tuple, r0: int, r1: int, threads: int, cols: int) -> No
     with _pool_lock:  # submitted under the lock: a pool replaced by a larger one is never given work
         if _pool_size < threads - 1:
             if _pool is not None:
-                _pool.shutdown(wait=False)  # its threads end once their work is done
-            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="loramerge-kernel", initializer=_gradual)
+                # what it runs finishes; what has not started is cancelled: whoever submitted it
+                # takes the ranges itself (work() runs until none is left)
+                _pool.shutdown(wait=False)
+            _pool = Workers(threads - 1, "loramerge-kernel", initializer=_gradual)
             _pool_size = threads - 1
         helpers = [_pool.submit(work) for _ in range(min(threads, tasks) - 1)]
     try:
         work()
-    finally:
+    finally:  # every range is taken: wait for the helpers still on one
         for h in helpers:
-            h.result()
+            try:
+                h.result()  # a helper's error is the merge's
+            except CancelledError:
+                pass  # it never started (a replaced pool): this thread took its ranges
 
 
 def _gradual() -> None:

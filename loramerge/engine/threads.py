@@ -1,7 +1,8 @@
 """The pipeline's thread plumbing, apart from what it runs: stage threads that keep their error,
 daemon workers, bounded queue put/get that give up when the pipeline stops or a stage failed,
 reusable buffer pools (what bounds the pipeline's memory), and the GIL switch interval for a run.
-Used by engine/pipeline.py, and BufferPool by the ONNX folder and verify's stream."""
+Used by engine/pipeline.py, Workers by row_threads.py too, and BufferPool by the ONNX folder and
+verify's stream."""
 
 from __future__ import annotations
 
