@@ -71,10 +71,9 @@ class EarlyRange:
         if copy is None or (copy[1], copy[2]) != (self.src_offset, self.nbytes):
             return False
         try:
-            st = os.stat(copy[0])
+            return _file_id(copy[0]) == self.src
         except OSError:
             return False
-        return (st.st_dev, st.st_ino) == self.src
 
 
 @dataclass
@@ -283,11 +282,15 @@ class HeadStart:
             for fd, *_ in fds.values():
                 os.close(fd)
 
-    def stop(self) -> dict[str, EarlyFile]:
-        """Stop after the chunks in hand; the shards, by name, with what each holds."""
+    def _halt(self) -> None:
+        """Stop both threads after the chunks in hand."""
         self._stop.set()
         for t in self._threads:
             t.join()
+
+    def stop(self) -> dict[str, EarlyFile]:
+        """Stop after the chunks in hand; the shards, by name, with what each holds."""
+        self._halt()
         for c in self.copies:
             try:
                 src = _file_id(c.src)
@@ -299,9 +302,7 @@ class HeadStart:
 
     def close(self) -> None:
         """Stop, and remove the head start's staging with whatever the merge did not take over."""
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+        self._halt()
         self._staged.__exit__(None, None, None)
 
 
