@@ -19,21 +19,21 @@ def _mark(seen, delay, lo, hi):
 def test_every_row_once_on_any_number_of_threads():
     for threads in (1, 2, 3, 8):
         seen = np.zeros(1000, np.int64)
-        row_threads.on_threads(_mark, (seen, 0.0), 10, 990, threads, 1 << 15)
+        row_threads.on_threads(_mark, (seen, 0.0), 10, 990, 1 << 15, threads)
         assert (seen[10:990] == 1).all() and not seen[:10].any() and not seen[990:].any(), threads
 
 
 def test_a_pool_replaced_under_a_waiting_caller(monkeypatch):
     monkeypatch.setattr(row_threads, "_pool", None)  # (earlier tests made a larger one)
     monkeypatch.setattr(row_threads, "_pool_size", 0)
-    row_threads.on_threads(_mark, (np.zeros(64, np.int64), 0.0), 0, 64, 2, 1 << 15)  # a pool of 1
+    row_threads.on_threads(_mark, (np.zeros(64, np.int64), 0.0), 0, 64, 1 << 15, 2)  # a pool of 1
     busy = row_threads._pool.submit(time.sleep, 0.2)  # its one thread busy: the next helper waits queued
     slow = np.zeros(64, np.int64)
     errors = []
 
     def caller():
         try:
-            row_threads.on_threads(_mark, (slow, 0.002), 0, 64, 2, 1 << 15)
+            row_threads.on_threads(_mark, (slow, 0.002), 0, 64, 1 << 15, 2)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -42,7 +42,7 @@ def test_a_pool_replaced_under_a_waiting_caller(monkeypatch):
     time.sleep(0.01)
     old = row_threads._pool
     big = np.zeros(500, np.int64)
-    row_threads.on_threads(_mark, (big, 0.0), 0, 500, 6, 1 << 15)  # replaces the pool
+    row_threads.on_threads(_mark, (big, 0.0), 0, 500, 1 << 15, 6)  # replaces the pool
     t.join()
     assert row_threads._pool is not old and row_threads._pool_size == 5
     assert not errors, errors

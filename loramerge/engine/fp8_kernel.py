@@ -78,7 +78,7 @@ def merge(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], left: to
     args = (q.contiguous().view(torch.uint8).numpy(), _fp8_values(), scale.to(torch.float32).contiguous().numpy(),
             bs, a, block[0], block[1], p, emin, emax, clamp, _LIMIT[out.dtype], scale_out is not None, codes, f32, so,
             bad, first, value)
-    on_threads(_blocks, args, 0, nbr, torch.get_num_threads(), block[0] * cols)  # bands of bm rows
+    on_threads(_blocks, args, 0, nbr, block[0] * cols)  # bands of bm rows
     if not bad.any():
         return 0, -1, 0.0
     i = int(np.where(first >= 0, first, rows * cols).argmin())

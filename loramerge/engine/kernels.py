@@ -70,7 +70,6 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     rank = a.shape[0]
     w16 = w.contiguous().view(torch.int16).numpy().view(np.uint16)
     first32 = accum == torch.float32 and 0 < rank < MAX_RANK_32
-    threads = torch.get_num_threads()  # the same count as every torch op of the merge
     # B' = B f and A in float64 (and float32 for the float32 pass), and the bounds' per-row and
     # per-column parts, zero where no term can be nonzero (then the float sum is W itself):
     #   float64 pass: row_w = coef, row_n = coef ||B'_i||, col_w = 1, col_n = ||A_j||,
@@ -97,7 +96,7 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
               g.inf_bits, g.top_ulp, rounding.overflow_threshold(out_dtype), rounding.BOUND_SLACK, *bound64,
               52 - g.mbits, lo, hi)
     if not first32:
-        on_threads(_rows64, (args64,), 0, rows, threads, cols)
+        on_threads(_rows64, (args64,), 0, rows, cols)
         return out, bad, undecided, 0
     # the float32 pass's bound (module docstring), per row and per column, in float32 rounded up
     bound32 = (rn32, cn32, ru32, cu32, live_r32, live_c32)
@@ -105,13 +104,13 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     args32 = (bs32, a32, lut32(w.dtype),
               w.dtype == torch.bfloat16, *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
-    on_threads(_rows32, (args32, args64), 0, probe, threads, cols)
+    on_threads(_rows32, (args32, args64), 0, probe, cols)
     if probe < rows and redone[:probe].sum() > DENSE_ROW * probe * cols:
         # most rows would be redone: start them in float64
-        on_threads(_rows64, (args64,), probe, rows, threads, cols)
+        on_threads(_rows64, (args64,), probe, rows, cols)
         redone[probe:] = cols
     elif probe < rows:
-        on_threads(_rows32, (args32, args64), probe, rows, threads, cols)
+        on_threads(_rows32, (args32, args64), probe, rows, cols)
     return out, bad, undecided, int(redone.sum())
 
 

@@ -88,7 +88,7 @@ def round_decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
     args = (x, x.view(np.uint32 if single else np.uint64), single, bound.reshape(-1).numpy().astype(x.dtype, copy=False),
             rel, rounding.BOUND_SLACK, y.view(torch.int16).reshape(-1).numpy().view(np.uint16),
             und.reshape(-1).numpy(), *grid_args(dtype))
-    on_threads(_round_decide, args, 0, -(-x.shape[0] // _CHUNK), torch.get_num_threads(), _CHUNK)
+    on_threads(_round_decide, args, 0, -(-x.shape[0] // _CHUNK), _CHUNK)
     return y, und
 
 

@@ -31,10 +31,12 @@ _pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def on_threads(fn, args: tuple, r0: int, r1: int, threads: int, cols: int) -> None:
+def on_threads(fn, args: tuple, r0: int, r1: int, cols: int, threads: int | None = None) -> None:
     """fn(*args, lo, hi) over rows r0..r1 (of `cols` elements each), in ranges taken in turn by
-    `threads` threads: this one and the shared pool's. A small tensor stays on this thread."""
+    `threads` threads (default: torch.get_num_threads(), the count every torch op of the merge
+    uses): this one and the shared pool's. A small tensor stays on this thread."""
     global _pool, _pool_size
+    threads = torch.get_num_threads() if threads is None else threads
     rows = r1 - r0
     tasks = max(1, min(rows, threads * TASKS_PER_THREAD, rows * cols // MIN_TASK_ELEMS)) if threads > 1 else 1
     if tasks == 1:

@@ -62,7 +62,7 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
     mcell = mlut.view(np.uint32) >> np.uint32(shift)  # M is on the grid: its cell is its top bits
     args = (w16, _lut(w2.dtype), w2.dtype == torch.bfloat16, m16, mlut, mcell, p64.astype(np.float32),
             q64.astype(np.float32), p64, q64, nb.numpy(), na.numpy(), *margins, shift, prec, emin, maxfin, tol, fo, io)
-    on_threads(_rows, args, 0, rows, torch.get_num_threads(), cols)
+    on_threads(_rows, args, 0, rows, cols)
     max_ulps = float(fo[:, 0].max())
     top = np.flatnonzero(fo[:, 0] == max_ulps)
     if max_ulps == 0:
