@@ -12,19 +12,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from .rounding_kernel import numba
 
 _ABS = np.int64(0x7FFFFFFFFFFFFFFF)
-
-
-def as_array(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as a C-contiguous float32 or float64 array: a view where it is one already,
-    other dtypes widened to float64 (exactly)."""
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.to(torch.float64)
-    return t.contiguous().numpy()
 
 
 if numba is not None:

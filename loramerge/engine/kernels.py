@@ -32,17 +32,25 @@ float64 (--accum float64, and what float32 leaves):
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from . import kernel_terms, rounding
-from .rounding_kernel import AVAILABLE, lut, lut32, numba
+import numpy as np
+
+from . import kernel_terms
+from .grids import BOUND_SLACK, LAYOUTS, OVERFLOW, TINY32, TINY64, U32, U64
+from .kernel_inputs import as_array
+from .rounding_kernel import AVAILABLE, kind, lut, lut32, numba
 from .row_threads import on_threads
 
 if numba is not None:
     from .rounding_kernel import aligned, exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits, quick_ok
 
-_HALF = (torch.bfloat16, torch.float16)
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the torch-facing functions (supports, merge_half) only: merge_bits runs in
+# the premerge worker, which has no torch (engine/premerge_worker.py)
+_HALF = ("bfloat16", "float16")
 # The float32 pass up to this rank (its bound's 1.01 covers gamma_R = Ru / (1 - Ru) < 1.001 Ru)
 MAX_RANK_32 = 1 << 14
 # If more than this share of a row needs float64, the row is redone whole in float64 (one
@@ -50,26 +58,43 @@ MAX_RANK_32 = 1 << 14
 # tensor need that on average, the rest starts in float64.
 DENSE_ROW = 1 / 16
 PROBE_ROWS = 32
-TINY_N = 2.0 ** -126  # float32's smallest normal: the most an underflowing or flushed value loses
 
 
 def supports(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    return (AVAILABLE and w.device.type == "cpu" and w.dim() == 2 and w.dtype in _HALF
-            and out_dtype in _HALF and w.numel() > 0)
+    return (AVAILABLE and w.device.type == "cpu" and w.dim() == 2 and kind(w.dtype) in _HALF
+            and kind(out_dtype) in _HALF and w.numel() > 0)
 
 
 def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch.Tensor,
                out_dtype: torch.dtype, out: torch.Tensor | None = None,
-               accum: torch.dtype = torch.float32) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
+               accum: torch.dtype | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
     """(result, per-row count of non-finite results, per-row count of undecided elements, elements
     evaluated in float64 after the float32 pass). Rows with undecided elements hold a provisional
     rounding: the caller must redo them. `out`, if given, is a contiguous CPU tensor of w's shape
-    and out_dtype to write into (a reused buffer). accum: the first pass's precision."""
-    from .lowrank import TINY64, U32, U64
-    rows, cols = w.shape
-    rank = a.shape[0]
+    and out_dtype to write into (a reused buffer). accum: the first pass's precision (default
+    float32). merge_bits on torch's tensors."""
+    import torch
+    if out is None:
+        out = torch.empty(w.shape, dtype=out_dtype)
     w16 = w.contiguous().view(torch.int16).numpy().view(np.uint16)
-    first32 = accum == torch.float32 and 0 < rank < MAX_RANK_32
+    out16 = out.view(torch.int16).numpy().view(np.uint16)
+    bad, undecided, redone = merge_bits(w16, kind(w.dtype), as_array(a), as_array(b),
+                                        as_array(factors.to(torch.float64)), kind(out_dtype), out16,
+                                        accum != torch.float64)
+    return out, bad, undecided, redone
+
+
+def merge_bits(w16: np.ndarray, w_kind: str, a: np.ndarray, b: np.ndarray, factors: np.ndarray,
+               out_kind: str, out16: np.ndarray, first32: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """The kernel on arrays: W's 16-bit patterns `w16` [out, in] (uint16, C-contiguous) of format
+    `w_kind` ("bfloat16" or "float16"), A [R, in] and B [out, R] (float32 or float64, C-contiguous),
+    the factors [R] (float64); writes the result's patterns of format `out_kind` into out16 [out,
+    in] (uint16). first32: the float32 first pass (else float64 from the start). Returns (per-row
+    count of non-finite results, per-row count of undecided elements, elements evaluated in
+    float64 after the float32 pass)."""
+    rows, cols = w16.shape
+    rank = a.shape[0]
+    first32 = first32 and 0 < rank < MAX_RANK_32
     # B' = B f and A in float64 (and float32 for the float32 pass), and the bounds' per-row and
     # per-column parts, zero where no term can be nonzero (then the float sum is W itself):
     #   float64 pass: row_w = coef, row_n = coef ||B'_i||, col_w = 1, col_n = ||A_j||,
@@ -80,29 +105,24 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
     coef = 1.01 * (rank + 2) * U64
     raise_ = 1 + 2 * (rank + 2) * U64
     (bs64, bs32, row_w, row_n, rn32, ru32, live_r32), (a64, a32, col_w, col_n, col_u, cn32, cu32, live_c32) = \
-        kernel_terms.terms(kernel_terms.as_array(a), kernel_terms.as_array(b),
-                           kernel_terms.as_array(factors.to(torch.float64)), first32, coef, raise_,
-                           1.01 * (rank + 2) * U32, TINY_N, 2 * rank ** 0.5, rank + 4.0, TINY64, 2.0 * rank, 3.0)
+        kernel_terms.terms(a, b, factors, first32, coef, raise_, 1.01 * (rank + 2) * U32, TINY32, 2 * rank ** 0.5,
+                           rank + 4.0, TINY64, 2.0 * rank, 3.0)
     bound64 = (row_w, row_n, col_w, col_n, col_u)
-    if out is None:
-        out = torch.empty(w.shape, dtype=out_dtype)
-    out16 = out.view(torch.int16).numpy().view(np.uint16)
     bad = np.zeros(rows, dtype=np.int64)
     undecided = np.zeros(rows, dtype=np.int64)
     redone = np.zeros(rows, dtype=np.int64)
-    g = rounding.GRIDS[out_dtype]
-    lo, hi = rounding.QUICK_RANGE[out_dtype]
-    args64 = (w16, lut(w.dtype), a64, bs64, out16, out_dtype == torch.float16, bad, undecided, lut(out_dtype),
-              g.inf_bits, g.top_ulp, rounding.overflow_threshold(out_dtype), rounding.BOUND_SLACK, *bound64,
-              52 - g.mbits, lo, hi)
+    g = LAYOUTS[out_kind]
+    lo, hi = g.quick
+    args64 = (w16, lut(w_kind), a64, bs64, out16, out_kind == "float16", bad, undecided, lut(out_kind),
+              g.inf_bits, g.top_ulp, OVERFLOW[out_kind], BOUND_SLACK, *bound64, 52 - g.mbits, lo, hi)
     if not first32:
         on_threads(_rows64, (args64,), 0, rows, cols)
-        return out, bad, undecided, 0
+        return bad, undecided, 0
     # the float32 pass's bound (module docstring), per row and per column, in float32 rounded up
     bound32 = (rn32, cn32, ru32, cu32, live_r32, live_c32)
     lo32, hi32 = np.float32(lo), np.float32(hi if hi < 2.0 ** 128 else np.inf)
-    args32 = (bs32, a32, lut32(w.dtype),
-              w.dtype == torch.bfloat16, *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
+    args32 = (bs32, a32, lut32(w_kind),
+              w_kind == "bfloat16", *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
     on_threads(_rows32, (args32, args64), 0, probe, cols)
     if probe < rows and redone[:probe].sum() > DENSE_ROW * probe * cols:
@@ -111,7 +131,7 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
         redone[probe:] = cols
     elif probe < rows:
         on_threads(_rows32, (args32, args64), probe, rows, cols)
-    return out, bad, undecided, int(redone.sum())
+    return bad, undecided, int(redone.sum())
 
 
 if numba is not None:

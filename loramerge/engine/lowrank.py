@@ -31,10 +31,7 @@ import math
 import torch
 
 from . import exact, rounding
-
-U32, U64 = 2.0 ** -24, 2.0 ** -53
-TINY32 = 2.0 ** -126   # float32's smallest normal: more than underflow loses, flushed or not
-TINY64 = 2.0 ** -1074  # float64's smallest subnormal: twice what gradual underflow loses
+from .grids import TINY32, TINY64, U32, U64  # noqa: F401  (re-exported: the bounds' constants)
 # Stage 1 is used up to this rank: the bound's slack (1.25) covers gamma_R = Ru/(1 - Ru) and the
 # rounding of E below it.
 MAX_RANK_F32 = 1 << 20

@@ -13,15 +13,16 @@ Elements the rule cannot decide are handed to a more precise stage (float64, the
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from .grids import BOUND_SLACK, LAYOUTS, OVERFLOW  # noqa: F401  (BOUND_SLACK re-exported)
+
 
 @dataclass(frozen=True)
 class Grid:
-    """An output format's bit layout."""
+    """An output format's bit layout (grids.LAYOUTS), with torch's integer type of its width."""
     itype: torch.dtype    # integer type of the same width, for bit views
     mbits: int            # stored mantissa bits
     mag_mask: int         # all bits but the sign
@@ -29,18 +30,17 @@ class Grid:
     top_ulp: float        # spacing just below the largest finite value: max + top_ulp/2 overflows
 
 
-GRIDS = {
-    torch.bfloat16: Grid(torch.int16, 7, 0x7FFF, 0x7F80, 2.0 ** 120),
-    torch.float16: Grid(torch.int16, 10, 0x7FFF, 0x7C00, 32.0),
-    torch.float32: Grid(torch.int32, 23, 0x7FFFFFFF, 0x7F800000, 2.0 ** 104),
-}
+def _grid(dtype: torch.dtype, itype: torch.dtype) -> Grid:
+    g = LAYOUTS[str(dtype).removeprefix("torch.")]
+    return Grid(itype, g.mbits, g.mag_mask, g.inf_bits, g.top_ulp)
+
+
+GRIDS = {torch.bfloat16: _grid(torch.bfloat16, torch.int16), torch.float16: _grid(torch.float16, torch.int16),
+         torch.float32: _grid(torch.float32, torch.int32)}
 # What decide() may round to from which approximation: the approximation's format must hold the
 # output grid's midpoints exactly (bf16/fp16 from float32 or float64; float32 from float64 only).
 _APPROX = {torch.bfloat16: (torch.float32, torch.float64), torch.float16: (torch.float32, torch.float64),
            torch.float32: (torch.float64,)}
-# Relative slack on every bound, for the few roundings in computing the distances and the bound
-# itself (each at most 2^-24 relative in float32): far below any bound's own looseness.
-BOUND_SLACK = 1 + 2.0 ** -16
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -104,8 +104,7 @@ def decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
 
 # Output dtype -> (smallest normal, first power of two past the largest finite value): the range
 # where the grid's step at x is x's binade's, which the quick test relies on.
-QUICK_RANGE = {torch.bfloat16: (2.0 ** -126, 2.0 ** 128), torch.float16: (2.0 ** -14, 2.0 ** 16),
-          torch.float32: (2.0 ** -126, 2.0 ** 128)}
+QUICK_RANGE = {d: LAYOUTS[str(d).removeprefix("torch.")].quick for d in GRIDS}
 
 
 def _quick(approx: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -161,10 +160,6 @@ def _overflow_distance(approx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return approx.abs() - torch.tensor(overflow_threshold(dtype), dtype=approx.dtype, device=approx.device)
 
 
-@functools.cache  # asked once per merged tensor by the kernels: a few torch ops each time
 def overflow_threshold(dtype: torch.dtype) -> float:
-    """The smallest magnitude that rounds to Inf (ties to even go up from the largest finite value,
-    whose mantissa is odd)."""
-    g = GRIDS[dtype]
-    top = torch.tensor(g.inf_bits - 1, dtype=torch.int32).to(g.itype).view(dtype).double().item()
-    return top + g.top_ulp / 2
+    """The smallest magnitude that rounds to Inf (grids.OVERFLOW)."""
+    return OVERFLOW[str(dtype).removeprefix("torch.")]

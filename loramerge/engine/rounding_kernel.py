@@ -5,16 +5,22 @@ On the CPU, torch spends a pass over memory per elementwise operation, and round
 few dozen of them; here the rounding, a quick test that decides almost every element and the
 exact rule for the rest run per element, in cache. The fused merge kernel (kernels.py) uses the
 per-element functions; lowrank's stages use round_decide on CPU blocks.
+
+torch is imported by round_decide only (it takes and returns tensors): the rest runs in the
+premerge worker, a process without torch (engine/premerge_worker.py). Formats are named as in
+grids.LAYOUTS ("bfloat16", "float16"); a torch dtype is taken for its name.
 """
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from . import jit_time, rounding
+import numpy as np
+
+from . import jit_time
+from .grids import BOUND_SLACK, LAYOUTS, OVERFLOW
 from .row_threads import on_threads
 
 try:  # numba is a core dependency; LORAMERGE_NO_KERNEL=1 (or no numba) leaves torch to do the same
@@ -24,24 +30,32 @@ except ImportError:  # pragma: no cover
 else:
     jit_time.install()  # the first run after an install compiles the kernels: apply reports it
 
+if TYPE_CHECKING:
+    import torch
+
 AVAILABLE = numba is not None and not os.environ.get("LORAMERGE_NO_KERNEL")
-_HALF = (torch.bfloat16, torch.float16)
-_LUTS: dict[torch.dtype, np.ndarray] = {}
-_LUTS32: dict[torch.dtype, np.ndarray] = {}
+_LUTS: dict[str, np.ndarray] = {}
+_LUTS32: dict[str, np.ndarray] = {}
 _CHUNK = 4096  # elements per task of round_decide
 
 
 # 16-bit format -> (exponent bits, stored mantissa bits)
-_LAYOUT = {torch.bfloat16: (8, 7), torch.float16: (5, 10)}
+_LAYOUT = {"bfloat16": (8, 7), "float16": (5, 10)}
 
 
-def lut(dtype: torch.dtype) -> np.ndarray:
+def kind(dtype) -> str:
+    """A format's name ("bfloat16", "float16"): a torch dtype's, or the name itself."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def lut(dtype) -> np.ndarray:
     """float64 value of every 16-bit pattern of `dtype`: converting W is one table lookup.
 
     Built from the bits with integer arithmetic and exact powers of two, never by a float
     conversion: the table is cached for the process, and a conversion made while the thread
     flushes subnormals to zero (torch.set_flush_denormal(True) before the first merge) would store
     every bfloat16 subnormal as 0 for good. Every value here is normal in float64."""
+    dtype = kind(dtype)
     if dtype not in _LUTS:
         ebits, mbits = _LAYOUT[dtype]
         bits = np.arange(65536, dtype=np.int64)
@@ -57,23 +71,25 @@ def lut(dtype: torch.dtype) -> np.ndarray:
     return _LUTS[dtype]
 
 
-def lut32(dtype: torch.dtype) -> np.ndarray:
+def lut32(dtype) -> np.ndarray:
     """lut(dtype) in float32 (exact: both formats fit), from the bits as well: a bfloat16 is the
     top half of its float32; every float16 value, subnormals included, is a normal float32, so
     rounding the float64 table cannot flush one."""
+    dtype = kind(dtype)
     if dtype not in _LUTS32:
         _LUTS32[dtype] = ((np.arange(65536, dtype=np.uint32) << np.uint32(16)).view(np.float32)
-                          if dtype == torch.bfloat16 else lut(dtype).astype(np.float32))
+                          if dtype == "bfloat16" else lut(dtype).astype(np.float32))
     return _LUTS32[dtype]
 
 
-def grid_args(dtype: torch.dtype) -> tuple:
+def grid_args(dtype) -> tuple:
     """What the per-element functions need to know of a 16-bit output format: (value table, +Inf
     pattern, spacing below the largest value, overflow threshold, float16?, and for the quick
     test: output mantissa bits, smallest normal, first power of two past the largest value)."""
-    g = rounding.GRIDS[dtype]
-    lo, hi = rounding.QUICK_RANGE[dtype]
-    return (lut(dtype), g.inf_bits, g.top_ulp, rounding.overflow_threshold(dtype), dtype == torch.float16,
+    dtype = kind(dtype)
+    g = LAYOUTS[dtype]
+    lo, hi = g.quick
+    return (lut(dtype), g.inf_bits, g.top_ulp, OVERFLOW[dtype], dtype == "float16",
             g.mbits, lo, hi)
 
 
@@ -81,12 +97,13 @@ def round_decide(approx: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
                  rel: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """rounding.decide for a contiguous CPU float32/float64 `approx` and a bound of its shape,
     to bfloat16/float16: (y, undecided), the same answers, in one pass."""
+    import torch
     y = torch.empty(approx.shape, dtype=dtype)
     und = torch.empty(approx.shape, dtype=torch.bool)
     x = approx.reshape(-1).numpy()
     single = x.dtype == np.float32
     args = (x, x.view(np.uint32 if single else np.uint64), single, bound.reshape(-1).numpy().astype(x.dtype, copy=False),
-            rel, rounding.BOUND_SLACK, y.view(torch.int16).reshape(-1).numpy().view(np.uint16),
+            rel, BOUND_SLACK, y.view(torch.int16).reshape(-1).numpy().view(np.uint16),
             und.reshape(-1).numpy(), *grid_args(dtype))
     on_threads(_round_decide, args, 0, -(-x.shape[0] // _CHUNK), _CHUNK)
     return y, und

@@ -14,10 +14,9 @@ not wait for them.
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import CancelledError
-
-import torch
 
 from .threads import Workers
 
@@ -34,9 +33,12 @@ _pool_lock = threading.Lock()
 def on_threads(fn, args: tuple, r0: int, r1: int, cols: int, threads: int | None = None) -> None:
     """fn(*args, lo, hi) over rows r0..r1 (of `cols` elements each), in ranges taken in turn by
     `threads` threads (default: torch.get_num_threads(), the count every torch op of the merge
-    uses): this one and the shared pool's. A small tensor stays on this thread."""
+    uses; the premerge worker, which has no torch, gives its own): this one and the shared pool's.
+    A small tensor stays on this thread."""
     global _pool, _pool_size
-    threads = torch.get_num_threads() if threads is None else threads
+    if threads is None:
+        import torch
+        threads = torch.get_num_threads()
     rows = r1 - r0
     tasks = max(1, min(rows, threads * TASKS_PER_THREAD, rows * cols // MIN_TASK_ELEMS)) if threads > 1 else 1
     if tasks == 1:
@@ -77,5 +79,8 @@ def _gradual() -> None:
     """A helper thread's start: gradual underflow (IEEE's default) for good. A new thread gets its
     creator's floating-point environment, and the pool lives on after it: made by a thread that
     flushed subnormals to zero, it would flush for every later merge (fpenv.py; the kernels' bounds
-    allow for flushing, but the same bits whoever made the pool is the simpler promise)."""
-    torch.set_flush_denormal(False)
+    allow for flushing, but the same bits whoever made the pool is the simpler promise). Without
+    torch (the premerge worker) nothing sets the flag: the threads start with IEEE's default."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)

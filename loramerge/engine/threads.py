@@ -11,8 +11,10 @@ import queue
 import sys
 import threading
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class Stage(threading.Thread):
@@ -136,6 +138,7 @@ class BufferPool:
             make = self._left > 0
             self._left -= make
         if make:
+            import torch  # here, not at the top: row_threads' Workers run in the torch-free premerge worker
             return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
         while True:
             try:
