@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("adapter")
     ap.add_argument("--json")
     args = ap.parse_args()
-    compute = importlib.import_module("loramerge.engine.compute")
+    compute = importlib.import_module("loramerge.engine.job_math")
     timed(pipeline, "compute", "compute")
     timed(compute.ops, "merge_weight", "merge_weight")
     timed(kernels, "merge_half", "merge_half")

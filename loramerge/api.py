@@ -55,6 +55,9 @@ class ApplyReport(JsonReport):
     bytes_early: int = 0
     seconds: float = 0.0
     exact_fixups: int = 0
+    # of tensors_merged: merged by the CLI's premerge worker while this process was still starting
+    # (engine/premerge.py), each the very tensor this process would have computed
+    tensors_premerged: int = 0
     files: list[str] = field(default_factory=list)
     carried_over: list[str] = field(default_factory=list)
     not_carried_over: list[str] = field(default_factory=list)
@@ -136,6 +139,7 @@ def apply(
     qlora_kernel: str = "cuda",
     _command: str = "apply",
     _head_start: HeadStart | None = None,
+    _premerge=None,
 ) -> ApplyReport:
     """Merge one or more LoRA adapters into `base`, writing a new checkpoint at `out`.
 
@@ -202,7 +206,8 @@ def apply(
             planned = since_start()
             early = _head_start.stop() if _head_start is not None and not single_file else None
             stats = engine.run(plan, ck, loaded, out_dir, devices, ACCUM[accum],
-                               progress=bar.update if bar else None, sync=sync, early=early)
+                               progress=bar.update if bar else None, sync=sync, early=early,
+                               premerged=_premerge)
             written.update({out.name if single_file else k: v for k, v in stats.files.items()})
             inputs["adapters"] = adapter_inputs.result()
             record = manifest.dumps(manifest.build(_command, inputs, written, options=options,
@@ -221,6 +226,7 @@ def apply(
     report.bytes_written = stats.bytes_written
     report.bytes_early = stats.bytes_early
     report.exact_fixups = stats.exact_fixups
+    report.tensors_premerged = _premerge.taken if _premerge is not None else 0
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,
                             "hash_wait": stats.seconds_hash_wait,
@@ -286,7 +292,7 @@ def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
     merged = [j for j in plan.jobs if any(t.kind != "replace" for t in j.terms)]
     by_dtype: dict[str, int] = {}
     for j in merged:
-        # LoHa/LoKr deltas and IA3 are always computed in float64 and rounded once (engine/compute.py)
+        # LoHa/LoKr deltas and IA3 are always computed in float64 and rounded once (engine/job_math.py)
         f64 = any(t.kind == "scale" or (t.kind == "delta" and not tuners.is_lowrank(t.pair)) for t in j.terms)
         code = "F32-exact" if j.dtype == "F32" and f64 and accum == "float32" else j.dtype
         by_dtype[code] = by_dtype.get(code, 0) + 1

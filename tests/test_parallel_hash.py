@@ -17,7 +17,7 @@ import pytest
 from conftest import adapter_dir, base_dir
 
 import loramerge
-from loramerge.engine import pipeline
+from loramerge.engine import pipeline, schedule
 from loramerge.engine import threads
 from loramerge.writers import manifest
 
@@ -36,7 +36,7 @@ def test_write_order_interleaves_groups_of_files_and_keeps_each_file_in_order(mo
     assert sorted(tags) == [(fi, k) for fi, js in enumerate(sizes) for k in range(len(js))]  # each once
     for fi in range(len(sizes)):
         assert [k for f, k in tags if f == fi] == list(range(len(sizes[fi])))  # in file order
-    group = pipeline.FILES_AT_ONCE
+    group = schedule.FILES_AT_ONCE
     first_of_later = min(i for i, t in enumerate(tags) if t[0] >= group)
     assert all(t[0] < group for t in tags[:first_of_later])  # a group ends before the next starts
     assert len(tags) - first_of_later == sum(len(js) for js in sizes[group:])
@@ -44,7 +44,7 @@ def test_write_order_interleaves_groups_of_files_and_keeps_each_file_in_order(mo
     # by how far into its file each job starts: file 0's third job (40 of 100 bytes in) comes after
     # file 2's third (10 of 30: 0.33) and, on a tie, before file 3's second (40 of 100)
     assert tags.index((2, 2)) < tags.index((0, 2)) < tags.index((3, 1))
-    monkeypatch.setattr(pipeline, "FILES_AT_ONCE", 1)
+    monkeypatch.setattr(schedule, "FILES_AT_ONCE", 1)
     assert [job.tag for _, job in pipeline._write_order(_plan(sizes))] == \
         [(fi, k) for fi, js in enumerate(sizes) for k in range(len(js))]
 
@@ -84,7 +84,7 @@ def test_slow_hashes_run_side_by_side_and_never_read_a_reused_buffer(tmp_path, m
 def test_interleaved_output_is_the_same_bytes_as_file_after_file(tmp_path, monkeypatch):
     base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
     loramerge.apply(base, adapter, tmp_path / "a", sync=False)
-    monkeypatch.setattr(pipeline, "FILES_AT_ONCE", 1)
+    monkeypatch.setattr(schedule, "FILES_AT_ONCE", 1)
     loramerge.apply(base, adapter, tmp_path / "b", sync=False)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir())

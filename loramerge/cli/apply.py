@@ -34,18 +34,22 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
     .safetensors file. BASE and ADAPTER may be Hugging Face Hub ids (OWNER/NAME[@REV]). BASE may be
     an FP8 block-scaled checkpoint (kept FP8 with --dtype auto: requantized with fresh scales) or a
     bitsandbytes 4-bit one (dequantized)."""
+    from ..engine import premerge
     from ..readers.prefetch import prefetch
     from ..writers import headstart
 
     prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
-    # and writes: the tensors no adapter touches go to the output meanwhile (writers/headstart.py)
+    # and writes: the tensors no adapter touches go to the output meanwhile (writers/headstart.py),
+    # and a process without torch merges ahead on the CPU (engine/premerge.py)
     with headstart.running(base, adapters, out, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
-                           overwrite=overwrite, revision=revision) as head:
+                           overwrite=overwrite, revision=revision) as head, \
+            premerge.running(base, adapters, weights=parse_weights(weights), dtype=dtype, device=device,
+                             dry_run=dry_run or bool(qlora_opts.get("qlora")), revision=revision) as pre:
         apply = import_heavy("loramerge.api").apply
         report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
                        accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
-                       progress=show_progress(quiet), revision=revision, _head_start=head, **qlora_opts,
-                       **adapter_opts)
+                       progress=show_progress(quiet), revision=revision, _head_start=head, _premerge=pre,
+                       **qlora_opts, **adapter_opts)
     if run_verify and not dry_run:
         verify = import_heavy("loramerge.verifier").verify
 

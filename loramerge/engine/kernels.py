@@ -85,13 +85,14 @@ def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch
 
 
 def merge_bits(w16: np.ndarray, w_kind: str, a: np.ndarray, b: np.ndarray, factors: np.ndarray,
-               out_kind: str, out16: np.ndarray, first32: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+               out_kind: str, out16: np.ndarray, first32: bool = True,
+               threads: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """The kernel on arrays: W's 16-bit patterns `w16` [out, in] (uint16, C-contiguous) of format
     `w_kind` ("bfloat16" or "float16"), A [R, in] and B [out, R] (float32 or float64, C-contiguous),
     the factors [R] (float64); writes the result's patterns of format `out_kind` into out16 [out,
     in] (uint16). first32: the float32 first pass (else float64 from the start). Returns (per-row
     count of non-finite results, per-row count of undecided elements, elements evaluated in
-    float64 after the float32 pass)."""
+    float64 after the float32 pass). threads: row_threads.on_threads' (default torch's count)."""
     rows, cols = w16.shape
     rank = a.shape[0]
     first32 = first32 and 0 < rank < MAX_RANK_32
@@ -116,7 +117,7 @@ def merge_bits(w16: np.ndarray, w_kind: str, a: np.ndarray, b: np.ndarray, facto
     args64 = (w16, lut(w_kind), a64, bs64, out16, out_kind == "float16", bad, undecided, lut(out_kind),
               g.inf_bits, g.top_ulp, OVERFLOW[out_kind], BOUND_SLACK, *bound64, 52 - g.mbits, lo, hi)
     if not first32:
-        on_threads(_rows64, (args64,), 0, rows, cols)
+        on_threads(_rows64, (args64,), 0, rows, cols, threads)
         return bad, undecided, 0
     # the float32 pass's bound (module docstring), per row and per column, in float32 rounded up
     bound32 = (rn32, cn32, ru32, cu32, live_r32, live_c32)
@@ -124,13 +125,13 @@ def merge_bits(w16: np.ndarray, w_kind: str, a: np.ndarray, b: np.ndarray, facto
     args32 = (bs32, a32, lut32(w_kind),
               w_kind == "bfloat16", *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
-    on_threads(_rows32, (args32, args64), 0, probe, cols)
+    on_threads(_rows32, (args32, args64), 0, probe, cols, threads)
     if probe < rows and redone[:probe].sum() > DENSE_ROW * probe * cols:
         # most rows would be redone: start them in float64
-        on_threads(_rows64, (args64,), probe, rows, cols)
+        on_threads(_rows64, (args64,), probe, rows, cols, threads)
         redone[probe:] = cols
     elif probe < rows:
-        on_threads(_rows32, (args32, args64), probe, rows, cols)
+        on_threads(_rows32, (args32, args64), probe, rows, cols, threads)
     return bad, undecided, int(redone.sum())
 
 

@@ -24,18 +24,15 @@ from ..writers.direct import ALIGN
 from ..writers.header import METADATA, data_offsets
 from ..writers.headstart import EarlyFile
 from ..writers.safetensors import SafetensorsWriter
-from .compute import compute
+from .job_math import compute, premergeable, take_premerged
 from .precision import guarded
+from .schedule import write_order
 from .threads import BufferPool, Stage, Workers, get_or_stop, put_or_stop, switch_interval, when_done
 from .timeline import since_start
 
 _DONE = object()
 _REPLACED = object()
-# Output files written side by side (their jobs interleaved), each hashed on its own thread: one
-# core's sha256 (~1.3 GB/s on the H200 machine) is slower than the disk, so a manifest hashed file
-# after file would set the pace. More files at once would mean more open sinks and threads for
-# little: four cores of hashing outrun the disks this runs on.
-FILES_AT_ONCE = 4
+_LATER = object()  # read only if the premerge worker's result is not taken
 # The interpreter's GIL switch interval while a CPU merge runs (the default is 5 ms). The writer,
 # the reader and the hashing threads each take the GIL back after every system call; while the
 # compute thread runs Python between kernels, a waiting thread gets it only after the interval.
@@ -70,21 +67,8 @@ def _copied_by_writer(job: Job) -> bool:
 
 
 def _write_order(plan: Plan) -> list[tuple[int, Job]]:
-    """(file index, job) in the order they are read, computed and written: the files in groups of
-    FILES_AT_ONCE, and within a group the jobs of its files interleaved by how far into its file
-    each starts, so the group's files advance together (each still strictly in its own order)."""
-    order = []
-    for g in range(0, len(plan.files), FILES_AT_ONCE):
-        keyed = []
-        for fi in range(g, min(g + FILES_AT_ONCE, len(plan.files))):
-            jobs = plan.files[fi].jobs
-            total, done = max(1, sum(j.nbytes for j in jobs)), 0
-            for k, job in enumerate(jobs):
-                keyed.append((done / total, fi, k, job))
-                done += job.nbytes
-        keyed.sort(key=lambda x: x[:3])
-        order += [(fi, job) for _, fi, _, job in keyed]
-    return order
+    """(file index, job) in the order they are read, computed and written (schedule.write_order)."""
+    return [(fi, plan.files[fi].jobs[k]) for fi, k in write_order([[j.nbytes for j in f.jobs] for f in plan.files])]
 
 
 def _placed_jobs(f: OutputFile) -> list[tuple[int, Job]]:
@@ -121,18 +105,19 @@ def _placed(buf: torch.Tensor, phase: int, nbytes: int) -> torch.Tensor:
 
 def run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
         accum: torch.dtype = torch.float32, progress=None, sync: bool = True,
-        early: dict[str, EarlyFile] | None = None) -> EngineStats:
+        early: dict[str, EarlyFile] | None = None, premerged=None) -> EngineStats:
     """Stream every job of the plan into its output file (_run), with a short GIL switch interval
     when the math runs on the CPU (CPU_SWITCH_INTERVAL). `early`: shards a head start began, by
-    name (writers/headstart.py); each writer takes its own over if its header is the plan's."""
+    name (writers/headstart.py); each writer takes its own over if its header is the plan's.
+    `premerged`: a premerge worker (premerge.py), told the order and asked for each job first."""
     with switch_interval(CPU_SWITCH_INTERVAL if any(d.type == "cpu" for d in devices) else None):
-        return _run(plan, base, adapters, out_dir, devices, accum, progress, sync, early)
+        return _run(plan, base, adapters, out_dir, devices, accum, progress, sync, early, premerged)
 
 
 @guarded  # IEEE float32 matmuls for every compute thread (the flags are process-global): precision.py
 def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, devices: list[torch.device],
         accum: torch.dtype = torch.float32, progress=None, sync: bool = True,
-        early: dict[str, EarlyFile] | None = None) -> EngineStats:
+        early: dict[str, EarlyFile] | None = None, premerged=None) -> EngineStats:
     """Stream every job of the plan into its output file. Reader thread -> one compute worker per
     device -> writer thread; the writer takes results in plan order, so several devices can work
     on different tensors while the files are still written strictly in order."""
@@ -143,6 +128,9 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
     # Each entry holds one tensor in flight (a future); the bound keeps memory near a few tensors.
     write_q: queue.Queue = queue.Queue(maxsize=2 * len(devices))
     order = _write_order(plan)
+    worker = premerged
+    if worker is not None:
+        worker.want([j.name for _, j in order if premergeable(j)])
     local = threading.local()
     pin = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
     computed = [j for _, j in order if not _copied_by_writer(j)]
@@ -178,6 +166,11 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
         out = _placed(out_buf, phases[id(job)], job.main_nbytes).view(ST_TO_TORCH[job.dtype]).view(job.shape)
         t0 = time.perf_counter()  # after the wait for a free buffer, which is the writer's time
         try:
+            if w is _LATER:  # the premerge worker's result, if it is this very tensor; else as always
+                got = take_premerged(job, adapters, out, worker)
+                if got is not None:
+                    return (got[0], got[1], out_buf), time.perf_counter() - t0, waited
+                w = base.read(job.source)
             tensor, fixed = compute(job, None if w is _REPLACED else w, adapters, local.device, accum, out, extra)
         except BaseException:
             out_pool.put(out_buf)
@@ -193,6 +186,8 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                 item = (fi, job, None, (), None)
             elif job.replacement is not None:
                 item = (fi, job, _REPLACED, (), None)  # the base tensor is not needed
+            elif worker is not None and worker.expects(job.name):
+                item = (fi, job, _LATER, (), None)
             else:
                 buf = read_pool.get(stop) if job.source.offset is not None else None
                 t0 = time.perf_counter()

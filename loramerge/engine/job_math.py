@@ -46,6 +46,16 @@ def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: t
     return _to_out(y, out), fixed
 
 
+def premergeable(job: Job) -> bool:
+    """Whether a premerge worker may have the job's result (premerged): a 2-D tensor of a
+    safetensors base as stored (no codec, no replacement, no trained token rows), merged with
+    low-rank LoRA terms alone (no DoRA, no stacked experts): _plain's first branch."""
+    return (job.decode is None and job.encode is None and job.kind != "copy" and job.source.offset is not None
+            and len(job.source.shape) == 2 and job.out_shape is None and bool(job.terms)
+            and all(t.kind == "lora" and t.pair is not None and not t.pair.stacked and tuners.is_lowrank(t.pair)
+                    for t in job.terms))
+
+
 def _to_out(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return y.cpu()
@@ -77,15 +87,10 @@ def _plain(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: to
     bias = [t for t in job.terms if t.kind == "bias"]
     scales = [t for t in job.terms if t.kind == "scale"]
     if lora and not scales and all(tuners.is_lowrank(t.pair) for t in lora):
-        # All adapters' terms for this tensor in one product: [B1 B2 ..] @ [A1; A2; ..], each
-        # rank column carrying its own factor (c_i * s_i; AdaLoRA's E and VeRA's lambda_d fold in
-        # here), so the sum is rounded once.
-        lefts, rights, factors = zip(*(_factored(t, adapters, tuple(w.shape), device) for t in lora))
-        if len({x.dtype for x in lefts}) > 1:  # LoRA float32 beside a tuner's float64 factors
-            lefts, rights = [x.double() for x in lefts], [x.double() for x in rights]
         w2 = w.reshape(w.shape[0], -1)
-        y, fixed = ops.merge_weight(w2, _joined(rights, 0), _joined(lefts, 1), _joined(factors, 0), out_dtype,
-                                    accum=accum, out=None if out is None else out.view(w2.shape), check=True)
+        a, b, f = _lowrank_terms(lora, adapters, tuple(w.shape), device)
+        y, fixed = ops.merge_weight(w2, a, b, f, out_dtype, accum=accum, out=None if out is None else out.view(w2.shape),
+                                    check=True)
         return y.reshape(w.shape), fixed
     dora = bool(lora) and lora[0].pair.magnitude_key is not None
     if scales or (lora and not dora):
@@ -126,6 +131,25 @@ def _stacked(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: 
             dst[e].copy_(y)
         fixed += f
     return dst, fixed
+
+
+def _lowrank_terms(lora: list[Term], adapters: list[Adapter], shape: tuple[int, ...], device):
+    """(A, B, factors) of all adapters' low-rank terms for one tensor, as one product: [B1 B2 ..]
+    @ [A1; A2; ..], each rank column carrying its own factor (c_i * s_i; AdaLoRA's E and VeRA's
+    lambda_d fold in here), so that the sum is rounded once."""
+    lefts, rights, factors = zip(*(_factored(t, adapters, shape, device) for t in lora))
+    if len({x.dtype for x in lefts}) > 1:  # LoRA float32 beside a tuner's float64 factors
+        lefts, rights = [x.double() for x in lefts], [x.double() for x in rights]
+    return _joined(rights, 0), _joined(lefts, 1), _joined(factors, 0)
+
+
+def take_premerged(job: Job, adapters: list[Adapter], out: torch.Tensor, worker) -> tuple[torch.Tensor, int] | None:
+    """compute's result for a premergeable job taken from a premerge worker (premerge.py), into
+    `out`, where the worker's is the same tensor (the same W, and the same A, B and factors as
+    _plain would feed the kernel); else None, and compute does the job."""
+    a, b, f = _lowrank_terms(list(job.terms), adapters, tuple(job.source.shape), torch.device("cpu"))
+    got = worker.take(job, a, b, f, ST_TO_TORCH[job.dtype], out.view(job.source.shape[0], -1))
+    return None if got is None else (out, got[1])
 
 
 def _joined(parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:

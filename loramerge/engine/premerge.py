@@ -1,0 +1,254 @@
+"""The parent's side of the premerge worker (premerge_worker.py): start it before torch is
+imported, tell it the merge's order once planned, and take its results where they are the very
+tensors this process would compute.
+
+A result is taken only when the worker's key equals the job's own: the base file (device, inode,
+size, mtime), W's offset, size, format and shape, the output format, and the digest of A, B and
+the factors exactly as this process's kernel would be fed them (kernel_inputs). Merged results are
+correctly rounded (README "Numerics"): equal inputs give equal bits whichever process, thread
+count or first-pass precision computed them, so a taken result is the result. A result with a
+non-finite or undecided element never comes (the worker skips it; this process computes and
+reports it). Anything else (another key, a skipped target, a dead or stuck worker) and the job is
+computed here as without a worker.
+
+Only the CLI starts one (`apply` on the CPU: a library caller has imported torch already), for one
+PEFT adapter directory and a safetensors base on this disk, and for now only with
+LORAMERGE_PREMERGE=1: on the 2-core VM it made the CLI slower (1.1B bf16: 3.82 s against 3.56 s,
+medians of 4 interleaved runs), as the merge there is CPU-bound and the worker's own start (Python,
+numpy, numba: ~0.8 s of a core) is CPU the merge lacks. It is built for machines with cores to
+spare while torch imports, where the merge's first tensor waits ~2 s for numba (the H200
+machine's 16 cores: bench/RESULTS.md); whether it pays there is not measured yet.
+Standard library only at import: it runs before torch exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import json
+import mmap
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..readers import hub
+from ..readers.prefetch import available_memory, weight_files
+from .premerge_worker import HALF, RING_BYTES, w_key
+
+# No word from the worker for this long while a result is awaited: it is taken for stuck, and the
+# merge goes on without it (a rank-16 MLP tensor of an 8B model takes it ~0.2 s on one core)
+STALL_SECONDS = 60.0
+# The most the plan waits for the worker's list of targets (it comes ~0.1 s after its start, from
+# the headers alone): a worker not ready by then is not used
+READY_SECONDS = 5.0
+
+
+def cpu_merge(device: str) -> bool:
+    """Whether `--device` will mean the CPU, told without importing torch: "cpu", or "auto" with a
+    torch build for neither CUDA nor ROCm, or no GPU device node on this machine."""
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    spec = importlib.util.find_spec("torch")
+    try:
+        text = (Path(spec.origin).parent / "version.py").read_text()
+    except (AttributeError, TypeError, OSError):
+        return False
+    builds = {k: v for k, v in re.findall(r"^(cuda|hip)\s*(?::[^=\n]*)?=\s*(\S+)", text, re.M)}
+    if builds.get("cuda", "None") == "None" and builds.get("hip", "None") == "None":
+        return True
+    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
+
+
+@dataclass
+class _Result:
+    slot: int
+    key: list
+    redone: int
+
+
+class Premerge:
+    """A running worker: its process, the ring it writes results into, what it has said."""
+
+    def __init__(self, proc: subprocess.Popen, ring_fd: int):
+        self._proc, self._ring_fd = proc, ring_fd
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self.targets: list[str] | None = None   # what it may merge ("ready")
+        self._slot_bytes = 0
+        self._mem: mmap.mmap | None = None
+        self._results: dict[str, _Result] = {}
+        self._skipped: set[str] = set()
+        self._position: dict[str, int] = {}   # the order's names, by place
+        self._blocked = False
+        self._gone = False                     # failed, or its output closed
+        self._ended = False                    # every name of the order settled
+        self._heard = time.monotonic()
+        self.taken = 0
+        self.dropped = 0                       # results given back for the worker to compute again
+        threading.Thread(target=self._listen, name="loramerge-premerge", daemon=True).start()
+
+    # -- the worker's messages -------------------------------------------------------------
+    def _listen(self) -> None:
+        try:
+            for line in self._proc.stdout:
+                msg = json.loads(line)
+                with self._cond:
+                    self._heard = time.monotonic()
+                    self._on(msg)
+                    self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        with self._cond:
+            self._gone = True
+            self._cond.notify_all()
+
+    def _on(self, msg: dict) -> None:
+        if "ready" in msg:
+            self.targets = msg["ready"]
+            self._slot_bytes = msg["slot_bytes"]
+            if msg["slots"]:
+                self._mem = mmap.mmap(self._ring_fd, msg["slots"] * self._slot_bytes, prot=mmap.PROT_READ)
+        elif "done" in msg:
+            self._results[msg["done"]] = _Result(msg["slot"], msg["key"], msg["redone"])
+            self._blocked = False
+        elif "skip" in msg:
+            self._skipped.add(msg["skip"])
+        elif "blocked" in msg:
+            self._blocked = True
+        elif "failed" in msg:
+            self._gone = True
+        elif "end" in msg:
+            self._ended = True
+
+    def _send(self, **msg) -> None:
+        with self._send_lock:
+            try:
+                self._proc.stdin.write(json.dumps(msg) + "\n")
+                self._proc.stdin.flush()
+            except (OSError, ValueError):
+                pass  # it is gone: what it holds is not taken
+
+    # -- the merge's side -----------------------------------------------------------------------
+    def want(self, names: list[str]) -> None:
+        """The merge's order: the names it may take, in the order it takes them (once; waits for
+        the worker's "ready", which comes before it imports numba)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.targets is not None or self._gone, timeout=READY_SECONDS)
+            offered = set(self.targets or ())
+            order = [n for n in names if n in offered]
+            self._position = {n: i for i, n in enumerate(order)}
+        self._send(order=order)
+
+    def expects(self, name: str) -> bool:
+        """Whether the worker may deliver `name` (in the order, offered by it)."""
+        return name in self._position
+
+    def take(self, job, a, b, factors, out_dtype, out):
+        """(out holding the merged tensor, elements the worker evaluated in float64) if the
+        worker's result for `job` is the one this process would compute from A [R, in], B
+        [out, R] and the factors [R] (its kernel's inputs) into `out_dtype`; else None."""
+        import torch
+
+        from .kernel_inputs import as_array, digest
+        name, src = job.name, job.source
+        if name not in self._position or src.dtype not in HALF or src.offset is None or out is None:
+            return None
+        key = [w_key(src.file, src.offset, src.nbytes, HALF[src.dtype], src.shape, str(out_dtype).removeprefix("torch.")),
+               digest(as_array(a), as_array(b), as_array(factors.to(torch.float64)))]
+        got = self._wait(name)
+        if got is None:
+            return None
+        if got.key != key:
+            self._send(release=got.slot)
+            return None
+        n = out.numel() * out.element_size()
+        dst = out.view(torch.uint8).reshape(-1).numpy()
+        dst[:] = memoryview(self._mem)[got.slot * self._slot_bytes: got.slot * self._slot_bytes + n]
+        self._send(release=got.slot)
+        self.taken += 1
+        return out, got.redone
+
+    def _wait(self, name: str) -> _Result | None:
+        with self._cond:
+            while True:
+                got = self._results.pop(name, None)
+                if got is not None or name in self._skipped or self._gone or self._ended or self._mem is None:
+                    return got
+                if time.monotonic() - self._heard > STALL_SECONDS:
+                    self._gone = True
+                    return None
+                if self._blocked and self._results:
+                    # the worker needs a slot for what the merge waits for, and every slot holds a
+                    # result for later: give back the latest (it computes that one again in turn)
+                    late = max(self._results, key=lambda n: self._position.get(n, -1))
+                    self._send(drop=self._results.pop(late).slot)
+                    self._blocked = False
+                    self.dropped += 1
+                self._cond.wait(0.5)
+
+    def close(self) -> None:
+        """End the worker (its input closed; killed if it lingers) and unmap the ring."""
+        with contextlib.suppress(OSError, ValueError):
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        with self._cond:
+            self._gone = True
+            if self._mem is not None:
+                self._mem.close()
+                self._mem = None
+        os.close(self._ring_fd)
+
+
+def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "auto", dry_run: bool = False,
+          revision: str | None = None, ring_bytes: int | None = None) -> Premerge | None:
+    """A worker for `loramerge apply BASE ADAPTER OUT`, or None where it is not wanted
+    (LORAMERGE_PREMERGE unset) or cannot help: a dry run, not a CPU merge, more than one adapter, a
+    dtype the kernel does not write, no numba (or LORAMERGE_NO_KERNEL), no memfd. ring_bytes: the
+    most its results may hold (default RING_BYTES, at most an eighth of the memory available)."""
+    if (not os.environ.get("LORAMERGE_PREMERGE") or dry_run or len(adapters) != 1
+            or (weights is not None and len(weights) != 1) or dtype not in ("auto", "bfloat16", "float16")
+            or not hasattr(os, "memfd_create") or os.environ.get("LORAMERGE_NO_KERNEL")
+            or importlib.util.find_spec("numba") is None or not cpu_merge(device)):
+        return None
+    base, adapter = hub.cached(base, "base", revision), hub.cached(adapters[0], "adapter", revision)
+    if base is None or adapter is None or not (Path(adapter) / "adapter_config.json").is_file():
+        return None
+    files = weight_files(Path(base))
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return None
+    fd = os.memfd_create("loramerge-premerge")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "loramerge.engine.premerge_worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(fd,), text=True,
+                                bufsize=1)
+    except OSError:
+        os.close(fd)
+        return None
+    pre = Premerge(proc, fd)
+    pre._send(base=str(base), adapter=str(adapter), weight=1.0 if weights is None else float(weights[0]),
+              dtype=dtype, ring_fd=fd,
+              ring_bytes=ring_bytes if ring_bytes is not None else min(RING_BYTES, available_memory() // 8))
+    return pre
+
+
+@contextlib.contextmanager
+def running(base, adapters, **options):
+    """begin() for the block (the worker, or None), closed at its end however it ends."""
+    pre = begin(base, adapters, **options)
+    try:
+        yield pre
+    finally:
+        if pre is not None:
+            pre.close()

@@ -1,0 +1,214 @@
+"""The premerge worker (engine/premerge.py, premerge_worker.py): a process without torch merges
+ahead, and the merge takes a result only where it is the very tensor it would compute.
+
+Every merge here runs with and without a worker and the outputs must be the same bytes; the
+report must count what was taken, and whatever the worker got wrong or could not do (another
+factor, another order, a dead process) must leave no trace but a smaller count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from conftest import adapter_dir, base_dir
+from loramerge import apply
+from loramerge.cli import main
+from loramerge.engine import pipeline, premerge
+
+BF16_BASE, BF16_ADAPTER = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+
+
+@pytest.fixture(autouse=True)
+def wanted(monkeypatch):
+    monkeypatch.setenv("LORAMERGE_PREMERGE", "1")
+
+
+def _weights(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix == ".safetensors"}
+
+
+def _merge(out: Path, pre, base=BF16_BASE, adapter=BF16_ADAPTER, **kw):
+    try:
+        return apply(base, [adapter], out, device="cpu", _premerge=pre, **kw)
+    finally:
+        if pre is not None:
+            pre.close()
+
+
+def _begin(base=BF16_BASE, adapter=BF16_ADAPTER, **kw):
+    pre = premerge.begin(base, [adapter], device="cpu", **kw)
+    assert pre is not None, "no worker: the test would prove nothing"
+    return pre
+
+
+def _bf16_copy(tmp_path: Path, name: str) -> Path:
+    """A fixture base with its float32 tensors stored as bfloat16 (the worker merges half bases)."""
+    src, dst = base_dir(name), tmp_path / f"{name}-bf16"
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.to(torch.bfloat16) if v.dtype == torch.float32 else v for k, v in load_file(f).items()},
+                      dst / f.name)
+        elif f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("options", [{}, {"weights": [0.37]}, {"dtype": "float16"}])
+def test_worker_results_are_the_merge_own(tmp_path, options):
+    plain = apply(BF16_BASE, [BF16_ADAPTER], tmp_path / "plain", device="cpu", **options)
+    report = _merge(tmp_path / "pre", _begin(**options), **options)
+    assert report.tensors_merged == plain.tensors_merged > 0
+    assert report.tensors_premerged == report.tensors_merged  # every target came from the worker
+    assert _weights(tmp_path / "pre") == _weights(tmp_path / "plain")
+    assert report.exact_fixups == plain.exact_fixups
+
+
+@pytest.mark.parametrize("adapter", ["llama-rslora", "llama-patterns", "llama-layers"])
+def test_scales_and_patterns_as_the_reader_computes_them(tmp_path, adapter):
+    """rsLoRA's alpha/sqrt(r), rank and alpha patterns, a subset of layers: the worker's factors
+    must be the reader's to the bit, else nothing is taken (the count says which)."""
+    base = _bf16_copy(tmp_path, "llama-fp32")
+    plain = apply(base, [adapter_dir(adapter)], tmp_path / "plain", device="cpu")
+    report = _merge(tmp_path / "pre", _begin(base, adapter_dir(adapter)), base, adapter_dir(adapter))
+    assert report.tensors_premerged == report.tensors_merged == plain.tensors_merged > 0
+    assert _weights(tmp_path / "pre") == _weights(tmp_path / "plain")
+
+
+def test_another_factor_is_never_taken(tmp_path):
+    """A worker told weight 0.5 for a merge at weight 1: every key differs, nothing is taken, and
+    the output is the merge's own."""
+    plain = apply(BF16_BASE, [BF16_ADAPTER], tmp_path / "plain", device="cpu")
+    report = _merge(tmp_path / "pre", _begin(weights=[0.5]))
+    assert report.tensors_premerged == 0 and report.tensors_merged == plain.tensors_merged
+    assert _weights(tmp_path / "pre") == _weights(tmp_path / "plain")
+
+
+def test_a_base_changed_after_the_worker_read_it_is_not_taken(tmp_path):
+    """The key holds the base file's size and mtime: a base rewritten in between (same names,
+    other values) is merged afresh."""
+    base = _bf16_copy(tmp_path, "llama-fp32")
+    pre = _begin(base, adapter_dir("llama-basic"))
+    deadline = time.monotonic() + 60
+    while pre.targets is None or len(pre._results) < len(pre.targets):  # all merged ahead (by its guess)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert pre.targets
+    for f in base.glob("*.safetensors"):
+        save_file({k: v * 2 if v.is_floating_point() else v for k, v in load_file(f).items()}, f)
+    report = _merge(tmp_path / "pre", pre, base, adapter_dir("llama-basic"))
+    plain = apply(base, [adapter_dir("llama-basic")], tmp_path / "plain", device="cpu")
+    assert report.tensors_premerged == 0
+    assert _weights(tmp_path / "pre") == _weights(tmp_path / "plain")
+
+
+def test_another_order_with_a_small_ring_neither_hangs_nor_differs(tmp_path, monkeypatch):
+    """The merge writes the shards last to first, the worker guessed first to last, and its two
+    slots hold results the merge wants last: the merge gives them back (drop) and the worker
+    computes what is wanted first, then those again."""
+    plain = apply(BF16_BASE, [BF16_ADAPTER], tmp_path / "plain", device="cpu")
+    pre = _begin(ring_bytes=1)  # two slots: the fewest it takes
+    deadline = time.monotonic() + 60
+    while not pre._blocked:  # both slots full of its own guesses
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monkeypatch.setattr(pipeline, "_write_order",
+                        lambda plan: [(fi, j) for fi in reversed(range(len(plan.files))) for j in plan.files[fi].jobs])
+    assert len(pre._results) == 2
+    report = _merge(tmp_path / "pre", pre)
+    assert pre.dropped > 0  # the path under test was taken
+    assert report.tensors_premerged == report.tensors_merged == plain.tensors_merged > 0
+    assert _weights(tmp_path / "pre") == _weights(tmp_path / "plain")
+
+
+def test_a_dead_worker_leaves_the_merge_to_itself(tmp_path):
+    plain = apply(BF16_BASE, [BF16_ADAPTER], tmp_path / "plain", device="cpu")
+    pre = _begin()
+    pre._proc.kill()
+    report = _merge(tmp_path / "pre", pre)
+    assert report.tensors_premerged == 0 and report.tensors_merged == plain.tensors_merged
+    assert _weights(tmp_path / "pre") == _weights(tmp_path / "plain")
+
+
+def test_cli_takes_the_worker_results_and_leaves_no_process(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["apply", str(BF16_BASE), str(BF16_ADAPTER), str(out), "--device", "cpu",
+                                       "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["tensors_premerged"] == report["tensors_merged"] > 0
+    plain = apply(BF16_BASE, [BF16_ADAPTER], tmp_path / "plain", device="cpu")
+    assert _weights(out) == _weights(tmp_path / "plain") and plain.tensors_premerged == 0
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "loramerge.engine.premerge_worker" not in ps
+
+
+def test_not_started_where_it_cannot_help(monkeypatch):
+    assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu", dry_run=True) is None
+    assert premerge.begin(BF16_BASE, [BF16_ADAPTER, BF16_ADAPTER], device="cpu") is None
+    assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu", dtype="float32") is None
+    assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cuda") is None
+    assert premerge.begin(base_dir("llama-bin"), [adapter_dir("llama-bin")], device="cpu") is None
+    monkeypatch.delenv("LORAMERGE_PREMERGE")
+    assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu") is None
+
+
+def test_cpu_merge_is_told_without_torch(tmp_path, monkeypatch):
+    assert premerge.cpu_merge("cpu") and not premerge.cpu_merge("cuda:0")
+    # a CUDA build of torch on a machine with no NVIDIA device node: still the CPU
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "version.py").write_text("cuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n")
+    monkeypatch.setattr(premerge.importlib.util, "find_spec", lambda name: type("S", (), {"origin": str(fake / "__init__.py")}))
+    monkeypatch.setattr(premerge.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    assert not premerge.cpu_merge("auto")
+    monkeypatch.setattr(premerge.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(premerge.os.path, "exists", lambda p: False)
+    assert premerge.cpu_merge("auto")
+    (fake / "version.py").write_text("cuda: Optional[str] = None\nhip: Optional[str] = None\n")
+    monkeypatch.setattr(premerge.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    assert premerge.cpu_merge("auto")  # a CPU build cannot use the GPU that is there
+
+
+def test_the_worker_never_imports_torch(tmp_path):
+    """Run the worker as the CLI does, to its end, and ask it what it imported."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('TORCH', 'torch' in sys.modules, 'NUMBA', 'numba' in sys.modules, "
+            "file=sys.stderr))\n"
+            "from loramerge.engine.premerge_worker import main\nmain()\n")
+    fd = os.memfd_create("test")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, pass_fds=(fd,), text=True)
+    proc.stdin.write(json.dumps({"base": str(BF16_BASE), "adapter": str(BF16_ADAPTER), "ring_fd": fd}) + "\n")
+    proc.stdin.flush()
+    ready = json.loads(proc.stdout.readline())
+    assert ready["ready"] and ready["slots"] >= 2
+    proc.stdin.write(json.dumps({"order": ready["ready"]}) + "\n")
+    proc.stdin.flush()
+    done = []
+    while True:
+        msg = json.loads(proc.stdout.readline())
+        if "done" in msg:
+            done.append(msg["done"])
+            proc.stdin.write(json.dumps({"release": msg["slot"]}) + "\n")
+            proc.stdin.flush()
+        elif "end" in msg:
+            break
+        else:
+            assert "failed" not in msg, msg
+    proc.stdin.close()  # its end: the worker exits
+    err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 0
+    os.close(fd)
+    assert sorted(done) == sorted(ready["ready"])
+    assert "TORCH False NUMBA True" in err
