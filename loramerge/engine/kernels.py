@@ -203,7 +203,8 @@ if numba is not None:
 
     @numba.njit(cache=True)
     def _scratch32(cols):
-        return aligned(cols, np.float32), aligned(cols, np.float32), np.empty(cols, np.bool_)
+        """wf, d and maybe: maybe padded with zeros to whole 8-byte words (_row32 scans it by word)."""
+        return aligned(cols, np.float32), aligned(cols, np.float32), np.zeros(-(-cols // 8) * 8, np.bool_)
 
     @numba.njit(cache=True, inline="always")
     def _accumulate(d, a, b, i, k0):
@@ -258,15 +259,56 @@ if numba is not None:
         """Rows r0..r1 by the float32 pass (module docstring), what it leaves in float64: writes
         out, bad, undecided (what float64 leaves) and redone (elements evaluated in float64); one
         thread's share (row_threads)."""
-        wf, d, maybe = _scratch32(args64[0].shape[1])
-        for i in range(r0, r1):
+        cols = args64[0].shape[1]
+        wf, d, maybe = _scratch32(cols)
+        d2 = aligned(cols, np.float32)
+        bs32, a32 = args32[0], args32[1]
+        i = r0
+        # D for two rows at a time: each row of A loaded feeds both (A's R rows pass through the
+        # cache once per pair, not once per row); each row's sum is the same as alone
+        while i + 2 <= r1:
+            _d_pair(d, d2, a32, bs32, i)
+            _row32(i, args32, args64, wf, d, maybe)
+            _row32(i + 1, args32, args64, wf, d2, maybe)
+            i += 2
+        if i < r1:
+            b0 = bs32[i, 0]
+            for j in range(cols):
+                d[j] = b0 * a32[0, j]
+            _accumulate(d, a32, bs32, i, 1)
             _row32(i, args32, args64, wf, d, maybe)
 
     @numba.njit(cache=True)
+    def _d_pair(d, e, a, b, i):
+        """d = D of row i and e = D of row i + 1 (module docstring: k in order from 0, so that a
+        sum of zeros keeps IEEE's sign; _accumulate's sequence of roundings), sharing A's loads."""
+        rank, cols = a.shape
+        b0, c0 = b[i, 0], b[i + 1, 0]
+        for j in range(cols):
+            x = a[0, j]
+            d[j] = b0 * x
+            e[j] = c0 * x
+        k = 1
+        while k + 4 <= rank:
+            b0, b1, b2, b3 = b[i, k], b[i, k + 1], b[i, k + 2], b[i, k + 3]
+            c0, c1, c2, c3 = b[i + 1, k], b[i + 1, k + 1], b[i + 1, k + 2], b[i + 1, k + 3]
+            for j in range(cols):
+                x0, x1, x2, x3 = a[k, j], a[k + 1, j], a[k + 2, j], a[k + 3, j]
+                d[j] = (((d[j] + b0 * x0) + b1 * x1) + b2 * x2) + b3 * x3
+                e[j] = (((e[j] + c0 * x0) + c1 * x1) + c2 * x2) + c3 * x3
+            k += 4
+        while k < rank:
+            bk, ck = b[i, k], b[i + 1, k]
+            for j in range(cols):
+                x = a[k, j]
+                d[j] += bk * x
+                e[j] += ck * x
+            k += 1
+
+    @numba.njit(cache=True)
     def _row32(i, args32, args64, wf, d, maybe):
-        """Row i by the float32 pass (a function of its own: numba's parallel loops, which ran the
-        rows before, mishandled the early exits of this body inline). wf, d, maybe: scratch rows
-        (float32, float32, bool), reused from row to row."""
+        """Row i by the float32 pass, given its D in d (_rows32). wf, maybe: scratch rows
+        (float32, bool), reused from row to row."""
         (bs32, a32, lut32, w_bf16, rn32, cn32, ru32, cu32, live_r, live_c, drop, redone, dense, lo32, hi32) = args32
         (w, lut, a, bs, out, to_f16, bad, undecided, lut_out, inf_bits, top_ulp, thr, slack,
          row_w, row_n, col_w, col_n, col_u, drop64, lo, hi) = args64
@@ -284,12 +326,7 @@ if numba is not None:
         else:
             for j in range(cols):
                 wf[j] = lut32[w[i, j]]
-        # D first, k in order from 0 (so that a sum of zeros keeps IEEE's sign), then W
-        b0 = bs32[i, 0]
-        for j in range(cols):
-            d[j] = b0 * a32[0, j]
-        _accumulate(d, a32, bs32, i, 1)
-        # then W (last), the rounding to the output's 16 bits and the bound's quick test: for
+        # W last (after D), the rounding to the output's 16 bits and the bound's quick test: for
         # bfloat16 in one pass over the row (all of it vectorizes); float16's rounding has
         # branches, so there the quick test gets a loop of its own, which vectorizes
         bits = d.view(np.uint32)
@@ -328,26 +365,46 @@ if numba is not None:
             _row64(i, args64, acc, f, m64)
             return
         nu = 0
-        for j in range(cols):
-            if not maybe[j]:
+        # the nm elements flagged, found 8 flags at a time (maybe is padded with zeros to whole
+        # words: _scratch32): a scan of every flag cost as much as the quick test itself
+        flags = maybe.view(np.uint64)
+        left = nm
+        for wi in range(flags.shape[0]):
+            if flags[wi] == 0:
                 continue
-            h = out[i, j]
-            r = np.float64(d[j])
-            e = _bound32(r, np.float64(wf[j]), np.float64(rn), np.float64(cn32[j]), np.float64(ru),
-                         np.float64(cu32[j]), np.float64(lv * live_c[j])) * slack
-            if not exact_undecided(r, h, e, e == 0.0, lut_out, inf_bits, top_ulp, thr):
-                continue  # decided after all by the exact distances
-            x = lut[w[i, j]]
-            for k in range(rank):
-                x += bs[i, k] * a[k, j]
-            f = np.float32(x)
-            h64 = f32_bits_to_half(odd_f32_bits(x, f, _f32_bits(f)), to_f16)
-            nb += np.int64((h64 & inf_bits) == inf_bits) - np.int64((h & inf_bits) == inf_bits)
-            out[i, j] = h64
-            e64 = (row_w[i] * col_w[j] * abs(lut[w[i, j]]) + row_n[i] * col_n[j] + col_u[j] * lv) * slack
-            nu += exact_undecided(x, h64, e64, e64 == 0.0, lut_out, inf_bits, top_ulp, thr)
+            for j in range(wi * 8, min(wi * 8 + 8, cols)):
+                if maybe[j]:
+                    left -= 1
+                    nb, nu = _redo32(i, j, args32, args64, wf, d, rn, ru, lv, nb, nu)
+            if left == 0:
+                break
         bad[i] = nb
         undecided[i] = nu
+
+    @numba.njit(cache=True, inline="always")
+    def _redo32(i, j, args32, args64, wf, d, rn, ru, lv, nb, nu):
+        """One element the float32 pass left: decided by the exact distances to the float32 sum, or
+        evaluated in float64 (and decided by that bound, or counted undecided). Returns the row's
+        non-finite and undecided counts with it."""
+        (bs32, a32, lut32, w_bf16, rn32, cn32, ru32, cu32, live_r, live_c, drop, redone, dense, lo32, hi32) = args32
+        (w, lut, a, bs, out, to_f16, bad, undecided, lut_out, inf_bits, top_ulp, thr, slack,
+         row_w, row_n, col_w, col_n, col_u, drop64, lo, hi) = args64
+        h = out[i, j]
+        r = np.float64(d[j])
+        e = _bound32(r, np.float64(wf[j]), np.float64(rn), np.float64(cn32[j]), np.float64(ru),
+                     np.float64(cu32[j]), np.float64(lv * live_c[j])) * slack
+        if not exact_undecided(r, h, e, e == 0.0, lut_out, inf_bits, top_ulp, thr):
+            return nb, nu  # decided after all by the exact distances
+        x = lut[w[i, j]]
+        for k in range(a.shape[0]):
+            x += bs[i, k] * a[k, j]
+        f = np.float32(x)
+        h64 = f32_bits_to_half(odd_f32_bits(x, f, _f32_bits(f)), to_f16)
+        nb += np.int64((h64 & inf_bits) == inf_bits) - np.int64((h & inf_bits) == inf_bits)
+        out[i, j] = h64
+        e64 = (row_w[i] * col_w[j] * abs(lut[w[i, j]]) + row_n[i] * col_n[j] + col_u[j] * lv) * slack
+        nu += exact_undecided(x, h64, e64, e64 == 0.0, lut_out, inf_bits, top_ulp, thr)
+        return nb, nu
 
     @numba.njit(cache=True, inline="always")
     def _f32_bits(f):
