@@ -221,9 +221,11 @@ def main():
                 wall, anon, stdout = measure([py, "-m", "loramerge", "apply", str(base), str(adapter), str(out),
                                               "--device", args.device, "-q", "--json"], env=env)
                 report = json.loads(stdout)
-                # early_gb: what the head start wrote while the process started (writers/headstart.py)
+                # early_gb: what the head start wrote while the process started (writers/headstart.py);
+                # premerged: tensors taken from the premerge worker (engine/premerge.py)
                 cli_stages[m].append(dict(report["stage_seconds"], at_exit=wall,
-                                          early_gb=report.get("bytes_early", 0) / 1e9))
+                                          early_gb=report.get("bytes_early", 0) / 1e9,
+                                          premerged=report.get("tensors_premerged", 0)))
             elif m == "peft":
                 wall, anon, stdout = measure([py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out), args.peft_device])
             else:

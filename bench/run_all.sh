@@ -6,6 +6,8 @@
 #                                 # verify, PEFT, cat+sync, cat; then ONNX fold at 8B shapes, 8 layers
 #   bench/run_all.sh h200-apply   # H200: 8B bf16 --device cuda: apply, cold CLI, verify vs cat+sync
 #   bench/run_all.sh h200-cpu     # same checkpoint, --device cpu (all cores)
+#   bench/run_all.sh h200-premerge  # --device cpu, the CLI with and without the premerge worker
+#                                 # (LORAMERGE_PREMERGE=1: off by default until this says it pays)
 #   bench/run_all.sh h200-onnx    # 8B fp16 graph with external data (16 GB) fold vs copy; frees the
 #                                 # apply checkpoint first (a 64 GB disk holds graph + base + output)
 set -euo pipefail
@@ -32,13 +34,17 @@ case "${1:-}" in
     "$PY" bench/bench_apply.py --preset 8b --device cpu --runs 3 --workdir "$WORK" \
       --methods loramerge,cli,floor --results "$RESULTS/gpu-h200-8b-cpu16-issue15-$stamp.json"
     ;;
+  h200-premerge)
+    "$PY" bench/bench_apply.py --preset 8b --device cpu --runs 3 --workdir "$WORK" \
+      --methods cli,cli:LORAMERGE_PREMERGE=1,floor --results "$RESULTS/gpu-h200-8b-cpu-premerge-$stamp.json"
+    ;;
   h200-onnx)
     rm -rf "$WORK"/base-8b "$WORK"/adapter-8b-* "$WORK"/out-*
     "$PY" bench/bench_onnx_scale.py --preset 8b --device cuda --runs 2 --workdir "$WORK" \
       --results "$RESULTS/gpu-h200-onnx-8b-$stamp.json" --clean
     ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
     ;;
 esac
