@@ -212,3 +212,16 @@ def test_the_worker_never_imports_torch(tmp_path):
     os.close(fd)
     assert sorted(done) == sorted(ready["ready"])
     assert "TORCH False NUMBA True" in err
+
+
+def test_the_cli_side_imports_neither_torch_nor_numba():
+    """engine/premerge.py runs in the CLI before torch's import: importing it (and starting a
+    worker) must not import torch or numba."""
+    code = ("import sys\nfrom loramerge.engine import premerge\n"
+            f"pre = premerge.begin({str(BF16_BASE)!r}, [{str(BF16_ADAPTER)!r}], device='cpu')\n"
+            "assert pre is not None\npre.close()\n"
+            "print('torch' in sys.modules, 'numba' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "LORAMERGE_PREMERGE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]

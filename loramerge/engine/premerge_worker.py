@@ -39,7 +39,7 @@ import numpy as np
 
 from ..readers.peft_config import pattern_value
 from ..readers.prefetch import weight_files
-from ..writers.headstart import _header
+from ..readers.st_header import raw_header
 from .kernel_inputs import digest
 from .schedule import write_order
 
@@ -94,7 +94,7 @@ def plan(config: dict) -> list[Target]:
             or cfg.get("target_parameters")):
         return []
     a_file = adapter / "adapter_model.safetensors"
-    a_header, a_data = _header(a_file)
+    a_header, a_data = raw_header(a_file)
     files = weight_files(Path(config["base"]))
     if not files or any(f.suffix != ".safetensors" for f in files):
         return []
@@ -109,7 +109,7 @@ def plan(config: dict) -> list[Target]:
                 pairs.setdefault(module[len(PREFIX):] if module.startswith(PREFIX) else module, {})[part] = key
     by_file, sizes = [], []
     for f in files:
-        header, data = _header(f)
+        header, data = raw_header(f)
         order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         found = []
         for name, info in order:

@@ -16,12 +16,11 @@ import torch
 
 from ..errors import CheckpointError
 from . import quantized
+from .st_header import MAX_HEADER  # a larger header is not a real one (the reference reader caps it too)
 from ..types import ST_TO_TORCH, TORCH_TO_ST, TensorRef, itemsize, numel
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-# A header larger than this is not a real safetensors header (the reference reader caps it too).
-MAX_HEADER = 100 * 1024 * 1024
 # Files in a model directory that hold weights; never copied as-is into a merged output, since
 # they would carry unmerged (stale) weights next to the merged ones.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")

@@ -41,6 +41,7 @@ from pathlib import Path
 from ..errors import OutputError
 from ..readers import hub
 from ..readers.prefetch import weight_files
+from ..readers.st_header import raw_header
 from .direct import ALIGN, aligned_buffer, direct_wanted, pread_full, set_direct
 from .header import METADATA, build_header
 from .manifest import Hasher
@@ -50,7 +51,6 @@ from .writeback import Writeback
 MIN_BYTES = 1 << 20   # a smaller tensor costs the writer next to nothing: not worth a head start
 CHUNK = 32 << 20      # bytes per read and write: one GIL hand-over per ~20 ms of disk time
 HASH_CHUNK = 8 << 20  # bytes the hashing thread hashes between looks at the stop flag
-MAX_HEADER = 100 * 1024 * 1024  # as readers/checkpoint.py: anything larger is not a header
 # a tensor's own name that says nothing of its module (every adapter's names hold "weight")
 PARAMETERS = {"weight", "bias"}
 
@@ -142,18 +142,6 @@ class _Copy:
         return (self.out_offset + self.nbytes) // ALIGN * ALIGN
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header (without __metadata__) and where its data starts. Errors are
-    the checkpoint reader's to report: here any of them only means no head start."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER:
-            raise ValueError(f"{path}: header of {n} bytes")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
 def _adapter_names(path: Path) -> list[str] | None:
     """The tensor names of a safetensors adapter (a PEFT directory or a single file), and the
     module names its PEFT config lists; None for anything else (no guess, no head start)."""
@@ -168,7 +156,7 @@ def _adapter_names(path: Path) -> list[str] | None:
         path = path / "adapter_model.safetensors"
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    return names + list(_header(path)[0])
+    return names + list(raw_header(path)[0])
 
 
 def _touched_by(adapters: list[list[str]]):
@@ -197,7 +185,7 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
     touched = _touched_by(names)
     shards, copies = [], []
     for fi, f in enumerate(files):
-        header, data = _header(f)
+        header, data = raw_header(f)
         order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         entries = [(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for k, v in order]
         raw = build_header(entries, METADATA)
