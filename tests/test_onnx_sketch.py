@@ -129,3 +129,28 @@ def test_compare_sees_one_changed_element_in_every_tile():
         v.view(torch.int16)[i, j] ^= 1
         assert sketch.compare(wt, v.T) == (1, 1), (i, j)
         assert sketch.compare(w, v) == (1, 1), (i, j)
+
+
+@numba_only
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_same_answers_on_any_number_of_threads(threads):
+    """The kernels' rows (and row blocks) are shared among threads (engine/row_threads.py): every
+    row counted once whatever the split, so digests and counts equal the one-thread answers and
+    the reference."""
+    w = _rand((600, 2048), torch.float16)
+    v = w.clone()
+    vf = v.view(-1)
+    for idx in range(0, vf.numel(), 4099):  # a difference in every few rows, blocks' edges included
+        vf.view(torch.int16)[idx] ^= 1
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (sketch.digest(w), sketch.digest(w.T.contiguous().T), sketch.compare(w, v),
+               sketch.compare(w.T.contiguous(), v.T))
+        torch.set_num_threads(threads)
+        many = (sketch.digest(w), sketch.digest(w.T.contiguous().T), sketch.compare(w, v),
+                sketch.compare(w.T.contiguous(), v.T))
+    finally:
+        torch.set_num_threads(old)
+    assert many == one
+    assert one[0] == one[1] and one[2] == one[3] == _differences_reference(w, v)

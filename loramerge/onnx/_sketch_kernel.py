@@ -1,11 +1,19 @@
 """numba kernels behind sketch.py: digest (two exact bilinear forms of a tensor's 16-bit limbs mod P;
 see sketch.py for the math) and compare (bits and canonical values, element by element). Imported
-only when a content match needs them."""
+only when a content match needs them. Rows (and row blocks) are shared among threads by
+engine/row_threads.py, as the merge kernels' are: no numba parallel loops (their compilation
+took ~5 s of the first fold after an install on the 2-core VM, and they start numba's own
+threads beside torch's)."""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+from ..engine import jit_time
+from ..engine.row_threads import on_threads
+
+jit_time.install()  # the first fold after an install compiles these: apply's report counts numba's time
 
 P = (1 << 31) - 1
 CHUNK = 1 << 15  # limb (< 2^16) * weight (< 2^31) summed 2^15 times stays below 2^63
@@ -25,25 +33,33 @@ def _canon(e, magmask, emask, fmax, nan):  # pragma: no cover - compiled
     return e
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def forms(bits, row_w, col_w, canon, emask, mmask, fmax, nan):  # pragma: no cover - compiled
+def forms(bits, row_w, col_w, canon, emask, mmask, fmax, nan):
     """bits [rows, cols] (int16/32/64 element bit patterns); row_w [2, limbs, rows], col_w
     [2, limbs, cols] in [1, P). Returns [2]: sum_ij sum_l limb_l(x_ij) row_w[f, l, i] col_w[f, l, j]
     mod P, with x_ij = the canonical bits when canon (zero/subnormal -> 0, NaN -> nan, magnitude
     at or above fmax -> signed infinity)."""
     rows, cols = bits.shape
+    part0 = np.zeros(rows, np.int64)
+    part1 = np.zeros(rows, np.int64)
+    on_threads(_forms_rows, (bits, row_w, col_w, canon, emask, mmask, fmax, nan, part0, part1), 0, rows, cols)
+    # each part is below P < 2^31: their sum stays far below 2^63 for any row count there can be
+    return np.array([int(part0.sum()) % P, int(part1.sum()) % P], np.int64)
+
+
+@numba.njit(cache=True, nogil=True)  # nogil: the other row ranges' threads run meanwhile
+def _forms_rows(bits, row_w, col_w, canon, emask, mmask, fmax, nan, part0, part1, r0, r1):  # pragma: no cover
+    """forms' per-row sums (mod P) for rows r0..r1 (one thread's share)."""
+    cols = bits.shape[1]
     limbs = row_w.shape[1]
     width = 16 * limbs
     magmask = (np.int64(1) << (width - 1)) - 1 if width < 64 else np.int64(0x7FFFFFFFFFFFFFFF)
-    part0 = np.zeros(rows, np.int64)
-    part1 = np.zeros(rows, np.int64)
-    for i in numba.prange(rows):
+    for i in range(r0, r1):
         s0 = np.int64(0)
         s1 = np.int64(0)
         for l in range(limbs):
             shift = 16 * l
-            r0 = np.int64(0)
-            r1 = np.int64(0)
+            r0_ = np.int64(0)
+            r1_ = np.int64(0)
             for j0 in range(0, cols, CHUNK):
                 a0 = np.int64(0)
                 a1 = np.int64(0)
@@ -54,17 +70,12 @@ def forms(bits, row_w, col_w, canon, emask, mmask, fmax, nan):  # pragma: no cov
                     limb = (e >> shift) & 0xFFFF
                     a0 += limb * col_w[0, l, j]
                     a1 += limb * col_w[1, l, j]
-                r0 = (r0 + a0 % P) % P
-                r1 = (r1 + a1 % P) % P
-            s0 = (s0 + r0 * row_w[0, l, i]) % P
-            s1 = (s1 + r1 * row_w[1, l, i]) % P
+                r0_ = (r0_ + a0 % P) % P
+                r1_ = (r1_ + a1 % P) % P
+            s0 = (s0 + r0_ * row_w[0, l, i]) % P
+            s1 = (s1 + r1_ * row_w[1, l, i]) % P
         part0[i] = s0
         part1[i] = s1
-    out = np.zeros(2, np.int64)
-    for i in range(rows):
-        out[0] = (out[0] + part0[i]) % P
-        out[1] = (out[1] + part1[i]) % P
-    return out
 
 
 TILE = 64  # a transposed comparison walks TILE x TILE blocks, so both operands stay in cache
@@ -78,8 +89,7 @@ def _difference(x, y, magmask, emask, fmax, nan):  # pragma: no cover - compiled
     return 1 if _canon(x, magmask, emask, fmax, nan) == _canon(y, magmask, emask, fmax, nan) else 2
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def differ(a, b, transposed, magmask, emask, fmax, nan):  # pragma: no cover - compiled
+def differ(a, b, transposed, magmask, emask, fmax, nan):
     """a [rows, cols] element bits; b the same shape, or [cols, rows] holding a's transpose when
     `transposed`. Returns [elements whose canonical values differ, elements whose bits differ].
     In one layout each row is first compared bit for bit in a loop the compiler vectorizes; only
@@ -88,7 +98,15 @@ def differ(a, b, transposed, magmask, emask, fmax, nan):  # pragma: no cover - c
     blocks = (rows + TILE - 1) // TILE
     canon = np.zeros(blocks, np.int64)
     raw = np.zeros(blocks, np.int64)
-    for bi in numba.prange(blocks):
+    on_threads(_differ_blocks, (a, b, transposed, magmask, emask, fmax, nan, canon, raw), 0, blocks, TILE * cols)
+    return np.array([canon.sum(), raw.sum()])
+
+
+@numba.njit(cache=True, nogil=True)  # nogil: the other blocks' threads run meanwhile
+def _differ_blocks(a, b, transposed, magmask, emask, fmax, nan, canon, raw, b0, b1):  # pragma: no cover
+    """differ's counts for row blocks b0..b1 of TILE rows (one thread's share)."""
+    rows, cols = a.shape
+    for bi in range(b0, b1):
         i0 = bi * TILE
         c = np.int64(0)
         r = np.int64(0)
@@ -111,4 +129,3 @@ def differ(a, b, transposed, magmask, emask, fmax, nan):  # pragma: no cover - c
                         c += d > 1
         canon[bi] = c
         raw[bi] = r
-    return np.array([canon.sum(), raw.sum()])
