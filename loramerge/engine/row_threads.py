@@ -7,7 +7,8 @@ on the 2-core VM), for no speed: at 16 threads merge_half took 28.8-30.5 ms agai
 with prange, and 34.7-37.4 ms against 52.0-56.2 ms beside four sha256 threads (bench/RESULTS.md,
 "The first run after an install compiles the CPU kernels"). Nor do they launch numba's OpenMP
 layer. Used by the merge kernel (kernels.py), the FP8 kernel (fp8_kernel.py), rounding.decide's
-numba twin (rounding_kernel.round_decide) and verify's comparison (verifier/compare_kernel.py).
+numba twin (rounding_kernel.round_decide), verify's comparison (verifier/compare_kernel.py) and the
+ONNX fold's content digests (onnx/_sketch_kernel.py).
 The helpers are the pipeline's own daemon Workers (threads.py): an interrupted merge's exit does
 not wait for them.
 """
