@@ -111,21 +111,44 @@ def test_a_base_changed_after_the_worker_read_it_is_not_taken(tmp_path):
     assert _weights(tmp_path / "pre") == _weights(tmp_path / "plain")
 
 
-def test_another_order_with_a_small_ring_neither_hangs_nor_differs(tmp_path, monkeypatch):
-    """The merge writes the shards last to first, the worker guessed first to last, and its two
-    slots hold results the merge wants last: the merge gives them back (drop) and the worker
-    computes what is wanted first, then those again."""
-    plain = apply(BF16_BASE, [BF16_ADAPTER], tmp_path / "plain", device="cpu")
-    pre = _begin(ring_bytes=1)  # two slots: the fewest it takes
+def _blocked_with_two(**kw):
+    """A worker with two slots (the fewest it takes), both full of its own guesses, waiting."""
+    pre = _begin(ring_bytes=1, **kw)
     deadline = time.monotonic() + 60
-    while not pre._blocked:  # both slots full of its own guesses
+    while not pre._blocked:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert len(pre._results) == 2
+    return pre
+
+
+def test_slots_full_of_results_wanted_last_are_given_back():
+    """The merge wants the worker's targets in the reverse of its guess: the two results it holds
+    are wanted last, and what is wanted first has no slot. The merge gives the latest back (drop),
+    the worker computes what is wanted, and the given-back one again in its turn: every target
+    arrives, in the merge's order, none lost."""
+    pre = _blocked_with_two()
+    try:
+        order = list(reversed(pre.targets))
+        assert len(order) > 2
+        pre.want(order)
+        for name in order:
+            got = pre._wait(name)
+            assert got is not None, name
+            pre._send(release=got.slot)
+        assert pre.dropped >= 1
+    finally:
+        pre.close()
+
+
+def test_another_order_with_a_small_ring_neither_hangs_nor_differs(tmp_path, monkeypatch):
+    """The merge writes the shards last to first, the worker guessed first to last, with two
+    slots full of its guesses: the same bytes, every target from the worker."""
+    plain = apply(BF16_BASE, [BF16_ADAPTER], tmp_path / "plain", device="cpu")
+    pre = _blocked_with_two()
     monkeypatch.setattr(pipeline, "_write_order",
                         lambda plan: [(fi, j) for fi in reversed(range(len(plan.files))) for j in plan.files[fi].jobs])
-    assert len(pre._results) == 2
     report = _merge(tmp_path / "pre", pre)
-    assert pre.dropped > 0  # the path under test was taken
     assert report.tensors_premerged == report.tensors_merged == plain.tensors_merged > 0
     assert _weights(tmp_path / "pre") == _weights(tmp_path / "plain")
 
