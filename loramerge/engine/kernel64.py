@@ -29,26 +29,10 @@ def _sum64_pair(acc, acc2, args64, i):
     accumulate's roundings), sharing the loads of A: a rank-256 float64 A does not fit in
     L2, and read once per pair instead of once per row the sums took 0.6x the time."""
     w, lut, a, b = args64[0], args64[1], args64[2], args64[3]
-    rank, cols = a.shape
-    for j in range(cols):
+    for j in range(w.shape[1]):
         acc[j] = lut[w[i, j]]
         acc2[j] = lut[w[i + 1, j]]
-    k = 0
-    while k + 4 <= rank:
-        b0, b1, b2, b3 = b[i, k], b[i, k + 1], b[i, k + 2], b[i, k + 3]
-        c0, c1, c2, c3 = b[i + 1, k], b[i + 1, k + 1], b[i + 1, k + 2], b[i + 1, k + 3]
-        for j in range(cols):
-            x0, x1, x2, x3 = a[k, j], a[k + 1, j], a[k + 2, j], a[k + 3, j]
-            acc[j] = (((acc[j] + b0 * x0) + b1 * x1) + b2 * x2) + b3 * x3
-            acc2[j] = (((acc2[j] + c0 * x0) + c1 * x1) + c2 * x2) + c3 * x3
-        k += 4
-    while k < rank:
-        bk, ck = b[i, k], b[i + 1, k]
-        for j in range(cols):
-            x = a[k, j]
-            acc[j] += bk * x
-            acc2[j] += ck * x
-        k += 1
+    accumulate_pair(acc, acc2, a, b, i, 0)
 
 
 @numba.njit(cache=True)
@@ -137,4 +121,28 @@ def accumulate(d, a, b, i, k0):
         bk = b[i, k]
         for j in range(cols):
             d[j] += bk * a[k, j]
+        k += 1
+
+
+@numba.njit(cache=True, inline="always")
+def accumulate_pair(d, e, a, b, i, k0):
+    """accumulate for rows i (into d) and i + 1 (into e) at once: each row's terms in the same
+    order and grouping, so each sum is the one accumulate gives; each row of A is loaded once for
+    both (A's rows pass through the cache once per pair of rows, not once per row)."""
+    rank, cols = a.shape
+    k = k0
+    while k + 4 <= rank:
+        b0, b1, b2, b3 = b[i, k], b[i, k + 1], b[i, k + 2], b[i, k + 3]
+        c0, c1, c2, c3 = b[i + 1, k], b[i + 1, k + 1], b[i + 1, k + 2], b[i + 1, k + 3]
+        for j in range(cols):
+            x0, x1, x2, x3 = a[k, j], a[k + 1, j], a[k + 2, j], a[k + 3, j]
+            d[j] = (((d[j] + b0 * x0) + b1 * x1) + b2 * x2) + b3 * x3
+            e[j] = (((e[j] + c0 * x0) + c1 * x1) + c2 * x2) + c3 * x3
+        k += 4
+    while k < rank:
+        bk, ck = b[i, k], b[i + 1, k]
+        for j in range(cols):
+            x = a[k, j]
+            d[j] += bk * x
+            e[j] += ck * x
         k += 1

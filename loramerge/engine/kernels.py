@@ -43,7 +43,7 @@ from .rounding_kernel import AVAILABLE, kind, lut, lut32, numba
 from .row_threads import on_threads
 
 if numba is not None:
-    from .kernel64 import accumulate, row64, rows64, scratch64
+    from .kernel64 import accumulate, accumulate_pair, row64, rows64, scratch64
     from .rounding_kernel import aligned, exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits
 
 if TYPE_CHECKING:
@@ -200,28 +200,12 @@ if numba is not None:
     def _d_pair(d, e, a, b, i):
         """d = D of row i and e = D of row i + 1 (module docstring: k in order from 0, so that a
         sum of zeros keeps IEEE's sign; accumulate's sequence of roundings), sharing A's loads."""
-        rank, cols = a.shape
         b0, c0 = b[i, 0], b[i + 1, 0]
-        for j in range(cols):
+        for j in range(a.shape[1]):
             x = a[0, j]
             d[j] = b0 * x
             e[j] = c0 * x
-        k = 1
-        while k + 4 <= rank:
-            b0, b1, b2, b3 = b[i, k], b[i, k + 1], b[i, k + 2], b[i, k + 3]
-            c0, c1, c2, c3 = b[i + 1, k], b[i + 1, k + 1], b[i + 1, k + 2], b[i + 1, k + 3]
-            for j in range(cols):
-                x0, x1, x2, x3 = a[k, j], a[k + 1, j], a[k + 2, j], a[k + 3, j]
-                d[j] = (((d[j] + b0 * x0) + b1 * x1) + b2 * x2) + b3 * x3
-                e[j] = (((e[j] + c0 * x0) + c1 * x1) + c2 * x2) + c3 * x3
-            k += 4
-        while k < rank:
-            bk, ck = b[i, k], b[i + 1, k]
-            for j in range(cols):
-                x = a[k, j]
-                d[j] += bk * x
-                e[j] += ck * x
-            k += 1
+        accumulate_pair(d, e, a, b, i, 1)
 
     @numba.njit(cache=True)
     def _row32(i, args32, args64, wf, d, maybe):
