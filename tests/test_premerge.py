@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from conftest import adapter_dir, base_dir
 from loramerge import apply
 from loramerge.cli import main
-from loramerge.engine import pipeline, premerge
+from loramerge.engine import pipeline, premerge, premerge_worker
 
 BF16_BASE, BF16_ADAPTER = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
 
@@ -63,7 +63,7 @@ def _bf16_copy(tmp_path: Path, name: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("options", [{}, {"weights": [0.37]}, {"dtype": "float16"}])
+@pytest.mark.parametrize("options", [{}, {"weights": [0.37]}, {"dtype": "float16"}, {"accum": "float64"}])
 def test_worker_results_are_the_merge_own(tmp_path, options):
     plain = apply(BF16_BASE, [BF16_ADAPTER], tmp_path / "plain", device="cpu", **options)
     report = _merge(tmp_path / "pre", _begin(**options), **options)
@@ -113,7 +113,8 @@ def test_a_base_changed_after_the_worker_read_it_is_not_taken(tmp_path):
 
 def _blocked_with_two(**kw):
     """A worker with two slots (the fewest it takes), both full of its own guesses, waiting."""
-    pre = _begin(ring_bytes=1, **kw)
+    largest = max(t.nbytes for t in premerge_worker.plan({"base": str(BF16_BASE), "adapter": str(BF16_ADAPTER)}))
+    pre = _begin(ring_bytes=2 * premerge_worker._page(largest), **kw)
     deadline = time.monotonic() + 60
     while not pre._blocked:
         assert time.monotonic() < deadline
@@ -248,3 +249,46 @@ def test_the_cli_side_imports_neither_torch_nor_numba():
                          env={**os.environ, "LORAMERGE_PREMERGE": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_results_outside_the_order_are_never_given_back_or_taken():
+    """The merge wants none of the two results the worker holds (as with --only, which the worker
+    does not know): the worker frees those slots itself, the merge forgets them, and everything
+    it wants still arrives, without a give-back."""
+    pre = _blocked_with_two()
+    try:
+        held = set(pre._results)
+        order = [n for n in pre.targets if n not in held]
+        pre.want(order)
+        assert not pre._results.keys() & held
+        for name in order:
+            got = pre._wait(name)
+            assert got is not None, name
+            pre._send(release=got.slot, name=name)
+        assert pre.dropped == 0
+    finally:
+        pre.close()
+
+
+def test_a_message_about_a_reused_slot_changes_nothing():
+    worker = premerge_worker.Worker({}, -1)
+    worker.ring, worker.state, worker.free = {1: "b"}, {"a": "taken", "b": "ring"}, [0]
+    worker._free(1, "pending", "a")   # slot 1 held "a" once; it holds "b" now
+    assert worker.ring == {1: "b"} and worker.state["b"] == "ring" and worker.free == [0]
+    worker._free(1, "taken", "b")
+    assert worker.ring == {} and worker.state["b"] == "taken" and sorted(worker.free) == [0, 1]
+
+
+def test_close_leaves_no_descriptor_and_may_come_twice():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+    before = fds()
+    for _ in range(3):
+        pre = _begin()
+        pre.want(pre.targets or [])
+        view = memoryview(pre._mem) if pre._mem is not None else None  # a copy still running
+        pre.close()
+        pre.close()
+        if view is not None:
+            view.release()
+    assert fds() == before

@@ -43,7 +43,7 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
     # and a process without torch merges ahead on the CPU (engine/premerge.py)
     with headstart.running(base, adapters, out, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
                            overwrite=overwrite, revision=revision) as head, \
-            premerge.running(base, adapters, weights=parse_weights(weights), dtype=dtype, device=device,
+            premerge.running(base, adapters, weights=parse_weights(weights), dtype=dtype, device=device, accum=accum,
                              dry_run=dry_run or bool(qlora_opts.get("qlora")), revision=revision) as pre:
         apply = import_heavy("loramerge.api").apply
         report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,

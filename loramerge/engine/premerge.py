@@ -91,9 +91,12 @@ class Premerge:
         self._gone = False                     # failed, or its output closed
         self._ended = False                    # every name of the order settled
         self._heard = time.monotonic()
+        self._ordered = False                  # want() has sent the order
+        self._closed = False
         self.taken = 0
         self.dropped = 0                       # results given back for the worker to compute again
-        threading.Thread(target=self._listen, name="loramerge-premerge", daemon=True).start()
+        self._listener = threading.Thread(target=self._listen, name="loramerge-premerge", daemon=True)
+        self._listener.start()
 
     # -- the worker's messages -------------------------------------------------------------
     def _listen(self) -> None:
@@ -114,10 +117,13 @@ class Premerge:
         if "ready" in msg:
             self.targets = msg["ready"]
             self._slot_bytes = msg["slot_bytes"]
-            if msg["slots"]:
+            if msg["slots"] and not self._closed:
                 self._mem = mmap.mmap(self._ring_fd, msg["slots"] * self._slot_bytes, prot=mmap.PROT_READ)
         elif "done" in msg:
-            self._results[msg["done"]] = _Result(msg["slot"], msg["key"], msg["redone"])
+            # a result for a name outside the order was computed before the worker had it: the
+            # worker frees that slot itself, so it is neither kept nor ever given back from here
+            if not self._ordered or msg["done"] in self._position:
+                self._results[msg["done"]] = _Result(msg["slot"], msg["key"], msg["redone"])
             self._blocked = False
         elif "skip" in msg:
             self._skipped.add(msg["skip"])
@@ -145,7 +151,11 @@ class Premerge:
             offered = set(self.targets or ())
             order = [n for n in names if n in offered]
             self._position = {n: i for i, n in enumerate(order)}
-        self._send(order=order)
+            self._ordered = True
+            # what it holds for names outside the order, it frees itself on reading the order
+            self._results = {n: r for n, r in self._results.items() if n in self._position}
+            self._blocked = False  # a wait for a slot from before the order says nothing now
+            self._send(order=order)  # under the lock: no done is taken for the old state meanwhile
 
     def expects(self, name: str) -> bool:
         """Whether the worker may deliver `name` (in the order, offered by it)."""
@@ -167,12 +177,12 @@ class Premerge:
         if got is None:
             return None
         if got.key != key:
-            self._send(release=got.slot)
+            self._send(release=got.slot, name=name)
             return None
         n = out.numel() * out.element_size()
         dst = out.view(torch.uint8).reshape(-1).numpy()
         dst[:] = memoryview(self._mem)[got.slot * self._slot_bytes: got.slot * self._slot_bytes + n]
-        self._send(release=got.slot)
+        self._send(release=got.slot, name=name)
         self.taken += 1
         return out, got.redone
 
@@ -184,18 +194,25 @@ class Premerge:
                     return got
                 if time.monotonic() - self._heard > STALL_SECONDS:
                     self._gone = True
+                    self._proc.kill()  # stuck: its cores are the merge's now
                     return None
                 if self._blocked and self._results:
                     # the worker needs a slot for what the merge waits for, and every slot holds a
                     # result for later: give back the latest (it computes that one again in turn)
-                    late = max(self._results, key=lambda n: self._position.get(n, -1))
-                    self._send(drop=self._results.pop(late).slot)
+                    late = max(self._results, key=lambda n: self._position[n])
+                    self._send(drop=self._results.pop(late).slot, name=late)
                     self._blocked = False
                     self.dropped += 1
                 self._cond.wait(0.5)
 
     def close(self) -> None:
-        """End the worker (its input closed; killed if it lingers) and unmap the ring."""
+        """End the worker (its input closed; killed if it lingers), its pipes and the ring. Once;
+        a mapping a compute thread still copies from (a merge interrupted mid-tensor) is left to
+        the process's end."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = self._gone = True
         with contextlib.suppress(OSError, ValueError):
             self._proc.stdin.close()
         try:
@@ -203,32 +220,43 @@ class Premerge:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._listener.join(timeout=1.0)  # its pipe's end came with the process's
+        with contextlib.suppress(OSError, ValueError):
+            self._proc.stdout.close()
         with self._cond:
-            self._gone = True
-            if self._mem is not None:
-                self._mem.close()
-                self._mem = None
+            mem, self._mem = self._mem, None
+        if mem is not None:
+            with contextlib.suppress(BufferError):
+                mem.close()
         os.close(self._ring_fd)
 
 
-def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "auto", dry_run: bool = False,
-          revision: str | None = None, ring_bytes: int | None = None) -> Premerge | None:
+def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "auto", accum: str = "float32",
+          dry_run: bool = False, revision: str | None = None, ring_bytes: int | None = None) -> Premerge | None:
     """A worker for `loramerge apply BASE ADAPTER OUT`, or None where it is not wanted
     (LORAMERGE_PREMERGE unset) or cannot help: a dry run, not a CPU merge, more than one adapter, a
     dtype the kernel does not write, no numba (or LORAMERGE_NO_KERNEL), no memfd. ring_bytes: the
-    most its results may hold (default RING_BYTES, at most an eighth of the memory available)."""
+    most its results may hold (default RING_BYTES, at most an eighth of the memory available).
+    accum: apply's first pass (the worker evaluates as the merge would: the same bits either way,
+    and the same count of elements evaluated again)."""
     if (not os.environ.get("LORAMERGE_PREMERGE") or dry_run or len(adapters) != 1
             or (weights is not None and len(weights) != 1) or dtype not in ("auto", "bfloat16", "float16")
             or not hasattr(os, "memfd_create") or os.environ.get("LORAMERGE_NO_KERNEL")
             or importlib.util.find_spec("numba") is None or not cpu_merge(device)):
         return None
-    base, adapter = hub.cached(base, "base", revision), hub.cached(adapters[0], "adapter", revision)
-    if base is None or adapter is None or not (Path(adapter) / "adapter_config.json").is_file():
-        return None
-    files = weight_files(Path(base))
+    try:
+        base, adapter = hub.cached(base, "base", revision), hub.cached(adapters[0], "adapter", revision)
+        if base is None or adapter is None or not (Path(adapter) / "adapter_config.json").is_file():
+            return None
+        files = weight_files(Path(base))
+    except (OSError, ValueError):
+        return None  # the merge reports whatever is wrong with the inputs
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
-    fd = os.memfd_create("loramerge-premerge")
+    try:
+        fd = os.memfd_create("loramerge-premerge")
+    except OSError:
+        return None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "loramerge.engine.premerge_worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(fd,), text=True,
@@ -236,9 +264,15 @@ def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "a
     except OSError:
         os.close(fd)
         return None
-    pre = Premerge(proc, fd)
+    try:
+        pre = Premerge(proc, fd)
+    except RuntimeError:  # no thread to be had: no worker
+        proc.kill()
+        proc.wait()
+        os.close(fd)
+        return None
     pre._send(base=str(base), adapter=str(adapter), weight=1.0 if weights is None else float(weights[0]),
-              dtype=dtype, ring_fd=fd,
+              dtype=dtype, first32=accum == "float32", ring_fd=fd,
               ring_bytes=ring_bytes if ring_bytes is not None else min(RING_BYTES, available_memory() // 8))
     return pre
 

@@ -13,8 +13,9 @@ merges itself, as without a worker. What this module guesses (names, scales, ord
 it useless, never wrong.
 
 Protocol (one JSON object per line). Parent -> worker on stdin: the configuration first, then
-{"order": [names]} (the merge's own order, once planned), {"release": slot} (taken) and
-{"drop": slot} (not taken: compute it again when its turn comes); end of input ends the worker.
+{"order": [names]} (the merge's own order, once planned), {"release": slot, "name": name} (taken)
+and {"drop": slot, "name": name} (not taken: compute it again when its turn comes), each about
+that name only (a slot reused since is left alone); end of input ends the worker.
 Worker -> parent on stdout: {"ready": [names], "slots": n, "slot_bytes": b} (what it may merge,
 in its predicted order), then per target {"done": name, "slot": k, "key": ..., "redone": n} or
 {"skip": name}, {"blocked": name} when a result waits for a free slot, {"end": true} when every
@@ -47,9 +48,10 @@ PREFIX = "base_model.model."
 HALF = {"BF16": "bfloat16", "F16": "float16"}
 FACTOR_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": np.uint16}
 ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
-# The ring: as many slots of the largest target as fit in RING_BYTES (at least two), which the
-# parent gives it where the machine has 8 times that available (else less). Merged results wait
-# there for the parent's writer: all that the worker merges while the parent imports torch.
+# The ring: as many slots of the largest target as fit in its bytes (the parent gives RING_BYTES,
+# or an eighth of the memory available if less); a target larger than half of it is left to the
+# parent. Merged results wait there for the parent's writer: all that the worker merges while
+# the parent imports torch.
 RING_BYTES = 1 << 30
 
 
@@ -73,9 +75,10 @@ class Target:
 
 
 def file_key(path: Path) -> list:
-    """What identifies a base file's bytes here and in the parent: device, inode, size, mtime."""
+    """What identifies a base file's bytes here and in the parent: device, inode, size, mtime and
+    ctime (a copy that restores the mtime, `cp -p` or `touch -r`, still changes the ctime)."""
     st = os.stat(path)
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def w_key(path: Path, offset: int, nbytes: int, w_kind: str, shape, out_kind: str) -> list:
@@ -153,6 +156,11 @@ def _target(f, data, name, info, slots, a_file, a_header, a_data, cfg, weight, d
                   (a_file, a_data + b["data_offsets"][0], b["dtype"], tuple(b["shape"])), weight * scale)
 
 
+def _page(n: int) -> int:
+    """n rounded up to whole 4 KiB pages: slots start on page boundaries."""
+    return -(-n // 4096) * 4096
+
+
 def _read(fd_of, ref, wide: bool) -> np.ndarray:
     """A factor as the parent's kernel is fed it (job_math._factored, then kernel_inputs.as_array):
     float64 if either factor is stored so, else float32; exact either way."""
@@ -197,11 +205,13 @@ class Worker:
         return self._fds[path]
 
     def run(self, stdin=sys.stdin) -> None:
-        targets = plan(self.config)
+        ring = int(self.config.get("ring_bytes", RING_BYTES))
+        # two slots at least: a target larger than half the ring is left to the parent
+        targets = [t for t in plan(self.config) if 2 * _page(t.nbytes) <= ring]
         self.targets = {t.name: t for t in targets}
         self.state = {t.name: "pending" for t in targets}
-        slot_bytes = -(-max((t.nbytes for t in targets), default=0) // 4096) * 4096
-        n = max(2, int(self.config.get("ring_bytes", RING_BYTES)) // slot_bytes) if slot_bytes else 0
+        slot_bytes = _page(max((t.nbytes for t in targets), default=0))
+        n = ring // slot_bytes if slot_bytes else 0
         self.free = list(range(n))
         if n:
             os.ftruncate(self.ring_fd, n * slot_bytes)
@@ -230,7 +240,8 @@ class Worker:
                 continue
             # one core left to the parent while it imports torch (one thread, GIL-bound); all of
             # them once it has planned (it sends the order then)
-            self._compute(self.targets[name], slot, cores if self.order is not None else max(1, cores - 1))
+            self._compute(self.targets[name], slot, cores if self.order is not None else max(1, cores - 1),
+                          bool(self.config.get("first32", True)))
 
     def _next(self) -> str | None:
         names = self.order if self.order is not None else list(self.targets)
@@ -243,7 +254,7 @@ class Worker:
         self._handle(block=True)
         return None
 
-    def _compute(self, t: Target, slot: int, threads: int) -> None:
+    def _compute(self, t: Target, slot: int, threads: int, first32: bool) -> None:
         # the base file's identity before its bytes are read: a file changed after this has
         # another mtime (or inode) by the time the parent compares
         where = w_key(t.file, t.offset, t.nbytes, t.w_kind, t.shape, t.out_kind)
@@ -257,7 +268,7 @@ class Worker:
         w16 = self._w[:t.shape[0] * t.shape[1]].reshape(t.shape)
         _pread(self.fd(t.file), w16, t.offset)
         out16 = np.frombuffer(self.mem, np.uint16, t.shape[0] * t.shape[1], slot * self.slot_bytes).reshape(t.shape)
-        bad, undecided, redone = self._merge(w16, t.w_kind, a, b, f, t.out_kind, out16, True, threads=threads)
+        bad, undecided, redone = self._merge(w16, t.w_kind, a, b, f, t.out_kind, out16, first32, threads=threads)
         del out16
         if bad.any() or undecided.any():  # the parent's own path handles (and reports) these
             self.free.append(slot)
@@ -294,15 +305,19 @@ class Worker:
                     if x not in wanted:  # the parent will never take it
                         self._free(slot, "skipped")
             elif "release" in msg:
-                self._free(msg["release"], "taken")
+                self._free(msg["release"], "taken", msg.get("name"))
             elif "drop" in msg:
-                self._free(msg["drop"], "pending")
+                self._free(msg["drop"], "pending", msg.get("name"))
 
-    def _free(self, slot: int, state: str) -> None:
-        name = self.ring.pop(slot, None)
-        if name is not None:
-            self.state[name] = state
-            self.free.append(slot)
+    def _free(self, slot: int, state: str, name: str | None = None) -> None:
+        """The slot back, its result's name to `state`; given `name`, only if the slot holds it
+        (a message about a slot since reused for another result changes nothing)."""
+        held = self.ring.get(slot)
+        if held is None or (name is not None and held != name):
+            return
+        del self.ring[slot]
+        self.state[held] = state
+        self.free.append(slot)
 
 
 def main() -> None:
