@@ -77,6 +77,7 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
 
 
 if numba is not None:
+    from ..engine.kernel64 import accumulate, accumulate_pair
     from ..engine.rounding_kernel import aligned
 
     @numba.njit(cache=True)
@@ -126,71 +127,90 @@ if numba is not None:
     @numba.njit(cache=True, nogil=True)  # nogil: the other row ranges' threads and the readers run meanwhile
     def _rows(w, wlut, w_bf16, m, mlut, mcell, p32, q32, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin, tol,
               fo, io, r0, r1):
-        """Rows r0..r1 (one thread's share: engine/row_threads.py) into fo and io."""
+        """Rows r0..r1 (one thread's share: engine/row_threads.py) into fo and io. D = P @ Q two
+        rows at a time (each row of Q loaded once per pair: engine/kernel64.accumulate_pair), each
+        row's sum in k order from zero as one row alone would have it."""
         cols = w.shape[1]
-        rank = q32.shape[0]
+        # scratch rows, once per range
+        scratch = np.empty(cols, np.uint32)
+        wv, mv = aligned(cols, np.float32), aligned(cols, np.float32)
+        dv, dv2 = aligned(cols, np.float32), aligned(cols, np.float32)
+        acc, lo, hi = aligned(cols, np.float32), aligned(cols, np.float32), aligned(cols, np.float32)
+        ok = np.empty(cols, np.bool_)
+        i = r0
+        while i < r1:
+            pair = i + 1 < r1
+            dv[:] = 0
+            if pair:
+                dv2[:] = 0
+                accumulate_pair(dv, dv2, q32, p32, i, 0)
+            else:
+                accumulate(dv, q32, p32, i, 0)
+            _row(i, dv, w, wlut, w_bf16, m, mlut, mcell, p64, q64, nb, na, c, eta, rel, shift, prec, emin,
+                 maxfin, tol, fo, io, scratch, wv, mv, acc, lo, hi, ok)
+            if pair:
+                _row(i + 1, dv2, w, wlut, w_bf16, m, mlut, mcell, p64, q64, nb, na, c, eta, rel, shift, prec,
+                     emin, maxfin, tol, fo, io, scratch, wv, mv, acc, lo, hi, ok)
+            i += 2 if pair else 1
+
+    @numba.njit(cache=True)
+    def _row(i, dv, w, wlut, w_bf16, m, mlut, mcell, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin,
+             tol, fo, io, scratch, wv, mv, acc, lo, hi, ok):
+        """Row i into fo[i] and io[i], given D = P @ Q of the row in dv (_rows); the rest are
+        scratch rows."""
+        cols = w.shape[1]
         half = np.uint32((1 << (shift - 1)) - 1)
         f16 = shift == 13
         c32, eta32, rel32 = np.float32(c), np.float32(eta), np.float32(rel)
-        # scratch rows, once per range
-        scratch = np.empty(cols, np.uint32)
-        wv, mv, dv = aligned(cols, np.float32), aligned(cols, np.float32), aligned(cols, np.float32)
-        acc, lo, hi = aligned(cols, np.float32), aligned(cols, np.float32), aligned(cols, np.float32)
-        ok = np.empty(cols, np.bool_)
-        for i in range(r0, r1):
-            _values(w[i], wlut, w_bf16, wv, scratch)
-            _values(m[i], mlut, not f16, mv, scratch)
-            # D = P @ Q first, then r = W + D: one summation order of the R + 1 terms (the bound holds
-            # for any); D itself, accurate relative to |P| @ |Q| rather than to W, feeds the statistics
-            dv[:] = 0
-            for k in range(rank):
-                pk = p32[i, k]
-                for j in range(cols):
-                    dv[j] += pk * q32[k, j]
-            # b' in float32 (compare.margins covers its own rounding), then the cells
-            nbi = nb[i]
-            for j in range(cols):
-                r = wv[j] + dv[j]
-                acc[j] = r
-                b = c32 * (abs(wv[j]) + nbi * na[j]) + eta32 + abs(r) * rel32
-                lo[j] = r - b
-                hi[j] = r + b
-            lob, hib, rb = lo.view(np.uint32), hi.view(np.uint32), acc.view(np.uint32)
-            for j in range(cols):
-                cl = (lob[j] + half + ((lob[j] >> shift) & 1)) >> shift
-                ch = (hib[j] + half + ((hib[j] >> shift) & 1)) >> shift
-                ok[j] = (cl == ch) & (cl == mcell[m[i, j]]) & ((rb[j] & 0x7F800000) != 0x7F800000)
-            # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
-            sq_err = sq_delta = dot = max_err = max_e = 0.0
-            for j in range(cols):
-                # the undecided count as 0 here (a select: D may be inf there): they are added below
-                delta = np.float64(dv[j]) if ok[j] else 0.0
-                y = np.float64(wv[j]) if ok[j] else 0.0
-                moved = np.float64(mv[j]) - np.float64(wv[j]) if ok[j] else 0.0   # M - W, exact
-                d = moved - delta
-                sq_err += d * d
-                sq_delta += delta * delta
-                dot += moved * delta
-                max_err = max(max_err, abs(d))
-                max_e = max(max_e, abs(y + delta))
-            maxu = 0.0
-            argc = bad = redone = 0
-            for j in range(cols):
-                if ok[j]:
-                    continue
-                x, y = np.float64(mv[j]), np.float64(wv[j])
-                e, u = _float64_rule(y, x, p64, q64, i, j, prec, emin, maxfin)
-                redone += 1
-                if u > tol:
-                    bad += 1
-                if u > maxu:
-                    maxu = u
-                    argc = j
-                d = x - e
-                sq_err += d * d
-                sq_delta += (e - y) * (e - y)
-                dot += (x - y) * (e - y)
-                max_err = max(max_err, abs(d))
-                max_e = max(max_e, abs(e))
-            fo[i, 0], fo[i, 1], fo[i, 2], fo[i, 3], fo[i, 4], fo[i, 5] = maxu, sq_err, sq_delta, dot, max_err, max_e
-            io[i, 0], io[i, 1], io[i, 2] = bad, argc, redone
+        _values(w[i], wlut, w_bf16, wv, scratch)
+        _values(m[i], mlut, not f16, mv, scratch)
+        # D = P @ Q first (dv), then r = W + D: one summation order of the R + 1 terms (the bound
+        # holds for any); D itself, accurate relative to |P| @ |Q| rather than to W, feeds the
+        # statistics
+        # b' in float32 (compare.margins covers its own rounding), then the cells
+        nbi = nb[i]
+        for j in range(cols):
+            r = wv[j] + dv[j]
+            acc[j] = r
+            b = c32 * (abs(wv[j]) + nbi * na[j]) + eta32 + abs(r) * rel32
+            lo[j] = r - b
+            hi[j] = r + b
+        lob, hib, rb = lo.view(np.uint32), hi.view(np.uint32), acc.view(np.uint32)
+        for j in range(cols):
+            cl = (lob[j] + half + ((lob[j] >> shift) & 1)) >> shift
+            ch = (hib[j] + half + ((hib[j] >> shift) & 1)) >> shift
+            ok[j] = (cl == ch) & (cl == mcell[m[i, j]]) & ((rb[j] & 0x7F800000) != 0x7F800000)
+        # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
+        sq_err = sq_delta = dot = max_err = max_e = 0.0
+        for j in range(cols):
+            # the undecided count as 0 here (a select: D may be inf there): they are added below
+            delta = np.float64(dv[j]) if ok[j] else 0.0
+            y = np.float64(wv[j]) if ok[j] else 0.0
+            moved = np.float64(mv[j]) - np.float64(wv[j]) if ok[j] else 0.0   # M - W, exact
+            d = moved - delta
+            sq_err += d * d
+            sq_delta += delta * delta
+            dot += moved * delta
+            max_err = max(max_err, abs(d))
+            max_e = max(max_e, abs(y + delta))
+        maxu = 0.0
+        argc = bad = redone = 0
+        for j in range(cols):
+            if ok[j]:
+                continue
+            x, y = np.float64(mv[j]), np.float64(wv[j])
+            e, u = _float64_rule(y, x, p64, q64, i, j, prec, emin, maxfin)
+            redone += 1
+            if u > tol:
+                bad += 1
+            if u > maxu:
+                maxu = u
+                argc = j
+            d = x - e
+            sq_err += d * d
+            sq_delta += (e - y) * (e - y)
+            dot += (x - y) * (e - y)
+            max_err = max(max_err, abs(d))
+            max_e = max(max_e, abs(e))
+        fo[i, 0], fo[i, 1], fo[i, 2], fo[i, 3], fo[i, 4], fo[i, 5] = maxu, sq_err, sq_delta, dot, max_err, max_e
+        io[i, 0], io[i, 1], io[i, 2] = bad, argc, redone
