@@ -59,8 +59,7 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
     fo = np.zeros((rows, 6), np.float64)   # max ulps, sq_err, sq_delta, dot, max_err, max_e
     io = np.zeros((rows, 3), np.int64)     # bad, first col with the row's max ulps, redone
     mlut = _lut(m2.dtype)
-    mcell = mlut.view(np.uint32) >> np.uint32(shift)  # M is on the grid: its cell is its top bits
-    args = (w16, _lut(w2.dtype), w2.dtype == torch.bfloat16, m16, mlut, mcell, p64.astype(np.float32),
+    args = (w16, _lut(w2.dtype), w2.dtype == torch.bfloat16, m16, mlut, p64.astype(np.float32),
             q64.astype(np.float32), p64, q64, nb.numpy(), na.numpy(), *margins, shift, prec, emin, maxfin, tol, fo, io)
     on_threads(_rows, args, 0, rows, cols)
     max_ulps = float(fo[:, 0].max())
@@ -75,6 +74,8 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
     return (int(io[:, 0].sum()), max_ulps, worst, float(fo[:, 1].sum()), float(fo[:, 2].sum()),
             float(fo[:, 3].sum()), float(fo[:, 4].max()), float(fo[:, 5].max()), int(io[:, 2].sum()))
 
+
+ALL_OK = np.uint64(0x0101010101010101)  # eight True flags
 
 if numba is not None:
     from ..engine.kernel64 import accumulate, accumulate_pair
@@ -125,7 +126,7 @@ if numba is not None:
                 out[j] = lut[bits[j]]
 
     @numba.njit(cache=True, nogil=True)  # nogil: the other row ranges' threads and the readers run meanwhile
-    def _rows(w, wlut, w_bf16, m, mlut, mcell, p32, q32, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin, tol,
+    def _rows(w, wlut, w_bf16, m, mlut, p32, q32, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin, tol,
               fo, io, r0, r1):
         """Rows r0..r1 (one thread's share: engine/row_threads.py) into fo and io. D = P @ Q two
         rows at a time (each row of Q loaded once per pair: engine/kernel64.accumulate_pair), each
@@ -136,7 +137,7 @@ if numba is not None:
         wv, mv = aligned(cols, np.float32), aligned(cols, np.float32)
         dv, dv2 = aligned(cols, np.float32), aligned(cols, np.float32)
         acc, lo, hi = aligned(cols, np.float32), aligned(cols, np.float32), aligned(cols, np.float32)
-        ok = np.empty(cols, np.bool_)
+        ok = np.ones(-(-cols // 8) * 8, np.bool_)  # padded with True to whole words (_row's scan)
         i = r0
         while i < r1:
             pair = i + 1 < r1
@@ -146,15 +147,15 @@ if numba is not None:
                 accumulate_pair(dv, dv2, q32, p32, i, 0)
             else:
                 accumulate(dv, q32, p32, i, 0)
-            _row(i, dv, w, wlut, w_bf16, m, mlut, mcell, p64, q64, nb, na, c, eta, rel, shift, prec, emin,
+            _row(i, dv, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec, emin,
                  maxfin, tol, fo, io, scratch, wv, mv, acc, lo, hi, ok)
             if pair:
-                _row(i + 1, dv2, w, wlut, w_bf16, m, mlut, mcell, p64, q64, nb, na, c, eta, rel, shift, prec,
+                _row(i + 1, dv2, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec,
                      emin, maxfin, tol, fo, io, scratch, wv, mv, acc, lo, hi, ok)
             i += 2 if pair else 1
 
     @numba.njit(cache=True)
-    def _row(i, dv, w, wlut, w_bf16, m, mlut, mcell, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin,
+    def _row(i, dv, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin,
              tol, fo, io, scratch, wv, mv, acc, lo, hi, ok):
         """Row i into fo[i] and io[i], given D = P @ Q of the row in dv (_rows); the rest are
         scratch rows."""
@@ -175,11 +176,14 @@ if numba is not None:
             b = c32 * (abs(wv[j]) + nbi * na[j]) + eta32 + abs(r) * rel32
             lo[j] = r - b
             hi[j] = r + b
-        lob, hib, rb = lo.view(np.uint32), hi.view(np.uint32), acc.view(np.uint32)
+        lob, hib, rb, mb = lo.view(np.uint32), hi.view(np.uint32), acc.view(np.uint32), mv.view(np.uint32)
+        undecided = 0
         for j in range(cols):
             cl = (lob[j] + half + ((lob[j] >> shift) & 1)) >> shift
             ch = (hib[j] + half + ((hib[j] >> shift) & 1)) >> shift
-            ok[j] = (cl == ch) & (cl == mcell[m[i, j]]) & ((rb[j] & 0x7F800000) != 0x7F800000)
+            # M is on the grid: its cell is the top bits of its float32 value
+            ok[j] = (cl == ch) & (cl == (mb[j] >> shift)) & ((rb[j] & 0x7F800000) != 0x7F800000)
+            undecided += not ok[j]
         # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
         sq_err = sq_delta = dot = max_err = max_e = 0.0
         for j in range(cols):
@@ -195,22 +199,32 @@ if numba is not None:
             max_e = max(max_e, abs(y + delta))
         maxu = 0.0
         argc = bad = redone = 0
-        for j in range(cols):
-            if ok[j]:
+        # the undecided, found 8 flags at a time (ok is padded with True to whole words: _rows),
+        # stopping at the last: most rows have one or two of them, and a scan of every flag cost
+        # as much as the decisions
+        words = ok.view(np.uint64)
+        for wi in range(words.shape[0]):
+            if redone == undecided:
+                break
+            if words[wi] == ALL_OK:
                 continue
-            x, y = np.float64(mv[j]), np.float64(wv[j])
-            e, u = _float64_rule(y, x, p64, q64, i, j, prec, emin, maxfin)
-            redone += 1
-            if u > tol:
-                bad += 1
-            if u > maxu:
-                maxu = u
-                argc = j
-            d = x - e
-            sq_err += d * d
-            sq_delta += (e - y) * (e - y)
-            dot += (x - y) * (e - y)
-            max_err = max(max_err, abs(d))
-            max_e = max(max_e, abs(e))
+            for j in range(wi * 8, min(wi * 8 + 8, cols)):
+                if not ok[j]:
+                    e, u = _float64_rule(np.float64(wv[j]), np.float64(mv[j]), p64, q64, i, j, prec, emin, maxfin)
+                    redone += 1
+                    if u > tol:
+                        bad += 1
+                    if u > maxu:
+                        maxu = u
+                        argc = j
+                    sq_err, sq_delta, dot, max_err, max_e = _add(np.float64(mv[j]), np.float64(wv[j]), e, sq_err,
+                                                                 sq_delta, dot, max_err, max_e)
         fo[i, 0], fo[i, 1], fo[i, 2], fo[i, 3], fo[i, 4], fo[i, 5] = maxu, sq_err, sq_delta, dot, max_err, max_e
         io[i, 0], io[i, 1], io[i, 2] = bad, argc, redone
+
+    @numba.njit(cache=True, inline="always")
+    def _add(x, y, e, sq_err, sq_delta, dot, max_err, max_e):
+        """The statistics with one more element: M's value x, W's y, the expected E's e."""
+        d = x - e
+        return (sq_err + d * d, sq_delta + (e - y) * (e - y), dot + (x - y) * (e - y), max(max_err, abs(d)),
+                max(max_e, abs(e)))
