@@ -3,7 +3,7 @@ imported, tell it the merge's order once planned, and take its results where the
 tensors this process would compute.
 
 A result is taken only when the worker's key equals the job's own: the base file (device, inode,
-size, mtime), W's offset, size, format and shape, the output format, and the digest of A, B and
+size, mtime, ctime), W's offset, size, format and shape, the output format, and the digest of A, B and
 the factors exactly as this process's kernel would be fed them (kernel_inputs). Merged results are
 correctly rounded (README "Numerics"): equal inputs give equal bits whichever process, thread
 count or first-pass precision computed them, so a taken result is the result. A result with a
@@ -18,7 +18,8 @@ medians of 4 interleaved runs), as the merge there is CPU-bound and the worker's
 numpy, numba: ~0.8 s of a core) is CPU the merge lacks. It is built for machines with cores to
 spare while torch imports, where the merge's first tensor waits ~2 s for numba (the H200
 machine's 16 cores: bench/RESULTS.md); whether it pays there is not measured yet.
-Standard library only at import: it runs before torch exists.
+Standard library and numpy (the worker module's key functions) at import: it runs before torch
+exists, which imports numpy anyway.
 """
 
 from __future__ import annotations
@@ -179,9 +180,12 @@ class Premerge:
         if got.key != key:
             self._send(release=got.slot, name=name)
             return None
+        mem = self._mem
+        if mem is None:  # closed meanwhile: the merge is ending anyway
+            return None
         n = out.numel() * out.element_size()
         dst = out.view(torch.uint8).reshape(-1).numpy()
-        dst[:] = memoryview(self._mem)[got.slot * self._slot_bytes: got.slot * self._slot_bytes + n]
+        dst[:] = memoryview(mem)[got.slot * self._slot_bytes: got.slot * self._slot_bytes + n]
         self._send(release=got.slot, name=name)
         self.taken += 1
         return out, got.redone
