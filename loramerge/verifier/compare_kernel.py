@@ -115,12 +115,13 @@ if numba is not None:
         return e, abs(mv - _round_grid(e, prec, emin, maxfin)) / _ulp(mag, prec, emin)
 
     @numba.njit(cache=True, inline="always")
-    def _values(bits, lut, bf16, out, scratch):
-        """One row of 16-bit patterns as float32 values: bfloat16 by a shift, float16 by the table."""
+    def _values(bits, lut, bf16, out):
+        """One row of 16-bit patterns as float32 values: bfloat16 by a shift (into out's bits: no
+        second pass), float16 by the table."""
         if bf16:
+            ob = out.view(np.uint32)
             for j in range(bits.shape[0]):
-                scratch[j] = np.uint32(bits[j]) << 16
-            out[:] = scratch.view(np.float32)
+                ob[j] = np.uint32(bits[j]) << 16
         else:
             for j in range(bits.shape[0]):
                 out[j] = lut[bits[j]]
@@ -133,7 +134,6 @@ if numba is not None:
         row's sum in k order from zero as one row alone would have it."""
         cols = w.shape[1]
         # scratch rows, once per range
-        scratch = np.empty(cols, np.uint32)
         wv, mv = aligned(cols, np.float32), aligned(cols, np.float32)
         dv, dv2 = aligned(cols, np.float32), aligned(cols, np.float32)
         acc, lo, hi = aligned(cols, np.float32), aligned(cols, np.float32), aligned(cols, np.float32)
@@ -148,23 +148,23 @@ if numba is not None:
             else:
                 accumulate(dv, q32, p32, i, 0)
             _row(i, dv, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec, emin,
-                 maxfin, tol, fo, io, scratch, wv, mv, acc, lo, hi, ok)
+                 maxfin, tol, fo, io, wv, mv, acc, lo, hi, ok)
             if pair:
                 _row(i + 1, dv2, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec,
-                     emin, maxfin, tol, fo, io, scratch, wv, mv, acc, lo, hi, ok)
+                     emin, maxfin, tol, fo, io, wv, mv, acc, lo, hi, ok)
             i += 2 if pair else 1
 
     @numba.njit(cache=True)
     def _row(i, dv, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin,
-             tol, fo, io, scratch, wv, mv, acc, lo, hi, ok):
+             tol, fo, io, wv, mv, acc, lo, hi, ok):
         """Row i into fo[i] and io[i], given D = P @ Q of the row in dv (_rows); the rest are
         scratch rows."""
         cols = w.shape[1]
         half = np.uint32((1 << (shift - 1)) - 1)
         f16 = shift == 13
         c32, eta32, rel32 = np.float32(c), np.float32(eta), np.float32(rel)
-        _values(w[i], wlut, w_bf16, wv, scratch)
-        _values(m[i], mlut, not f16, mv, scratch)
+        _values(w[i], wlut, w_bf16, wv)
+        _values(m[i], mlut, not f16, mv)
         # D = P @ Q first (dv), then r = W + D: one summation order of the R + 1 terms (the bound
         # holds for any); D itself, accurate relative to |P| @ |Q| rather than to W, feeds the
         # statistics
