@@ -89,8 +89,8 @@ def _plain(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: to
     if lora and not scales and all(tuners.is_lowrank(t.pair) for t in lora):
         w2 = w.reshape(w.shape[0], -1)
         a, b, f = _lowrank_terms(lora, adapters, tuple(w.shape), device)
-        y, fixed = ops.merge_weight(w2, a, b, f, out_dtype, accum=accum, out=None if out is None else out.view(w2.shape),
-                                    check=True)
+        y, fixed = ops.merge_weight(w2, a, b, f, out_dtype, accum=accum,
+                                    out=None if out is None else out.view(w2.shape), check=True)
         return y.reshape(w.shape), fixed
     dora = bool(lora) and lora[0].pair.magnitude_key is not None
     if scales or (lora and not dora):

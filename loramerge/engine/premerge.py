@@ -172,7 +172,8 @@ class Premerge:
         name, src = job.name, job.source
         if name not in self._position or src.dtype not in HALF or src.offset is None or out is None:
             return None
-        key = [w_key(src.file, src.offset, src.nbytes, HALF[src.dtype], src.shape, str(out_dtype).removeprefix("torch.")),
+        out_kind = str(out_dtype).removeprefix("torch.")
+        key = [w_key(src.file, src.offset, src.nbytes, HALF[src.dtype], src.shape, out_kind),
                digest(as_array(a), as_array(b), as_array(factors.to(torch.float64)))]
         got = self._wait(name)
         if got is None:
