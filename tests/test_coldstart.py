@@ -36,6 +36,8 @@ def _imported_after(code: str) -> set[str]:
 @pytest.mark.parametrize("code", [
     "import loramerge",
     "import loramerge.cli",
+    # what `apply` imports before torch, whether or not a premerge worker is wanted
+    "import loramerge.engine.premerge, loramerge.writers.headstart, loramerge.readers.prefetch",
     "from loramerge.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
     *(f"from loramerge.cli import main\ntry:\n    main([{cmd!r}, '--help'])\nexcept SystemExit:\n    pass"
       for cmd in ("apply", "verify", "unmerge", "combine", "export-onnx")),

@@ -18,8 +18,8 @@ medians of 4 interleaved runs), as the merge there is CPU-bound and the worker's
 numpy, numba: ~0.8 s of a core) is CPU the merge lacks. It is built for machines with cores to
 spare while torch imports, where the merge's first tensor waits ~2 s for numba (the H200
 machine's 16 cores: bench/RESULTS.md); whether it pays there is not measured yet.
-Standard library and numpy (the worker module's key functions) at import: it runs before torch
-exists, which imports numpy anyway.
+Standard library only at import: the CLI imports it before torch (and numpy) whether a worker is
+wanted or not.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from pathlib import Path
 
 from ..readers import hub
 from ..readers.prefetch import available_memory, weight_files
-from .premerge_worker import HALF, RING_BYTES, w_key
 
 # No word from the worker for this long while a result is awaited: it is taken for stuck, and the
 # merge goes on without it (a rank-16 MLP tensor of an 8B model takes it ~0.2 s on one core)
@@ -169,6 +168,7 @@ class Premerge:
         import torch
 
         from .kernel_inputs import as_array, digest
+        from .premerge_worker import HALF, w_key
         name, src = job.name, job.source
         if name not in self._position or src.dtype not in HALF or src.offset is None or out is None:
             return None
@@ -258,6 +258,7 @@ def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "a
         return None  # the merge reports whatever is wrong with the inputs
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
+    from .premerge_worker import RING_BYTES  # (numpy with it: only once a worker is wanted)
     try:
         fd = os.memfd_create("loramerge-premerge")
     except OSError:
