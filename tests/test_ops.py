@@ -217,3 +217,31 @@ def test_kernel_gives_the_same_bits_on_any_number_of_threads(accum):
         assert done.any()
         assert torch.equal(bits[done], ref.view(torch.int16)[done]), t
         assert torch.equal(bits, got[1][0]), t
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba (the `fast` extra) not installed")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rows_left_to_float64_whole_are_done_after_the_float32_pass(threads):
+    """A row whose terms cancel (B_i0 = -B_i1 = 1e3, A_0 = A_1) has a float32 bound far above its
+    grid's spacing: the float32 pass leaves it whole to the float64 pass, which merge_bits runs
+    after it (rows 40, 41, 77: past the probe rows, one alone, two in a pair). The result is the
+    correctly rounded one, those rows counted as redone whole."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 100, 256
+    w = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    a = torch.randn(4, cols, generator=g) * 0.01
+    a[1] = a[0]
+    b = torch.randn(rows, 4, generator=g) * 0.001
+    dense = [40, 41, 77]
+    b[dense, 0], b[dense, 1] = 1e3, -1e3
+    f = torch.ones(4, dtype=torch.float64)
+    ref = correctly_rounded(w.double() + (b.double() * f) @ a.double(), torch.bfloat16)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y, bad, undecided, redone = kernels.merge_half(w, a, b, f, torch.bfloat16)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+    assert int(undecided.sum()) == 0 and int(bad.sum()) == 0
+    assert len(dense) * cols <= redone < (len(dense) + 1) * cols

@@ -99,6 +99,14 @@ def rows64(args64, r0, r1):
         row64(i, args64, acc, f, maybe)
 
 
+@numba.njit(cache=True, nogil=True)  # nogil: as rows64
+def rows64_at(args64, rows, k0, k1):
+    """Rows rows[k0..k1] in float64 (one thread's share): those the float32 pass left whole."""
+    acc, f, maybe = scratch64(args64[0].shape[1])
+    for k in range(k0, k1):
+        row64(rows[k], args64, acc, f, maybe)
+
+
 @numba.njit(cache=True)
 def scratch64(cols):
     return aligned(cols, np.float64), aligned(cols, np.float32), np.empty(cols, np.bool_)

@@ -43,7 +43,7 @@ from .rounding_kernel import AVAILABLE, kind, lut, lut32, numba
 from .row_threads import on_threads
 
 if numba is not None:
-    from .kernel64 import accumulate, accumulate_pair, row64, rows64, scratch64
+    from .kernel64 import accumulate, accumulate_pair, rows64, rows64_at
     from .rounding_kernel import aligned, exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ MAX_RANK_32 = 1 << 14
 # tensor need that on average, the rest starts in float64.
 DENSE_ROW = 1 / 16
 PROBE_ROWS = 32
+DENSE = -1  # _row32's mark in `redone` for a row it leaves to the float64 pass whole
 
 
 def supports(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -127,12 +128,19 @@ def merge_bits(w16: np.ndarray, w_kind: str, a: np.ndarray, b: np.ndarray, facto
               w_kind == "bfloat16", *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
     on_threads(_rows32, (args32, args64), 0, probe, cols, threads)
-    if probe < rows and redone[:probe].sum() > DENSE_ROW * probe * cols:
+    if probe < rows and np.where(redone[:probe] == DENSE, cols, redone[:probe]).sum() > DENSE_ROW * probe * cols:
         # most rows would be redone: start them in float64
         on_threads(rows64, (args64,), probe, rows, cols, threads)
         redone[probe:] = cols
     elif probe < rows:
         on_threads(_rows32, (args32, args64), probe, rows, cols, threads)
+    # the rows the float32 pass left to float64 whole: done here, not from inside it, so that a
+    # merge that needs none (the usual one) never compiles the float64 pass (~2 s of the first
+    # run after an install on the 2-core VM)
+    dense = np.flatnonzero(redone == DENSE)
+    if len(dense):
+        on_threads(rows64_at, (args64, dense), 0, len(dense), cols, threads)
+        redone[dense] = cols
     return bad, undecided, int(redone.sum())
 
 
@@ -261,10 +269,8 @@ if numba is not None:
         redone[i] = nm
         if nm == 0:
             return
-        if nm > dense:  # many: the whole row in float64
-            redone[i] = cols
-            acc, f, m64 = scratch64(cols)  # rare: its own scratch
-            row64(i, args64, acc, f, m64)
+        if nm > dense:  # many: the whole row in float64, by merge_bits after this pass (DENSE)
+            redone[i] = DENSE
             return
         nu = 0
         # the nm elements flagged, found 8 flags at a time (maybe is padded with zeros to whole
