@@ -13,9 +13,10 @@ computed here as without a worker.
 
 Only the CLI starts one (`apply` on the CPU: a library caller has imported torch already), for one
 PEFT adapter directory and a safetensors base on this disk, and for now only with
-LORAMERGE_PREMERGE=1: on the 2-core VM it made the CLI slower (1.1B bf16: 3.82 s against 3.56 s,
-medians of 4 interleaved runs), as the merge there is CPU-bound and the worker's own start (Python,
-numpy, numba: ~0.8 s of a core) is CPU the merge lacks. It is built for machines with cores to
+LORAMERGE_PREMERGE=1: on the 2-core VM it does not pay (1.1B bf16: 3.82 s against 3.56 s at first,
+about even, +0.05 s in the median of 10 pairs, once the kernel was faster), as the merge there is
+CPU-bound and the worker's own start (Python, numpy, numba: ~0.8 s of a core) is CPU the merge
+lacks. It is built for machines with cores to
 spare while torch imports, where the merge's first tensor waits ~2 s for numba (the H200
 machine's 16 cores: bench/RESULTS.md); whether it pays there is not measured yet.
 Standard library only at import: the CLI imports it before torch (and numpy) whether a worker is
