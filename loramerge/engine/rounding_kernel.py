@@ -124,31 +124,29 @@ if numba is not None:
 
     @numba.njit(cache=True, inline="always")
     def f32_bits_to_f16(bits):
-        """float32 bits -> float16 bits, rounded to nearest even (subnormals, Inf, NaN included)."""
-        sign = (bits >> 16) & 0x8000
-        e = (bits >> 23) & 0xFF
-        m = bits & 0x7FFFFF
-        if e == 0xFF:
-            return np.uint16(sign | 0x7C00 | (0x200 if m else 0))
-        exp = np.int64(e) - 112  # rebias 127 -> 15
-        if exp >= 31:
-            return np.uint16(sign | 0x7C00)
-        if exp <= 0:  # float16 subnormal (or zero)
-            if exp < -10:
-                return np.uint16(sign)
-            m = m | 0x800000
-            shift = 14 - exp
-            q = m >> shift
-            rem = m & ((np.uint32(1) << shift) - 1)
-            half = np.uint32(1) << (shift - 1)
-            if rem > half or (rem == half and (q & 1)):
-                q += 1
-            return np.uint16(sign | q)
-        q = (np.uint32(exp) << 10) | (m >> 13)
-        rem = m & 0x1FFF
-        if rem > 0x1000 or (rem == 0x1000 and (q & 1)):
-            q += 1  # a carry into the exponent is right, up to Inf
-        return np.uint16(sign | q)
+        """float32 bits -> float16 bits, rounded to nearest even (subnormals, Inf, NaN included).
+        Branch-free (every case computed, one selected), so the loops calling it vectorize; the
+        same bits as a branching version for all 2^32 inputs (checked once, exhaustively)."""
+        bits = np.uint32(bits)
+        sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+        a = bits & np.uint32(0x7FFFFFFF)
+        # float16's normal range: rebias the exponent (127 -> 15, i.e. minus 112 << 23), round to
+        # nearest even on the 13 dropped bits; a carry into the exponent is right, up to Inf
+        normal = (a - np.uint32(0x38000000) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+        # below 2^-14 (float16 subnormals and zero): the significand with its leading 1 shifted
+        # right by 126 - e, to nearest even; 25 places drop it all (the shift is capped there:
+        # an integer shift past its width is undefined)
+        e = np.int64(a >> np.uint32(23))
+        m = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+        shift = np.uint32(min(max(126 - e, 14), 25))
+        q = m >> shift
+        rem = m & ((np.uint32(1) << shift) - np.uint32(1))
+        half = np.uint32(1) << (shift - np.uint32(1))
+        sub = q + np.uint32((rem > half) | ((rem == half) & ((q & np.uint32(1)) == np.uint32(1))))
+        h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else (          # NaN (quiet)
+            np.uint32(0x7C00) if a >= np.uint32(0x47800000) else (         # 2^16 and up: Inf
+                normal if a >= np.uint32(0x38800000) else sub))
+        return np.uint16(sign | h)
 
     @numba.njit(cache=True, inline="always")
     def f32_bits_to_half(bits, to_f16):
