@@ -39,7 +39,7 @@ import numpy as np
 from . import kernel_terms
 from .grids import BOUND_SLACK, LAYOUTS, OVERFLOW, TINY32, TINY64, U32, U64
 from .kernel_inputs import as_array
-from .rounding_kernel import AVAILABLE, kind, lut, lut32, numba
+from .rounding_kernel import AVAILABLE, kind, lut, numba
 from .row_threads import on_threads
 
 if numba is not None:
@@ -124,8 +124,7 @@ def merge_bits(w16: np.ndarray, w_kind: str, a: np.ndarray, b: np.ndarray, facto
     # the float32 pass's bound (module docstring), per row and per column, in float32 rounded up
     bound32 = (rn32, cn32, ru32, cu32, live_r32, live_c32)
     lo32, hi32 = np.float32(lo), np.float32(hi if hi < 2.0 ** 128 else np.inf)
-    args32 = (bs32, a32, lut32(w_kind),
-              w_kind == "bfloat16", *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
+    args32 = (bs32, a32, w_kind == "bfloat16", *bound32, 23 - g.mbits, redone, DENSE_ROW * cols, lo32, hi32)
     probe = min(rows, PROBE_ROWS)
     on_threads(_rows32, (args32, args64), 0, probe, cols, threads)
     if probe < rows and np.where(redone[:probe] == DENSE, cols, redone[:probe]).sum() > DENSE_ROW * probe * cols:
@@ -219,7 +218,7 @@ if numba is not None:
     def _row32(i, args32, args64, wf, d, maybe):
         """Row i by the float32 pass, given its D in d (_rows32). wf, maybe: scratch rows
         (float32, bool), reused from row to row."""
-        (bs32, a32, lut32, w_bf16, rn32, cn32, ru32, cu32, live_r, live_c, drop, redone, dense, lo32, hi32) = args32
+        (bs32, a32, w_bf16, rn32, cn32, ru32, cu32, live_r, live_c, drop, redone, dense, lo32, hi32) = args32
         (w, lut, a, bs, out, to_f16, bad, undecided, lut_out, inf_bits, top_ulp, thr, slack,
          row_w, row_n, col_w, col_n, col_u, drop64, lo, hi) = args64
         cols = w.shape[1]
@@ -291,7 +290,7 @@ if numba is not None:
         """One element the float32 pass left: decided by the exact distances to the float32 sum, or
         evaluated in float64 (and decided by that bound, or counted undecided). Returns the row's
         non-finite and undecided counts with it."""
-        (bs32, a32, lut32, w_bf16, rn32, cn32, ru32, cu32, live_r, live_c, drop, redone, dense, lo32, hi32) = args32
+        (bs32, a32, w_bf16, rn32, cn32, ru32, cu32, live_r, live_c, drop, redone, dense, lo32, hi32) = args32
         (w, lut, a, bs, out, to_f16, bad, undecided, lut_out, inf_bits, top_ulp, thr, slack,
          row_w, row_n, col_w, col_n, col_u, drop64, lo, hi) = args64
         h = out[i, j]
@@ -316,7 +315,8 @@ if numba is not None:
         """float16 bit patterns -> their float32 values, in two vectorized passes instead of a
         lookup per element in a 256 KB table: each value as m 2^-24 (exact, and right for zero and
         the subnormals, all normal in float32, so flushing cannot touch them), then the normal,
-        Inf and NaN patterns by their bits. The same values as lut32 for all 65536 patterns."""
+        Inf and NaN patterns by their bits. The same values as rounding_kernel.lut32 for all 65536
+        patterns."""
         ob = out.view(np.uint32)
         for j in range(h.shape[0]):
             out[j] = np.float32(h[j] & 0x3FF) * np.float32(5.960464477539063e-08)
