@@ -38,21 +38,22 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
     from ..readers.prefetch import prefetch
     from ..writers import headstart
 
+    weights = parse_weights(weights)
     prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
     # and writes: the tensors no adapter touches go to the output meanwhile (writers/headstart.py),
     # and a process without torch merges ahead on the CPU (engine/premerge.py)
     with headstart.running(base, adapters, out, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
                            overwrite=overwrite, revision=revision) as head, \
-            premerge.running(base, adapters, weights=parse_weights(weights), dtype=dtype, device=device, accum=accum,
+            premerge.running(base, adapters, weights=weights, dtype=dtype, device=device, accum=accum,
                              dry_run=dry_run or bool(qlora_opts.get("qlora")), revision=revision) as pre:
         apply = import_heavy("loramerge.api").apply
-        report = apply(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype, device=device,
+        report = apply(base, list(adapters), out, weights=weights, dtype=dtype, device=device,
                        accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,
                        progress=show_progress(quiet), revision=revision, _head_start=head, _premerge=pre,
                        **qlora_opts, **adapter_opts)
     if run_verify and not dry_run:
         verify = import_heavy("loramerge.verifier").verify
 
-        report.verification = verify(base, list(adapters), out, weights=parse_weights(weights), device=device,
+        report.verification = verify(base, list(adapters), out, weights=weights, device=device,
                                      revision=revision, **qlora_opts, **adapter_opts)
     return report

@@ -128,9 +128,8 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
     # Each entry holds one tensor in flight (a future); the bound keeps memory near a few tensors.
     write_q: queue.Queue = queue.Queue(maxsize=2 * len(devices))
     order = _write_order(plan)
-    worker = premerged
-    if worker is not None:
-        worker.want([j.name for _, j in order if premergeable(j)])
+    if premerged is not None:
+        premerged.want([j.name for _, j in order if premergeable(j)])
     local = threading.local()
     pin = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
     computed = [j for _, j in order if not _copied_by_writer(j)]
@@ -167,7 +166,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
         t0 = time.perf_counter()  # after the wait for a free buffer, which is the writer's time
         try:
             if w is _LATER:  # the premerge worker's result, if it is this very tensor; else as always
-                got = take_premerged(job, adapters, out, worker)
+                got = take_premerged(job, adapters, out, premerged)
                 if got is not None:
                     return (got[0], got[1], out_buf), time.perf_counter() - t0, waited
                 w = base.read(job.source)
@@ -186,7 +185,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                 item = (fi, job, None, (), None)
             elif job.replacement is not None:
                 item = (fi, job, _REPLACED, (), None)  # the base tensor is not needed
-            elif worker is not None and worker.expects(job.name):
+            elif premerged is not None and premerged.expects(job.name):
                 item = (fi, job, _LATER, (), None)
             else:
                 buf = read_pool.get(stop) if job.source.offset is not None else None

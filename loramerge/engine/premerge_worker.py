@@ -41,6 +41,7 @@ import numpy as np
 from ..readers.peft_config import pattern_value
 from ..readers.prefetch import weight_files
 from ..readers.st_header import raw_header
+from ..writers.direct import pread_full
 from .kernel_inputs import digest
 from .schedule import write_order
 
@@ -175,13 +176,10 @@ def _read(fd_of, ref, wide: bool) -> np.ndarray:
 
 
 def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"short read at {offset + done}")
-        done += n
+    """Fill `buf` from the file at `offset` (writers.direct.pread_full); a file that ends first is
+    an error (the worker stops: the merge reads it itself and reports what is wrong)."""
+    if not pread_full(fd, memoryview(buf).cast("B"), offset):
+        raise OSError(f"short read at {offset}")
 
 
 class Worker:

@@ -58,8 +58,8 @@ def _forms_rows(bits, row_w, col_w, canon, emask, mmask, fmax, nan, part0, part1
         s1 = np.int64(0)
         for l in range(limbs):
             shift = 16 * l
-            r0_ = np.int64(0)
-            r1_ = np.int64(0)
+            rs0 = np.int64(0)
+            rs1 = np.int64(0)
             for j0 in range(0, cols, CHUNK):
                 a0 = np.int64(0)
                 a1 = np.int64(0)
@@ -70,10 +70,10 @@ def _forms_rows(bits, row_w, col_w, canon, emask, mmask, fmax, nan, part0, part1
                     limb = (e >> shift) & 0xFFFF
                     a0 += limb * col_w[0, l, j]
                     a1 += limb * col_w[1, l, j]
-                r0_ = (r0_ + a0 % P) % P
-                r1_ = (r1_ + a1 % P) % P
-            s0 = (s0 + r0_ * row_w[0, l, i]) % P
-            s1 = (s1 + r1_ * row_w[1, l, i]) % P
+                rs0 = (rs0 + a0 % P) % P
+                rs1 = (rs1 + a1 % P) % P
+            s0 = (s0 + rs0 * row_w[0, l, i]) % P
+            s1 = (s1 + rs1 * row_w[1, l, i]) % P
         part0[i] = s0
         part1[i] = s1
 
