@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rounding_kernel import aligned, exact_undecided, f32_bits_to_f16, f32_bits_to_half, numba, odd_f32_bits, quick_ok
+from .rounding_kernel import (aligned, exact_undecided, f32_bits_to_f16, f32_bits_to_half, flag_row, next_flag, numba,
+                              odd_f32_bits, quick_ok)
 
 
 @numba.njit(cache=True)
@@ -74,11 +75,12 @@ def _round64(i, args64, acc, f, maybe):
         maybe[j] = not ok
         nm += not ok
     nu = 0
-    if nm:
-        for j in range(cols):
-            if maybe[j]:
-                e = (rw * col_w[j] * abs(lut[w[i, j]]) + rn * col_n[j] + col_u[j] * live) * slack
-                nu += exact_undecided(acc[j], out[i, j], e, e == 0.0, lut_out, inf_bits, top_ulp, thr)
+    words = maybe.view(np.uint64)
+    j = -1
+    for _ in range(nm):  # the nm elements flagged (next_flag: 8 flags at a time)
+        j = next_flag(maybe, words, j + 1)
+        e = (rw * col_w[j] * abs(lut[w[i, j]]) + rn * col_n[j] + col_u[j] * live) * slack
+        nu += exact_undecided(acc[j], out[i, j], e, e == 0.0, lut_out, inf_bits, top_ulp, thr)
     bad[i] = nb
     undecided[i] = nu
 
@@ -109,7 +111,8 @@ def rows64_at(args64, rows, k0, k1):
 
 @numba.njit(cache=True)
 def scratch64(cols):
-    return aligned(cols, np.float64), aligned(cols, np.float32), np.empty(cols, np.bool_)
+    """acc, f and maybe (a flag_row: _round64 finds its flags with next_flag)."""
+    return aligned(cols, np.float64), aligned(cols, np.float32), flag_row(cols)
 
 
 @numba.njit(cache=True, inline="always")

@@ -44,7 +44,8 @@ from .row_threads import on_threads
 
 if numba is not None:
     from .kernel64 import accumulate, accumulate_pair, rows64, rows64_at
-    from .rounding_kernel import aligned, exact_undecided, f32_bits_to_f16, f32_bits_to_half, odd_f32_bits
+    from .rounding_kernel import (aligned, exact_undecided, f32_bits_to_f16, f32_bits_to_half, flag_row,
+                                  next_flag, odd_f32_bits)
 
 if TYPE_CHECKING:
     import torch
@@ -147,8 +148,8 @@ if numba is not None:
 
     @numba.njit(cache=True)
     def _scratch32(cols):
-        """wf, d and maybe: maybe padded with zeros to whole 8-byte words (_row32 scans it by word)."""
-        return aligned(cols, np.float32), aligned(cols, np.float32), np.zeros(-(-cols // 8) * 8, np.bool_)
+        """wf, d and maybe (a flag_row: _row32 finds its flags with next_flag)."""
+        return aligned(cols, np.float32), aligned(cols, np.float32), flag_row(cols)
 
     @numba.njit(cache=True, inline="always")
     def _bound32(r, wv, rn, cn, ru, cu, live):
@@ -269,19 +270,11 @@ if numba is not None:
             redone[i] = DENSE
             return
         nu = 0
-        # the nm elements flagged, found 8 flags at a time (maybe is padded with zeros to whole
-        # words: _scratch32): a scan of every flag cost as much as the quick test itself
-        flags = maybe.view(np.uint64)
-        left = nm
-        for wi in range(flags.shape[0]):
-            if flags[wi] == 0:
-                continue
-            for j in range(wi * 8, min(wi * 8 + 8, cols)):
-                if maybe[j]:
-                    left -= 1
-                    nb, nu = _redo32(i, j, args32, args64, wf, d, rn, ru, lv, nb, nu)
-            if left == 0:
-                break
+        words = maybe.view(np.uint64)
+        j = -1
+        for _ in range(nm):  # the nm elements flagged (next_flag: 8 flags at a time)
+            j = next_flag(maybe, words, j + 1)
+            nb, nu = _redo32(i, j, args32, args64, wf, d, rn, ru, lv, nb, nu)
         bad[i] = nb
         undecided[i] = nu
 

@@ -123,6 +123,27 @@ if numba is not None:
         return buf[skip:skip + cols]
 
     @numba.njit(cache=True, inline="always")
+    def next_flag(flags, words, j):
+        """The first index >= j whose flag is set, or len(flags) if none. flags: a bool row padded
+        with False to whole 8-byte words (flag_row), words: its uint64 view; a zero word skips 8
+        flags at once. The kernels find the few elements a row's fast test left (one or two in
+        thousands, in most rows) with it: a test of every flag cost as much as the fast test."""
+        n = flags.shape[0]
+        while j < n:
+            if (j & 7) == 0 and words[j >> 3] == 0:
+                j += 8
+            elif flags[j]:
+                return j
+            else:
+                j += 1
+        return n
+
+    @numba.njit(cache=True)
+    def flag_row(cols):
+        """A row of `cols` flags for next_flag, all False, padded with False to whole words."""
+        return np.zeros(-(-cols // 8) * 8, np.bool_)
+
+    @numba.njit(cache=True, inline="always")
     def f32_bits_to_f16(bits):
         """float32 bits -> float16 bits, rounded to nearest even (subnormals, Inf, NaN included).
         Branch-free (every case computed, one selected), so the loops calling it vectorize; the

@@ -75,11 +75,9 @@ def compare(w2: torch.Tensor, m2: torch.Tensor, p: torch.Tensor, q: torch.Tensor
             float(fo[:, 3].sum()), float(fo[:, 4].max()), float(fo[:, 5].max()), int(io[:, 2].sum()))
 
 
-ALL_OK = np.uint64(0x0101010101010101)  # eight True flags
-
 if numba is not None:
     from ..engine.kernel64 import accumulate, accumulate_pair
-    from ..engine.rounding_kernel import aligned
+    from ..engine.rounding_kernel import aligned, flag_row, next_flag
 
     @numba.njit(cache=True)
     def _round_grid(x, prec, emin, maxfin):
@@ -137,7 +135,7 @@ if numba is not None:
         wv, mv = aligned(cols, np.float32), aligned(cols, np.float32)
         dv, dv2 = aligned(cols, np.float32), aligned(cols, np.float32)
         acc, lo, hi = aligned(cols, np.float32), aligned(cols, np.float32), aligned(cols, np.float32)
-        ok = np.ones(-(-cols // 8) * 8, np.bool_)  # padded with True to whole words (_row's scan)
+        und = flag_row(cols)  # the elements the float32 decision leaves (_row finds them with next_flag)
         i = r0
         while i < r1:
             pair = i + 1 < r1
@@ -148,15 +146,15 @@ if numba is not None:
             else:
                 accumulate(dv, q32, p32, i, 0)
             _row(i, dv, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec, emin,
-                 maxfin, tol, fo, io, wv, mv, acc, lo, hi, ok)
+                 maxfin, tol, fo, io, wv, mv, acc, lo, hi, und)
             if pair:
                 _row(i + 1, dv2, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec,
-                     emin, maxfin, tol, fo, io, wv, mv, acc, lo, hi, ok)
+                     emin, maxfin, tol, fo, io, wv, mv, acc, lo, hi, und)
             i += 2 if pair else 1
 
     @numba.njit(cache=True)
     def _row(i, dv, w, wlut, w_bf16, m, mlut, p64, q64, nb, na, c, eta, rel, shift, prec, emin, maxfin,
-             tol, fo, io, wv, mv, acc, lo, hi, ok):
+             tol, fo, io, wv, mv, acc, lo, hi, und):
         """Row i into fo[i] and io[i], given D = P @ Q of the row in dv (_rows); the rest are
         scratch rows."""
         cols = w.shape[1]
@@ -182,15 +180,15 @@ if numba is not None:
             cl = (lob[j] + half + ((lob[j] >> shift) & 1)) >> shift
             ch = (hib[j] + half + ((hib[j] >> shift) & 1)) >> shift
             # M is on the grid: its cell is the top bits of its float32 value
-            ok[j] = (cl == ch) & (cl == (mb[j] >> shift)) & ((rb[j] & 0x7F800000) != 0x7F800000)
-            undecided += not ok[j]
+            und[j] = not ((cl == ch) & (cl == (mb[j] >> shift)) & ((rb[j] & 0x7F800000) != 0x7F800000))
+            undecided += und[j]
         # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
         sq_err = sq_delta = dot = max_err = max_e = 0.0
         for j in range(cols):
             # the undecided count as 0 here (a select: D may be inf there): they are added below
-            delta = np.float64(dv[j]) if ok[j] else 0.0
-            y = np.float64(wv[j]) if ok[j] else 0.0
-            moved = np.float64(mv[j]) - np.float64(wv[j]) if ok[j] else 0.0   # M - W, exact
+            delta = 0.0 if und[j] else np.float64(dv[j])
+            y = 0.0 if und[j] else np.float64(wv[j])
+            moved = 0.0 if und[j] else np.float64(mv[j]) - np.float64(wv[j])   # M - W, exact
             d = moved - delta
             sq_err += d * d
             sq_delta += delta * delta
@@ -199,26 +197,19 @@ if numba is not None:
             max_e = max(max_e, abs(y + delta))
         maxu = 0.0
         argc = bad = redone = 0
-        # the undecided, found 8 flags at a time (ok is padded with True to whole words: _rows),
-        # stopping at the last: most rows have one or two of them, and a scan of every flag cost
-        # as much as the decisions
-        words = ok.view(np.uint64)
-        for wi in range(words.shape[0]):
-            if redone == undecided:
-                break
-            if words[wi] == ALL_OK:
-                continue
-            for j in range(wi * 8, min(wi * 8 + 8, cols)):
-                if not ok[j]:
-                    e, u = _float64_rule(np.float64(wv[j]), np.float64(mv[j]), p64, q64, i, j, prec, emin, maxfin)
-                    redone += 1
-                    if u > tol:
-                        bad += 1
-                    if u > maxu:
-                        maxu = u
-                        argc = j
-                    sq_err, sq_delta, dot, max_err, max_e = _add(np.float64(mv[j]), np.float64(wv[j]), e, sq_err,
-                                                                 sq_delta, dot, max_err, max_e)
+        words = und.view(np.uint64)
+        j = -1
+        for _ in range(undecided):  # the undecided (next_flag: 8 flags at a time)
+            j = next_flag(und, words, j + 1)
+            e, u = _float64_rule(np.float64(wv[j]), np.float64(mv[j]), p64, q64, i, j, prec, emin, maxfin)
+            redone += 1
+            if u > tol:
+                bad += 1
+            if u > maxu:
+                maxu = u
+                argc = j
+            sq_err, sq_delta, dot, max_err, max_e = _add(np.float64(mv[j]), np.float64(wv[j]), e, sq_err, sq_delta,
+                                                         dot, max_err, max_e)
         fo[i, 0], fo[i, 1], fo[i, 2], fo[i, 3], fo[i, 4], fo[i, 5] = maxu, sq_err, sq_delta, dot, max_err, max_e
         io[i, 0], io[i, 1], io[i, 2] = bad, argc, redone
 
