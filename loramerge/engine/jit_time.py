@@ -1,8 +1,8 @@
 """Seconds numba has spent compiling in this process, for apply's report.
 
-The first CPU merge after an install compiles the fused kernels for the machine (~9 s on two
-cores, ~11 s on the H200 machine: bench/RESULTS.md, "The first run after an install compiles the
-CPU kernels"); later runs load them from numba's on-disk cache and compile nothing. Reporting it
+The first CPU merge after an install compiles the fused kernels for the machine (~7 s on two
+cores; ~11 s on the H200 machine when the float64 pass was still compiled every time:
+bench/RESULTS.md, "The first run after an install compiles the CPU kernels"); later runs load them from numba's on-disk cache and compile nothing. Reporting it
 says why a first run was slow. Measured with numba's event API ("numba:compile" start/end, on the
 compiling thread); only the outermost compilation on a thread counts, as a kernel's callees are
 compiled inside it.
