@@ -226,7 +226,7 @@ def apply(
     report.bytes_written = stats.bytes_written
     report.bytes_early = stats.bytes_early
     report.exact_fixups = stats.exact_fixups
-    report.tensors_premerged = _premerge.taken if _premerge is not None else 0
+    report.tensors_premerged = (_premerge.taken if _premerge is not None else 0) + stats.premerged_early
     report.files = [f.name for f in plan.files] if not single_file else [out.name]
     report.stage_seconds = {"read": stats.seconds_read, "math": stats.seconds_math, "write": stats.seconds_write,
                             "hash_wait": stats.seconds_hash_wait,

@@ -40,12 +40,13 @@ def apply_cmd(base, adapters, out, weights, dtype, device, accum, shard_size, dr
 
     weights = parse_weights(weights)
     prefetch(base, adapters)  # the disk reads ahead while the next line imports torch
-    # and writes: the tensors no adapter touches go to the output meanwhile (writers/headstart.py),
-    # and a process without torch merges ahead on the CPU (engine/premerge.py)
-    with headstart.running(base, adapters, out, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
-                           overwrite=overwrite, revision=revision) as head, \
-            premerge.running(base, adapters, weights=weights, dtype=dtype, device=device, accum=accum,
-                             dry_run=dry_run or bool(qlora_opts.get("qlora")), revision=revision) as pre:
+    # and writes: a process without torch merges ahead on the CPU (engine/premerge.py), and the
+    # tensors no adapter touches, then that process's results, go to the output meanwhile
+    # (writers/headstart.py)
+    with premerge.running(base, adapters, weights=weights, dtype=dtype, device=device, accum=accum,
+                          dry_run=dry_run or bool(qlora_opts.get("qlora")), revision=revision) as pre, \
+            headstart.running(base, adapters, out, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
+                              overwrite=overwrite, revision=revision, premerge=pre) as head:
         apply = import_heavy("loramerge.api").apply
         report = apply(base, list(adapters), out, weights=weights, dtype=dtype, device=device,
                        accum=accum, shard_size=shard_size, dry_run=dry_run, overwrite=overwrite,

@@ -143,6 +143,14 @@ def _lowrank_terms(lora: list[Term], adapters: list[Adapter], shape: tuple[int, 
     return _joined(rights, 0), _joined(lefts, 1), _joined(factors, 0)
 
 
+def premerged_key(job: Job, adapters: list[Adapter]) -> list | None:
+    """The key the premerge worker's result for a premergeable job must carry to be compute's
+    result (premerge.result_key of the A, B and factors _plain would feed the kernel)."""
+    from .premerge import result_key
+    a, b, f = _lowrank_terms(list(job.terms), adapters, tuple(job.source.shape), torch.device("cpu"))
+    return result_key(job, a, b, f, ST_TO_TORCH[job.dtype])
+
+
 def take_premerged(job: Job, adapters: list[Adapter], out: torch.Tensor, worker) -> tuple[torch.Tensor, int] | None:
     """compute's result for a premergeable job taken from a premerge worker (premerge.py), into
     `out`, where the worker's is the same tensor (the same W, and the same A, B and factors as

@@ -21,10 +21,10 @@ import torch
 from ..readers.checkpoint import Checkpoint
 from ..types import ST_TO_TORCH, Adapter, Job, OutputFile, Plan
 from ..writers.direct import ALIGN
-from ..writers.header import METADATA, data_offsets
-from ..writers.headstart import EarlyFile
+from ..writers.header import METADATA, build_header, data_offsets
+from ..writers.headstart import EarlyFile, EarlyMerged
 from ..writers.safetensors import SafetensorsWriter
-from .job_math import compute, premergeable, take_premerged
+from .job_math import compute, premerged_key, premergeable, take_premerged
 from .precision import guarded
 from .schedule import write_order
 from .threads import BufferPool, Stage, Workers, get_or_stop, put_or_stop, switch_interval, when_done
@@ -33,6 +33,8 @@ from .timeline import since_start
 _DONE = object()
 _REPLACED = object()
 _LATER = object()  # read only if the premerge worker's result is not taken
+_EARLY = object()  # read only if what the head start wrote (the worker's result) is not the job's
+_PLACED = object()  # the result: the head start's bytes, confirmed
 # The interpreter's GIL switch interval while a CPU merge runs (the default is 5 ms). The writer,
 # the reader and the hashing threads each take the GIL back after every system call; while the
 # compute thread runs Python between kernels, a waiting thread gets it only after the interval.
@@ -57,6 +59,7 @@ class EngineStats:
     seconds_buffer_wait: float = 0.0
     seconds_result_wait: float = 0.0
     bytes_early: int = 0            # of bytes_written: written by a head start before the plan existed
+    premerged_early: int = 0        # of merged: the premerge worker's results the head start wrote
     files: dict = field(default_factory=dict)   # output file name -> {"sha256", "bytes"} (manifest)
     marks: dict = field(default_factory=dict)   # "first_write", "last_write", "synced": timeline.since_start()
 
@@ -96,6 +99,23 @@ def _copies(f: OutputFile) -> dict[int, tuple[Path, int, int]]:
     return {at: (j.source.file, j.source.offset, j.main_nbytes) for at, j in _placed_jobs(f) if _copied_by_writer(j)}
 
 
+def _premerged_early(plan: Plan, early: dict[str, EarlyFile]) -> dict[int, EarlyMerged]:
+    """id(job) -> the premerge worker's result a head start wrote where the job's tensor goes, in
+    files whose guessed header is the plan's (the writer takes only those over)."""
+    found = {}
+    for f in plan.files:
+        head = early.get(f.name)
+        if head is None or not head.merged or head.header != build_header([e for j in f.jobs for e in j.entries],
+                                                                          METADATA):
+            continue
+        for at, j in _placed_jobs(f):
+            m = head.merged.get(at)
+            if m is not None and (m.name, m.nbytes) == (j.name, j.main_nbytes) and len(j.entries) == 1 \
+                    and premergeable(j):
+                found[id(j)] = m
+    return found
+
+
 def _placed(buf: torch.Tensor, phase: int, nbytes: int) -> torch.Tensor:
     """nbytes of `buf` starting at the first address that is `phase` past a multiple of ALIGN
     (buffers are allocated ALIGN bytes larger for this)."""
@@ -128,6 +148,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
     # Each entry holds one tensor in flight (a future); the bound keeps memory near a few tensors.
     write_q: queue.Queue = queue.Queue(maxsize=2 * len(devices))
     order = _write_order(plan)
+    written_early = _premerged_early(plan, early)
     if premerged is not None:
         premerged.want([j.name for _, j in order if premergeable(j)])
     local = threading.local()
@@ -159,6 +180,12 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
             torch.cuda.set_device(local.device)
 
     def work(job: Job, w, extra, read_buf):
+        if w is _EARLY:  # what the head start wrote, if it is this very tensor; else as always
+            t0 = time.perf_counter()
+            m = written_early[id(job)]
+            if premerged_key(job, adapters) == m.key:
+                return (_PLACED, m.redone, None), time.perf_counter() - t0, 0.0
+            w = base.read(job.source)
         t0 = time.perf_counter()
         out_buf = out_pool.get(stop)
         waited = time.perf_counter() - t0
@@ -185,6 +212,8 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                 item = (fi, job, None, (), None)
             elif job.replacement is not None:
                 item = (fi, job, _REPLACED, (), None)  # the base tensor is not needed
+            elif id(job) in written_early:
+                item = (fi, job, _EARLY, (), None)
             elif premerged is not None and premerged.expects(job.name):
                 item = (fi, job, _LATER, (), None)
             else:
@@ -240,6 +269,10 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                 if tensor is None:
                     w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes)
                     stats.copied += 1
+                elif tensor is _PLACED:
+                    w.place_premerged(job.name, job.main_nbytes)
+                    stats.merged += 1
+                    stats.premerged_early += 1
                 else:
                     # the hash of what is written from out_buf is not waited for: out_buf goes back
                     # to the pool when it is done (below); other results are hashed before going on

@@ -48,6 +48,11 @@ STALL_SECONDS = 60.0
 # The most the plan waits for the worker's list of targets (it comes ~0.1 s after its start, from
 # the headers alone): a worker not ready by then is not used
 READY_SECONDS = 5.0
+# The ring: as many slots of the largest target as fit in its bytes (begin() gives RING_BYTES,
+# or an eighth of the memory available if less); a target larger than half of it is left to the
+# parent. Merged results wait there for the parent's writer: all that the worker merges while
+# the parent imports torch, unless the head start writes them meanwhile (writers/headstart.py).
+RING_BYTES = 1 << 30
 
 
 def cpu_merge(device: str) -> bool:
@@ -68,6 +73,22 @@ def cpu_merge(device: str) -> bool:
     return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
 
 
+def result_key(job, a, b, factors, out_dtype) -> list | None:
+    """The key a worker's result for `job` must carry to be the tensor this process would compute
+    from A [R, in], B [out, R] and the factors [R] (its kernel's inputs) into `out_dtype`; None
+    where the worker cannot have it (a W that is not a half-precision tensor in a file)."""
+    import torch
+
+    from .kernel_inputs import as_array, digest
+    from .premerge_worker import HALF, w_key
+    src = job.source
+    if src.dtype not in HALF or src.offset is None:
+        return None
+    out_kind = str(out_dtype).removeprefix("torch.")
+    return [w_key(src.file, src.offset, src.nbytes, HALF[src.dtype], src.shape, out_kind),
+            digest(as_array(a), as_array(b), as_array(factors.to(torch.float64)))]
+
+
 @dataclass
 class _Result:
     slot: int
@@ -86,6 +107,7 @@ class Premerge:
         self._slot_bytes = 0
         self._mem: mmap.mmap | None = None
         self._results: dict[str, _Result] = {}
+        self.early_names: set[str] = set()    # results the head start wrote into the output
         self._skipped: set[str] = set()
         self._position: dict[str, int] = {}   # the order's names, by place
         self._blocked = False
@@ -149,7 +171,7 @@ class Premerge:
         the worker's "ready", which comes before it imports numba)."""
         with self._cond:
             self._cond.wait_for(lambda: self.targets is not None or self._gone, timeout=READY_SECONDS)
-            offered = set(self.targets or ())
+            offered = set(self.targets or ()) - self.early_names
             order = [n for n in names if n in offered]
             self._position = {n: i for i, n in enumerate(order)}
             self._ordered = True
@@ -164,18 +186,15 @@ class Premerge:
 
     def take(self, job, a, b, factors, out_dtype, out):
         """(out holding the merged tensor, elements the worker evaluated in float64) if the
-        worker's result for `job` is the one this process would compute from A [R, in], B
-        [out, R] and the factors [R] (its kernel's inputs) into `out_dtype`; else None."""
+        worker's result for `job` is the one this process would compute (result_key); else None."""
         import torch
 
-        from .kernel_inputs import as_array, digest
-        from .premerge_worker import HALF, w_key
-        name, src = job.name, job.source
-        if name not in self._position or src.dtype not in HALF or src.offset is None or out is None:
+        name = job.name
+        if name not in self._position or out is None:
             return None
-        out_kind = str(out_dtype).removeprefix("torch.")
-        key = [w_key(src.file, src.offset, src.nbytes, HALF[src.dtype], src.shape, out_kind),
-               digest(as_array(a), as_array(b), as_array(factors.to(torch.float64)))]
+        key = result_key(job, a, b, factors, out_dtype)
+        if key is None:
+            return None
         got = self._wait(name)
         if got is None:
             return None
@@ -191,6 +210,54 @@ class Premerge:
         self._send(release=got.slot, name=name)
         self.taken += 1
         return out, got.redone
+
+    # -- the head start's side (writers/headstart.py), before the merge has planned -----------
+    def early(self, name: str, stop: threading.Event) -> _Result | None:
+        """The worker's result for `name` once it comes, for the head start to write before the
+        plan exists; None if the worker skips it, is gone, the merge has sent its order, or
+        `stop` is set. The result stays in its slot until written_early() or the order."""
+        with self._cond:
+            while True:
+                if self._ordered or self._gone or stop.is_set() or (self.targets is not None and self._mem is None):
+                    return None
+                got = self._results.get(name)
+                if got is not None:
+                    return got
+                if name in self._skipped:
+                    return None
+                if self._blocked and self._results:
+                    return None  # the ring is full of results for later: this one cannot come now
+                self._cond.wait(0.05)
+
+    def wait_targets(self, stop: threading.Event) -> list[str]:
+        """The names the worker may merge, in the order it merges them (empty if it says none,
+        fails, or `stop` comes first)."""
+        with self._cond:
+            while self.targets is None and not self._gone and not stop.is_set():
+                self._cond.wait(0.05)
+            return list(self.targets or ())
+
+    def skipped(self, name: str) -> bool:
+        """Whether the worker left `name` to the merge (a non-finite or undecided element)."""
+        with self._cond:
+            return name in self._skipped
+
+    def ring_bytes(self, got: _Result, start: int, end: int) -> memoryview:
+        """Bytes [start, end) of a result; OSError once the ring is closed."""
+        mem = self._mem
+        if mem is None:
+            raise OSError("the premerge worker's ring is closed")
+        at = got.slot * self._slot_bytes
+        return memoryview(mem)[at + start: at + end]
+
+    def written_early(self, name: str, got: _Result) -> None:
+        """The head start wrote the result into the output: its slot goes back, and the merge
+        never waits for the name (it confirms what was written itself, or computes it)."""
+        with self._cond:
+            if self._results.get(name) is got:
+                del self._results[name]
+            self.early_names.add(name)
+        self._send(release=got.slot, name=name)
 
     def _wait(self, name: str) -> _Result | None:
         with self._cond:
@@ -221,11 +288,10 @@ class Premerge:
             self._closed = self._gone = True
         with contextlib.suppress(OSError, ValueError):
             self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        # killed, not waited for: it holds nothing the merge needs, and its own exit (numba's and
+        # its threads' teardown) took ~0.4 s of the CLI's wall on the H200 machine
+        self._proc.kill()
+        self._proc.wait()
         self._listener.join(timeout=1.0)  # its pipe's end came with the process's
         with contextlib.suppress(OSError, ValueError):
             self._proc.stdout.close()
@@ -259,7 +325,6 @@ def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "a
         return None  # the merge reports whatever is wrong with the inputs
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
-    from .premerge_worker import RING_BYTES  # (numpy with it: only once a worker is wanted)
     try:
         fd = os.memfd_create("loramerge-premerge")
     except OSError:

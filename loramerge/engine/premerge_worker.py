@@ -43,17 +43,13 @@ from ..readers.prefetch import weight_files
 from ..readers.st_header import raw_header
 from ..writers.direct import pread_full
 from .kernel_inputs import digest
+from .premerge import RING_BYTES
 from .schedule import write_order
 
 PREFIX = "base_model.model."
 HALF = {"BF16": "bfloat16", "F16": "float16"}
 FACTOR_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": np.uint16}
 ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
-# The ring: as many slots of the largest target as fit in its bytes (the parent gives RING_BYTES,
-# or an eighth of the memory available if less); a target larger than half of it is left to the
-# parent. Merged results wait there for the parent's writer: all that the worker merges while
-# the parent imports torch.
-RING_BYTES = 1 << 30
 
 
 @dataclass

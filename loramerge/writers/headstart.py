@@ -77,23 +77,48 @@ class EarlyRange:
 
 
 @dataclass
+class EarlyMerged:
+    """A target the premerge worker merged (engine/premerge.py) and the head start wrote into the
+    shard at output offset `at`: the whole blocks [start, end) inside it (buffered writes, so the
+    writer's hash reads them back from the page cache), the tensor's bytes before and after them
+    (`head`, `tail`), and the worker's key and float64 count. The merge moves past it only where
+    its own key for the job is `key` (the same W, factors and output format); else it computes
+    the job and writes over it. A tensor with no whole block inside is all `head` (start = end)."""
+
+    name: str
+    at: int
+    nbytes: int
+    start: int
+    end: int
+    head: bytes
+    tail: bytes
+    key: list
+    redone: int
+
+
+@dataclass
 class EarlyFile:
-    """A shard the head start began: its guessed header; the tensors it took for untouched, by
-    output offset, with what it wrote of each; and `hashed`: (sha256 object, n), the shard's first
-    n bytes hashed (its header and the leading ones of those tensors, whole), or None."""
+    """A shard the head start began: its guessed header and each tensor's place in it (name ->
+    output offset, nbytes); the tensors it took for untouched, by output offset, with what it
+    wrote of each; the premerge worker's results it wrote; and `hashed`: (sha256 object, n), the
+    shard's first n bytes hashed (its header and the leading ones of the untouched, whole), or None."""
 
     path: Path
     header: bytes
+    places: dict[str, tuple[int, int]] = field(default_factory=dict)
     ranges: dict[int, EarlyRange] = field(default_factory=dict)
+    merged: dict[int, EarlyMerged] = field(default_factory=dict)
     hashed: tuple | None = None
 
 
 @dataclass
 class Adopted:
-    """What a writer takes over: bytes to move past (by output offset), and the hash to start from."""
+    """What a writer takes over: bytes to move past (by output offset), the hash to start from,
+    and the premerge worker's results written in (each for the merge to confirm)."""
 
     ranges: dict[int, EarlyRange]
     hashed: tuple | None
+    merged: dict[int, EarlyMerged] = field(default_factory=dict)
 
 
 def adopt(early: EarlyFile | None, header: bytes, path: Path,
@@ -108,10 +133,12 @@ def adopt(early: EarlyFile | None, header: bytes, path: Path,
         return None
     same = {at for at, r in early.ranges.items() if r.same(copies.get(at))}
     ranges = {at: early.ranges[at] for at in same if early.ranges[at].end > early.ranges[at].start}
+    merged = dict(early.merged)
     hashed = early.hashed
-    if hashed is not None and any(at < hashed[1] and at not in same for at in early.ranges):
+    if hashed is not None and (any(at < hashed[1] and at not in same for at in early.ranges)
+                               or any(at < hashed[1] for at in merged)):
         hashed = None
-    if not ranges:  # nothing written to take over (the file may not exist): the hash alone
+    if not ranges and not merged:  # nothing written to take over (the file may not exist): the hash alone
         return Adopted({}, hashed) if hashed is not None else None
     try:
         os.link(early.path, path)
@@ -120,7 +147,7 @@ def adopt(early: EarlyFile | None, header: bytes, path: Path,
     except OSError:  # a file system without hard links: the writer writes it all, as without
         return Adopted({}, hashed) if hashed is not None else None
     os.unlink(early.path)
-    return Adopted(ranges, hashed)
+    return Adopted(ranges, hashed, merged)
 
 
 @dataclass
@@ -189,9 +216,11 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
         order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         entries = [(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for k, v in order]
         raw = build_header(entries, METADATA)
-        shards.append(EarlyFile(Path(f.name), raw))
+        shard = EarlyFile(Path(f.name), raw)
+        shards.append(shard)
         at, lead = len(raw), True
         for (name, _, _, nbytes), (_, info) in zip(entries, order):
+            shard.places[name] = (at, nbytes)
             c = _Copy(fi, f, data + info["data_offsets"][0], at, nbytes)
             wanted = nbytes >= MIN_BYTES and not touched(name) and c.end > c.start
             lead = lead and wanted
@@ -205,8 +234,10 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
 class HeadStart:
     """The running head start of one output: its staging, its thread, what it has written."""
 
-    def __init__(self, out: Path, shards: list[EarlyFile], copies: list[_Copy]):
-        self.shards, self.copies = shards, copies
+    def __init__(self, out: Path, shards: list[EarlyFile], copies: list[_Copy], premerge=None):
+        """premerge: a running premerge worker (engine/premerge.py) whose results the copying
+        thread writes into the shards after its copies, while the merge is still starting."""
+        self.shards, self.copies, self._premerge = shards, copies, premerge
         self._stop = threading.Event()
         self._staged = Staged(out, is_dir=True, overwrite=True)
         tmp = self._staged.__enter__()
@@ -220,7 +251,8 @@ class HeadStart:
     @property
     def written(self) -> int:
         """Bytes written so far (whole blocks)."""
-        return sum(c.done - c.start for c in self.copies if c.done > c.start)
+        return (sum(c.done - c.start for c in self.copies if c.done > c.start)
+                + sum(m.end - m.start for s in self.shards for m in list(s.merged.values())))
 
     def _hash(self) -> None:
         """Each shard's header and leading copied tensors, hashed from the base (the copies'
@@ -264,10 +296,56 @@ class HeadStart:
                         c.done += len(view)
                 if self._stop.is_set():
                     return
+            if self._premerge is not None:
+                self._write_premerged()
         except OSError:
             return  # a head start only: the merge writes whatever is missing and reports real errors
         finally:
             for fd, *_ in fds.values():
+                os.close(fd)
+
+    def _write_premerged(self) -> None:
+        """The premerge worker's results, written into the shards in the order it computes them
+        (the merge's predicted order) until the merge stops the head start. Buffered writes: the
+        writer hashes these bytes from the page cache (O_DIRECT would leave them on the disk only).
+        A result is recorded once all of it is written; each written one frees its slot of the
+        worker's ring for the next. Ends at the first target it cannot place or wait for: its
+        result would hold a slot that only the merge can free."""
+        pre = self._premerge
+        places = {name: (fi, at, n) for fi, s in enumerate(self.shards) for name, (at, n) in s.places.items()}
+        fds: dict[int, tuple[int, Writeback]] = {}
+        try:
+            for name in pre.wait_targets(self._stop):
+                place = places.get(name)
+                if place is None:
+                    return
+                got = pre.early(name, self._stop)
+                if got is None:
+                    if pre.skipped(name):
+                        continue  # the merge computes (and reports) it
+                    return
+                fi, at, n = place
+                start, end = -(-at // ALIGN) * ALIGN, (at + n) // ALIGN * ALIGN
+                if end <= start:  # no whole block inside: all of it is the writer's to write
+                    start = end = at + n
+                if fi not in fds:
+                    fd = os.open(self.shards[fi].path, os.O_WRONLY | os.O_CREAT, 0o644)
+                    fds[fi] = (fd, Writeback(fd))
+                fd, writeback = fds[fi]
+                done = start
+                while done < end:
+                    if self._stop.is_set():
+                        return
+                    with pre.ring_bytes(got, done - at, min(end, done + CHUNK) - at) as view:
+                        done += os.pwrite(fd, view, done)
+                    writeback.wrote(done)
+                with pre.ring_bytes(got, 0, start - at) as head, pre.ring_bytes(got, end - at, n) as tail:
+                    merged = EarlyMerged(name, at, n, start, end, bytes(head), bytes(tail), got.key, got.redone)
+                self.shards[fi].merged[at] = merged
+                pre.written_early(name, got)
+        finally:
+            for fd, writeback in fds.values():
+                writeback.push()
                 os.close(fd)
 
     def _halt(self) -> None:
@@ -326,12 +404,12 @@ def _pwrite_all(fd: int, direct: bool, writeback: Writeback, view: memoryview, a
 
 
 def begin(base, adapters, out, *, dtype: str = "auto", shard_size=None, dry_run: bool = False,
-          overwrite: bool = False, revision: str | None = None) -> HeadStart | None:
+          overwrite: bool = False, revision: str | None = None, premerge=None) -> HeadStart | None:
     """Start a head start for `loramerge apply BASE ADAPTERS OUT`, or None where the output's
     layout cannot be known before the plan (another dtype or sharding, one output file, a base or
     adapter that is not safetensors on this disk, or a Hub id not in the cache), nothing would be
     copied, the output would be refused anyway, the disk has no room for the base's bytes, or
-    LORAMERGE_NO_HEAD_START is set."""
+    LORAMERGE_NO_HEAD_START is set. premerge: a premerge worker whose results it writes too."""
     if dry_run or dtype != "auto" or shard_size is not None or os.environ.get("LORAMERGE_NO_HEAD_START"):
         return None
     out = Path(out)
@@ -346,7 +424,7 @@ def begin(base, adapters, out, *, dtype: str = "auto", shard_size=None, dry_run:
         guessed = guess(base, adapters)
         if guessed is None or shutil.disk_usage(out.parent).free < sum(f.stat().st_size for f in weight_files(base)):
             return None
-        return HeadStart(out, *guessed)
+        return HeadStart(out, *guessed, premerge=premerge)
     except (OSError, OutputError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error):
         return None  # whatever is wrong, the merge finds and reports it
 

@@ -49,9 +49,10 @@ class SafetensorsWriter:
         header = build_header(entries, metadata)
         taken = adopt(early, header, path, copies or {}) if early is not None else None
         self._early = taken.ranges if taken is not None else {}
+        self._merged = taken.merged if taken is not None else {}
         self._hashed_to = taken.hashed[1] if taken is not None and taken.hashed is not None else 0
         self.bytes_early = 0  # bytes the head start wrote that this writer moved past
-        flags = os.O_WRONLY if self._early else os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        flags = os.O_WRONLY if self._early or self._merged else os.O_WRONLY | os.O_CREAT | os.O_EXCL
         self._fd = os.open(path, flags, 0o644)
         self._sink = DirectSink(self._fd, path, direct_wanted() if direct is None else direct)
         self.hasher = Hasher(taken.hashed if self._hashed_to else None)
@@ -82,6 +83,7 @@ class SafetensorsWriter:
         data = tensor_bytes(t.cpu())
         if self._sink.pos < self._hashed_to:
             raise RuntimeError(f"{self.path}: tensor {name!r} lies in the prefix a head start hashed as copied")
+        self._merged.pop(self._sink.pos, None)  # a premerged result the merge did not confirm: written over
         self._expect(name, len(data))
         if not defer_hash:
             self._write_all(data)
@@ -109,6 +111,29 @@ class SafetensorsWriter:
         self._sink.skip(done.end - done.start)
         self.bytes_early += done.end - done.start
         self._copy(name, src, offset + done.end - at, at + nbytes - done.end)
+
+    def premerged(self, name: str):
+        """The premerge worker's result the head start wrote where tensor `name` goes next
+        (headstart.EarlyMerged), or None."""
+        m = self._merged.get(self._sink.pos)
+        return m if m is not None and m.name == name else None
+
+    def place_premerged(self, name: str, nbytes: int) -> None:
+        """The next tensor is the premerged result the head start wrote here, confirmed by the
+        merge as its own (the same key): write the bytes around its whole blocks and move past
+        those, hashed in file order from the page cache the head start wrote them into."""
+        m = self._merged.pop(self._sink.pos, None)
+        if m is None or (m.name, m.nbytes) != (name, nbytes):
+            raise RuntimeError(f"{self.path}: no premerged {name!r} ({nbytes} bytes) written here by the head start")
+        if self._sink.pos < self._hashed_to:
+            raise RuntimeError(f"{self.path}: tensor {name!r} lies in the prefix a head start hashed as copied")
+        self._expect(name, nbytes)
+        self._write_all(m.head)
+        if m.end > m.start:
+            self.hasher.later_from(self.path, m.start, m.end - m.start)  # in file order, not waited for
+            self._sink.skip(m.end - m.start)
+            self.bytes_early += m.end - m.start
+        self._write_all(m.tail)
 
     def _copy(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         if not nbytes:

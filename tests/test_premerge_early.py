@@ -1,0 +1,174 @@
+"""The premerge worker's results written by the head start before the merge has planned
+(writers/headstart.py, engine/premerge.py): the merge moves past such a tensor only where its own
+key for the job is the worker's, and writes over it otherwise.
+
+Each merge runs against a plain one and every file must be the same bytes (the manifest's sha256
+included: the writer hashes what the head start wrote from the output file); the report must say
+how many tensors came from the worker."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import adapter_dir, base_dir
+from loramerge import apply
+from loramerge.cli import main
+from loramerge.engine import premerge
+from loramerge.writers import headstart
+from loramerge.writers.direct import ALIGN
+
+BASE, ADAPTER = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+
+
+@pytest.fixture(autouse=True)
+def small(monkeypatch):
+    # the fixtures' tensors are KiB: every untouched one is copied (so a head start begins), and
+    # results go out in chunks of two blocks, so a tensor takes several writes
+    monkeypatch.setenv("LORAMERGE_PREMERGE", "1")
+    monkeypatch.setattr(headstart, "MIN_BYTES", 0)
+    monkeypatch.setattr(headstart, "CHUNK", 2 * ALIGN)
+
+
+def _files(out):
+    got = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    m = json.loads(got.pop("loramerge_manifest.json"))
+    m.pop("created", None)
+    got["loramerge_manifest.json"] = json.dumps(m, sort_keys=True).encode()
+    return got
+
+
+def _started(out, *, join=True, **kw):
+    """A worker and a head start that writes its results, as the CLI starts them; with `join`,
+    run to the head start's end (every result it could write is written)."""
+    pre = premerge.begin(BASE, [ADAPTER], device="cpu", **kw)
+    assert pre is not None, "no worker: the test would prove nothing"
+    head = headstart.begin(BASE, [ADAPTER], out, premerge=pre)
+    assert head is not None, "no head start: the test would prove nothing"
+    if join:
+        for t in head._threads:
+            t.join()
+    return pre, head
+
+
+def _merge(out, pre, head, **kw):
+    try:
+        return apply(BASE, [ADAPTER], out, device="cpu", _head_start=head, _premerge=pre, **kw)
+    finally:
+        head.close()
+        pre.close()
+
+
+def _early(head) -> dict[str, headstart.EarlyMerged]:
+    return {m.name: m for s in head.shards for m in s.merged.values()}
+
+
+@pytest.mark.parametrize("buffered", [False, True])
+def test_results_written_early_are_the_merge_own(tmp_path, monkeypatch, buffered):
+    if buffered:
+        monkeypatch.setenv("LORAMERGE_BUFFERED_WRITES", "1")
+    plain = apply(BASE, [ADAPTER], tmp_path / "plain", device="cpu")
+    pre, head = _started(tmp_path / "out")
+    early = _early(head)
+    assert len(early) == plain.tensors_merged > 0  # every target was written before the merge began
+    assert any(m.end > m.start for m in early.values()) and any(m.head or m.tail for m in early.values())
+    report = _merge(tmp_path / "out", pre, head)
+    assert _files(tmp_path / "out") == _files(tmp_path / "plain")
+    assert report.tensors_premerged == report.tensors_merged == plain.tensors_merged
+    assert pre.taken == 0  # none through the ring: all were written early and confirmed
+    assert report.exact_fixups == plain.exact_fixups
+    whole = sum(m.end - m.start for m in early.values())
+    assert report.bytes_early >= whole > 0
+
+
+def test_results_for_another_factor_are_written_over(tmp_path):
+    """A worker told weight 0.5 for a merge at weight 1: the head start writes its (wrong) results,
+    no key matches, and the merge computes and writes every target over them."""
+    plain = apply(BASE, [ADAPTER], tmp_path / "plain", device="cpu")
+    pre, head = _started(tmp_path / "out", weights=[0.5])
+    assert len(_early(head)) == plain.tensors_merged
+    report = _merge(tmp_path / "out", pre, head)
+    assert _files(tmp_path / "out") == _files(tmp_path / "plain")
+    assert report.tensors_premerged == 0 and report.tensors_merged == plain.tensors_merged
+
+
+def test_a_head_start_stopped_midway_leaves_the_rest_to_the_ring_and_the_merge(tmp_path, monkeypatch):
+    """The head start is stopped in the middle of its third result (a block of it written): the
+    two before are moved past, the third is not recorded and is taken from the ring, its
+    half-written blocks written over, and the rest come through the ring."""
+    monkeypatch.setattr(headstart, "CHUNK", ALIGN)  # a block per write: the fixtures' have 3 whole
+    plain = apply(BASE, [ADAPTER], tmp_path / "plain", device="cpu")
+    pre = premerge.begin(BASE, [ADAPTER], device="cpu")
+    assert pre is not None
+    calls = {"written": 0, "chunks": 0}
+    stopped = threading.Event()
+    ring_bytes, written_early = pre.ring_bytes, pre.written_early
+
+    def counting_written(name, got):
+        calls["written"] += 1
+        written_early(name, got)
+
+    def stopping_ring_bytes(got, start, end):
+        if calls["written"] == 2 and end - start == ALIGN:
+            calls["chunks"] += 1
+            if calls["chunks"] == 2:
+                head._stop.set()
+                stopped.set()
+        return ring_bytes(got, start, end)
+
+    monkeypatch.setattr(pre, "written_early", counting_written)
+    monkeypatch.setattr(pre, "ring_bytes", stopping_ring_bytes)
+    head = headstart.begin(BASE, [ADAPTER], tmp_path / "out", premerge=pre)
+    assert head is not None
+    for t in head._threads:
+        t.join()
+    assert stopped.is_set(), "not stopped midway: the test would prove nothing"
+    assert len(_early(head)) == 2
+    report = _merge(tmp_path / "out", pre, head)
+    assert _files(tmp_path / "out") == _files(tmp_path / "plain")
+    assert report.tensors_premerged == report.tensors_merged == plain.tensors_merged
+    assert pre.taken == plain.tensors_merged - 2
+
+
+def test_a_result_whose_bytes_differ_is_caught_by_the_key_not_trusted(tmp_path):
+    """What the head start wrote is moved past on the key alone; a key from another worker run
+    (here: of a merge at another weight) on bytes of this one is written over."""
+    plain = apply(BASE, [ADAPTER], tmp_path / "plain", device="cpu")
+    other_pre, other_head = _started(tmp_path / "other", weights=[0.5])
+    other = _early(other_head)
+    other_head.close()
+    other_pre.close()
+    pre, head = _started(tmp_path / "out")
+    victim = next(m for m in _early(head).values() if m.end > m.start)
+    victim.key = other[victim.name].key
+    report = _merge(tmp_path / "out", pre, head)
+    assert _files(tmp_path / "out") == _files(tmp_path / "plain")
+    assert report.tensors_premerged == report.tensors_merged - 1
+
+
+def test_the_cli_writes_the_worker_results_early(tmp_path, monkeypatch):
+    """The CLI as users run it, its head start run to its end before the merge (in-process the
+    imports are done): every target from the worker, the same files as without either."""
+    begin = headstart.begin
+
+    def begin_and_finish(*args, **kwargs):
+        head = begin(*args, **kwargs)
+        for t in head._threads if head is not None else ():
+            t.join()
+        return head
+    monkeypatch.setattr(headstart, "begin", begin_and_finish)
+    runner = CliRunner()
+    got = runner.invoke(main, ["apply", str(BASE), str(ADAPTER), str(tmp_path / "out"), "--device", "cpu",
+                               "--json", "-q"])
+    assert got.exit_code == 0, got.output
+    ref = runner.invoke(main, ["apply", str(BASE), str(ADAPTER), str(tmp_path / "ref"), "--device", "cpu",
+                               "--json", "-q"],
+                        env={"LORAMERGE_PREMERGE": "", "LORAMERGE_NO_HEAD_START": "1"})
+    assert ref.exit_code == 0, ref.output
+    report, plain = json.loads(got.stdout), json.loads(ref.stdout)
+    assert report["tensors_premerged"] == report["tensors_merged"] == plain["tensors_merged"] > 0
+    assert report["bytes_early"] > 0 and plain["bytes_early"] == 0
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
