@@ -50,8 +50,8 @@ class ApplyReport(JsonReport):
     tensors_copied: int = 0
     tensors_cast: int = 0
     bytes_written: int = 0
-    # of bytes_written: untouched tensors the CLI's head start wrote while the process was still
-    # importing and planning (writers/headstart.py)
+    # of bytes_written: what the CLI's head start wrote while the process was still importing and
+    # planning: untouched tensors, and the premerge worker's results (writers/headstart.py)
     bytes_early: int = 0
     seconds: float = 0.0
     exact_fixups: int = 0

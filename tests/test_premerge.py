@@ -214,7 +214,8 @@ def test_the_worker_never_imports_torch(tmp_path):
     fd = os.memfd_create("test")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, pass_fds=(fd,), text=True)
-    proc.stdin.write(json.dumps({"base": str(BF16_BASE), "adapter": str(BF16_ADAPTER), "ring_fd": fd}) + "\n")
+    proc.stdin.write(json.dumps({"base": str(BF16_BASE), "adapter": str(BF16_ADAPTER), "ring_fd": fd,
+                                 "ring_bytes": premerge.RING_BYTES}) + "\n")
     proc.stdin.flush()
     ready = json.loads(proc.stdout.readline())
     assert ready["ready"] and ready["slots"] >= 2

@@ -12,7 +12,8 @@ is the same computation: the same base bytes, and A, B and factors whose digests
 merges itself, as without a worker. What this module guesses (names, scales, order) can only make
 it useless, never wrong.
 
-Protocol (one JSON object per line). Parent -> worker on stdin: the configuration first, then
+Protocol (one JSON object per line). Parent -> worker on stdin: the configuration first (base,
+adapter, weight, dtype, first32, ring_fd, ring_bytes), then
 {"order": [names]} (the merge's own order, once planned), {"release": slot, "name": name} (taken)
 and {"drop": slot, "name": name} (not taken: compute it again when its turn comes), each about
 that name only (a slot reused since is left alone); end of input ends the worker.
@@ -43,7 +44,6 @@ from ..readers.prefetch import weight_files
 from ..readers.st_header import raw_header
 from ..writers.direct import pread_full
 from .kernel_inputs import digest
-from .premerge import RING_BYTES
 from .schedule import write_order
 
 PREFIX = "base_model.model."
@@ -199,7 +199,7 @@ class Worker:
         return self._fds[path]
 
     def run(self, stdin=sys.stdin) -> None:
-        ring = int(self.config.get("ring_bytes", RING_BYTES))
+        ring = int(self.config["ring_bytes"])  # (premerge.begin's: RING_BYTES, or less)
         # two slots at least: a target larger than half the ring is left to the parent
         targets = [t for t in plan(self.config) if 2 * _page(t.nbytes) <= ring]
         self.targets = {t.name: t for t in targets}

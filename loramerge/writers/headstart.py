@@ -17,6 +17,14 @@ where the plan copies that very tensor, from the same file and offset, to that v
 everything else it writes as always, over whatever the head start put there. A shard it does not
 take over stays in the head start's own staging, removed at the end (HeadStart.close).
 
+Where the CLI runs a premerge worker (engine/premerge.py: a process without torch that merges
+the targets on the CPU meanwhile), the head start then writes its results too, in the order the
+worker computes them, each freeing its slot of the worker's ring for the next: on a machine with
+cores to spare, most of what a merge writes can be on its way to the disk before torch is
+imported. The merge moves past such a tensor only where the worker's key is its own job's (the
+same W, A, B, factors and output format: pipeline.py); else it computes the tensor and writes
+over it.
+
 The manifest's sha256 of a shard runs in file order. An untouched tensor first in its shard (the
 embedding, the LM head: save_file sorts names) would otherwise be hashed from its source after
 the writer moved past it, while the merged tensors behind it hold their output buffers: on the
