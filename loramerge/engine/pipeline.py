@@ -150,7 +150,10 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
     order = _write_order(plan)
     written_early = _premerged_early(plan, early)
     if premerged is not None:
-        premerged.want([j.name for _, j in order if premergeable(j)])
+        # on a GPU the worker's results serve the head start only (written before the plan): the
+        # device outpaces a CPU kernel, so the merge takes nothing more from it
+        on_cpu = all(d.type == "cpu" for d in devices)
+        premerged.want([j.name for _, j in order if on_cpu and premergeable(j)])
     local = threading.local()
     pin = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
     computed = [j for _, j in order if not _copied_by_writer(j)]

@@ -306,15 +306,17 @@ class Premerge:
 def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "auto", accum: str = "float32",
           dry_run: bool = False, revision: str | None = None, ring_bytes: int | None = None) -> Premerge | None:
     """A worker for `loramerge apply BASE ADAPTER OUT`, or None where it is not wanted
-    (LORAMERGE_PREMERGE unset) or cannot help: a dry run, not a CPU merge, more than one adapter, a
-    dtype the kernel does not write, no numba (or LORAMERGE_NO_KERNEL), no memfd. ring_bytes: the
+    (LORAMERGE_PREMERGE unset) or cannot help: a dry run, more than one adapter, a dtype the kernel
+    does not write, no numba (or LORAMERGE_NO_KERNEL), no memfd. For a merge on a GPU, only the head
+    start writes its results, while torch imports (pipeline.run then asks it for nothing more: the
+    GPU outpaces it). ring_bytes: the
     most its results may hold (default RING_BYTES, at most an eighth of the memory available).
     accum: apply's first pass (the worker evaluates as the merge would: the same bits either way,
     and the same count of elements evaluated again)."""
     if (not os.environ.get("LORAMERGE_PREMERGE") or dry_run or len(adapters) != 1
             or (weights is not None and len(weights) != 1) or dtype not in ("auto", "bfloat16", "float16")
             or not hasattr(os, "memfd_create") or os.environ.get("LORAMERGE_NO_KERNEL")
-            or importlib.util.find_spec("numba") is None or not cpu_merge(device)):
+            or importlib.util.find_spec("numba") is None):
         return None
     try:
         base, adapter = hub.cached(base, "base", revision), hub.cached(adapters[0], "adapter", revision)
