@@ -172,3 +172,18 @@ def test_the_cli_writes_the_worker_results_early(tmp_path, monkeypatch):
     assert report["tensors_premerged"] == report["tensors_merged"] == plain["tensors_merged"] > 0
     assert report["bytes_early"] > 0 and plain["bytes_early"] == 0
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+def test_a_file_system_without_hard_links_copies_what_was_written(tmp_path, monkeypatch):
+    """The head start's shards cannot be linked into the output: the writer starts fresh files
+    and copies each confirmed result's blocks from the head start's file."""
+    plain = apply(BASE, [ADAPTER], tmp_path / "plain", device="cpu")
+    pre, head = _started(tmp_path / "out")
+
+    def no_link(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(headstart.os, "link", no_link)
+    report = _merge(tmp_path / "out", pre, head)
+    assert _files(tmp_path / "out") == _files(tmp_path / "plain")
+    assert report.tensors_premerged == report.tensors_merged == plain.tensors_merged
+    assert pre.taken == 0 and report.bytes_early == 0

@@ -273,7 +273,7 @@ def _run(plan: Plan, base: Checkpoint, adapters: list[Adapter], out_dir: Path, d
                     w.copy_range(job.name, job.source.file, job.source.offset, job.main_nbytes)
                     stats.copied += 1
                 elif tensor is _PLACED:
-                    w.place_premerged(job.name, job.main_nbytes)
+                    w.place_premerged(job.name, written_early[id(job)])
                     stats.merged += 1
                     stats.premerged_early += 1
                 else:

@@ -94,6 +94,7 @@ class EarlyMerged:
     the job and writes over it. A tensor with no whole block inside is all `head` (start = end)."""
 
     name: str
+    file: Path       # the head start's shard it was written into
     at: int
     nbytes: int
     start: int
@@ -348,7 +349,8 @@ class HeadStart:
                         done += os.pwrite(fd, view, done)
                     writeback.wrote(done)
                 with pre.ring_bytes(got, 0, start - at) as head, pre.ring_bytes(got, end - at, n) as tail:
-                    merged = EarlyMerged(name, at, n, start, end, bytes(head), bytes(tail), got.key, got.redone)
+                    merged = EarlyMerged(name, self.shards[fi].path, at, n, start, end, bytes(head), bytes(tail),
+                                         got.key, got.redone)
                 self.shards[fi].merged[at] = merged
                 pre.written_early(name, got)
         finally:

@@ -112,27 +112,25 @@ class SafetensorsWriter:
         self.bytes_early += done.end - done.start
         self._copy(name, src, offset + done.end - at, at + nbytes - done.end)
 
-    def premerged(self, name: str):
-        """The premerge worker's result the head start wrote where tensor `name` goes next
-        (headstart.EarlyMerged), or None."""
-        m = self._merged.get(self._sink.pos)
-        return m if m is not None and m.name == name else None
-
-    def place_premerged(self, name: str, nbytes: int) -> None:
-        """The next tensor is the premerged result the head start wrote here, confirmed by the
-        merge as its own (the same key): write the bytes around its whole blocks and move past
-        those, hashed in file order from the page cache the head start wrote them into."""
-        m = self._merged.pop(self._sink.pos, None)
-        if m is None or (m.name, m.nbytes) != (name, nbytes):
-            raise RuntimeError(f"{self.path}: no premerged {name!r} ({nbytes} bytes) written here by the head start")
+    def place_premerged(self, name: str, m) -> None:
+        """The next tensor is the premerge worker's result `m` (headstart.EarlyMerged) that the head
+        start wrote, confirmed by the merge as its own (the same key): the bytes around its whole
+        blocks are written, and the blocks moved past, hashed in file order from the page cache
+        the head start wrote them into; or, where this file is not the head start's (its hard link
+        failed), copied from the head start's file."""
         if self._sink.pos < self._hashed_to:
             raise RuntimeError(f"{self.path}: tensor {name!r} lies in the prefix a head start hashed as copied")
-        self._expect(name, nbytes)
+        adopted = self._merged.pop(self._sink.pos, None) is m
+        self._expect(name, m.nbytes)
         self._write_all(m.head)
         if m.end > m.start:
-            self.hasher.later_from(self.path, m.start, m.end - m.start)  # in file order, not waited for
-            self._sink.skip(m.end - m.start)
-            self.bytes_early += m.end - m.start
+            if adopted:
+                self.hasher.later_from(self.path, m.start, m.end - m.start)  # in file order, not waited for
+                self._sink.skip(m.end - m.start)
+                self.bytes_early += m.end - m.start
+            else:
+                self.hasher.later_from(m.file, m.start, m.end - m.start)
+                self._copy(name, m.file, m.start, m.end - m.start)
         self._write_all(m.tail)
 
     def _copy(self, name: str, src: Path, offset: int, nbytes: int) -> None:
