@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import adapter_dir, base_dir
+from test_headstart import finished  # noqa: F401  (a fixture: the head start runs to its end)
 from loramerge import apply
 from loramerge.cli import main
 from loramerge.engine import premerge
@@ -149,17 +150,9 @@ def test_a_result_whose_bytes_differ_is_caught_by_the_key_not_trusted(tmp_path):
     assert report.tensors_premerged == report.tensors_merged - 1
 
 
-def test_the_cli_writes_the_worker_results_early(tmp_path, monkeypatch):
+def test_the_cli_writes_the_worker_results_early(tmp_path, finished):
     """The CLI as users run it, its head start run to its end before the merge (in-process the
     imports are done): every target from the worker, the same files as without either."""
-    begin = headstart.begin
-
-    def begin_and_finish(*args, **kwargs):
-        head = begin(*args, **kwargs)
-        for t in head._threads if head is not None else ():
-            t.join()
-        return head
-    monkeypatch.setattr(headstart, "begin", begin_and_finish)
     runner = CliRunner()
     got = runner.invoke(main, ["apply", str(BASE), str(ADAPTER), str(tmp_path / "out"), "--device", "cpu",
                                "--json", "-q"])
