@@ -6,8 +6,8 @@
 #                                 # verify, PEFT, cat+sync, cat; then ONNX fold at 8B shapes, 8 layers
 #   bench/run_all.sh h200-apply   # H200: 8B bf16 --device cuda: apply, cold CLI, verify vs cat+sync
 #   bench/run_all.sh h200-cpu     # same checkpoint, --device cpu (all cores)
-#   bench/run_all.sh h200-premerge  # --device cpu, the CLI with and without the premerge worker
-#                                 # (LORAMERGE_PREMERGE=1: off by default until this says it pays)
+#   bench/run_all.sh h200-premerge  # --device cpu, the CLI without and with the premerge worker
+#                                 # (on by default there: 16 cores; LORAMERGE_PREMERGE=0 turns it off)
 #   bench/run_all.sh h200-premerge-cuda  # the same with --device cuda (the head start writes the
 #                                 # worker's results while torch imports; the GPU does the rest)
 #   bench/run_all.sh h200-onnx    # 8B fp16 graph with external data (16 GB) fold vs copy; frees the
@@ -38,7 +38,7 @@ case "${1:-}" in
     ;;
   h200-premerge)
     "$PY" bench/bench_apply.py --preset 8b --device cpu --runs 3 --workdir "$WORK" \
-      --methods cli,cli:LORAMERGE_PREMERGE=1,floor --results "$RESULTS/gpu-h200-8b-cpu-premerge-$stamp.json"
+      --methods cli:LORAMERGE_PREMERGE=0,cli,floor --results "$RESULTS/gpu-h200-8b-cpu-premerge-$stamp.json"
     ;;
   h200-premerge-cuda)
     "$PY" bench/bench_apply.py --preset 8b --device cuda --runs 3 --workdir "$WORK" \

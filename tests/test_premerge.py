@@ -184,8 +184,27 @@ def test_not_started_where_it_cannot_help(monkeypatch):
     assert gpu is not None
     gpu.close()
     assert premerge.begin(base_dir("llama-bin"), [adapter_dir("llama-bin")], device="cpu") is None
-    monkeypatch.delenv("LORAMERGE_PREMERGE")
+    monkeypatch.setenv("LORAMERGE_PREMERGE", "0")
     assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu") is None
+
+
+def test_by_default_a_cpu_merge_on_many_cores_only(monkeypatch):
+    """Unset, LORAMERGE_PREMERGE means: a worker for a CPU merge with MIN_CORES usable cores or
+    more (its start is CPU a 2-core merge lacks), none for a GPU merge; set, it decides."""
+    monkeypatch.delenv("LORAMERGE_PREMERGE")
+    monkeypatch.setattr(premerge, "usable_cores", lambda: premerge.MIN_CORES - 1)
+    assert not premerge.wanted("cpu")
+    assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu") is None
+    monkeypatch.setattr(premerge, "usable_cores", lambda: premerge.MIN_CORES)
+    assert premerge.wanted("cpu") and not premerge.wanted("cuda")
+    pre = premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu")
+    assert pre is not None
+    pre.close()
+    monkeypatch.setenv("LORAMERGE_PREMERGE", "0")
+    assert not premerge.wanted("cpu")
+    monkeypatch.setenv("LORAMERGE_PREMERGE", "1")
+    monkeypatch.setattr(premerge, "usable_cores", lambda: 1)
+    assert premerge.wanted("cpu") and premerge.wanted("cuda")
 
 
 def test_cpu_merge_is_told_without_torch(tmp_path, monkeypatch):

@@ -159,7 +159,7 @@ def test_the_cli_writes_the_worker_results_early(tmp_path, finished):
     assert got.exit_code == 0, got.output
     ref = runner.invoke(main, ["apply", str(BASE), str(ADAPTER), str(tmp_path / "ref"), "--device", "cpu",
                                "--json", "-q"],
-                        env={"LORAMERGE_PREMERGE": "", "LORAMERGE_NO_HEAD_START": "1"})
+                        env={"LORAMERGE_PREMERGE": "0", "LORAMERGE_NO_HEAD_START": "1"})
     assert ref.exit_code == 0, ref.output
     report, plain = json.loads(got.stdout), json.loads(ref.stdout)
     assert report["tensors_premerged"] == report["tensors_merged"] == plain["tensors_merged"] > 0

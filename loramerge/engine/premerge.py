@@ -11,14 +11,15 @@ non-finite or undecided element never comes (the worker skips it; this process c
 reports it). Anything else (another key, a skipped target, a dead or stuck worker) and the job is
 computed here as without a worker.
 
-Only the CLI starts one (`apply` on the CPU: a library caller has imported torch already), for one
-PEFT adapter directory and a safetensors base on this disk, and for now only with
-LORAMERGE_PREMERGE=1: on the 2-core VM it does not pay (1.1B bf16: 3.82 s against 3.56 s at first,
-about even, +0.05 s in the median of 10 pairs, once the kernel was faster), as the merge there is
-CPU-bound and the worker's own start (Python, numpy, numba: ~0.8 s of a core) is CPU the merge
-lacks. It is built for machines with cores to
-spare while torch imports, where the merge's first tensor waits ~2 s for numba (the H200
-machine's 16 cores: bench/RESULTS.md); whether it pays there is not measured yet.
+Only the CLI starts one (`apply`: a library caller has imported torch already), for one PEFT
+adapter directory and a safetensors base on this disk: by default for a CPU merge on a machine
+with MIN_CORES usable cores or more, else with LORAMERGE_PREMERGE=1 (=0: never). On the 2-core VM
+it does not pay (1.1B bf16: 3.82 s against 3.56 s at first, about even, +0.05 s in the median of
+10 pairs, once the kernel was faster): the merge there is CPU-bound and the worker's own start
+(Python, numpy, numba: ~0.8 s of a core) is CPU the merge lacks. It is built for machines with
+cores to spare while torch imports, where the merge's first tensor waits ~2 s for numba, and where
+the head start (writers/headstart.py) writes its results into the output meanwhile (the H200
+machine's 16 cores: bench/RESULTS.md).
 Standard library only at import: the CLI imports it before torch (and numpy) whether a worker is
 wanted or not.
 """
@@ -53,6 +54,28 @@ READY_SECONDS = 5.0
 # parent. Merged results wait there for the parent's writer: all that the worker merges while
 # the parent imports torch, unless the head start writes them meanwhile (writers/headstart.py).
 RING_BYTES = 1 << 30
+
+
+# Unless LORAMERGE_PREMERGE says (1: on, 0: off), a CPU merge starts a worker on a machine with
+# this many usable cores or more. Measured at the two ends: the 2-core VM's merge is CPU-bound
+# from its first second, and a worker is even at best there (1.1B bf16: +0.05 s, the median of 10
+# pairs); the H200 machine's 16 cores idle while torch imports (4-5 s), and there it won (8B bf16,
+# --device cpu: 1.23x the floor against 1.29x, before the head start wrote its results). 8 is a
+# guess between the two (bench/RESULTS.md).
+MIN_CORES = 8
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def wanted(device: str) -> bool:
+    """Whether `loramerge apply` on `device` starts a worker: LORAMERGE_PREMERGE=1 (any device) or
+    0 decides; unset, a CPU merge on a machine with MIN_CORES usable cores or more."""
+    setting = os.environ.get("LORAMERGE_PREMERGE", "").strip()
+    if setting:
+        return setting != "0"
+    return cpu_merge(device) and usable_cores() >= MIN_CORES
 
 
 def cpu_merge(device: str) -> bool:
@@ -305,15 +328,15 @@ class Premerge:
 
 def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "auto", accum: str = "float32",
           dry_run: bool = False, revision: str | None = None, ring_bytes: int | None = None) -> Premerge | None:
-    """A worker for `loramerge apply BASE ADAPTER OUT`, or None where it is not wanted
-    (LORAMERGE_PREMERGE unset) or cannot help: a dry run, more than one adapter, a dtype the kernel
+    """A worker for `loramerge apply BASE ADAPTER OUT`, or None where it is not wanted (wanted())
+    or cannot help: a dry run, more than one adapter, a dtype the kernel
     does not write, no numba (or LORAMERGE_NO_KERNEL), no memfd. For a merge on a GPU, only the head
     start writes its results, while torch imports (pipeline.run then asks it for nothing more: the
     GPU outpaces it). ring_bytes: the
     most its results may hold (default RING_BYTES, at most an eighth of the memory available).
     accum: apply's first pass (the worker evaluates as the merge would: the same bits either way,
     and the same count of elements evaluated again)."""
-    if (not os.environ.get("LORAMERGE_PREMERGE") or dry_run or len(adapters) != 1
+    if (not wanted(device) or dry_run or len(adapters) != 1
             or (weights is not None and len(weights) != 1) or dtype not in ("auto", "bfloat16", "float16")
             or not hasattr(os, "memfd_create") or os.environ.get("LORAMERGE_NO_KERNEL")
             or importlib.util.find_spec("numba") is None):
