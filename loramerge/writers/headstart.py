@@ -334,6 +334,8 @@ class HeadStart:
                         continue  # the merge computes (and reports) it
                     return
                 fi, at, n = place
+                if got.key[0][2] != n:  # W's bytes by the worker's reading of the header: not this place
+                    return
                 start, end = -(-at // ALIGN) * ALIGN, (at + n) // ALIGN * ALIGN
                 if end <= start:  # no whole block inside: all of it is the writer's to write
                     start = end = at + n
