@@ -186,7 +186,10 @@ def main():
     args.workdir.mkdir(parents=True, exist_ok=True)
     log(f"building {args.preset} checkpoint in {args.workdir} (cached)")
     t = time.perf_counter()
-    base, adapter = build(args.workdir, args.preset, args.rank, "cuda" if "cuda" in args.device else "cpu")
+    # random weights drawn on a GPU wherever there is one (the 8B's 8 G values take a minute on 16
+    # CPU cores, device time on a lent machine); the values differ from a CPU draw, not their kind
+    import torch
+    base, adapter = build(args.workdir, args.preset, args.rank, "cuda" if torch.cuda.is_available() else "cpu")
     log(f"  ready in {time.perf_counter() - t:.1f} s")
     shards = sorted(base.glob("*.safetensors"))
     nbytes = sum(p.stat().st_size for p in shards)
