@@ -17,6 +17,7 @@ from conftest import adapter_dir, base_dir
 from test_hub import cache_repo, hf_cache, tree  # noqa: F401  (hf_cache: a fixture)
 from loramerge import apply
 from loramerge.cli import main
+from loramerge.writers import early as early_files
 from loramerge.writers import headstart
 from loramerge.writers.direct import ALIGN, DirectSink
 from loramerge.writers.header import METADATA, build_header, data_offsets
@@ -294,18 +295,18 @@ def test_a_hashed_prefix_is_kept_only_if_the_plan_copies_all_of_it(tmp_path):
     src.write_bytes(b"x" * 100_000)
     st = os.stat(src)
     header = b"h" * 16
-    early = headstart.EarlyFile(tmp_path / "early", header, hashed=("sha", 16 + 2 * 8192))
+    early = early_files.EarlyFile(tmp_path / "early", header, hashed=("sha", 16 + 2 * 8192))
     early.path.write_bytes(b"")
-    early.ranges = {16: headstart.EarlyRange((st.st_dev, st.st_ino), 100, 8192, 4096, 8192),
-                    16 + 8192: headstart.EarlyRange((st.st_dev, st.st_ino), 9000, 8192, 12288, 12288)}
+    early.ranges = {16: early_files.EarlyRange((st.st_dev, st.st_ino), 100, 8192, 4096, 8192),
+                    16 + 8192: early_files.EarlyRange((st.st_dev, st.st_ino), 9000, 8192, 12288, 12288)}
     plan = {16: (src, 100, 8192), 16 + 8192: (src, 9000, 8192)}
-    got = headstart.adopt(early, header, tmp_path / "a", plan)
+    got = early_files.adopt(early, header, tmp_path / "a", plan)
     assert got.hashed == ("sha", 16 + 2 * 8192) and list(got.ranges) == [16]  # the second wrote nothing
     early.path.write_bytes(b"")
-    assert headstart.adopt(early, header + b" ", tmp_path / "b", plan) is None  # another header
+    assert early_files.adopt(early, header + b" ", tmp_path / "b", plan) is None  # another header
     for other in [(src, 9001, 8192), (tmp_path / "early", 9000, 8192), None]:
         changed = {**plan, 16 + 8192: other} if other else {16: plan[16]}
-        got = headstart.adopt(early, header, tmp_path / f"c{len(os.listdir(tmp_path))}", changed)
+        got = early_files.adopt(early, header, tmp_path / f"c{len(os.listdir(tmp_path))}", changed)
         assert got.hashed is None and list(got.ranges) == [16]
         early.path.write_bytes(b"")
 

@@ -20,6 +20,7 @@ from loramerge import apply
 from loramerge.cli import main
 from loramerge.engine import premerge
 from loramerge.writers import headstart
+from loramerge.writers.early import EarlyMerged
 from loramerge.writers.direct import ALIGN
 
 BASE, ADAPTER = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
@@ -63,7 +64,7 @@ def _merge(out, pre, head, **kw):
         pre.close()
 
 
-def _early(head) -> dict[str, headstart.EarlyMerged]:
+def _early(head) -> dict[str, EarlyMerged]:
     return {m.name: m for s in head.shards for m in s.merged.values()}
 
 

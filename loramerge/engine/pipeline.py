@@ -22,7 +22,7 @@ from ..readers.checkpoint import Checkpoint
 from ..types import ST_TO_TORCH, Adapter, Job, OutputFile, Plan
 from ..writers.direct import ALIGN
 from ..writers.header import METADATA, build_header, data_offsets
-from ..writers.headstart import EarlyFile, EarlyMerged
+from ..writers.early import EarlyFile, EarlyMerged
 from ..writers.safetensors import SafetensorsWriter
 from .job_math import compute, premerged_key, premergeable, take_premerged
 from .precision import guarded

@@ -43,7 +43,7 @@ import os
 import shutil
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError
@@ -51,6 +51,7 @@ from ..readers import hub
 from ..readers.prefetch import weight_files
 from ..readers.st_header import raw_header
 from .direct import ALIGN, aligned_buffer, direct_wanted, pread_full, set_direct
+from .early import EarlyFile, EarlyMerged, EarlyRange, _file_id
 from .header import METADATA, build_header
 from .manifest import Hasher
 from .output import Staged, refuse_paths
@@ -61,102 +62,6 @@ CHUNK = 32 << 20      # bytes per read and write: one GIL hand-over per ~20 ms o
 HASH_CHUNK = 8 << 20  # bytes the hashing thread hashes between looks at the stop flag
 # a tensor's own name that says nothing of its module (every adapter's names hold "weight")
 PARAMETERS = {"weight", "bias"}
-
-
-@dataclass
-class EarlyRange:
-    """One base tensor (the file identified by `src`, stat's (device, inode), at `src_offset`)
-    whose output bytes [start, end) the head start wrote (whole blocks inside the tensor)."""
-
-    src: tuple[int, int]
-    src_offset: int
-    nbytes: int
-    start: int
-    end: int
-
-    def same(self, copy: tuple[Path, int, int] | None) -> bool:
-        """Whether the plan's copy (source path, offset, nbytes) into this place is this tensor."""
-        if copy is None or (copy[1], copy[2]) != (self.src_offset, self.nbytes):
-            return False
-        try:
-            return _file_id(copy[0]) == self.src
-        except OSError:
-            return False
-
-
-@dataclass
-class EarlyMerged:
-    """A target the premerge worker merged (engine/premerge.py) and the head start wrote into the
-    shard at output offset `at`: the whole blocks [start, end) inside it (buffered writes, so the
-    writer's hash reads them back from the page cache), the tensor's bytes before and after them
-    (`head`, `tail`), and the worker's key and float64 count. The merge moves past it only where
-    its own key for the job is `key` (the same W, factors and output format); else it computes
-    the job and writes over it. A tensor with no whole block inside is all `head` (start = end)."""
-
-    name: str
-    file: Path       # the head start's shard it was written into
-    at: int
-    nbytes: int
-    start: int
-    end: int
-    head: bytes
-    tail: bytes
-    key: list
-    redone: int
-
-
-@dataclass
-class EarlyFile:
-    """A shard the head start began: its guessed header and each tensor's place in it (name ->
-    output offset, nbytes); the tensors it took for untouched, by output offset, with what it
-    wrote of each; the premerge worker's results it wrote; and `hashed`: (sha256 object, n), the
-    shard's first n bytes hashed (its header and the leading ones of the untouched, whole), or None."""
-
-    path: Path
-    header: bytes
-    places: dict[str, tuple[int, int]] = field(default_factory=dict)
-    ranges: dict[int, EarlyRange] = field(default_factory=dict)
-    merged: dict[int, EarlyMerged] = field(default_factory=dict)
-    hashed: tuple | None = None
-
-
-@dataclass
-class Adopted:
-    """What a writer takes over: bytes to move past (by output offset), the hash to start from,
-    and the premerge worker's results written in (each for the merge to confirm)."""
-
-    ranges: dict[int, EarlyRange]
-    hashed: tuple | None
-    merged: dict[int, EarlyMerged] = field(default_factory=dict)
-
-
-def adopt(early: EarlyFile | None, header: bytes, path: Path,
-          copies: dict[int, tuple[Path, int, int]]) -> Adopted | None:
-    """Move a head-started shard to `path` if its header is `header` (the writer's own); `copies`
-    are the plan's copies into the file (output offset -> source path, offset, nbytes). Keeps the
-    ranges the plan copies from the same bytes, and the hashed prefix if the plan copies every
-    tensor in it so. None (the writer starts a fresh file) where nothing is left to take over.
-    The shard is linked to `path` where there are ranges (not renamed: an existing `path` fails,
-    as the writer's O_EXCL would); with none, the writer starts a fresh file from the hash."""
-    if early is None or early.header != header:
-        return None
-    same = {at for at, r in early.ranges.items() if r.same(copies.get(at))}
-    ranges = {at: early.ranges[at] for at in same if early.ranges[at].end > early.ranges[at].start}
-    merged = dict(early.merged)
-    hashed = early.hashed
-    if hashed is not None and (any(at < hashed[1] and at not in same for at in early.ranges)
-                               or any(at < hashed[1] for at in merged)):
-        hashed = None
-    if not ranges and not merged:  # nothing written to take over (the file may not exist): the hash alone
-        return Adopted({}, hashed) if hashed is not None else None
-    try:
-        os.link(early.path, path)
-    except FileExistsError:
-        raise  # as O_EXCL: never over an existing file
-    except OSError:  # a file system without hard links: the writer writes it all, as without
-        return Adopted({}, hashed) if hashed is not None else None
-    os.unlink(early.path)
-    return Adopted(ranges, hashed, merged)
 
 
 @dataclass
@@ -391,11 +296,6 @@ def _yield_cpu() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
     except (OSError, AttributeError):
         pass
-
-
-def _file_id(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
 
 
 def _pwrite_all(fd: int, direct: bool, writeback: Writeback, view: memoryview, at: int):

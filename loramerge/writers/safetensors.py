@@ -22,7 +22,7 @@ import torch
 from ..errors import OutputError
 from .direct import DirectSink, direct_wanted
 from .header import build_header
-from .headstart import EarlyFile, adopt
+from .early import EarlyFile, adopt
 from .manifest import Hasher
 
 
@@ -113,7 +113,7 @@ class SafetensorsWriter:
         self._copy(name, src, offset + done.end - at, at + nbytes - done.end)
 
     def place_premerged(self, name: str, m) -> None:
-        """The next tensor is the premerge worker's result `m` (headstart.EarlyMerged) that the head
+        """The next tensor is the premerge worker's result `m` (early.EarlyMerged) that the head
         start wrote, confirmed by the merge as its own (the same key): the bytes around its whole
         blocks are written, and the blocks moved past, hashed in file order from the page cache
         the head start wrote them into; or, where this file is not the head start's (its hard link
