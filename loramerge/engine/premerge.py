@@ -329,10 +329,10 @@ class Premerge:
 def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "auto", accum: str = "float32",
           dry_run: bool = False, revision: str | None = None, ring_bytes: int | None = None) -> Premerge | None:
     """A worker for `loramerge apply BASE ADAPTER OUT`, or None where it is not wanted (wanted())
-    or cannot help: a dry run, more than one adapter, a dtype the kernel
-    does not write, no numba (or LORAMERGE_NO_KERNEL), no memfd. For a merge on a GPU, only the head
-    start writes its results, while torch imports (pipeline.run then asks it for nothing more: the
-    GPU outpaces it). ring_bytes: the
+    or cannot help: a dry run, more than one adapter, a dtype the kernel does not write, no numba
+    (or LORAMERGE_NO_KERNEL), no memfd. For a merge on a GPU, only the head start writes its
+    results, while torch imports (pipeline.run then asks it for nothing more: the GPU outpaces
+    it). ring_bytes: the
     most its results may hold (default RING_BYTES, at most an eighth of the memory available).
     accum: apply's first pass (the worker evaluates as the merge would: the same bits either way,
     and the same count of elements evaluated again)."""
