@@ -332,9 +332,8 @@ def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "a
     or cannot help: a dry run, more than one adapter, a dtype the kernel does not write, no numba
     (or LORAMERGE_NO_KERNEL), no memfd. For a merge on a GPU, only the head start writes its
     results, while torch imports (pipeline.run then asks it for nothing more: the GPU outpaces
-    it). ring_bytes: the
-    most its results may hold (default RING_BYTES, at most an eighth of the memory available).
-    accum: apply's first pass (the worker evaluates as the merge would: the same bits either way,
+    it). ring_bytes: the most its results may hold (default RING_BYTES, at most an eighth of the
+    memory available). accum: apply's first pass (the worker evaluates as the merge would: the same bits either way,
     and the same count of elements evaluated again)."""
     if (not wanted(device) or dry_run or len(adapters) != 1
             or (weights is not None and len(weights) != 1) or dtype not in ("auto", "bfloat16", "float16")
