@@ -38,8 +38,8 @@ class EarlyRange:
 
 @dataclass
 class EarlyMerged:
-    """A target the premerge worker merged (engine/premerge.py) and the head start wrote into the
-    shard at output offset `at`: the whole blocks [start, end) inside it (buffered writes, so the
+    """A target the premerge worker merged (engine/premerge.py) and the head start wrote into its
+    shard (EarlyFile.merged holds it by output offset): the whole blocks [start, end) inside it (buffered writes, so the
     writer's hash reads them back from the page cache), the tensor's bytes before and after them
     (`head`, `tail`), and the worker's key and float64 count. The merge moves past it only where
     its own key for the job is `key` (the same W, factors and output format); else it computes
@@ -47,7 +47,6 @@ class EarlyMerged:
 
     name: str
     file: Path       # the head start's shard it was written into
-    at: int
     nbytes: int
     start: int
     end: int
@@ -86,10 +85,12 @@ def adopt(early: EarlyFile | None, header: bytes, path: Path,
           copies: dict[int, tuple[Path, int, int]]) -> Adopted | None:
     """Move a head-started shard to `path` if its header is `header` (the writer's own); `copies`
     are the plan's copies into the file (output offset -> source path, offset, nbytes). Keeps the
-    ranges the plan copies from the same bytes, and the hashed prefix if the plan copies every
-    tensor in it so. None (the writer starts a fresh file) where nothing is left to take over.
-    The shard is linked to `path` where there are ranges (not renamed: an existing `path` fails,
-    as the writer's O_EXCL would); with none, the writer starts a fresh file from the hash."""
+    ranges the plan copies from the same bytes, the premerged results (the merge confirms each by
+    its key), and the hashed prefix if the plan copies every tensor in it so. None (the writer
+    starts a fresh file) where nothing is left to take over. The shard is linked to `path` where
+    there are ranges or results (not renamed: an existing `path` fails, as the writer's O_EXCL
+    would); with none, or where the file system has no hard links, the writer starts a fresh file
+    from the hash (and copies each confirmed result from the head start's file)."""
     if early is None or early.header != header:
         return None
     same = {at for at, r in early.ranges.items() if r.same(copies.get(at))}

@@ -248,15 +248,13 @@ class HeadStart:
                     fd = os.open(self.shards[fi].path, os.O_WRONLY | os.O_CREAT, 0o644)
                     fds[fi] = (fd, Writeback(fd))
                 fd, writeback = fds[fi]
-                done = start
-                while done < end:
+                for done in range(start, end, CHUNK):
                     if self._stop.is_set():
                         return
                     with pre.ring_bytes(got, done - at, min(end, done + CHUNK) - at) as view:
-                        done += os.pwrite(fd, view, done)
-                    writeback.wrote(done)
+                        _pwrite_all(fd, False, writeback, view, done)
                 with pre.ring_bytes(got, 0, start - at) as head, pre.ring_bytes(got, end - at, n) as tail:
-                    merged = EarlyMerged(name, self.shards[fi].path, at, n, start, end, bytes(head), bytes(tail),
+                    merged = EarlyMerged(name, self.shards[fi].path, n, start, end, bytes(head), bytes(tail),
                                          got.key, got.redone)
                 self.shards[fi].merged[at] = merged
                 pre.written_early(name, got)
