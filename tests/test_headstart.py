@@ -96,7 +96,7 @@ def _untouched_interiors(base: Path, adapter: Path, scratch: Path) -> int:
         if s_i is None or shards[s_i].header != build_header(entries, METADATA):
             continue
         at = dict(zip(data_offsets(entries, METADATA), (j for j in f.jobs for _ in j.entries)))
-        total += sum(c.end - c.start for c in copies if c.file == s_i and at[c.out_offset].kind == "copy")
+        total += sum(c.end - c.start for c in copies if c.write and c.file == s_i and at[c.out_offset].kind == "copy")
     return total
 
 
@@ -309,6 +309,35 @@ def test_a_hashed_prefix_is_kept_only_if_the_plan_copies_all_of_it(tmp_path):
         got = early_files.adopt(early, header, tmp_path / f"c{len(os.listdir(tmp_path))}", changed)
         assert got.hashed is None and list(got.ranges) == [16]
         early.path.write_bytes(b"")
+
+
+def test_a_hashed_prefix_is_cut_at_the_first_tensor_the_plan_does_not_copy(tmp_path):
+    """With the states at each tensor's start (EarlyFile.marks), a prefix is cut back, not dropped:
+    to the start of the first tensor taken for a copy that the plan does not copy so; the writer
+    gets the states at the results left inside it (where it may have to go back), no others."""
+    import hashlib
+
+    src = tmp_path / "base.safetensors"
+    src.write_bytes(b"x" * 100_000)
+    st = os.stat(src)
+    header, n = b"h" * 16, 8192
+    marks = {16 + i * n: hashlib.sha256(bytes([i])) for i in range(3)}
+    early = early_files.EarlyFile(tmp_path / "early", header, hashed=(hashlib.sha256(b"all"), 16 + 3 * n),
+                                  marks=marks)
+    early.path.write_bytes(b"")
+    early.ranges = {16 + 2 * n: early_files.EarlyRange((st.st_dev, st.st_ino), 0, n, 16 + 2 * n, 16 + 2 * n)}
+    early.merged = {at: object() for at in (16, 16 + n)}  # two results, then a copy
+    got = early_files.adopt(early, header, tmp_path / "a", {16 + 2 * n: (src, 0, n)})
+    assert got.hashed[1] == 16 + 3 * n and set(got.marks) == {16, 16 + n}
+    early.path.write_bytes(b"")
+    got = early_files.adopt(early, header, tmp_path / "b", {16 + 2 * n: (src, 1, n)})  # another offset
+    assert got.hashed[1] == 16 + 2 * n and got.hashed[0].digest() == marks[16 + 2 * n].digest()
+    assert got.hashed[0] is not marks[16 + 2 * n] and set(got.marks) == {16, 16 + n}
+    early.path.write_bytes(b"")
+    early.ranges[16] = early_files.EarlyRange((st.st_dev, st.st_ino), 0, n, 16, 16)  # the first is a copy now
+    del early.merged[16]
+    got = early_files.adopt(early, header, tmp_path / "c", {16 + 2 * n: (src, 0, n)})  # not copied by the plan
+    assert got.hashed[1] == 16 and got.marks == {}
 
 
 def test_unmerge_takes_a_head_start_too(tmp_path, finished):

@@ -64,6 +64,15 @@ def _merge(out, pre, head, **kw):
         pre.close()
 
 
+def _end(shard) -> int:
+    return max(at + n for at, n in shard.places.values())
+
+
+def _in_prefix(head) -> int:
+    """How many results lie inside their shard's hashed prefix."""
+    return sum(at < s.hashed[1] for s in head.shards if s.hashed for at in s.merged)
+
+
 def _early(head) -> dict[str, EarlyMerged]:
     return {m.name: m for s in head.shards for m in s.merged.values()}
 
@@ -77,6 +86,9 @@ def test_results_written_early_are_the_merge_own(tmp_path, monkeypatch, buffered
     early = _early(head)
     assert len(early) == plain.tensors_merged > 0  # every target was written before the merge began
     assert any(m.end > m.start for m in early.values()) and any(m.head or m.tail for m in early.values())
+    # the head start hashed every shard to its end (copies from the base, results as written): the
+    # manifest's hashes below are the writer's only if it went on from those states rightly
+    assert all(s.hashed is not None and s.hashed[1] == _end(s) for s in head.shards)
     report = _merge(tmp_path / "out", pre, head)
     assert _files(tmp_path / "out") == _files(tmp_path / "plain")
     assert report.tensors_premerged == report.tensors_merged == plain.tensors_merged
@@ -91,7 +103,7 @@ def test_results_for_another_factor_are_written_over(tmp_path):
     no key matches, and the merge computes and writes every target over them."""
     plain = apply(BASE, [ADAPTER], tmp_path / "plain", device="cpu")
     pre, head = _started(tmp_path / "out", weights=[0.5])
-    assert len(_early(head)) == plain.tensors_merged
+    assert len(_early(head)) == plain.tensors_merged == _in_prefix(head)  # each hashed: the hash goes back
     report = _merge(tmp_path / "out", pre, head)
     assert _files(tmp_path / "out") == _files(tmp_path / "plain")
     assert report.tensors_premerged == 0 and report.tensors_merged == plain.tensors_merged
@@ -181,3 +193,31 @@ def test_a_file_system_without_hard_links_copies_what_was_written(tmp_path, monk
     assert _files(tmp_path / "out") == _files(tmp_path / "plain")
     assert report.tensors_premerged == report.tensors_merged == plain.tensors_merged
     assert pre.taken == 0 and report.bytes_early == 0
+
+
+def test_a_result_where_the_plan_copies_is_copied_and_hashed_as_the_base(tmp_path):
+    """The worker and the head start work for the whole adapter; the merge is of one without its
+    gate_proj factors (as if the adapter had changed since): where the plan copies a tensor whose
+    result the head start wrote and hashed, the writer copies the base's bytes and its hash goes
+    back to the state before that result; the other results are written over (other factors)."""
+    import safetensors.torch
+
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((ADAPTER / "adapter_config.json").read_text())
+    config["target_modules"] = [m for m in config["target_modules"] if m != "gate_proj"]
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    tensors = safetensors.torch.load_file(ADAPTER / "adapter_model.safetensors")
+    safetensors.torch.save_file({k: v for k, v in tensors.items() if "gate_proj" not in k},
+                                other / "adapter_model.safetensors")
+    plain = apply(BASE, [other], tmp_path / "plain", device="cpu")
+    pre, head = _started(tmp_path / "out")
+    gates = [m for m in _early(head).values() if "gate_proj" in m.name]
+    assert gates and _in_prefix(head) == len(_early(head))
+    try:
+        report = apply(BASE, [other], tmp_path / "out", device="cpu", _head_start=head, _premerge=pre)
+    finally:
+        head.close()
+        pre.close()
+    assert _files(tmp_path / "out") == _files(tmp_path / "plain")
+    assert report.tensors_copied == plain.tensors_copied and report.tensors_merged == plain.tensors_merged

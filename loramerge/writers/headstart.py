@@ -28,10 +28,14 @@ over it.
 The manifest's sha256 of a shard runs in file order. An untouched tensor first in its shard (the
 embedding, the LM head: save_file sorts names) would otherwise be hashed from its source after
 the writer moved past it, while the merged tensors behind it hold their output buffers: on the
-H200 machine that stalled the merge ~1 s per such tensor (bench/trace_pipeline.py). A second
-thread of the head start hashes each shard's header and leading copied tensors from the base, and
-the writer's hash starts from there when the plan copies exactly those tensors. Standard library
-only: it runs before torch is imported.
+H200 machine that stalled the merge ~1 s per such tensor (bench/trace_pipeline.py). So threads
+of the head start hash each shard from its header on, in file order, as far as they can: the
+tensors taken for untouched (any size) from the base, the worker's results from what was written,
+each whole, keeping the state at each tensor's start. The writer's hash starts from there up to
+the first tensor the plan does not copy so, and goes back to a result's state where the merge
+writes over that result. Without this, the results written early were hashed from the page cache
+after the plan, on the writer's time (`hash_wait` 2.2 s of an 8B merge on a 16-core H100 machine).
+Standard library only: it runs before torch is imported.
 """
 
 from __future__ import annotations
@@ -58,8 +62,12 @@ from .output import Staged, refuse_paths
 from .writeback import Writeback
 
 MIN_BYTES = 1 << 20   # a smaller tensor costs the writer next to nothing: not worth a head start
+# (but it is hashed as untouched all the same: a norm between two results ends a hashed prefix)
 CHUNK = 32 << 20      # bytes per read and write: one GIL hand-over per ~20 ms of disk time
 HASH_CHUNK = 8 << 20  # bytes the hashing thread hashes between looks at the stop flag
+# threads hashing the shards while the premerge worker's results come (one thread hashes ~1.3 GB/s
+# on the H200 machine; without the worker one thread hashes the untouched tensors that lead)
+HASH_THREADS = 2
 # a tensor's own name that says nothing of its module (every adapter's names hold "weight")
 PARAMETERS = {"weight", "bias"}
 
@@ -71,8 +79,8 @@ class _Copy:
     src_offset: int    # of the tensor's first byte in src
     out_offset: int    # of the tensor's first byte in the output shard
     nbytes: int
-    done: int = 0      # output bytes [start, done) written
-    lead: bool = False  # it and every tensor before it in its shard are copies: hashed ahead
+    write: bool = True  # copied early (else only hashed: too small, or no whole block inside)
+    done: int = 0       # output bytes [start, done) written
 
     @property
     def start(self) -> int:
@@ -132,17 +140,15 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
         raw = build_header(entries, METADATA)
         shard = EarlyFile(Path(f.name), raw)
         shards.append(shard)
-        at, lead = len(raw), True
+        at = len(raw)
         for (name, _, _, nbytes), (_, info) in zip(entries, order):
             shard.places[name] = (at, nbytes)
-            c = _Copy(fi, f, data + info["data_offsets"][0], at, nbytes)
-            wanted = nbytes >= MIN_BYTES and not touched(name) and c.end > c.start
-            lead = lead and wanted
-            if wanted:
-                c.lead = lead
+            if not touched(name):
+                c = _Copy(fi, f, data + info["data_offsets"][0], at, nbytes)
+                c.write = nbytes >= MIN_BYTES and c.end > c.start
                 copies.append(c)
             at += nbytes
-    return (shards, copies) if copies else None
+    return (shards, copies) if any(c.write for c in copies) else None
 
 
 class HeadStart:
@@ -153,12 +159,16 @@ class HeadStart:
         thread writes into the shards after its copies, while the merge is still starting."""
         self.shards, self.copies, self._premerge = shards, copies, premerge
         self._stop = threading.Event()
+        self._wrote = threading.Condition()  # notified by the copying thread at each result, and at its end
+        self._copying = True
         self._staged = Staged(out, is_dir=True, overwrite=True)
         tmp = self._staged.__enter__()
         for s in shards:
             s.path = tmp / s.path.name
-        self._threads = [threading.Thread(target=fn, name=f"loramerge-headstart-{fn.__name__[1:]}", daemon=True)
-                         for fn in (self._copy, self._hash)]
+        hashing = [self._hasher(shards[k::HASH_THREADS if premerge is not None else 1])
+                   for k in range(HASH_THREADS if premerge is not None else 1)]
+        self._threads = [threading.Thread(target=fn, name=f"loramerge-headstart-{name}", daemon=True)
+                         for fn, name in [(self._copy, "copy"), *((h, "hash") for h in hashing)]]
         for t in self._threads:
             t.start()
 
@@ -168,27 +178,30 @@ class HeadStart:
         return (sum(c.done - c.start for c in self.copies if c.done > c.start)
                 + sum(m.end - m.start for s in self.shards for m in list(s.merged.values())))
 
-    def _hash(self) -> None:
-        """Each shard's header and leading copied tensors, hashed from the base (the copies'
-        sources) into the sha256 the manifest's hash of the shard goes on from."""
-        _yield_cpu()
-        try:
-            for fi, shard in enumerate(self.shards):
-                lead = [c for c in self.copies if c.file == fi and c.lead]
-                if not lead:
-                    continue
-                hasher = Hasher()
-                hasher.update(shard.header)
-                for c in lead:
-                    with open(c.src, "rb", buffering=0) as src:
-                        for done in range(0, c.nbytes, HASH_CHUNK):
-                            if self._stop.is_set():
-                                return
-                            hasher.update_from(src.fileno(), c.src_offset + done, min(HASH_CHUNK, c.nbytes - done))
-                    # what is hashed so far, at a tensor's end: a stop midway keeps it
-                    shard.hashed = hasher.state()
-        except OSError:  # (update_from's too: the base ends early) the merge reports real errors
-            return
+    def _hasher(self, shards: list[EarlyFile]):
+        """A hashing thread's work: `shards`, each from its header on, in file order, as far as
+        their tensors can be hashed (shard.hashed, shard.marks), going round them while the
+        copying thread may still write results; it ends when none can go on."""
+        copies = {(id(self.shards[c.file]), c.out_offset): c for c in self.copies}
+
+        def run() -> None:
+            _yield_cpu()
+            prefixes = [_Prefix(s, sorted(s.places.values()), copies) for s in shards]
+            try:
+                while prefixes and not self._stop.is_set():
+                    ended = not self._copying or self._premerge is None  # no result can come after this round
+                    moved = [p.advance(self._stop) for p in prefixes]
+                    if any(m is None for m in moved):  # stopped
+                        return
+                    prefixes = [p for p in prefixes if not p.finished]
+                    if not any(moved):
+                        if ended:
+                            return
+                        with self._wrote:
+                            self._wrote.wait(0.05)
+            except OSError:  # (update_from's too: the base ends early) the merge reports real errors
+                return
+        return run
 
     def _copy(self) -> None:
         _yield_cpu()
@@ -196,6 +209,8 @@ class HeadStart:
         buf = aligned_buffer(CHUNK)[1]
         try:
             for c in self.copies:
+                if not c.write:
+                    continue
                 if c.file not in fds:
                     fd = os.open(self.shards[c.file].path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                     direct = direct_wanted() and set_direct(fd, True)
@@ -217,6 +232,9 @@ class HeadStart:
         finally:
             for fd, *_ in fds.values():
                 os.close(fd)
+            with self._wrote:
+                self._copying = False
+                self._wrote.notify_all()
 
     def _write_premerged(self) -> None:
         """The premerge worker's results, written into the shards in the order it computes them
@@ -256,15 +274,17 @@ class HeadStart:
                 with pre.ring_bytes(got, 0, start - at) as head, pre.ring_bytes(got, end - at, n) as tail:
                     merged = EarlyMerged(name, self.shards[fi].path, n, start, end, bytes(head), bytes(tail),
                                          got.key, got.redone)
-                self.shards[fi].merged[at] = merged
                 pre.written_early(name, got)
+                with self._wrote:
+                    self.shards[fi].merged[at] = merged
+                    self._wrote.notify_all()
         finally:
             for fd, writeback in fds.values():
                 writeback.push()
                 os.close(fd)
 
     def _halt(self) -> None:
-        """Stop both threads after the chunks in hand."""
+        """Stop every thread after the chunks in hand."""
         self._stop.set()
         for t in self._threads:
             t.join()
@@ -285,6 +305,51 @@ class HeadStart:
         """Stop, and remove the head start's staging with whatever the merge did not take over."""
         self._halt()
         self._staged.__exit__(None, None, None)
+
+
+class _Prefix:
+    """One shard's hash in file order (headstart.HeadStart._hasher): its header, then each tensor
+    whole while there is one to hash: a copy, from the base; a result, from what the head start
+    wrote of it (head, blocks read back from the page cache, tail)."""
+
+    def __init__(self, shard: EarlyFile, places: list[tuple[int, int]], copies: dict):
+        self.shard, self.places, self._copies = shard, places, copies
+        self._i = 0
+        self._hasher = Hasher()
+        self._hasher.update(shard.header)
+
+    @property
+    def finished(self) -> bool:
+        return self._i == len(self.places)
+
+    def advance(self, stop: threading.Event) -> bool | None:
+        """Hash the tensors that can be; whether any was (None: stopped midway)."""
+        shard, moved = self.shard, False
+        while not self.finished:
+            at, nbytes = self.places[self._i]
+            c = self._copies.get((id(shard), at))
+            m = shard.merged.get(at) if c is None else None
+            if c is None and m is None:
+                break  # a target not (yet) written
+            start = self._hasher.state()[0]
+            if c is not None:
+                parts = [(c.src, c.src_offset, nbytes)]
+            else:
+                parts = [m.head, (m.file, m.start, m.end - m.start), m.tail]
+            for part in parts:
+                if isinstance(part, bytes):
+                    self._hasher.update(part)
+                    continue
+                with open(part[0], "rb", buffering=0) as f:
+                    for done in range(0, part[2], HASH_CHUNK):
+                        if stop.is_set():
+                            return None
+                        self._hasher.update_from(f.fileno(), part[1] + done, min(HASH_CHUNK, part[2] - done))
+            shard.marks[at] = start
+            shard.hashed = self._hasher.state()  # at a tensor's end: a stop midway keeps it
+            self._i += 1
+            moved = True
+        return moved
 
 
 def _yield_cpu() -> None:

@@ -51,6 +51,7 @@ class SafetensorsWriter:
         self._early = taken.ranges if taken is not None else {}
         self._merged = taken.merged if taken is not None else {}
         self._hashed_to = taken.hashed[1] if taken is not None and taken.hashed is not None else 0
+        self._marks = taken.marks if self._hashed_to else {}  # states to go back to inside the prefix
         self.bytes_early = 0  # bytes the head start wrote that this writer moved past
         flags = os.O_WRONLY if self._early or self._merged else os.O_WRONLY | os.O_CREAT | os.O_EXCL
         self._fd = os.open(path, flags, 0o644)
@@ -82,7 +83,7 @@ class SafetensorsWriter:
         once the hashing thread is (the tensor's memory must stay untouched until then)."""
         data = tensor_bytes(t.cpu())
         if self._sink.pos < self._hashed_to:
-            raise RuntimeError(f"{self.path}: tensor {name!r} lies in the prefix a head start hashed as copied")
+            self._unhash_from(name)
         self._merged.pop(self._sink.pos, None)  # a premerged result the merge did not confirm: written over
         self._expect(name, len(data))
         if not defer_hash:
@@ -93,10 +94,26 @@ class SafetensorsWriter:
         self._sink.write(view)
         return hashed
 
+    def _unhash_from(self, name: str) -> None:
+        """The next tensor lies in the prefix the head start hashed, as a premerged result the
+        merge did not confirm (it writes or copies other bytes): the hash goes back to the state
+        at its start, and everything from there on is hashed as it is written."""
+        at = self._sink.pos
+        mark = self._marks.get(at)
+        if mark is None:  # adopt() confirmed each copy in the prefix: only a result can be undone
+            raise RuntimeError(f"{self.path}: tensor {name!r} lies in the prefix a head start hashed")
+        waited = self.hasher.waited
+        self.hasher.close()
+        self.hasher = Hasher((mark.copy(), at))
+        self.hasher.waited = waited
+        self._hashed_to, self._marks = at, {}
+
     def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can;
         the part a head start already copied from the same bytes is moved past."""
         at = self._sink.pos
+        if at in self._marks:  # the head start hashed the worker's result here: the base's bytes instead
+            self._unhash_from(name)
         self._expect(name, nbytes)
         if at >= self._hashed_to:  # (a hashed prefix holds whole tensors)
             self.hasher.later_from(src, offset, nbytes)  # in file order, not waited for
@@ -116,22 +133,23 @@ class SafetensorsWriter:
         """The next tensor is the premerge worker's result `m` (early.EarlyMerged) that the head
         start wrote, confirmed by the merge as its own (the same key): the bytes around its whole
         blocks are written, and the blocks moved past, hashed in file order from the page cache
-        the head start wrote them into; or, where this file is not the head start's (its hard link
-        failed), copied from the head start's file."""
-        if self._sink.pos < self._hashed_to:
-            raise RuntimeError(f"{self.path}: tensor {name!r} lies in the prefix a head start hashed as copied")
+        the head start wrote them into (unless the head start's hash holds them already); or,
+        where this file is not the head start's (its hard link failed), copied from its file."""
+        hashed = self._sink.pos < self._hashed_to  # (a hashed prefix holds whole tensors)
         adopted = self._merged.pop(self._sink.pos, None) is m
         self._expect(name, m.nbytes)
-        self._write_all(m.head)
+        self._write_all(m.head, hashed=not hashed)
         if m.end > m.start:
             if adopted:
-                self.hasher.later_from(self.path, m.start, m.end - m.start)  # in file order, not waited for
+                if not hashed:
+                    self.hasher.later_from(self.path, m.start, m.end - m.start)  # in file order, not waited for
                 self._sink.skip(m.end - m.start)
                 self.bytes_early += m.end - m.start
             else:
-                self.hasher.later_from(m.file, m.start, m.end - m.start)
+                if not hashed:
+                    self.hasher.later_from(m.file, m.start, m.end - m.start)
                 self._copy(name, m.file, m.start, m.end - m.start)
-        self._write_all(m.tail)
+        self._write_all(m.tail, hashed=not hashed)
 
     def _copy(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         if not nbytes:
