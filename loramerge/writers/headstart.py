@@ -286,6 +286,8 @@ class HeadStart:
     def _halt(self) -> None:
         """Stop every thread after the chunks in hand."""
         self._stop.set()
+        with self._wrote:  # a hashing thread waiting for the next result: now, not at its timeout
+            self._wrote.notify_all()
         for t in self._threads:
             t.join()
 
