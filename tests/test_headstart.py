@@ -340,6 +340,42 @@ def test_a_hashed_prefix_is_cut_at_the_first_tensor_the_plan_does_not_copy(tmp_p
     assert got.hashed[1] == 16 and got.marks == {}
 
 
+def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path):
+    """Every shard's hash stays open while the head start runs (a result may come for it), but
+    its read buffer (up to 4 MiB) is dropped when it waits: a 400 GB model has ~100 shards."""
+    import tracemalloc
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from loramerge.writers.manifest import SOURCE_CHUNK
+
+    base, shards = tmp_path / "base", 12
+    base.mkdir()
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        # an untouched tensor larger than a read buffer, then a target that stops the shard's hash
+        save_file({f"model.layers.{i}.a_norm.weight": np.zeros(SOURCE_CHUNK // 4 + 1024, np.float32),
+                   f"model.layers.{i}.self_attn.q_proj.weight": np.zeros((64, 64), np.float32)}, base / name)
+        weight_map.update({f"model.layers.{i}.a_norm.weight": name, f"model.layers.{i}.self_attn.q_proj.weight": name})
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    adapter = tmp_path / "adapter.safetensors"
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 64), np.float32)}, adapter)
+    tracemalloc.start()
+    try:
+        head = headstart.begin(base, [adapter], tmp_path / "out")
+        assert head is not None
+        for t in head._threads:
+            t.join()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert all(s.hashed is not None and s.hashed[1] > SOURCE_CHUNK for s in head.shards)  # each hashed its first
+    head.close()
+    assert peak < 3 * SOURCE_CHUNK, peak  # one buffer per shard: 12 of them
+
+
 def test_unmerge_takes_a_head_start_too(tmp_path, finished):
     base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
     _merge(base, adapter, tmp_path / "merged")

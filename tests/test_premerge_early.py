@@ -3,7 +3,8 @@
 key for the job is the worker's, and writes over it otherwise.
 
 Each merge runs against a plain one and every file must be the same bytes (the manifest's sha256
-included: the writer hashes what the head start wrote from the output file); the report must say
+included: the head start hashes what it wrote, and the writer goes on from there or goes back to
+the state before a result it writes over); the report must say
 how many tensors came from the worker."""
 
 from __future__ import annotations
@@ -221,3 +222,50 @@ def test_a_result_where_the_plan_copies_is_copied_and_hashed_as_the_base(tmp_pat
         pre.close()
     assert _files(tmp_path / "out") == _files(tmp_path / "plain")
     assert report.tensors_copied == plain.tensors_copied and report.tensors_merged == plain.tensors_merged
+
+
+def _with_empty_tensors(dst):
+    """The fixture base with zero-size tensors added to each shard (a (0,) bias before the tensor
+    it sorts before: it has that tensor's offset), which offset-keyed bookkeeping would mix up."""
+    import shutil
+
+    import safetensors.torch
+    import torch
+
+    shutil.copytree(BASE, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    for shard in sorted(dst.glob("*.safetensors")):
+        tensors = safetensors.torch.load_file(shard)
+        for name in list(tensors):
+            if name.endswith(".weight") and ("down_proj" in name or "embed_tokens" in name or "norm" in name):
+                empty = name[: -len("weight")] + "bias"
+                tensors[empty] = torch.zeros(0, dtype=tensors[name].dtype)
+                index["weight_map"][empty] = shard.name
+        safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.parametrize("worker", [False, True])
+def test_zero_size_tensors_share_an_offset_and_nothing_is_mixed_up(tmp_path, worker):
+    """A zero-size tensor lies at the offset of the tensor after it (an untouched copy, a target,
+    a norm): the head start's copies, hashes and results, the writer's ranges and marks, are keyed
+    by offset, and none may be taken for the other's."""
+    base = _with_empty_tensors(tmp_path / "base")
+    plain = apply(base, [ADAPTER], tmp_path / "plain", device="cpu")
+    assert plain.tensors_copied > 0
+    pre = premerge.begin(base, [ADAPTER], device="cpu") if worker else None
+    assert pre is not None or not worker
+    head = headstart.begin(base, [ADAPTER], tmp_path / "out", premerge=pre)
+    assert head is not None
+    for t in head._threads:
+        t.join()
+    assert any(s.hashed and s.hashed[1] > len(s.header) for s in head.shards)
+    try:
+        report = apply(base, [ADAPTER], tmp_path / "out", device="cpu", _head_start=head, _premerge=pre)
+    finally:
+        head.close()
+        if pre is not None:
+            pre.close()
+    assert _files(tmp_path / "out") == _files(tmp_path / "plain")
+    assert report.bytes_early > 0 and report.tensors_premerged == (plain.tensors_merged if worker else 0)

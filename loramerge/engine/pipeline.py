@@ -95,8 +95,10 @@ def _phases(plan: Plan) -> dict[int, int]:
 
 
 def _copies(f: OutputFile) -> dict[int, tuple[Path, int, int]]:
-    """The writer's copies into an output file: file offset -> (source file, offset, nbytes)."""
-    return {at: (j.source.file, j.source.offset, j.main_nbytes) for at, j in _placed_jobs(f) if _copied_by_writer(j)}
+    """The writer's copies into an output file: file offset -> (source file, offset, nbytes); a
+    zero-size tensor has none (it shares its offset with the tensor after it)."""
+    return {at: (j.source.file, j.source.offset, j.main_nbytes) for at, j in _placed_jobs(f)
+            if _copied_by_writer(j) and j.main_nbytes}
 
 
 def _premerged_early(plan: Plan, early: dict[str, EarlyFile]) -> dict[int, EarlyMerged]:

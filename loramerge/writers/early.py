@@ -18,7 +18,9 @@ from pathlib import Path
 @dataclass
 class EarlyRange:
     """One base tensor (the file identified by `src`, stat's (device, inode), at `src_offset`)
-    whose output bytes [start, end) the head start wrote (whole blocks inside the tensor)."""
+    taken for untouched: the head start hashed it from there, and wrote its output bytes
+    [start, end) (whole blocks inside the tensor; none where end <= start: too small, or it
+    was stopped before)."""
 
     src: tuple[int, int]
     src_offset: int
@@ -39,8 +41,9 @@ class EarlyRange:
 @dataclass
 class EarlyMerged:
     """A target the premerge worker merged (engine/premerge.py) and the head start wrote into its
-    shard (EarlyFile.merged holds it by output offset): the whole blocks [start, end) inside it (buffered writes, so the
-    writer's hash reads them back from the page cache), the tensor's bytes before and after them
+    shard (EarlyFile.merged holds it by output offset): the whole blocks [start, end) inside it
+    (buffered writes: the head start's hash, or beyond its prefix the writer's, reads them back
+    from the page cache), the tensor's bytes before and after them
     (`head`, `tail`), and the worker's key and float64 count. The merge moves past it only where
     its own key for the job is `key` (the same W, factors and output format); else it computes
     the job and writes over it. A tensor with no whole block inside is all `head` (start = end)."""

@@ -62,7 +62,7 @@ from .output import Staged, refuse_paths
 from .writeback import Writeback
 
 MIN_BYTES = 1 << 20   # a smaller tensor costs the writer next to nothing: not worth a head start
-# (but it is hashed as untouched all the same: a norm between two results ends a hashed prefix)
+# (but it is hashed as untouched all the same, or a norm between two results would end a prefix)
 CHUNK = 32 << 20      # bytes per read and write: one GIL hand-over per ~20 ms of disk time
 HASH_CHUNK = 8 << 20  # bytes the hashing thread hashes between looks at the stop flag
 # threads hashing the shards while the premerge worker's results come (one thread hashes ~1.3 GB/s
@@ -126,7 +126,8 @@ def _touched_by(adapters: list[list[str]]):
 
 def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy]] | None:
     """The output shards (header guessed, in the head start's staging once it begins) and the
-    copies to make into them, or None where no guess can be made."""
+    tensors taken for untouched, each a copy to make into them (`write`) or only to hash (too
+    small, or no whole block inside); None where no guess can be made or nothing would be copied."""
     files = weight_files(base)
     names = [_adapter_names(a) for a in adapters]
     if not files or any(f.suffix != ".safetensors" for f in files) or None in names:
@@ -143,7 +144,7 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
         at = len(raw)
         for (name, _, _, nbytes), (_, info) in zip(entries, order):
             shard.places[name] = (at, nbytes)
-            if not touched(name):
+            if nbytes and not touched(name):  # (a zero-size tensor has the next one's offset, and no bytes)
                 c = _Copy(fi, f, data + info["data_offsets"][0], at, nbytes)
                 c.write = nbytes >= MIN_BYTES and c.end > c.start
                 copies.append(c)
@@ -159,7 +160,9 @@ class HeadStart:
         thread writes into the shards after its copies, while the merge is still starting."""
         self.shards, self.copies, self._premerge = shards, copies, premerge
         self._stop = threading.Event()
-        self._wrote = threading.Condition()  # notified by the copying thread at each result, and at its end
+        # notified by the copying thread at each result and at its end, and by _halt: the hashing
+        # threads wait on it for the next result
+        self._wrote = threading.Condition()
         self._copying = True
         self._staged = Staged(out, is_dir=True, overwrite=True)
         tmp = self._staged.__enter__()
@@ -186,7 +189,8 @@ class HeadStart:
 
         def run() -> None:
             _yield_cpu()
-            prefixes = [_Prefix(s, sorted(s.places.values()), copies) for s in shards]
+            # (a zero-size tensor adds no bytes to the hash, and has the offset of the tensor after it)
+            prefixes = [_Prefix(s, sorted(p for p in s.places.values() if p[1]), copies) for s in shards]
             try:
                 while prefixes and not self._stop.is_set():
                     ended = not self._copying or self._premerge is None  # no result can come after this round
@@ -239,7 +243,8 @@ class HeadStart:
     def _write_premerged(self) -> None:
         """The premerge worker's results, written into the shards in the order it computes them
         (the merge's predicted order) until the merge stops the head start. Buffered writes: the
-        writer hashes these bytes from the page cache (O_DIRECT would leave them on the disk only).
+        hashing threads (beyond their prefix, the writer) read these bytes back from the page
+        cache for the manifest's sha256 (O_DIRECT would leave them on the disk only).
         A result is recorded once all of it is written; each written one frees its slot of the
         worker's ring for the next. Ends at the first target it cannot place or wait for: its
         result would hold a slot that only the merge can free."""
@@ -257,8 +262,8 @@ class HeadStart:
                         continue  # the merge computes (and reports) it
                     return
                 fi, at, n = place
-                if got.key[0][2] != n:  # W's bytes by the worker's reading of the header: not this place
-                    return
+                if got.key[0][2] != n or not n:  # W's bytes by the worker's reading of the header: not this
+                    return                       # place; none: its offset is the next tensor's
                 start, end = -(-at // ALIGN) * ALIGN, (at + n) // ALIGN * ALIGN
                 if end <= start:  # no whole block inside: all of it is the writer's to write
                     start = end = at + n
@@ -294,11 +299,14 @@ class HeadStart:
     def stop(self) -> dict[str, EarlyFile]:
         """Stop after the chunks in hand; the shards, by name, with what each holds."""
         self._halt()
+        ids: dict[Path, tuple[int, int]] = {}  # one stat per base file, not per tensor
         for c in self.copies:
-            try:
-                src = _file_id(c.src)
-            except OSError:
-                src = (-1, -1)  # gone: matches no copy of the plan (which will not find it either)
+            if c.src not in ids:
+                try:
+                    ids[c.src] = _file_id(c.src)
+                except OSError:
+                    ids[c.src] = (-1, -1)  # gone: matches no copy of the plan (which will not find it either)
+            src = ids[c.src]
             self.shards[c.file].ranges[c.out_offset] = EarlyRange(src, c.src_offset, c.nbytes, c.start,
                                                                   max(c.done, c.start))
         return {s.path.name: s for s in self.shards}
@@ -326,6 +334,12 @@ class _Prefix:
 
     def advance(self, stop: threading.Event) -> bool | None:
         """Hash the tensors that can be; whether any was (None: stopped midway)."""
+        try:
+            return self._advance(stop)
+        finally:
+            self._hasher.drop_buffer()  # every shard has a prefix: one read buffer per thread, not per shard
+
+    def _advance(self, stop: threading.Event) -> bool | None:
         shard, moved = self.shard, False
         while not self.finished:
             at, nbytes = self.places[self._i]

@@ -68,6 +68,11 @@ class Hasher:
             self.update(self._buf[:k])
             offset, nbytes = offset + k, nbytes - k
 
+    def drop_buffer(self) -> None:
+        """Free update_from's read buffer (up to SOURCE_CHUNK): a hasher kept for later, one per
+        shard of a large model, need not hold it meanwhile."""
+        self._buf = None
+
     def later_from(self, path, offset: int, nbytes: int) -> Future:
         """Hash bytes [offset, offset+nbytes) of the file at `path` on the hashing thread, after
         what was handed to it before, without waiting: the source of a copied tensor, whose

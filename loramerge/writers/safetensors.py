@@ -82,6 +82,9 @@ class SafetensorsWriter:
         """Write the next tensor. defer_hash: do not wait for its hash; the returned future is done
         once the hashing thread is (the tensor's memory must stay untouched until then)."""
         data = tensor_bytes(t.cpu())
+        if not len(data):  # a zero-size tensor: at the offset of the next one, whose result or hash this is not
+            self._expect(name, 0)
+            return None
         if self._sink.pos < self._hashed_to:
             self._unhash_from(name)
         self._merged.pop(self._sink.pos, None)  # a premerged result the merge did not confirm: written over
@@ -112,6 +115,9 @@ class SafetensorsWriter:
         """Copy bytes [offset, offset+nbytes) of `src` into this file, inside the kernel when it can;
         the part a head start already copied from the same bytes is moved past."""
         at = self._sink.pos
+        if not nbytes:  # a zero-size tensor: at the offset of the next one, whose range or hash this is not
+            self._expect(name, 0)
+            return
         if at in self._marks:  # the head start hashed the worker's result here: the base's bytes instead
             self._unhash_from(name)
         self._expect(name, nbytes)
