@@ -373,7 +373,7 @@ def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path):
         tracemalloc.stop()
     assert all(s.hashed is not None and s.hashed[1] > SOURCE_CHUNK for s in head.shards)  # each hashed its first
     head.close()
-    assert peak < 3 * SOURCE_CHUNK, peak  # one buffer per shard: 12 of them
+    assert peak < 3 * SOURCE_CHUNK, peak  # a buffer per shard would be 12 of them (~50 MB)
 
 
 def test_unmerge_takes_a_head_start_too(tmp_path, finished):

@@ -143,8 +143,10 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
         shards.append(shard)
         at = len(raw)
         for (name, _, _, nbytes), (_, info) in zip(entries, order):
+            if not nbytes:  # no bytes to copy, hash or place, at the offset of the next tensor
+                continue
             shard.places[name] = (at, nbytes)
-            if nbytes and not touched(name):  # (a zero-size tensor has the next one's offset, and no bytes)
+            if not touched(name):
                 c = _Copy(fi, f, data + info["data_offsets"][0], at, nbytes)
                 c.write = nbytes >= MIN_BYTES and c.end > c.start
                 copies.append(c)
@@ -168,10 +170,10 @@ class HeadStart:
         tmp = self._staged.__enter__()
         for s in shards:
             s.path = tmp / s.path.name
-        hashing = [self._hasher(shards[k::HASH_THREADS if premerge is not None else 1])
-                   for k in range(HASH_THREADS if premerge is not None else 1)]
-        self._threads = [threading.Thread(target=fn, name=f"loramerge-headstart-{name}", daemon=True)
-                         for fn, name in [(self._copy, "copy"), *((h, "hash") for h in hashing)]]
+        hashing = HASH_THREADS if premerge is not None else 1
+        jobs = [(self._copy, ()), *((self._hash, (range(len(shards))[k::hashing],)) for k in range(hashing))]
+        self._threads = [threading.Thread(target=fn, args=args, name=f"loramerge-headstart-{fn.__name__[1:]}",
+                                          daemon=True) for fn, args in jobs]
         for t in self._threads:
             t.start()
 
@@ -181,31 +183,27 @@ class HeadStart:
         return (sum(c.done - c.start for c in self.copies if c.done > c.start)
                 + sum(m.end - m.start for s in self.shards for m in list(s.merged.values())))
 
-    def _hasher(self, shards: list[EarlyFile]):
-        """A hashing thread's work: `shards`, each from its header on, in file order, as far as
-        their tensors can be hashed (shard.hashed, shard.marks), going round them while the
-        copying thread may still write results; it ends when none can go on."""
-        copies = {(id(self.shards[c.file]), c.out_offset): c for c in self.copies}
-
-        def run() -> None:
-            _yield_cpu()
-            # (a zero-size tensor adds no bytes to the hash, and has the offset of the tensor after it)
-            prefixes = [_Prefix(s, sorted(p for p in s.places.values() if p[1]), copies) for s in shards]
-            try:
-                while prefixes and not self._stop.is_set():
-                    ended = not self._copying or self._premerge is None  # no result can come after this round
-                    moved = [p.advance(self._stop) for p in prefixes]
-                    if any(m is None for m in moved):  # stopped
+    def _hash(self, files: range) -> None:
+        """A hashing thread: the shards `files` (indices), each from its header on, in file order,
+        as far as their tensors can be hashed (shard.hashed, shard.marks), going round them while
+        the copying thread may still write results; it ends when none can go on."""
+        _yield_cpu()
+        prefixes = [_Prefix(self.shards[fi], {c.out_offset: c for c in self.copies if c.file == fi})
+                    for fi in files]
+        try:
+            while prefixes and not self._stop.is_set():
+                ended = not self._copying or self._premerge is None  # no result can come after this round
+                moved = [p.advance(self._stop) for p in prefixes]
+                if any(m is None for m in moved):  # stopped
+                    return
+                prefixes = [p for p in prefixes if not p.finished]
+                if not any(moved):
+                    if ended:
                         return
-                    prefixes = [p for p in prefixes if not p.finished]
-                    if not any(moved):
-                        if ended:
-                            return
-                        with self._wrote:
-                            self._wrote.wait(0.05)
-            except OSError:  # (update_from's too: the base ends early) the merge reports real errors
-                return
-        return run
+                    with self._wrote:
+                        self._wrote.wait(0.05)
+        except OSError:  # (update_from's too: the base ends early) the merge reports real errors
+            return
 
     def _copy(self) -> None:
         _yield_cpu()
@@ -262,8 +260,8 @@ class HeadStart:
                         continue  # the merge computes (and reports) it
                     return
                 fi, at, n = place
-                if got.key[0][2] != n or not n:  # W's bytes by the worker's reading of the header: not this
-                    return                       # place; none: its offset is the next tensor's
+                if got.key[0][2] != n:  # W's bytes by the worker's reading of the header: not this place
+                    return
                 start, end = -(-at // ALIGN) * ALIGN, (at + n) // ALIGN * ALIGN
                 if end <= start:  # no whole block inside: all of it is the writer's to write
                     start = end = at + n
@@ -318,12 +316,13 @@ class HeadStart:
 
 
 class _Prefix:
-    """One shard's hash in file order (headstart.HeadStart._hasher): its header, then each tensor
-    whole while there is one to hash: a copy, from the base; a result, from what the head start
-    wrote of it (head, blocks read back from the page cache, tail)."""
+    """One shard's hash in file order (HeadStart._hash): its header, then each tensor whole while
+    there is one to hash: a copy (`copies`: the shard's, by output offset), from the base; a
+    result, from what the head start wrote of it (head, blocks read back from the page cache, tail)."""
 
-    def __init__(self, shard: EarlyFile, places: list[tuple[int, int]], copies: dict):
-        self.shard, self.places, self._copies = shard, places, copies
+    def __init__(self, shard: EarlyFile, copies: dict[int, _Copy]):
+        self.shard, self._copies = shard, copies
+        self.places = sorted(shard.places.values())
         self._i = 0
         self._hasher = Hasher()
         self._hasher.update(shard.header)
@@ -343,7 +342,7 @@ class _Prefix:
         shard, moved = self.shard, False
         while not self.finished:
             at, nbytes = self.places[self._i]
-            c = self._copies.get((id(shard), at))
+            c = self._copies.get(at)
             m = shard.merged.get(at) if c is None else None
             if c is None and m is None:
                 break  # a target not (yet) written

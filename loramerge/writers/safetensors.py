@@ -141,21 +141,21 @@ class SafetensorsWriter:
         blocks are written, and the blocks moved past, hashed in file order from the page cache
         the head start wrote them into (unless the head start's hash holds them already); or,
         where this file is not the head start's (its hard link failed), copied from its file."""
-        hashed = self._sink.pos < self._hashed_to  # (a hashed prefix holds whole tensors)
+        in_prefix = self._sink.pos < self._hashed_to  # (a hashed prefix holds whole tensors)
         adopted = self._merged.pop(self._sink.pos, None) is m
         self._expect(name, m.nbytes)
-        self._write_all(m.head, hashed=not hashed)
+        self._write_all(m.head, hashed=not in_prefix)
         if m.end > m.start:
             if adopted:
-                if not hashed:
+                if not in_prefix:
                     self.hasher.later_from(self.path, m.start, m.end - m.start)  # in file order, not waited for
                 self._sink.skip(m.end - m.start)
                 self.bytes_early += m.end - m.start
             else:
-                if not hashed:
+                if not in_prefix:
                     self.hasher.later_from(m.file, m.start, m.end - m.start)
                 self._copy(name, m.file, m.start, m.end - m.start)
-        self._write_all(m.tail, hashed=not hashed)
+        self._write_all(m.tail, hashed=not in_prefix)
 
     def _copy(self, name: str, src: Path, offset: int, nbytes: int) -> None:
         if not nbytes:
