@@ -19,7 +19,7 @@ from loramerge import apply
 from loramerge.cli import main
 from loramerge.writers import early as early_files
 from loramerge.writers import headstart
-from loramerge.writers.direct import ALIGN, DirectSink
+from loramerge.writers.direct import ALIGN, DirectSink, aligned_buffer
 from loramerge.writers.header import METADATA, build_header, data_offsets
 
 # the merge adds a tensor (the tied lm_head, untied by an lm_head or embedding change): the guessed
@@ -340,9 +340,10 @@ def test_a_hashed_prefix_is_cut_at_the_first_tensor_the_plan_does_not_copy(tmp_p
     assert got.hashed[1] == 16 and got.marks == {}
 
 
-def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path):
+def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path, monkeypatch):
     """Every shard's hash stays open while the head start runs (a result may come for it), but
-    its read buffer (up to 4 MiB) is dropped when it waits: a 400 GB model has ~100 shards."""
+    the shards of a hashing thread share its one read buffer (up to HASH_CHUNK, no larger than
+    their largest tensor): a 400 GB model has ~100 shards."""
     import tracemalloc
 
     import numpy as np
@@ -362,6 +363,12 @@ def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path):
     (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     adapter = tmp_path / "adapter.safetensors"
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 64), np.float32)}, adapter)
+    sizes = []
+
+    def recorded(nbytes):
+        sizes.append(nbytes)
+        return aligned_buffer(nbytes)
+    monkeypatch.setattr(headstart, "aligned_buffer", recorded)
     tracemalloc.start()
     try:
         head = headstart.begin(base, [adapter], tmp_path / "out")
@@ -373,7 +380,35 @@ def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path):
         tracemalloc.stop()
     assert all(s.hashed is not None and s.hashed[1] > SOURCE_CHUNK for s in head.shards)  # each hashed its first
     head.close()
-    assert peak < 3 * SOURCE_CHUNK, peak  # a buffer per shard would be 12 of them (~50 MB)
+    # a hasher's own buffer per shard would be 12 of SOURCE_CHUNK (~50 MB) in Python's memory
+    assert peak < 3 * SOURCE_CHUNK, peak
+    # mapped buffers: the copying thread's (its largest copy's whole blocks, up to CHUNK) and one hashing
+    # thread's (no worker: one thread), as large as the largest tensor rounded up to whole blocks
+    copy_bytes = min(headstart.CHUNK, max(c.end - c.start for c in head.copies if c.write))
+    assert sorted(sizes) == sorted([copy_bytes, SOURCE_CHUNK + 4096]), sizes
+
+
+def test_a_head_start_runs_with_a_short_gil_switch_interval(tmp_path, monkeypatch):
+    """While a head start runs on a machine with SWITCH_MIN_CORES (the CLI's block, merge included)
+    a thread back from a system call gets the GIL within SWITCH_INTERVAL, and the caller's interval
+    is back after; with fewer cores, or without a head start, nothing changes."""
+    import sys
+
+    base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
+    before = sys.getswitchinterval()
+    assert before > headstart.SWITCH_INTERVAL  # the interpreter's default, 5 ms
+    for cores, expected in ((headstart.SWITCH_MIN_CORES, headstart.SWITCH_INTERVAL),
+                            (headstart.SWITCH_MIN_CORES - 1, before)):
+        monkeypatch.setattr(headstart, "usable_cores", lambda cores=cores: cores)
+        with headstart.running(base, [adapter], tmp_path / f"out{cores}") as head:
+            assert head is not None
+            assert sys.getswitchinterval() == expected
+        assert sys.getswitchinterval() == before
+    monkeypatch.setenv("LORAMERGE_NO_HEAD_START", "1")
+    monkeypatch.setattr(headstart, "usable_cores", lambda: headstart.SWITCH_MIN_CORES)
+    with headstart.running(base, [adapter], tmp_path / "out") as head:
+        assert head is None
+        assert sys.getswitchinterval() == before
 
 
 def test_unmerge_takes_a_head_start_too(tmp_path, finished):

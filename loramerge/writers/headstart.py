@@ -50,6 +50,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.premerge import usable_cores
+from ..engine.threads import switch_interval
 from ..errors import OutputError
 from ..readers import hub
 from ..readers.prefetch import weight_files
@@ -57,14 +59,26 @@ from ..readers.st_header import raw_header
 from .direct import ALIGN, aligned_buffer, direct_wanted, pread_full, set_direct
 from .early import EarlyFile, EarlyMerged, EarlyRange, _file_id
 from .header import METADATA, build_header
-from .manifest import Hasher
+from .shard_hash import HASH_CHUNK, ShardHash
 from .output import Staged, refuse_paths
 from .writeback import Writeback
 
 MIN_BYTES = 1 << 20   # a smaller tensor costs the writer next to nothing: not worth a head start
 # (but it is hashed as untouched all the same, or a norm between two results would end a prefix)
-CHUNK = 32 << 20      # bytes per read and write: one GIL hand-over per ~20 ms of disk time
-HASH_CHUNK = 8 << 20  # bytes the hashing thread hashes between looks at the stop flag
+# Bytes per read and write of a copy, and per write of a result (and shard_hash.HASH_CHUNK per read
+# of a hashing thread). Large, because each system call ends with the thread taking the GIL back,
+# and while torch imports the import holds it for all but a slice every switch interval: with 32
+# MiB copies and 8 MiB hashes (two 4 MiB reads), a 16-core machine's head start copied at ~0.8 GB/s
+# against its disk's ~1.4 (bench/RESULTS.md).
+CHUNK = 128 << 20
+# The GIL switch interval while a head start runs, and the merge in the same block (running()),
+# on a machine with SWITCH_MIN_CORES usable cores or more: a thread back from a system call waits
+# for the holder's slice to end, 5 ms by default. With 0.5 ms and the chunks above, the H200
+# machine's CLI (16 cores, 8B bf16, --device cpu) wrote 4.5 GB before its plan against 3.0 GB and
+# ended 1.0-1.6 s sooner in each of 3 paired rounds. On the 2-core VM the import is CPU-bound and
+# the shorter slices slowed it (bench/RESULTS.md).
+SWITCH_INTERVAL = 0.0005
+SWITCH_MIN_CORES = 8
 # threads hashing the shards while the premerge worker's results come (one thread hashes ~1.3 GB/s
 # on the H200 machine; without the worker one thread hashes the untouched tensors that lead)
 HASH_THREADS = 2
@@ -188,12 +202,16 @@ class HeadStart:
         as far as their tensors can be hashed (shard.hashed, shard.marks), going round them while
         the copying thread may still write results; it ends when none can go on."""
         _yield_cpu()
-        prefixes = [_Prefix(self.shards[fi], {c.out_offset: c for c in self.copies if c.file == fi})
+        prefixes = [ShardHash(self.shards[fi],
+                              {c.out_offset: (c.src, c.src_offset) for c in self.copies if c.file == fi})
                     for fi in files]
+        # one read buffer for all of this thread's shards, no larger than their largest tensor
+        largest = max((n for p in prefixes for _, n in p.places), default=0)
+        buf = aligned_buffer(min(HASH_CHUNK, -(-largest // ALIGN) * ALIGN))[1]
         try:
             while prefixes and not self._stop.is_set():
                 ended = not self._copying or self._premerge is None  # no result can come after this round
-                moved = [p.advance(self._stop) for p in prefixes]
+                moved = [p.advance(self._stop, buf) for p in prefixes]
                 if any(m is None for m in moved):  # stopped
                     return
                 prefixes = [p for p in prefixes if not p.finished]
@@ -208,26 +226,8 @@ class HeadStart:
     def _copy(self) -> None:
         _yield_cpu()
         fds: dict[int, tuple[int, bool, Writeback]] = {}
-        buf = aligned_buffer(CHUNK)[1]
         try:
-            for c in self.copies:
-                if not c.write:
-                    continue
-                if c.file not in fds:
-                    fd = os.open(self.shards[c.file].path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    direct = direct_wanted() and set_direct(fd, True)
-                    fds[c.file] = (fd, direct, Writeback(fd, enabled=not direct))
-                with open(c.src, "rb", buffering=0) as src:
-                    c.done = c.start
-                    while c.done < c.end and not self._stop.is_set():
-                        view = buf[:min(CHUNK, c.end - c.done)]
-                        if not pread_full(src.fileno(), view, c.src_offset + c.done - c.out_offset):
-                            return  # the base is shorter than its header says: the merge will say so
-                        fds[c.file] = _pwrite_all(*fds[c.file], view, c.done)
-                        c.done += len(view)
-                if self._stop.is_set():
-                    return
-            if self._premerge is not None:
+            if self._copy_untouched(fds) and self._premerge is not None:
                 self._write_premerged()
         except OSError:
             return  # a head start only: the merge writes whatever is missing and reports real errors
@@ -237,6 +237,30 @@ class HeadStart:
             with self._wrote:
                 self._copying = False
                 self._wrote.notify_all()
+
+    def _copy_untouched(self, fds: dict[int, tuple[int, bool, Writeback]]) -> bool:
+        """The copies, into the shards (opened into `fds`); False if stopped or the base is short.
+        Its buffer (up to CHUNK) is freed before the results are written."""
+        largest = max(c.end - c.start for c in self.copies if c.write)  # guess() gives one at least
+        buf = aligned_buffer(min(CHUNK, largest))[1]
+        for c in self.copies:
+            if not c.write:
+                continue
+            if c.file not in fds:
+                fd = os.open(self.shards[c.file].path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                direct = direct_wanted() and set_direct(fd, True)
+                fds[c.file] = (fd, direct, Writeback(fd, enabled=not direct))
+            with open(c.src, "rb", buffering=0) as src:
+                c.done = c.start
+                while c.done < c.end and not self._stop.is_set():
+                    view = buf[:min(CHUNK, c.end - c.done)]
+                    if not pread_full(src.fileno(), view, c.src_offset + c.done - c.out_offset):
+                        return False  # the base is shorter than its header says: the merge will say so
+                    fds[c.file] = _pwrite_all(*fds[c.file], view, c.done)
+                    c.done += len(view)
+            if self._stop.is_set():
+                return False
+        return True
 
     def _write_premerged(self) -> None:
         """The premerge worker's results, written into the shards in the order it computes them
@@ -315,58 +339,6 @@ class HeadStart:
         self._staged.__exit__(None, None, None)
 
 
-class _Prefix:
-    """One shard's hash in file order (HeadStart._hash): its header, then each tensor whole while
-    there is one to hash: a copy (`copies`: the shard's, by output offset), from the base; a
-    result, from what the head start wrote of it (head, blocks read back from the page cache, tail)."""
-
-    def __init__(self, shard: EarlyFile, copies: dict[int, _Copy]):
-        self.shard, self._copies = shard, copies
-        self.places = sorted(shard.places.values())
-        self._i = 0
-        self._hasher = Hasher()
-        self._hasher.update(shard.header)
-
-    @property
-    def finished(self) -> bool:
-        return self._i == len(self.places)
-
-    def advance(self, stop: threading.Event) -> bool | None:
-        """Hash the tensors that can be; whether any was (None: stopped midway)."""
-        try:
-            return self._advance(stop)
-        finally:
-            self._hasher.drop_buffer()  # every shard has a prefix: one read buffer per thread, not per shard
-
-    def _advance(self, stop: threading.Event) -> bool | None:
-        shard, moved = self.shard, False
-        while not self.finished:
-            at, nbytes = self.places[self._i]
-            c = self._copies.get(at)
-            m = shard.merged.get(at) if c is None else None
-            if c is None and m is None:
-                break  # a target not (yet) written
-            start = self._hasher.state()[0]
-            if c is not None:
-                parts = [(c.src, c.src_offset, nbytes)]
-            else:
-                parts = [m.head, (m.file, m.start, m.end - m.start), m.tail]
-            for part in parts:
-                if isinstance(part, bytes):
-                    self._hasher.update(part)
-                    continue
-                with open(part[0], "rb", buffering=0) as f:
-                    for done in range(0, part[2], HASH_CHUNK):
-                        if stop.is_set():
-                            return None
-                        self._hasher.update_from(f.fileno(), part[1] + done, min(HASH_CHUNK, part[2] - done))
-            shard.marks[at] = start
-            shard.hashed = self._hasher.state()  # at a tensor's end: a stop midway keeps it
-            self._i += 1
-            moved = True
-        return moved
-
-
 def _yield_cpu() -> None:
     """Lower this thread's CPU priority: on a machine with few cores the head start's page-cache
     copies and hashing would otherwise slow the import they are meant to hide behind."""
@@ -424,7 +396,9 @@ def running(base, adapters, out, **options):
     """begin() for the block (the head start, or None), closed at its end however it ends."""
     head = begin(base, adapters, out, **options)
     try:
-        yield head
+        short = head is not None and usable_cores() >= SWITCH_MIN_CORES
+        with switch_interval(SWITCH_INTERVAL if short else None):
+            yield head
     finally:
         if head is not None:
             head.close()

@@ -56,22 +56,20 @@ class Hasher:
         """(a copy of the sha256 so far, bytes hashed): what Hasher(start=...) goes on from."""
         return self._sha.copy(), self.bytes
 
-    def update_from(self, fd: int, offset: int, nbytes: int) -> None:
+    def update_from(self, fd: int, offset: int, nbytes: int, buf: memoryview | None = None) -> None:
         """Hash bytes [offset, offset+nbytes) of an open file (the source of a copied range), read
-        into one buffer reused chunk after chunk (fresh memory per chunk costs page faults)."""
-        if self._buf is None or len(self._buf) < min(nbytes, SOURCE_CHUNK):
-            self._buf = memoryview(bytearray(min(max(nbytes, 1 << 16), SOURCE_CHUNK)))
+        into one buffer reused chunk after chunk (fresh memory per chunk costs page faults): `buf`
+        if given (the caller's, any size), else this hasher's own (up to SOURCE_CHUNK)."""
+        if buf is None:
+            if self._buf is None or len(self._buf) < min(nbytes, SOURCE_CHUNK):
+                self._buf = memoryview(bytearray(min(max(nbytes, 1 << 16), SOURCE_CHUNK)))
+            buf = self._buf
         while nbytes > 0:
-            k = os.preadv(fd, [self._buf[: min(nbytes, SOURCE_CHUNK)]], offset)
+            k = os.preadv(fd, [buf[: min(nbytes, len(buf))]], offset)
             if not k:
                 raise OSError(f"file ended at byte {offset} while hashing a copied range")
-            self.update(self._buf[:k])
+            self.update(buf[:k])
             offset, nbytes = offset + k, nbytes - k
-
-    def drop_buffer(self) -> None:
-        """Free update_from's read buffer (up to SOURCE_CHUNK): a hasher kept for later, one per
-        shard of a large model, need not hold it meanwhile."""
-        self._buf = None
 
     def later_from(self, path, offset: int, nbytes: int) -> Future:
         """Hash bytes [offset, offset+nbytes) of the file at `path` on the hashing thread, after
