@@ -5,7 +5,8 @@ trace_pipeline.py traces a merge in a process that has imported torch already; t
 CLI itself, cold, as users do, with the premerge worker's and the head start's methods wrapped to
 log when each result came, was written early or taken, and when the plan sent its order. Those
 modules are the standard-library ones the CLI imports before torch, so the wrapping changes no
-order of imports.
+order of imports. (`copies_done` and `results_end` come only where a premerge worker runs: they
+mark the head start's turn from its copies to the worker's results.)
 
   python bench/trace_cold.py TRACE.json apply BASE ADAPTER OUT [apply's options]
 """

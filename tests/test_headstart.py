@@ -340,24 +340,36 @@ def test_a_hashed_prefix_is_cut_at_the_first_tensor_the_plan_does_not_copy(tmp_p
     assert got.hashed[1] == 16 and got.marks == {}
 
 
-def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path, monkeypatch):
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path, monkeypatch, small_chunks):
     """Every shard's hash stays open while the head start runs (a result may come for it), but
-    the shards of a hashing thread share its one read buffer (up to HASH_CHUNK, no larger than
-    their largest tensor): a 400 GB model has ~100 shards."""
+    the shards of a hashing thread share its one read buffer: HASH_CHUNK at most, else the largest
+    tensor's bytes rounded up to whole blocks (a 400 GB model has ~100 shards); the copying thread's
+    is CHUNK at most, else the largest copy's whole blocks. Each shard's hash is its header and
+    first tensor's, whatever the chunks."""
+    import hashlib
     import tracemalloc
 
     import numpy as np
     from safetensors.numpy import save_file
 
+    from loramerge.writers import shard_hash
     from loramerge.writers.manifest import SOURCE_CHUNK
 
-    base, shards = tmp_path / "base", 12
+    if small_chunks:  # both caps below the tensors' sizes: several reads and writes per tensor
+        monkeypatch.setattr(shard_hash, "HASH_CHUNK", 5 * ALIGN)
+        monkeypatch.setattr(headstart, "CHUNK", 3 * ALIGN)
+    else:  # both above: one buffer of each tensor's size
+        monkeypatch.setattr(headstart, "CHUNK", 1 << 30)
+    base, shards, norm = tmp_path / "base", 12, SOURCE_CHUNK // 4 + 250  # 1000 bytes past whole blocks
     base.mkdir()
-    weight_map = {}
+    weight_map, firsts = {}, []
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         # an untouched tensor larger than a read buffer, then a target that stops the shard's hash
-        save_file({f"model.layers.{i}.a_norm.weight": np.zeros(SOURCE_CHUNK // 4 + 1024, np.float32),
+        first = np.random.default_rng(i).standard_normal(norm).astype(np.float32)
+        firsts.append(first.tobytes())
+        save_file({f"model.layers.{i}.a_norm.weight": first,
                    f"model.layers.{i}.self_attn.q_proj.weight": np.zeros((64, 64), np.float32)}, base / name)
         weight_map.update({f"model.layers.{i}.a_norm.weight": name, f"model.layers.{i}.self_attn.q_proj.weight": name})
     (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -378,14 +390,16 @@ def test_the_hashing_holds_one_read_buffer_not_one_per_shard(tmp_path, monkeypat
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert all(s.hashed is not None and s.hashed[1] > SOURCE_CHUNK for s in head.shards)  # each hashed its first
+    for shard, first in zip(head.shards, firsts):  # each hashed its first tensor, and only that
+        assert shard.hashed[0].hexdigest() == hashlib.sha256(shard.header + first).hexdigest()
+    places = [s.places[f"model.layers.{i}.a_norm.weight"] for i, s in enumerate(head.shards)]
     head.close()
     # a hasher's own buffer per shard would be 12 of SOURCE_CHUNK (~50 MB) in Python's memory
     assert peak < 3 * SOURCE_CHUNK, peak
-    # mapped buffers: the copying thread's (its largest copy's whole blocks, up to CHUNK) and one hashing
-    # thread's (no worker: one thread), as large as the largest tensor rounded up to whole blocks
-    copy_bytes = min(headstart.CHUNK, max(c.end - c.start for c in head.copies if c.write))
-    assert sorted(sizes) == sorted([copy_bytes, SOURCE_CHUNK + 4096]), sizes
+    # two mapped buffers: the copying thread's and one hashing thread's (no worker: one thread)
+    whole_blocks = max((at + n) // ALIGN * ALIGN - -(-at // ALIGN) * ALIGN for at, n in places)
+    expected = [3 * ALIGN, 5 * ALIGN] if small_chunks else [whole_blocks, SOURCE_CHUNK + ALIGN]
+    assert sorted(sizes) == sorted(expected), sizes
 
 
 def test_a_head_start_runs_with_a_short_gil_switch_interval(tmp_path, monkeypatch):
@@ -393,6 +407,9 @@ def test_a_head_start_runs_with_a_short_gil_switch_interval(tmp_path, monkeypatc
     a thread back from a system call gets the GIL within SWITCH_INTERVAL, and the caller's interval
     is back after; with fewer cores, or without a head start, nothing changes."""
     import sys
+
+    from loramerge.engine.pipeline import CPU_SWITCH_INTERVAL
+    from loramerge.engine.threads import switch_interval
 
     base, adapter = base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16")
     before = sys.getswitchinterval()
@@ -403,9 +420,18 @@ def test_a_head_start_runs_with_a_short_gil_switch_interval(tmp_path, monkeypatc
         with headstart.running(base, [adapter], tmp_path / f"out{cores}") as head:
             assert head is not None
             assert sys.getswitchinterval() == expected
+            # the CPU merge's own block inside leaves it no longer than it found it
+            with switch_interval(CPU_SWITCH_INTERVAL):
+                assert sys.getswitchinterval() == min(expected, CPU_SWITCH_INTERVAL)
+            assert sys.getswitchinterval() == expected
         assert sys.getswitchinterval() == before
-    monkeypatch.setenv("LORAMERGE_NO_HEAD_START", "1")
+    # an error in the block (the merge failed) gives the caller's interval back all the same
     monkeypatch.setattr(headstart, "usable_cores", lambda: headstart.SWITCH_MIN_CORES)
+    with pytest.raises(KeyboardInterrupt), headstart.running(base, [adapter], tmp_path / "out-err") as head:
+        assert head is not None and sys.getswitchinterval() == headstart.SWITCH_INTERVAL
+        raise KeyboardInterrupt
+    assert sys.getswitchinterval() == before
+    monkeypatch.setenv("LORAMERGE_NO_HEAD_START", "1")
     with headstart.running(base, [adapter], tmp_path / "out") as head:
         assert head is None
         assert sys.getswitchinterval() == before

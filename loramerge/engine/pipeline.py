@@ -40,6 +40,8 @@ _PLACED = object()  # the result: the head start's bytes, confirmed
 # compute thread runs Python between kernels, a waiting thread gets it only after the interval.
 # On the H200 machine (16 cores, 8B bf16, --device cpu) the writer's busy time fell from 10.86 to
 # 9.37 s with 0.5 ms, and the CLI's wall by 0.6-1.0 s in each of 3 paired rounds (bench/RESULTS.md).
+# (The CLI's head start sets as much for its whole block, merge included, on any device, on 8+
+# cores: writers/headstart.py running(); the block here then leaves it as it finds it.)
 CPU_SWITCH_INTERVAL = 0.0005
 
 

@@ -59,7 +59,8 @@ from ..readers.st_header import raw_header
 from .direct import ALIGN, aligned_buffer, direct_wanted, pread_full, set_direct
 from .early import EarlyFile, EarlyMerged, EarlyRange, _file_id
 from .header import METADATA, build_header
-from .shard_hash import HASH_CHUNK, ShardHash
+from . import shard_hash
+from .shard_hash import ShardHash
 from .output import Staged, refuse_paths
 from .writeback import Writeback
 
@@ -69,7 +70,8 @@ MIN_BYTES = 1 << 20   # a smaller tensor costs the writer next to nothing: not w
 # of a hashing thread). Large, because each system call ends with the thread taking the GIL back,
 # and while torch imports the import holds it for all but a slice every switch interval: with 32
 # MiB copies and 8 MiB hashes (two 4 MiB reads), a 16-core machine's head start copied at ~0.8 GB/s
-# against its disk's ~1.4 (bench/RESULTS.md).
+# against its disk's ~1.4 (bench/RESULTS.md). The cost: stop() waits for a chunk's write in hand
+# (~0.1 s at 1.4 GB/s; bytes the merge then moves past).
 CHUNK = 128 << 20
 # The GIL switch interval while a head start runs, and the merge in the same block (running()),
 # on a machine with SWITCH_MIN_CORES usable cores or more: a thread back from a system call waits
@@ -205,10 +207,11 @@ class HeadStart:
         prefixes = [ShardHash(self.shards[fi],
                               {c.out_offset: (c.src, c.src_offset) for c in self.copies if c.file == fi})
                     for fi in files]
-        # one read buffer for all of this thread's shards, no larger than their largest tensor
-        largest = max((n for p in prefixes for _, n in p.places), default=0)
-        buf = aligned_buffer(min(HASH_CHUNK, -(-largest // ALIGN) * ALIGN))[1]
         try:
+            # one read buffer for all of this thread's shards: up to HASH_CHUNK, and no more than
+            # their largest tensor's whole blocks
+            largest = max((n for p in prefixes for _, n in p.places), default=0)
+            buf = aligned_buffer(min(shard_hash.HASH_CHUNK, -(-largest // ALIGN) * ALIGN))[1]
             while prefixes and not self._stop.is_set():
                 ended = not self._copying or self._premerge is None  # no result can come after this round
                 moved = [p.advance(self._stop, buf) for p in prefixes]
@@ -241,7 +244,7 @@ class HeadStart:
     def _copy_untouched(self, fds: dict[int, tuple[int, bool, Writeback]]) -> bool:
         """The copies, into the shards (opened into `fds`); False if stopped or the base is short.
         Its buffer (up to CHUNK) is freed before the results are written."""
-        largest = max(c.end - c.start for c in self.copies if c.write)  # guess() gives one at least
+        largest = max((c.end - c.start for c in self.copies if c.write), default=0)
         buf = aligned_buffer(min(CHUNK, largest))[1]
         for c in self.copies:
             if not c.write:
@@ -256,6 +259,8 @@ class HeadStart:
                     view = buf[:min(CHUNK, c.end - c.done)]
                     if not pread_full(src.fileno(), view, c.src_offset + c.done - c.out_offset):
                         return False  # the base is shorter than its header says: the merge will say so
+                    if self._stop.is_set():  # the plan waits for this thread: not for a chunk's write too
+                        return False
                     fds[c.file] = _pwrite_all(*fds[c.file], view, c.done)
                     c.done += len(view)
             if self._stop.is_set():

@@ -60,7 +60,7 @@ class Hasher:
         """Hash bytes [offset, offset+nbytes) of an open file (the source of a copied range), read
         into one buffer reused chunk after chunk (fresh memory per chunk costs page faults): `buf`
         if given (the caller's, any size), else this hasher's own (up to SOURCE_CHUNK)."""
-        if buf is None:
+        if buf is None or not len(buf):
             if self._buf is None or len(self._buf) < min(nbytes, SOURCE_CHUNK):
                 self._buf = memoryview(bytearray(min(max(nbytes, 1 << 16), SOURCE_CHUNK)))
             buf = self._buf
