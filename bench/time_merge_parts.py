@@ -1,7 +1,8 @@
 """Where a CPU apply's math time goes, per merged tensor: one in-process `loramerge.apply` with
 timers around the compute worker's call (engine.compute), ops.merge_weight, the fused kernel
-(kernels.merge_half) and its parallel passes (_rows32/_rows64), and the redo of undecided rows
-(lowrank.merge_rows64). Sums exclude each function's first call (numba's cache loading, tables).
+(kernels.merge_half), its numpy core (kernels.merge_bits: the threaded passes), and the torch
+path's redo of undecided rows (lowrank.merge_rows64). Sums exclude each function's first call
+(numba's cache loading, tables).
 
   python bench/time_merge_parts.py BASE ADAPTER [--json FILE]     # from the tree to measure
 
@@ -47,8 +48,7 @@ def main() -> None:
     timed(pipeline, "compute", "compute")
     timed(compute.ops, "merge_weight", "merge_weight")
     timed(kernels, "merge_half", "merge_half")
-    timed(kernels, "_rows32", "passes")
-    timed(kernels, "_rows64", "passes")
+    timed(kernels, "merge_bits", "passes")
     timed(lowrank, "merge_rows64", "redo_rows")
     assert compute.ops is ops
     out = tempfile.mkdtemp(prefix="merge_parts_")
@@ -59,7 +59,6 @@ def main() -> None:
     finally:
         shutil.rmtree(out)
     s = {k: sum(v[1:]) for k, v in T.items()}
-    s["passes"] = sum(T["passes"][2:])  # the probe and the rest of the first tensor
     res = {"tree": loramerge.__file__.rsplit("/loramerge/", 1)[0], "wall_s": round(wall, 3),
            "tensors": len(T["compute"]), "first_merge_half_ms": round(1e3 * T["merge_half"][0], 1),
            **{k + "_s": round(v, 4) for k, v in s.items()},
