@@ -56,10 +56,10 @@ from ..errors import OutputError
 from ..readers import hub
 from ..readers.prefetch import weight_files
 from ..readers.st_header import raw_header
+from . import shard_hash
 from .direct import ALIGN, aligned_buffer, direct_wanted, pread_full, set_direct
 from .early import EarlyFile, EarlyMerged, EarlyRange, _file_id
 from .header import METADATA, build_header
-from . import shard_hash
 from .shard_hash import ShardHash
 from .output import Staged, refuse_paths
 from .writeback import Writeback
@@ -204,20 +204,19 @@ class HeadStart:
         as far as their tensors can be hashed (shard.hashed, shard.marks), going round them while
         the copying thread may still write results; it ends when none can go on."""
         _yield_cpu()
-        prefixes = [ShardHash(self.shards[fi],
-                              {c.out_offset: (c.src, c.src_offset) for c in self.copies if c.file == fi})
-                    for fi in files]
+        hashes = [ShardHash(self.shards[fi], {c.out_offset: (c.src, c.src_offset) for c in self.copies if c.file == fi})
+                  for fi in files]
         try:
             # one read buffer for all of this thread's shards: up to HASH_CHUNK, and no more than
             # their largest tensor's whole blocks
-            largest = max((n for p in prefixes for _, n in p.places), default=0)
+            largest = max((n for p in hashes for _, n in p.places), default=0)
             buf = aligned_buffer(min(shard_hash.HASH_CHUNK, -(-largest // ALIGN) * ALIGN))[1]
-            while prefixes and not self._stop.is_set():
+            while hashes and not self._stop.is_set():
                 ended = not self._copying or self._premerge is None  # no result can come after this round
-                moved = [p.advance(self._stop, buf) for p in prefixes]
+                moved = [p.advance(self._stop, buf) for p in hashes]
                 if any(m is None for m in moved):  # stopped
                     return
-                prefixes = [p for p in prefixes if not p.finished]
+                hashes = [p for p in hashes if not p.finished]
                 if not any(moved):
                     if ended:
                         return
