@@ -10,6 +10,8 @@
 #                                 # (on by default there: 16 cores; LORAMERGE_PREMERGE=0 turns it off)
 #   bench/run_all.sh h200-premerge-cuda  # the same with --device cuda (the head start writes the
 #                                 # worker's results while torch imports; the GPU does the rest)
+#   bench/run_all.sh h200-trace   # --device cpu, three cold CLI runs under bench/trace_cold.py: when
+#                                 # the worker's results came, were written early and were taken
 #   bench/run_all.sh h200-onnx    # 8B fp16 graph with external data (16 GB) fold vs copy; frees the
 #                                 # apply checkpoint first (a 64 GB disk holds graph + base + output)
 set -euo pipefail
@@ -44,13 +46,22 @@ case "${1:-}" in
     "$PY" bench/bench_apply.py --preset 8b --device cuda --runs 3 --workdir "$WORK" \
       --methods cli,cli:LORAMERGE_PREMERGE=1,floor --results "$RESULTS/gpu-h200-8b-cuda-premerge-$stamp.json"
     ;;
+  h200-trace)
+    "$PY" bench/bench_apply.py --preset 8b --device cpu --runs 1 --workdir "$WORK" --methods floor  # the inputs
+    for i in 1 2 3; do
+      rm -rf "$WORK/out-trace"
+      "$PY" bench/trace_cold.py "$RESULTS/gpu-h200-8b-cold-trace-$stamp-$i.json" apply "$WORK/base-8b" \
+        "$WORK/adapter-8b-r16" "$WORK/out-trace" -q --device cpu --json > /dev/null
+    done
+    rm -rf "$WORK/out-trace"
+    ;;
   h200-onnx)
     rm -rf "$WORK"/base-8b "$WORK"/adapter-8b-* "$WORK"/out-*
     "$PY" bench/bench_onnx_scale.py --preset 8b --device cuda --runs 2 --workdir "$WORK" \
       --results "$RESULTS/gpu-h200-onnx-8b-$stamp.json" --clean
     ;;
   *)
-    sed -n '2,14p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac
