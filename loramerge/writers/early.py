@@ -62,12 +62,13 @@ class EarlyMerged:
 @dataclass
 class EarlyFile:
     """A shard the head start began: its guessed header and each tensor's place in it (name ->
-    output offset, nbytes; none for a zero-size tensor, which has the next one's offset); the tensors it took for untouched, by output offset, with what it
-    wrote of each; the premerge worker's results it wrote; `hashed`: (sha256 object, n), the
-    shard's first n bytes hashed (its header, then whole tensors: untouched ones from the base,
-    results from what was written), or None; and `marks`: the sha256 state at each tensor's
-    start inside that prefix (output offset -> sha256 object), to go back to where the merge
-    does not confirm what was hashed."""
+    output offset, nbytes; none for a zero-size tensor, which has the next one's offset); the
+    tensors it took for untouched, by output offset, with what it wrote of each; the premerge
+    worker's results it wrote; `hashed`: (sha256 object, n), the shard's first n bytes hashed
+    (its header, then whole tensors: untouched ones from the base, results from what was
+    written), or None; and `marks`: the sha256 state at each tensor's start inside that prefix
+    (output offset -> sha256 object), to go back to where the merge does not confirm what was
+    hashed."""
 
     path: Path
     header: bytes
