@@ -188,9 +188,11 @@ def test_not_started_where_it_cannot_help(monkeypatch):
     assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu") is None
 
 
-def test_by_default_a_cpu_merge_on_many_cores_only(monkeypatch):
+def test_by_default_a_cpu_merge_with_cores_to_spare_only(monkeypatch):
     """Unset, LORAMERGE_PREMERGE means: a worker for a CPU merge with MIN_CORES usable cores or
-    more (its start is CPU a 2-core merge lacks), none for a GPU merge; set, it decides."""
+    more (two: on one, its start and merge take the core torch's import needs), none for a GPU
+    merge; set, it decides."""
+    assert premerge.MIN_CORES == 2
     monkeypatch.delenv("LORAMERGE_PREMERGE")
     monkeypatch.setattr(premerge, "usable_cores", lambda: premerge.MIN_CORES - 1)
     assert not premerge.wanted("cpu")
