@@ -3,7 +3,8 @@
 # Results (JSON) go to $RESULTS (default bench/results/); inputs are generated locally, no network.
 #
 #   bench/run_all.sh cpu          # quiet CPU machine, 1.1B: apply (kernel, torch path, cold CLI),
-#                                 # verify, PEFT, cat+sync, cat; then ONNX fold at 8B shapes, 8 layers
+#                                 # verify, PEFT, cat+sync, cat; the CPU work floor (cpu_floor.py);
+#                                 # then ONNX fold at 8B shapes, 8 layers
 #   bench/run_all.sh h200-apply   # H200: 8B bf16 --device cuda: apply, cold CLI, verify vs cat+sync
 #   bench/run_all.sh h200-cpu     # same checkpoint, --device cpu (all cores)
 #   bench/run_all.sh h200-premerge  # --device cpu, the CLI without and with the premerge worker
@@ -27,6 +28,7 @@ case "${1:-}" in
   cpu)
     "$PY" bench/bench_apply.py --preset 1b --runs 3 --workdir "$WORK" \
       --methods loramerge,cli,torchpath,verify,peft,floor,cat --results "$RESULTS/cpu-1b-issue15-$stamp.json"
+    "$PY" bench/cpu_floor.py "$WORK/base-1b" "$WORK/adapter-1b-r16" --runs 3 --json "$RESULTS/cpu-1b-floor-$stamp.json"
     "$PY" bench/bench_onnx_scale.py --layers 8 --runs 3 --workdir "$WORK" \
       --results "$RESULTS/cpu-onnx-8b-l8-$stamp.json" --clean
     ;;
