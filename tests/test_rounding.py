@@ -465,3 +465,28 @@ def test_branch_free_float16_conversions_match_torch():
     out = np.empty(1 << 16, np.float32)
     to_f32(h, out)
     assert np.array_equal(out.view(np.uint32), rounding_kernel.lut32(torch.float16).view(np.uint32))
+
+
+@pytest.mark.skipif(not rounding_kernel.AVAILABLE, reason="numba not installed")
+def test_branch_free_bfloat16_conversion_matches_torch():
+    """The kernels' float32 -> bfloat16 rounding (32-bit lanes: its sum wraps for NaN patterns
+    only) against torch's round to nearest even, on every high half of the 32 bits with the low
+    halves around the ties, both kept-bit parities and the largest low halves (where a sum in
+    32 bits would wrap for the patterns next to -Inf and NaN); NaN: bfloat16's quiet NaN."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def to_bf16(bits, out):
+        for j in range(bits.shape[0]):
+            out[j] = rounding_kernel.f32_bits_to_half(bits[j], False)
+
+    high = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    lows = np.array([0, 1, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF], np.uint32)
+    bits = (high[:, None] | lows[None, :]).reshape(-1)
+    got = np.empty(bits.shape[0], np.uint16)
+    to_bf16(bits, got)
+    ref = torch.from_numpy(bits.view(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(bits.view(np.float32))
+    assert np.array_equal(got[~nan], ref[~nan])
+    assert np.all(got[nan] == 0x7FC0)

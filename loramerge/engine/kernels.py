@@ -98,7 +98,8 @@ def merge_bits(w16: np.ndarray, w_kind: str, a: np.ndarray, b: np.ndarray, facto
     float64 after the float32 pass). threads: row_threads.on_threads' (default torch's count)."""
     rows, cols = w16.shape
     rank = a.shape[0]
-    first32 = first32 and 0 < rank < MAX_RANK_32
+    # (the float32 pass counts a row's elements in int32: a row of 2^31 or more takes float64's)
+    first32 = first32 and 0 < rank < MAX_RANK_32 and cols < 2 ** 31
     # B' = B f and A in float64 (and float32 for the float32 pass), and the bounds' per-row and
     # per-column parts, zero where no term can be nonzero (then the float sum is W itself):
     #   float64 pass: row_w = coef, row_n = coef ||B'_i||, col_w = 1, col_n = ||A_j||,
@@ -239,28 +240,30 @@ if numba is not None:
         # one pass over the row (all of it vectorizes: the roundings are branch-free)
         bits = d.view(np.uint32)
         rn, ru, lv = rn32[i], ru32[i], live_r[i]
-        nb = 0
-        nm = 0
+        # the counts in int32 (cols < 2^31: merge_bits): with int64 sums the loops below ran at
+        # half the vector width (8 lanes of float32 need 8 lanes of each count)
+        nb = np.int32(0)
+        nm = np.int32(0)
         if to_f16:
             for j in range(cols):
                 d[j] += wf[j]
                 h = f32_bits_to_f16(bits[j])
                 out[i, j] = h
-                nb += (h & 0x7C00) == 0x7C00
+                nb = np.int32(nb + np.int32((h & np.uint16(0x7C00)) == np.uint16(0x7C00)))
                 ok = _ok32(d[j], bits[j], wf[j], rn, cn32[j], ru, cu32[j], lv * live_c[j], low_mask, half, upm,
                            lo32, hi32)
                 maybe[j] = not ok
-                nm += not ok
+                nm = np.int32(nm + np.int32(not ok))
         else:
             for j in range(cols):
                 d[j] += wf[j]
                 h = f32_bits_to_half(bits[j], False)
                 out[i, j] = h
-                nb += (h & 0x7F80) == 0x7F80
+                nb = np.int32(nb + np.int32((h & np.uint16(0x7F80)) == np.uint16(0x7F80)))
                 ok = _ok32(d[j], bits[j], wf[j], rn, cn32[j], ru, cu32[j], lv * live_c[j], low_mask, half, upm,
                            lo32, hi32)
                 maybe[j] = not ok
-                nm += not ok
+                nm = np.int32(nm + np.int32(not ok))
         bad[i] = nb
         undecided[i] = 0
         redone[i] = nm
@@ -269,7 +272,7 @@ if numba is not None:
         if nm > dense:  # many: the whole row in float64, by merge_bits after this pass (DENSE)
             redone[i] = DENSE
             return
-        nu = 0
+        nu = np.int32(0)
         words = maybe.view(np.uint64)
         j = -1
         for _ in range(nm):  # the nm elements flagged (next_flag: 8 flags at a time)
@@ -297,10 +300,10 @@ if numba is not None:
             x += bs[i, k] * a[k, j]
         f = np.float32(x)
         h64 = f32_bits_to_half(odd_f32_bits(x, f, _f32_bits(f)), to_f16)
-        nb += np.int64((h64 & inf_bits) == inf_bits) - np.int64((h & inf_bits) == inf_bits)
+        nb = np.int32(nb + np.int32((h64 & inf_bits) == inf_bits) - np.int32((h & inf_bits) == inf_bits))
         out[i, j] = h64
         e64 = (row_w[i] * col_w[j] * abs(lut[w[i, j]]) + row_n[i] * col_n[j] + col_u[j] * lv) * slack
-        nu += exact_undecided(x, h64, e64, e64 == 0.0, lut_out, inf_bits, top_ulp, thr)
+        nu = np.int32(nu + np.int32(exact_undecided(x, h64, e64, e64 == 0.0, lut_out, inf_bits, top_ulp, thr)))
         return nb, nu
 
     @numba.njit(cache=True, inline="always")

@@ -9,6 +9,10 @@ per-element functions; lowrank's stages use round_decide on CPU blocks.
 torch is imported by round_decide only (it takes and returns tensors): the rest runs in the
 premerge worker, a process without torch (engine/premerge_worker.py). Formats are named as in
 grids.LAYOUTS ("bfloat16", "float16"); a torch dtype is taken for its name.
+
+Editing this file: numba's cache keys a compiled function on its own file's timestamp only, so the
+cached kernels of kernels.py and kernel64.py keep the old code of what they inline from here until
+the caches go (`find loramerge -name '*.nb[ic]' -delete`; an install writes every file anew).
 """
 
 from __future__ import annotations
@@ -148,25 +152,28 @@ if numba is not None:
         """float32 bits -> float16 bits, rounded to nearest even (subnormals, Inf, NaN included).
         Branch-free (every case computed, one selected), so the loops calling it vectorize; the
         same bits as a branching version for all 2^32 inputs (checked once, exhaustively)."""
-        bits = np.uint32(bits)
-        sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
-        a = bits & np.uint32(0x7FFFFFFF)
+        u = np.uint32
+        bits = u(bits)
+        sign = u((bits >> u(16)) & u(0x8000))
+        a = u(bits & u(0x7FFFFFFF))
         # float16's normal range: rebias the exponent (127 -> 15, i.e. minus 112 << 23), round to
         # nearest even on the 13 dropped bits; a carry into the exponent is right, up to Inf
-        normal = (a - np.uint32(0x38000000) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+        normal = u(u(u(a - u(0x38000000)) + u(u(0xFFF) + u((a >> u(13)) & u(1)))) >> u(13))
         # below 2^-14 (float16 subnormals and zero): the significand with its leading 1 shifted
         # right by 126 - e, to nearest even; 25 places drop it all (the shift is capped there:
         # an integer shift past its width is undefined)
-        e = np.int64(a >> np.uint32(23))
-        m = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
-        shift = np.uint32(min(max(126 - e, 14), 25))
-        q = m >> shift
-        rem = m & ((np.uint32(1) << shift) - np.uint32(1))
-        half = np.uint32(1) << (shift - np.uint32(1))
-        sub = q + np.uint32((rem > half) | ((rem == half) & ((q & np.uint32(1)) == np.uint32(1))))
-        h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else (          # NaN (quiet)
-            np.uint32(0x7C00) if a >= np.uint32(0x47800000) else (         # 2^16 and up: Inf
-                normal if a >= np.uint32(0x38800000) else sub))
+        # Every step is cast back to 32 bits: numba computes (u)int32 arithmetic in 64 bits, and
+        # a loop over 64-bit lanes runs at half the vector width; the values all fit in 32.
+        e = np.int32(a >> u(23))
+        m = u(u(a & u(0x7FFFFF)) | u(0x800000))
+        shift = u(min(max(np.int32(np.int32(126) - e), np.int32(14)), np.int32(25)))
+        q = u(m >> shift)
+        rem = u(m & u(u(u(1) << shift) - u(1)))
+        half = u(u(1) << u(shift - u(1)))
+        sub = u(q + u((rem > half) | ((rem == half) & (u(q & u(1)) == u(1)))))
+        h = u(0x7E00) if a > u(0x7F800000) else (          # NaN (quiet)
+            u(0x7C00) if a >= u(0x47800000) else (         # 2^16 and up: Inf
+                normal if a >= u(0x38800000) else sub))
         return np.uint16(sign | h)
 
     @numba.njit(cache=True, inline="always")
@@ -174,8 +181,12 @@ if numba is not None:
         """float32 bits -> bfloat16 or float16 bits, rounded to nearest even."""
         if to_f16:
             return f32_bits_to_f16(bits)
-        nan = np.uint32((bits & 0x7FFFFFFF) > 0x7F800000)
-        return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) * (1 - nan) + 0x7FC0 * nan)
+        # uint32 throughout: with Python ints numba computes in int64, and the loops calling this
+        # ran at half the vector width. Only a NaN's pattern can overflow the sum (the largest
+        # other is -Inf's, 0xFF800000), and a NaN's sum is not used.
+        b = np.uint32(bits)
+        r = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        return np.uint16(np.uint32(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r)
 
     @numba.njit(cache=True, inline="always")
     def odd_f32_bits(x, f, fbits):
