@@ -490,3 +490,19 @@ def test_branch_free_bfloat16_conversion_matches_torch():
     nan = np.isnan(bits.view(np.float32))
     assert np.array_equal(got[~nan], ref[~nan])
     assert np.all(got[nan] == 0x7FC0)
+
+
+@pytest.mark.skipif(not rounding_kernel.AVAILABLE, reason="numba not installed")
+def test_rows_too_long_for_the_kernels_int32_counts_go_elsewhere(monkeypatch):
+    """The kernel counts a row's elements in int32: supports() turns away rows of MAX_COLS columns
+    or more (the torch path merges them), and merge_bits refuses them rather than count wrong."""
+    import numpy as np
+
+    w = torch.zeros(2, 8, dtype=torch.bfloat16)
+    assert kernels.supports(w, torch.bfloat16)
+    monkeypatch.setattr(kernels, "MAX_COLS", 8)
+    assert not kernels.supports(w, torch.bfloat16)
+    w16 = np.zeros((2, 8), np.uint16)
+    with pytest.raises(ValueError, match="8 columns"):
+        kernels.merge_bits(w16, "bfloat16", np.ones((1, 8), np.float32), np.ones((2, 1), np.float32),
+                           np.ones(1), "bfloat16", np.empty_like(w16), True, 1)

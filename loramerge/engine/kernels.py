@@ -61,11 +61,13 @@ MAX_RANK_32 = 1 << 14
 DENSE_ROW = 1 / 16
 PROBE_ROWS = 32
 DENSE = -1  # _row32's mark in `redone` for a row it leaves to the float64 pass whole
+# A row's counts are int32 in both passes: int64 sums halved their loops' vector width
+MAX_COLS = 1 << 31
 
 
 def supports(w: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return (AVAILABLE and w.device.type == "cpu" and w.dim() == 2 and kind(w.dtype) in _HALF
-            and kind(out_dtype) in _HALF and w.numel() > 0)
+            and kind(out_dtype) in _HALF and w.numel() > 0 and w.shape[1] < MAX_COLS)
 
 
 def merge_half(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factors: torch.Tensor,
@@ -98,8 +100,9 @@ def merge_bits(w16: np.ndarray, w_kind: str, a: np.ndarray, b: np.ndarray, facto
     float64 after the float32 pass). threads: row_threads.on_threads' (default torch's count)."""
     rows, cols = w16.shape
     rank = a.shape[0]
-    # (the float32 pass counts a row's elements in int32: a row of 2^31 or more takes float64's)
-    first32 = first32 and 0 < rank < MAX_RANK_32 and cols < 2 ** 31
+    if cols >= MAX_COLS:  # supports() keeps such rows from the kernel
+        raise ValueError(f"the kernel counts a row's elements in int32: {cols} columns")
+    first32 = first32 and 0 < rank < MAX_RANK_32
     # B' = B f and A in float64 (and float32 for the float32 pass), and the bounds' per-row and
     # per-column parts, zero where no term can be nonzero (then the float sum is W itself):
     #   float64 pass: row_w = coef, row_n = coef ||B'_i||, col_w = 1, col_n = ||A_j||,
@@ -240,8 +243,8 @@ if numba is not None:
         # one pass over the row (all of it vectorizes: the roundings are branch-free)
         bits = d.view(np.uint32)
         rn, ru, lv = rn32[i], ru32[i], live_r[i]
-        # the counts in int32 (cols < 2^31: merge_bits): with int64 sums the loops below ran at
-        # half the vector width (8 lanes of float32 need 8 lanes of each count)
+        # the counts in int32 (cols < MAX_COLS): with int64 sums the loops below ran at half the
+        # vector width (8 lanes of float32 need 8 lanes of each count)
         nb = np.int32(0)
         nm = np.int32(0)
         if to_f16:
