@@ -228,3 +228,59 @@ def test_cuda_same_verdicts(data, monkeypatch):
         for m in outputs("BF16", w, e).values():
             old = decide("BF16", tg, m, "float64", monkeypatch)
             same_verdicts(decide("BF16", gpu_tg, m, "torch", monkeypatch, dev=torch.device("cuda")), old)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_bound_that_is_nan_decides_nothing(path, monkeypatch):
+    """A hostile adapter: a scaled B row whose entries fit float32 but whose norm does not (the
+    bound's row part is inf) against a zero A, so the sum is W but the bound is inf * 0, NaN. A NaN
+    bound decides nothing: the float64 rule takes those elements and finds the NaN planted in the
+    merged tensor (on x86, inf * 0 is the NaN 0xFFC00000, whose bfloat16 rounding cell is the
+    planted NaN's own bits, 0xFFC0: the cell test alone passed it)."""
+    rows, cols = 4, 16
+    w = torch.full((rows, cols), 0.5, dtype=torch.bfloat16)
+    p = torch.zeros(rows, 2, dtype=torch.float64)
+    p[0] = 3e38                                      # its norm, 4.2e38, is past float32's largest
+    q = torch.zeros(2, cols, dtype=torch.float64)   # E = W exactly
+    m = w.clone()
+    m.view(torch.int16)[0, 3] = -64                  # 0xFFC0: a NaN
+    tc = decide("BF16", target(w, p, q, False), m, path, monkeypatch)
+    assert tc.bad_elements == 1 and tc.worst["index"] == [0, 3]
+    assert decide("BF16", target(w, p, q, False), w, path, monkeypatch).bad_elements == 0
+
+
+@pytest.mark.parametrize("path", PATHS + ["float64"])
+def test_a_nan_in_the_merged_tensor_fails_it(path, monkeypatch):
+    """A NaN where the merge is finite: |M - E| is NaN, which no tolerance test catches as such,
+    so every path counts it infinitely off (it passed as 0 ulps in the kernel's and float64 paths,
+    and the torch path failed to name the worst element). An infinity where one is due still
+    passes."""
+    w, p, q, e = lowrank("BF16")
+    m = round_to(e, torch.bfloat16).clone()
+    m.view(torch.int16)[2, 3] = 0x7FC0
+    tc = decide("BF16", target(w, p, q, False), m, path, monkeypatch)
+    assert (tc.bad_elements, tc.max_ulps, tc.worst["index"]) == (1, math.inf, [2, 3]) and tc.problems
+    assert math.isnan(tc.worst["merged"]) and tc.max_rel == math.inf
+    # an expected infinity (E beyond the largest bfloat16), merged as one: right
+    big = w.clone()
+    big[0, 0] = 3.3e38
+    q2 = q.clone()
+    q2[:, 0] = 0
+    p2 = p.clone()
+    e2 = torch.addmm(big.double(), p2, q2)
+    e2[0, 0] = 3.3e38 * 1.04       # past the largest finite value: rounds to inf
+    q2[0, 0] = (e2[0, 0] - 3.3e38) / p2[0, 0]
+    e2 = torch.addmm(big.double(), p2, q2)
+    m2 = round_to(e2, torch.bfloat16)
+    assert math.isinf(float(m2[0, 0]))
+    assert decide("BF16", target(big, p2, q2, False), m2, path, monkeypatch).bad_elements == 0
+
+
+def test_a_nan_in_a_float32_merge_fails_it(monkeypatch):
+    """The float rule (float32 outputs) likewise: a NaN is off by more than any tolerance."""
+    w, p, q, e = lowrank("BF16")
+    w32 = w.float()
+    m = e.float().clone()
+    m[1, 2] = math.nan
+    tc = decide("F32", target(w32, p, q, False), m, "float64", monkeypatch)
+    assert tc.bad_elements == 1 and tc.worst["index"] == [1, 2] and tc.problems

@@ -34,6 +34,8 @@ kernel for the CPU (compare_kernel.py: one pass over W and M, like apply's kerne
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -73,10 +75,21 @@ def ulp(mag: torch.Tensor, code: str) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(mag), e - (p - 1))
 
 
+def off(m64: torch.Tensor, ref64: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """|M - ref| (divided by `scale`): 0 where M is ref (an infinity where one is due), infinite
+    where M or ref is NaN. A NaN distance compares false with every tolerance, so taken as is, a
+    NaN in a merged tensor passed for right (and the worst element could not be found)."""
+    d = (m64 - ref64).abs()
+    if scale is not None:
+        d = d / scale
+    d = torch.where(m64 == ref64, torch.zeros_like(d), d)
+    return torch.where(torch.isnan(d), torch.full_like(d, math.inf), d)
+
+
 def element_ulps(m64: torch.Tensor, e64: torch.Tensor, w64: torch.Tensor, s64: torch.Tensor, code: str) -> torch.Tensor:
-    """The float64 rule for half precision: |M - round(E)| / ulp(max(|E|, |W|, S))."""
+    """The float64 rule for half precision: |M - round(E)| / ulp(max(|E|, |W|, S)) (off)."""
     mag = torch.maximum(torch.maximum(e64.abs(), w64.abs()), s64)
-    return (m64 - round_to(e64, ST_TO_TORCH[code]).to(torch.float64)).abs() / ulp(mag, code)
+    return off(m64, round_to(e64, ST_TO_TORCH[code]).to(torch.float64), ulp(mag, code))
 
 
 def eligible(code: str, start: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> bool:
@@ -169,7 +182,7 @@ def _compare_torch(w2, m2, p, q, code, transposed, dev) -> Tally:
         sq_err = sq_err + diff.square().sum()
         sq_delta = sq_delta + delta.square().sum()
         dot = dot + (moved * delta).sum()
-        max_err = torch.maximum(max_err, diff.abs().max())
+        max_err = torch.maximum(max_err, off(diff, torch.zeros_like(diff)).max())
         max_e = torch.maximum(max_e, e.abs().max())
     s = torch.stack([sq_err, sq_delta, dot, max_err, max_e]).tolist()  # one device sync per tensor
     t = Tally(bad=int(bad), sq_err=s[0], sq_delta=s[1], dot=s[2], max_err=s[3], max_e=s[4], redone=redone)

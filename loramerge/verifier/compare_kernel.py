@@ -102,7 +102,8 @@ if numba is not None:
 
     @numba.njit(cache=True)
     def _float64_rule(wv, mv, p64, q64, i, j, prec, emin, maxfin):
-        """(E, ulps) of one element by verify's float64 rule: |M - round(E)| / ulp(max(|E|, |W|, S))."""
+        """(E, ulps) of one element by verify's float64 rule: |M - round(E)| / ulp(max(|E|, |W|, S)),
+        as compare.off has it (0 where M is round(E), infinite where either is NaN)."""
         e = wv
         s = 0.0
         for k in range(q64.shape[0]):
@@ -110,7 +111,11 @@ if numba is not None:
             e += t
             s += abs(t)
         mag = max(abs(e), abs(wv), s)
-        return e, abs(mv - _round_grid(e, prec, emin, maxfin)) / _ulp(mag, prec, emin)
+        r = _round_grid(e, prec, emin, maxfin)
+        if mv == r:  # (an infinity where one is due)
+            return e, 0.0
+        u = abs(mv - r) / _ulp(mag, prec, emin)
+        return e, (math.inf if math.isnan(u) else u)   # a NaN M (or E) is off by any tolerance
 
     @numba.njit(cache=True, inline="always")
     def _values(bits, lut, bf16, out):
@@ -176,13 +181,20 @@ if numba is not None:
             lo[j] = r - b
             hi[j] = r + b
         lob, hib, rb, mb = lo.view(np.uint32), hi.view(np.uint32), acc.view(np.uint32), mv.view(np.uint32)
-        undecided = 0
+        # in 32-bit lanes (numba computes uint32 and Python-int arithmetic in 64 bits, and the loop
+        # ran at half the vector width): a sum below wraps only for a NaN's pattern (the largest
+        # other is -Inf's, 0xFF800000), and a NaN bound decides nothing
+        u = np.uint32
+        sh, one, exp, mag, inf = u(shift), u(1), u(0x7F800000), u(0x7FFFFFFF), u(0x7F800000)
+        undecided = np.int32(0)
         for j in range(cols):
-            cl = (lob[j] + half + ((lob[j] >> shift) & 1)) >> shift
-            ch = (hib[j] + half + ((hib[j] >> shift) & 1)) >> shift
+            lj, hj = lob[j], hib[j]
+            cl = u(u(lj + half) + u((lj >> sh) & one)) >> sh
+            ch = u(u(hj + half) + u((hj >> sh) & one)) >> sh
+            bounded = (u(lj & mag) <= inf) & (u(hj & mag) <= inf)
             # M is on the grid: its cell is the top bits of its float32 value
-            und[j] = not ((cl == ch) & (cl == (mb[j] >> shift)) & ((rb[j] & 0x7F800000) != 0x7F800000))
-            undecided += und[j]
+            und[j] = not ((cl == ch) & (cl == (mb[j] >> sh)) & (u(rb[j] & exp) != exp) & bounded)
+            undecided = np.int32(undecided + np.int32(und[j]))
         # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
         sq_err, sq_delta, dot, max_err, max_e = _decided_stats(dv, wv, mv, und, ad, ae)
         maxu = 0.0
@@ -237,5 +249,6 @@ if numba is not None:
     def _add(x, y, e, sq_err, sq_delta, dot, max_err, max_e):
         """The statistics with one more element: M's value x, W's y, the expected E's e."""
         d = x - e
-        return (sq_err + d * d, sq_delta + (e - y) * (e - y), dot + (x - y) * (e - y), max(max_err, abs(d)),
+        err = math.inf if math.isnan(d) else abs(d)   # (max() would pass a NaN over)
+        return (sq_err + d * d, sq_delta + (e - y) * (e - y), dot + (x - y) * (e - y), max(max_err, err),
                 max(max_e, abs(e)))

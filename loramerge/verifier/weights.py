@@ -12,7 +12,7 @@ from ..engine import deltas, tuners
 from ..engine.ops import BLOCK_ELEMS_CPU, BLOCK_ELEMS_GPU, round_to
 from ..types import FLOAT_CODES, ST_TO_TORCH, Adapter, Job, LoraPair, TensorRef
 from . import compare
-from .compare import Tally, ulp
+from .compare import Tally, off, ulp
 from .reference import JobRef
 from .report import FLOAT_TOL_REL, HALF_CODES, HALF_TOL_ULPS, LAYER_ROWS, SEED, TensorCheck
 
@@ -249,8 +249,8 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
             mag = torch.maximum(mag, (ub - wb).abs())
         tol_ulp = ulp(mag, code)
         # half: compare with E correctly rounded (a correct merge is 0 ulp off); float: with E itself
-        err = (mb - round_to(e, out_dtype).to(torch.float64)).abs() if half else (mb - e).abs()
-        ulps = err / tol_ulp
+        ref = round_to(e, out_dtype).to(torch.float64) if half else e
+        err, ulps = off(mb, ref), off(mb, ref, tol_ulp)   # a NaN in M: infinitely off
         if half:
             bad += int((ulps > HALF_TOL_ULPS).sum())
         score = ulps if half else err
@@ -258,7 +258,7 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
             r, c = divmod(int(score.argmax()), score.shape[1])
             worst = (float(score.max()), sl.start + r, c, float(mb[r, c]), float(e[r, c]), float(wb[r, c]))
         max_ulps = max(max_ulps, float(ulps.max()))
-        max_err = max(max_err, float((mb - e).abs().max()))
+        max_err = max(max_err, float(off(mb, e).max()))
         max_e = max(max_e, float(e.abs().max()))
         delta = e - wb
         sq_err += float(((mb - e) ** 2).sum())
@@ -271,7 +271,7 @@ def _check_values(tc: TensorCheck, tg: _Target, m: torch.Tensor, dev: torch.devi
     float_tol = FLOAT_TOL_REL * max_e
     if not half and max_err > float_tol:
         # the float rule's tolerance depends on the whole tensor's max |E|: count in a second pass
-        bad = sum(int(((mb - e).abs() > float_tol).sum()) for _, _, mb, e, *_ in _blocks(tg, m_lin, dev))
+        bad = sum(int((off(mb, e) > float_tol).sum()) for _, _, mb, e, *_ in _blocks(tg, m_lin, dev))
     _, r, c, mv, ev, wv = worst
     t = Tally(bad=bad, max_ulps=max_ulps, worst=(r, c), sq_err=sq_err, sq_delta=sq_delta, dot=dot, max_err=max_err,
               max_e=max_e)
