@@ -121,7 +121,7 @@ def test_a_target_taken_for_untouched_is_merged_all_the_same(tmp_path, monkeypat
     base, adapter = base_dir(base), adapter_dir(adapter)
     ref = _merge(base, adapter, tmp_path / "ref")
     expected = _untouched_interiors(base, adapter, tmp_path)
-    monkeypatch.setattr(headstart, "_touched_by", lambda names: lambda name: False)
+    monkeypatch.setattr(headstart, "touched_by", lambda names: lambda name: False)
     head = _started(base, adapter, tmp_path / "out")
     assert head.written > expected  # it did copy targets
     got = _merge(base, adapter, tmp_path / "out", head)

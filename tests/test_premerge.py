@@ -190,8 +190,9 @@ def test_not_started_where_it_cannot_help(monkeypatch):
 
 def test_by_default_a_cpu_merge_with_cores_to_spare_only(monkeypatch):
     """Unset, LORAMERGE_PREMERGE means: a worker for a CPU merge with MIN_CORES usable cores or
-    more (two: on one, its start and merge take the core torch's import needs), none for a GPU
-    merge; set, it decides."""
+    more (two: on one, its start and merge take the core torch's import needs), below SPARE_CORES
+    only for a merge of MIN_ELEMENTS or more (its start must be repaid), none for a GPU merge;
+    set, it decides."""
     assert premerge.MIN_CORES == 2
     monkeypatch.delenv("LORAMERGE_PREMERGE")
     monkeypatch.setattr(premerge, "usable_cores", lambda: premerge.MIN_CORES - 1)
@@ -199,14 +200,43 @@ def test_by_default_a_cpu_merge_with_cores_to_spare_only(monkeypatch):
     assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu") is None
     monkeypatch.setattr(premerge, "usable_cores", lambda: premerge.MIN_CORES)
     assert premerge.wanted("cpu") and not premerge.wanted("cuda")
-    pre = premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu")
-    assert pre is not None
-    pre.close()
+    assert premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu") is None   # the fixture: too small
+    for cores, least in ((premerge.MIN_CORES, 0), (premerge.SPARE_CORES, premerge.MIN_ELEMENTS)):
+        monkeypatch.setattr(premerge, "usable_cores", lambda: cores)
+        monkeypatch.setattr(premerge, "MIN_ELEMENTS", least)
+        pre = premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu")
+        assert pre is not None
+        pre.close()
     monkeypatch.setenv("LORAMERGE_PREMERGE", "0")
     assert not premerge.wanted("cpu")
     monkeypatch.setenv("LORAMERGE_PREMERGE", "1")
     monkeypatch.setattr(premerge, "usable_cores", lambda: 1)
     assert premerge.wanted("cpu") and premerge.wanted("cuda")
+    monkeypatch.setattr(premerge, "MIN_ELEMENTS", 1 << 62)   # set, the size does not matter either
+    pre = premerge.begin(BF16_BASE, [BF16_ADAPTER], device="cpu")
+    assert pre is not None
+    pre.close()
+
+
+def test_the_merge_size_counts_the_adapters_targets(tmp_path):
+    """merge_elements: the elements of the base tensors the adapter's modules name (by the module
+    names in the adapter file, counted here from PEFT's key format and the base's own shapes), 0
+    for an adapter that is no safetensors file."""
+    from safetensors import safe_open
+    files = sorted(BF16_BASE.glob("*.safetensors"))
+    shapes = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            shapes.update({k: h.get_slice(k).get_shape() for k in h.keys()})
+    with safe_open(BF16_ADAPTER / "adapter_model.safetensors", "pt") as h:
+        targets = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                   for k in h.keys() if k.endswith(".lora_A.weight")}
+    expected = sum(shapes[t][0] * shapes[t][1] for t in targets)
+    assert expected > 0 and premerge.merge_elements(files, BF16_ADAPTER) == expected
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text("{}")
+    assert premerge.merge_elements(files, bare) == 0
 
 
 def test_cpu_merge_is_told_without_torch(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ computed here as without a worker.
 
 Only the CLI starts one (`apply`: a library caller has imported torch already), for one PEFT
 adapter directory and a safetensors base on this disk: by default for a CPU merge on a machine
-with MIN_CORES usable cores or more, else with LORAMERGE_PREMERGE=1 (=0: never). It is built for
+with MIN_CORES usable cores or more (below SPARE_CORES, of MIN_ELEMENTS or more), else with
+LORAMERGE_PREMERGE=1 (=0: never). It is built for
 cores that would idle while torch imports: the merge's first tensor would wait for torch and then
 numba, while the worker merges from its start and the head start (writers/headstart.py) writes
 its results into the output meanwhile (bench/RESULTS.md: the H200 machine's 16 cores, and since
@@ -31,6 +32,7 @@ import json
 import mmap
 import os
 import re
+import struct
 import subprocess
 import sys
 import threading
@@ -63,6 +65,13 @@ RING_BYTES = 1 << 30
 # wrote the worker's results (2026-12-04), it was even on two cores: the results waited for the
 # parent's writer. On the H200 machine's 16 cores it won from the start (8B bf16, --device cpu).
 MIN_CORES = 2
+# Below this many usable cores, only for a merge of at least MIN_ELEMENTS base elements: the
+# worker's start (Python, numpy, numba: 0.65-0.9 s of a core on the 2-core VM) has to be repaid by
+# the merging it moves into torch's import. The same VM, 1.1B bf16, 5 alternating pairs: an
+# attention-only r=16 adapter (208 M elements) 3.77 s with the worker against 3.59 s without; all
+# linear layers (969 M) 4.72 against 4.99 s: even at ~500 M. From 8 cores on, always.
+SPARE_CORES = 8
+MIN_ELEMENTS = 1 << 29
 
 
 def usable_cores() -> int:
@@ -71,7 +80,8 @@ def usable_cores() -> int:
 
 def wanted(device: str) -> bool:
     """Whether `loramerge apply` on `device` starts a worker: LORAMERGE_PREMERGE=1 (any device) or
-    0 decides; unset, a CPU merge on a machine with MIN_CORES usable cores or more."""
+    0 decides; unset, a CPU merge on a machine with MIN_CORES usable cores or more (and below
+    SPARE_CORES, begin() asks for MIN_ELEMENTS to merge)."""
     setting = os.environ.get("LORAMERGE_PREMERGE", "").strip()
     if setting:
         return setting != "0"
@@ -349,6 +359,9 @@ def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "a
         return None  # the merge reports whatever is wrong with the inputs
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
+    if (not os.environ.get("LORAMERGE_PREMERGE", "").strip() and usable_cores() < SPARE_CORES
+            and merge_elements(files, Path(adapter)) < MIN_ELEMENTS):
+        return None
     try:
         fd = os.memfd_create("loramerge-premerge")
     except OSError:
@@ -371,6 +384,24 @@ def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "a
               dtype=dtype, first32=accum == "float32", ring_fd=fd,
               ring_bytes=ring_bytes if ring_bytes is not None else min(RING_BYTES, available_memory() // 8))
     return pre
+
+
+def merge_elements(files: list[Path], adapter: Path) -> int:
+    """The elements of the base's 2-D half-precision tensors the adapter's names touch (the head
+    start's guess, which may count too many, never too few for PEFT's names): the worker's work.
+    0 where the headers cannot be read (the merge reports why) or the adapter is no safetensors
+    file (the worker would merge nothing)."""
+    from ..readers.st_header import raw_header
+    from ..writers.headstart import adapter_names, touched_by
+    try:
+        names = adapter_names(adapter)
+        if names is None:
+            return 0
+        touched = touched_by([names])
+        return sum(v["shape"][0] * v["shape"][1] for f in files for k, v in raw_header(f)[0].items()
+                   if v.get("dtype") in ("BF16", "F16") and len(v.get("shape", ())) == 2 and touched(k))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return 0
 
 
 @contextlib.contextmanager

@@ -107,7 +107,7 @@ class _Copy:
         return (self.out_offset + self.nbytes) // ALIGN * ALIGN
 
 
-def _adapter_names(path: Path) -> list[str] | None:
+def adapter_names(path: Path) -> list[str] | None:
     """The tensor names of a safetensors adapter (a PEFT directory or a single file), and the
     module names its PEFT config lists; None for anything else (no guess, no head start)."""
     names = []
@@ -124,7 +124,7 @@ def _adapter_names(path: Path) -> list[str] | None:
     return names + list(raw_header(path)[0])
 
 
-def _touched_by(adapters: list[list[str]]):
+def touched_by(adapters: list[list[str]]):
     """A test for base tensor names some adapter may change: one whose module name (or own name,
     unless a plain weight or bias) is a part of an adapter's tensor names, or made of parts of them
     (kohya joins a module's path with '_'; fused experts are named like gate_up_proj). It may say
@@ -145,10 +145,10 @@ def guess(base: Path, adapters: list[Path]) -> tuple[list[EarlyFile], list[_Copy
     tensors taken for untouched, each a copy to make into them (`write`) or only to hash (too
     small, or no whole block inside); None where no guess can be made or nothing would be copied."""
     files = weight_files(base)
-    names = [_adapter_names(a) for a in adapters]
+    names = [adapter_names(a) for a in adapters]
     if not files or any(f.suffix != ".safetensors" for f in files) or None in names:
         return None
-    touched = _touched_by(names)
+    touched = touched_by(names)
     shards, copies = [], []
     for fi, f in enumerate(files):
         header, data = raw_header(f)
