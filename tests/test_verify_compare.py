@@ -230,23 +230,28 @@ def test_cuda_same_verdicts(data, monkeypatch):
             same_verdicts(decide("BF16", gpu_tg, m, "torch", monkeypatch, dev=torch.device("cuda")), old)
 
 
+@pytest.mark.parametrize("code", ["BF16", "F16"])
 @pytest.mark.parametrize("path", PATHS)
-def test_a_bound_that_is_nan_decides_nothing(path, monkeypatch):
+def test_a_bound_that_is_nan_decides_nothing(path, code, monkeypatch):
     """A hostile adapter: a scaled B row whose entries fit float32 but whose norm does not (the
     bound's row part is inf) against a zero A, so the sum is W but the bound is inf * 0, NaN. A NaN
-    bound decides nothing: the float64 rule takes those elements and finds the NaN planted in the
-    merged tensor (on x86, inf * 0 is the NaN 0xFFC00000, whose bfloat16 rounding cell is the
-    planted NaN's own bits, 0xFFC0: the cell test alone passed it)."""
-    rows, cols = 4, 16
-    w = torch.full((rows, cols), 0.5, dtype=torch.bfloat16)
+    bound decides nothing: the float64 rule takes those elements and finds the NaNs planted in the
+    merged tensor. The planted patterns are the ones a NaN bound's cells come out as (x86's inf *
+    0 is the NaN 0xFFC00000: bfloat16's cell 0xFFC0, float16's 0xFE00; torch converts a NaN to
+    bfloat16 as 0xFFFF): the cell test alone passed them. Enough rows that the torch path redoes
+    only the undecided, not the whole block."""
+    rows, cols = 4096, 16
+    w = torch.full((rows, cols), 0.5, dtype=DT[code])
     p = torch.zeros(rows, 2, dtype=torch.float64)
     p[0] = 3e38                                      # its norm, 4.2e38, is past float32's largest
     q = torch.zeros(2, cols, dtype=torch.float64)   # E = W exactly
     m = w.clone()
-    m.view(torch.int16)[0, 3] = -64                  # 0xFFC0: a NaN
-    tc = decide("BF16", target(w, p, q, False), m, path, monkeypatch)
-    assert tc.bad_elements == 1 and tc.worst["index"] == [0, 3]
-    assert decide("BF16", target(w, p, q, False), w, path, monkeypatch).bad_elements == 0
+    planted = {"BF16": (-64, -1), "F16": (-512,)}[code]   # 0xFFC0, 0xFFFF; 0xFE00
+    for k, bits in enumerate(planted):
+        m.view(torch.int16)[0, 3 + 2 * k] = bits
+    tc = decide(code, target(w, p, q, False), m, path, monkeypatch)
+    assert tc.bad_elements == len(planted) and tc.worst["index"] == [0, 3]
+    assert decide(code, target(w, p, q, False), w, path, monkeypatch).bad_elements == 0
 
 
 @pytest.mark.parametrize("path", PATHS + ["float64"])
@@ -274,6 +279,13 @@ def test_a_nan_in_the_merged_tensor_fails_it(path, monkeypatch):
     m2 = round_to(e2, torch.bfloat16)
     assert math.isinf(float(m2[0, 0]))
     assert decide("BF16", target(big, p2, q2, False), m2, path, monkeypatch).bad_elements == 0
+    # a base with a NaN and an infinity, merged into the same (the merge's value is NaN, inf): right,
+    # and no statistic turns NaN for it
+    w3 = w.clone()
+    w3[2, 3], w3[4, 5] = math.nan, math.inf
+    m3 = round_to(torch.addmm(w3.double(), p, q), torch.bfloat16)
+    tc3 = decide("BF16", target(w3, p, q, False), m3, path, monkeypatch)
+    assert tc3.bad_elements == 0 and not tc3.problems and not math.isnan(tc3.max_rel)
 
 
 def test_a_nan_in_a_float32_merge_fails_it(monkeypatch):

@@ -42,6 +42,8 @@ from pathlib import Path
 
 from ..readers import hub
 from ..readers.prefetch import available_memory, weight_files
+from ..readers.st_header import raw_header
+from ..readers.touched import adapter_names, touched_by
 
 # No word from the worker for this long while a result is awaited: it is taken for stuck, and the
 # merge goes on without it (a rank-16 MLP tensor of an 8B model takes it ~0.2 s on one core)
@@ -391,8 +393,6 @@ def merge_elements(files: list[Path], adapter: Path) -> int:
     start's guess, which may count too many, never too few for PEFT's names): the worker's work.
     0 where the headers cannot be read (the merge reports why) or the adapter is no safetensors
     file (the worker would merge nothing)."""
-    from ..readers.st_header import raw_header
-    from ..writers.headstart import adapter_names, touched_by
     try:
         names = adapter_names(adapter)
         if names is None:

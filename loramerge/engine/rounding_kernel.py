@@ -181,9 +181,10 @@ if numba is not None:
         """float32 bits -> bfloat16 or float16 bits, rounded to nearest even."""
         if to_f16:
             return f32_bits_to_f16(bits)
-        # uint32 throughout: with Python ints numba computes in int64, and the loops calling this
-        # ran at half the vector width. Only a NaN's pattern can overflow the sum (the largest
-        # other is -Inf's, 0xFF800000), and a NaN's sum is not used.
+        # uint32 operands only (numba still types the sum uint64, but LLVM narrows it to 32-bit
+        # lanes; with a Python int it computed in int64 lanes, and the loops calling this ran at
+        # half the vector width). Only a NaN's pattern can pass 2^32 in the sum (the largest other
+        # is -Inf's, 0xFF800000), and a NaN's sum is not used.
         b = np.uint32(bits)
         r = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
         return np.uint16(np.uint32(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r)

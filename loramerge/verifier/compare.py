@@ -76,13 +76,15 @@ def ulp(mag: torch.Tensor, code: str) -> torch.Tensor:
 
 
 def off(m64: torch.Tensor, ref64: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """|M - ref| (divided by `scale`): 0 where M is ref (an infinity where one is due), infinite
-    where M or ref is NaN. A NaN distance compares false with every tolerance, so taken as is, a
-    NaN in a merged tensor passed for right (and the worst element could not be found)."""
+    """|M - ref| (divided by `scale`): 0 where M is ref (an infinity where one is due, a NaN where
+    the expected value is NaN: a base with a NaN), infinite where only one of them is NaN. A NaN
+    distance compares false with every tolerance, so taken as is, a NaN in a merged tensor passed
+    for right (and the worst element could not be found)."""
     d = (m64 - ref64).abs()
     if scale is not None:
         d = d / scale
-    d = torch.where(m64 == ref64, torch.zeros_like(d), d)
+    same = (m64 == ref64) | (torch.isnan(m64) & torch.isnan(ref64))
+    d = torch.where(same, torch.zeros_like(d), d)
     return torch.where(torch.isnan(d), torch.full_like(d, math.inf), d)
 
 
@@ -152,7 +154,10 @@ def _compare_torch(w2, m2, p, q, code, transposed, dev) -> Tally:
         r = d + wf
         b = torch.addr(wf.abs(), nb[sl], na).mul_(c).add_(eta).add_(r.abs().mul_(rel))
         lo, hi = (r - b).to(out_dtype).view(torch.int16), (r + b).to(out_dtype).view(torch.int16)
+        # (a bound that is no number decides nothing: a NaN lo and hi convert to one NaN pattern,
+        # which a merged NaN of that pattern would match)
         ok = (lo == hi).logical_and_(lo == mb.view(torch.int16)).logical_and_(torch.isfinite(r))
+        ok.logical_and_(torch.isfinite(b))
         w64, m64 = wb.to(torch.float64), mb.to(torch.float64)
         delta = d.to(torch.float64)
         e = w64 + delta
@@ -182,7 +187,7 @@ def _compare_torch(w2, m2, p, q, code, transposed, dev) -> Tally:
         sq_err = sq_err + diff.square().sum()
         sq_delta = sq_delta + delta.square().sum()
         dot = dot + (moved * delta).sum()
-        max_err = torch.maximum(max_err, off(diff, torch.zeros_like(diff)).max())
+        max_err = torch.maximum(max_err, off(m64, e).max())
         max_e = torch.maximum(max_e, e.abs().max())
     s = torch.stack([sq_err, sq_delta, dot, max_err, max_e]).tolist()  # one device sync per tensor
     t = Tally(bad=int(bad), sq_err=s[0], sq_delta=s[1], dot=s[2], max_err=s[3], max_e=s[4], redone=redone)

@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from ..engine.kernels import MAX_COLS   # (a row's count of undecided elements is int32 here too)
 from ..engine.rounding_kernel import lut32
 from ..engine.row_threads import on_threads
 
@@ -36,7 +37,7 @@ _HALF = (torch.bfloat16, torch.float16)
 
 def supports(w2: torch.Tensor, m2: torch.Tensor) -> bool:
     return (AVAILABLE and w2.device.type == "cpu" and w2.dtype in _HALF and m2.dtype in _HALF
-            and w2.dim() == 2 and w2.numel() > 0)
+            and w2.dim() == 2 and w2.numel() > 0 and w2.shape[1] < MAX_COLS)
 
 
 def _lut(dtype: torch.dtype) -> np.ndarray:
@@ -103,7 +104,7 @@ if numba is not None:
     @numba.njit(cache=True)
     def _float64_rule(wv, mv, p64, q64, i, j, prec, emin, maxfin):
         """(E, ulps) of one element by verify's float64 rule: |M - round(E)| / ulp(max(|E|, |W|, S)),
-        as compare.off has it (0 where M is round(E), infinite where either is NaN)."""
+        as compare.off has it (0 where M is round(E), infinite where only one of them is NaN)."""
         e = wv
         s = 0.0
         for k in range(q64.shape[0]):
@@ -112,10 +113,10 @@ if numba is not None:
             s += abs(t)
         mag = max(abs(e), abs(wv), s)
         r = _round_grid(e, prec, emin, maxfin)
-        if mv == r:  # (an infinity where one is due)
+        if mv == r or (math.isnan(mv) and math.isnan(r)):  # (an infinity, or a NaN, where one is due)
             return e, 0.0
         u = abs(mv - r) / _ulp(mag, prec, emin)
-        return e, (math.inf if math.isnan(u) else u)   # a NaN M (or E) is off by any tolerance
+        return e, (math.inf if math.isnan(u) else u)   # a NaN M (or E) alone is off by any tolerance
 
     @numba.njit(cache=True, inline="always")
     def _values(bits, lut, bf16, out):
@@ -184,16 +185,16 @@ if numba is not None:
         # in 32-bit lanes (numba computes uint32 and Python-int arithmetic in 64 bits, and the loop
         # ran at half the vector width): a sum below wraps only for a NaN's pattern (the largest
         # other is -Inf's, 0xFF800000), and a NaN bound decides nothing
-        u = np.uint32
-        sh, one, exp, mag, inf = u(shift), u(1), u(0x7F800000), u(0x7FFFFFFF), u(0x7F800000)
+        u32 = np.uint32
+        sh, one, exp, mag, inf = u32(shift), u32(1), u32(0x7F800000), u32(0x7FFFFFFF), u32(0x7F800000)
         undecided = np.int32(0)
         for j in range(cols):
             lj, hj = lob[j], hib[j]
-            cl = u(u(lj + half) + u((lj >> sh) & one)) >> sh
-            ch = u(u(hj + half) + u((hj >> sh) & one)) >> sh
-            bounded = (u(lj & mag) <= inf) & (u(hj & mag) <= inf)
+            cl = u32(u32(lj + half) + u32((lj >> sh) & one)) >> sh
+            ch = u32(u32(hj + half) + u32((hj >> sh) & one)) >> sh
+            bounded = (u32(lj & mag) <= inf) & (u32(hj & mag) <= inf)
             # M is on the grid: its cell is the top bits of its float32 value
-            und[j] = not ((cl == ch) & (cl == (mb[j] >> sh)) & (u(rb[j] & exp) != exp) & bounded)
+            und[j] = not ((cl == ch) & (cl == (mb[j] >> sh)) & (u32(rb[j] & exp) != exp) & bounded)
             undecided = np.int32(undecided + np.int32(und[j]))
         # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
         sq_err, sq_delta, dot, max_err, max_e = _decided_stats(dv, wv, mv, und, ad, ae)
@@ -249,6 +250,7 @@ if numba is not None:
     def _add(x, y, e, sq_err, sq_delta, dot, max_err, max_e):
         """The statistics with one more element: M's value x, W's y, the expected E's e."""
         d = x - e
-        err = math.inf if math.isnan(d) else abs(d)   # (max() would pass a NaN over)
+        # as compare.off (max() would pass a NaN over)
+        err = 0.0 if x == e or (math.isnan(x) and math.isnan(e)) else (math.inf if math.isnan(d) else abs(d))
         return (sq_err + d * d, sq_delta + (e - y) * (e - y), dot + (x - y) * (e - y), max(max_err, err),
                 max(max_e, abs(e)))
