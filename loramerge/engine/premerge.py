@@ -14,11 +14,11 @@ computed here as without a worker.
 Only the CLI starts one (`apply`: a library caller has imported torch already), for one PEFT
 adapter directory and a safetensors base on this disk: by default for a CPU merge on a machine
 with MIN_CORES usable cores or more (below SPARE_CORES, of MIN_ELEMENTS or more), else with
-LORAMERGE_PREMERGE=1 (=0: never). It is built for
-cores that would idle while torch imports: the merge's first tensor would wait for torch and then
-numba, while the worker merges from its start and the head start (writers/headstart.py) writes
-its results into the output meanwhile (bench/RESULTS.md: the H200 machine's 16 cores, and since
-the head start writes the results, the 2-core VM too; on one core it only competes).
+LORAMERGE_PREMERGE=1 (=0: never). It is built for cores that would idle while torch imports: the
+merge's first tensor would wait for torch and then numba, while the worker merges from its start
+and the head start (writers/headstart.py) writes its results into the output meanwhile
+(bench/RESULTS.md: the H200 machine's 16 cores, and since the head start writes the results, the
+2-core VM too; on one core it only competes).
 Standard library only at import: the CLI imports it before torch (and numpy) whether a worker is
 wanted or not.
 """
@@ -61,9 +61,9 @@ RING_BYTES = 1 << 30
 # Unless LORAMERGE_PREMERGE says (1: on, 0: off), a CPU merge starts a worker on a machine with
 # this many usable cores or more. The 2-core VM, 1.1B bf16, cold CLI (2026-12-05): faster with the
 # worker in 13 of 13 alternating pairs at r=16 (median 4.72 against 4.99 s; it merged all 154
-# targets: the parent's kernel never ran), about even at r=64 (6.29
-# against 6.39 s, 5 pairs), less memory (RssAnon 272 against 379 MiB); on one core (taskset) 8.4
-# against 7.1 s: the worker's start and merge only take the import's core. Before the head start
+# targets: the parent's kernel never ran), about even at r=64 (6.29 against 6.39 s, 5 pairs), less
+# memory (RssAnon 272 against 379 MiB); on one core (taskset) 8.4 against 7.1 s: the worker's
+# start and merge only take the import's core. Before the head start
 # wrote the worker's results (2026-12-04), it was even on two cores: the results waited for the
 # parent's writer. On the H200 machine's 16 cores it won from the start (8B bf16, --device cpu).
 MIN_CORES = 2

@@ -35,7 +35,6 @@ kernel for the CPU (compare_kernel.py: one pass over W and M, like apply's kerne
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

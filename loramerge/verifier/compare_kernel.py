@@ -186,15 +186,16 @@ if numba is not None:
         # ran at half the vector width): a sum below wraps only for a NaN's pattern (the largest
         # other is -Inf's, 0xFF800000), and a NaN bound decides nothing
         u32 = np.uint32
-        sh, one, exp, mag, inf = u32(shift), u32(1), u32(0x7F800000), u32(0x7FFFFFFF), u32(0x7F800000)
+        # (inf: also the exponent's mask; sign_off: a pattern without its sign bit)
+        sh, one, sign_off, inf = u32(shift), u32(1), u32(0x7FFFFFFF), u32(0x7F800000)
         undecided = np.int32(0)
         for j in range(cols):
             lj, hj = lob[j], hib[j]
             cl = u32(u32(lj + half) + u32((lj >> sh) & one)) >> sh
             ch = u32(u32(hj + half) + u32((hj >> sh) & one)) >> sh
-            bounded = (u32(lj & mag) <= inf) & (u32(hj & mag) <= inf)
+            bounded = (u32(lj & sign_off) <= inf) & (u32(hj & sign_off) <= inf)
             # M is on the grid: its cell is the top bits of its float32 value
-            und[j] = not ((cl == ch) & (cl == (mb[j] >> sh)) & (u32(rb[j] & exp) != exp) & bounded)
+            und[j] = not ((cl == ch) & (cl == (mb[j] >> sh)) & (u32(rb[j] & inf) != inf) & bounded)
             undecided = np.int32(undecided + np.int32(und[j]))
         # statistics with E = W + D (in float64) where decided, then the undecided redone in float64
         sq_err, sq_delta, dot, max_err, max_e = _decided_stats(dv, wv, mv, und, ad, ae)
