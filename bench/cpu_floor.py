@@ -30,7 +30,6 @@ import os
 import resource
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -40,16 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from loramerge.engine import kernels
+from loramerge.readers.prefetch import weight_files
+from loramerge.readers.st_header import raw_header
 
 
 def shards(base: Path) -> list[Path]:
-    return sorted(base.glob("*.safetensors"))
-
-
-def header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n)), 8 + n
+    return weight_files(base)  # the base's shards as the merge finds them (index, single file)
 
 
 def load(path: Path, name: str, entry: dict, start: int) -> np.ndarray:
@@ -78,13 +73,11 @@ def kernel_seconds(base: Path, adapter: Path) -> tuple[float, int, int]:
     rank, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
     scale = alpha / rank ** 0.5 if cfg.get("use_rslora") else alpha / rank
     ad_path = adapter / "adapter_model.safetensors"
-    ad, ad_start = header(ad_path)
+    ad, ad_start = raw_header(ad_path)
     where = {}
     for p in shards(base):
-        h, s = header(p)
-        for k, v in h.items():
-            if k != "__metadata__":
-                where[k] = (p, v, s)
+        h, s = raw_header(p)
+        where.update((k, (p, v, s)) for k, v in h.items())
     total, elems, n = 0.0, 0, 0
     warm = False
     for k, v in ad.items():

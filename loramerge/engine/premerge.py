@@ -80,11 +80,16 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _setting() -> str:
+    """LORAMERGE_PREMERGE as set ("" where unset): "0" never, anything else always."""
+    return os.environ.get("LORAMERGE_PREMERGE", "").strip()
+
+
 def wanted(device: str) -> bool:
     """Whether `loramerge apply` on `device` starts a worker: LORAMERGE_PREMERGE=1 (any device) or
     0 decides; unset, a CPU merge on a machine with MIN_CORES usable cores or more (and below
     SPARE_CORES, begin() asks for MIN_ELEMENTS to merge)."""
-    setting = os.environ.get("LORAMERGE_PREMERGE", "").strip()
+    setting = _setting()
     if setting:
         return setting != "0"
     return cpu_merge(device) and usable_cores() >= MIN_CORES
@@ -361,7 +366,7 @@ def begin(base, adapters, *, weights=None, dtype: str = "auto", device: str = "a
         return None  # the merge reports whatever is wrong with the inputs
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
-    if (not os.environ.get("LORAMERGE_PREMERGE", "").strip() and usable_cores() < SPARE_CORES
+    if (not _setting() and usable_cores() < SPARE_CORES
             and merge_elements(files, Path(adapter)) < MIN_ELEMENTS):
         return None
     try:
