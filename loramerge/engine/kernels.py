@@ -302,7 +302,7 @@ if numba is not None:
         for k in range(a.shape[0]):
             x += bs[i, k] * a[k, j]
         f = np.float32(x)
-        h64 = f32_bits_to_half(odd_f32_bits(x, f, _f32_bits(f)), to_f16)
+        h64 = f32_bits_to_half(odd_f32_bits(x, f, f.view(np.uint32)), to_f16)
         nb = np.int32(nb + np.int32((h64 & inf_bits) == inf_bits) - np.int32((h & inf_bits) == inf_bits))
         out[i, j] = h64
         e64 = (row_w[i] * col_w[j] * abs(lut[w[i, j]]) + row_n[i] * col_n[j] + col_u[j] * lv) * slack
@@ -329,7 +329,3 @@ if numba is not None:
             normal = ((e + np.uint32(112)) << np.uint32(23)) | mant
             ob[j] = sign | (ob[j] if e == np.uint32(0) else (special if e == np.uint32(31) else normal))
 
-    @numba.njit(cache=True, inline="always")
-    def _f32_bits(f):
-        """The bits of one float32 (a one-element view: rare path only)."""
-        return np.array([f], np.float32).view(np.uint32)[0]
