@@ -97,6 +97,83 @@ def test_signal_mid_merge_removes_staging_and_keeps_previous_output(sig, inputs,
     assert took < 5, f"took {took:.1f} s to stop"  # bench/bench_interrupt.py measures it properly
 
 
+SLOW_IMPORT = """
+import time
+# an extension module's initialisation that swallows an exception raised inside it (torch's C
+# init did: a SIGTERM during the CLI's import of torch was lost)
+end = time.monotonic() + 1.5
+while time.monotonic() < end:
+    try:
+        time.sleep(0.01)
+    except BaseException:
+        pass
+DONE = True
+"""
+
+IMPORT_UNDER_HANDLING = """
+import os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from loramerge.writers import signals
+def soon():
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGTERM)
+t0 = time.monotonic()
+try:
+    with signals.handling():
+        threading.Thread(target=soon, daemon=True).start()
+        import slowmod
+        time.sleep(5)
+        print("not interrupted", flush=True)
+except KeyboardInterrupt as e:
+    print("interrupted", type(e).__name__, getattr(sys.modules.get("slowmod"), "DONE", None),
+          round(time.monotonic() - t0, 2), flush=True)
+"""
+
+
+def test_a_signal_during_an_import_waits_for_it_and_is_not_lost(tmp_path):
+    """A signal raised inside an import can be swallowed there (or leave the module half-imported):
+    it is held until the import ends, then raised."""
+    (tmp_path / "slowmod.py").write_text(SLOW_IMPORT)
+    run = subprocess.run([sys.executable, "-c", IMPORT_UNDER_HANDLING, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    words = run.stdout.split()
+    assert words[:3] == ["interrupted", "Terminated", "True"], run.stdout + run.stderr
+    assert 1.4 < float(words[3]) < 3.0, words  # after the import (1.5 s), long before the 5 s sleep
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.5, 0.8])
+def test_a_signal_in_the_first_second_stops_apply(delay, inputs, tmp_path):
+    """The CLI's first second is mostly torch's import: a SIGTERM there stops the run as later."""
+    out = tmp_path / "out"
+    proc = cli("apply", BASE, ADAPTER, out, "-q")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.startswith("Error: interrupted (SIGTERM)") and "Traceback" not in err, err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_signal_while_the_staging_is_set_up_leaves_nothing(tmp_path, monkeypatch):
+    """A signal just after the lock file is made (inside Staged.__enter__, where no __exit__ runs)
+    removes the lock file and the staging directory on its way out."""
+    from loramerge.writers import signals
+    from loramerge.writers.output import Staged
+
+    acquire = staging.Lock.acquire
+
+    def acquire_then_signal(self):
+        acquire(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # where an undeferred handler runs (and raises)
+
+    monkeypatch.setattr(staging.Lock, "acquire", acquire_then_signal)
+    with pytest.raises(signals.Terminated), signals.handling():
+        with Staged(tmp_path / "out", is_dir=True, overwrite=False):
+            pass
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
 def test_a_live_runs_staging_is_never_touched_and_dead_ones_are_swept(inputs, tmp_path):
     slow = cli("apply", BASE, ADAPTER, tmp_path / "a", env={"LORAMERGE_TEST_WRITE_DELAY": "0.2"})
     wait_for_staging(tmp_path, slow)

@@ -44,6 +44,7 @@ from ..readers import hub
 from ..readers.prefetch import available_memory, weight_files
 from ..readers.st_header import raw_header
 from ..readers.touched import adapter_names, touched_by
+from ..writers import signals
 
 # No word from the worker for this long while a result is awaited: it is taken for stuck, and the
 # merge goes on without it (a rank-16 MLP tensor of an 8B model takes it ~0.2 s on one core)
@@ -412,8 +413,10 @@ def merge_elements(files: list[Path], adapter: Path) -> int:
 @contextlib.contextmanager
 def running(base, adapters, **options):
     """begin() for the block (the worker, or None), closed at its end however it ends."""
-    pre = begin(base, adapters, **options)
+    pre = None
     try:
+        with signals.deferred():  # a signal between the worker's start and `pre` would orphan it
+            pre = begin(base, adapters, **options)
         yield pre
     finally:
         if pre is not None:

@@ -56,7 +56,7 @@ from ..readers import hub
 from ..readers.prefetch import weight_files
 from ..readers.st_header import raw_header
 from ..readers.touched import adapter_names, touched_by
-from . import shard_hash
+from . import shard_hash, signals
 from .direct import ALIGN, aligned_buffer, direct_wanted, pread_full, set_direct
 from .early import EarlyFile, EarlyMerged, EarlyRange, _file_id
 from .header import METADATA, build_header
@@ -363,8 +363,10 @@ def begin(base, adapters, out, *, dtype: str = "auto", shard_size=None, dry_run:
 @contextlib.contextmanager
 def running(base, adapters, out, **options):
     """begin() for the block (the head start, or None), closed at its end however it ends."""
-    head = begin(base, adapters, out, **options)
+    head = None
     try:
+        with signals.deferred():  # a signal between its staging's creation and `head` would leave it
+            head = begin(base, adapters, out, **options)
         short = head is not None and usable_cores() >= SWITCH_MIN_CORES
         with switch_interval(SWITCH_INTERVAL if short else None):
             yield head

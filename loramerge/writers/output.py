@@ -78,13 +78,21 @@ class Staged:
 
     def __enter__(self) -> Path:
         try:
-            if self._lock is not None:
-                self._lock.acquire()  # before the staging exists: a sweep never sees it unowned
-            if self.is_dir:
-                self.tmp.mkdir()
-        except OSError as e:
+            # signals held back: one landing between the lock file's creation and its fd's
+            # assignment (or after it, on the way out of here, where no __exit__ runs) left the
+            # lock file behind for good
+            with signals.deferred():
+                if self._lock is not None:
+                    self._lock.acquire()  # before the staging exists: a sweep never sees it unowned
+                if self.is_dir:
+                    self.tmp.mkdir()
+        except BaseException as e:  # an error, or a signal held back above: nothing stays behind
+            if self.is_dir and self.tmp.is_dir():
+                self.tmp.rmdir()  # made just now: empty
             self._release()
-            raise _write_error(self.final, e) from e
+            if isinstance(e, OSError):
+                raise _write_error(self.final, e) from e
+            raise
         return self.tmp
 
     def commit(self) -> None:
