@@ -116,6 +116,20 @@ def test_invalid_adapter_config(llama, tmp_path):
     _fails(r, tmp_path / "out", first_line=f"Error: {adapter / 'adapter_config.json'}: invalid JSON")
 
 
+@pytest.mark.parametrize("text", ["[]", '"lora"', "3", "null"])
+def test_adapter_config_that_is_not_an_object(llama, tmp_path, text):
+    """Valid JSON that is no object: the same one line as any invalid config (the head start's and
+    the premerge worker's guess at the adapter's names read it first, and raised)."""
+    from loramerge.readers.touched import adapter_names
+
+    base, adapter = llama
+    (adapter / "adapter_config.json").write_text(text)
+    assert adapter_names(adapter) is None
+    r = run("apply", base, adapter, tmp_path / "out")
+    _fails(r, tmp_path / "out", first_line=f"Error: {adapter / 'adapter_config.json'}: invalid JSON (top level is "
+                                          "not an object)")
+
+
 def test_targets_that_match_nothing(llama, tmp_path):
     base, _ = llama
     r = run("apply", base, adapter_dir("bert"), tmp_path / "out")

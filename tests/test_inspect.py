@@ -218,3 +218,21 @@ def test_text_output_lists_targets_and_matches():
     assert lines[0] == f"{adapter_dir('qwen2-lmhead')}: peft adapter"
     assert "  lm_head: r=4 alpha=8 scale=2 linear -> lm_head.weight" in lines  # tied base: lm_head gets its own
     assert lines[-1] == f"against {base_dir('qwen2')}: 4 of 4 target(s) match"
+
+
+@pytest.mark.parametrize("command", ["inspect", "apply", "verify"])
+@pytest.mark.parametrize("value", ["q,v", "2,0,1", "-1,1", ""])
+def test_a_bad_enable_lora_is_a_usage_error(tmp_path, command, value):
+    """--enable-lora takes 0 or 1 per row group: anything else is one `Error:` line and exit 2 (and
+    --json's error object), never a traceback from outside the command, never a 2 read as 1."""
+    lora = adapter_dir("loralib") / "lora.pt"
+    paths = {"inspect": [lora], "apply": [base_dir("loralib"), lora, tmp_path / "out"],
+             "verify": [base_dir("loralib"), lora, base_dir("loralib")]}[command]
+    r = CliRunner().invoke(main, [command, *map(str, paths), "--lora-alpha", "16", "--enable-lora", value])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and isinstance(r.exception, (SystemExit, type(None))), r.output
+    assert "Error: Invalid value for '--enable-lora'" in r.output and "expected 0 or 1 per row group" in r.output
+    r = CliRunner().invoke(main, [command, *map(str, paths), "--enable-lora", value, "--json"])
+    assert r.exit_code == 2
+    assert json.loads(r.stdout)["error"]["type"] == "UsageError"
+    assert not (tmp_path / "out").exists()

@@ -42,13 +42,15 @@ def write_options(fn):
     return fn
 
 
-def parse_enable_lora(text: str | None) -> tuple[bool, ...] | None:
+def parse_enable_lora(ctx, param, text: str | None) -> tuple[bool, ...] | None:
+    """--enable-lora's value (a click callback: a bad one is a usage error like any option's, one
+    line with --json's error object too, not an exception from outside the command)."""
     if text is None:
         return None
-    try:
-        return tuple(bool(int(x)) for x in text.split(","))
-    except ValueError:
-        raise UsageError(f"--enable-lora {text!r}: expected 0/1 per row group, e.g. 1,0,1") from None
+    parts = [x.strip() for x in text.split(",")]
+    if not all(x in ("0", "1") for x in parts):
+        raise click.BadParameter(f"{text!r}: expected 0 or 1 per row group, comma-separated, e.g. 1,0,1")
+    return tuple(x == "1" for x in parts)
 
 
 def adapter_options(fn):
@@ -58,12 +60,12 @@ def adapter_options(fn):
                   help="alpha for loralib checkpoints, which do not store it.")
     @click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
                   help="loralib: weights stored [in, out] (GPT-2 Conv1D); only needed for square weights.")
-    @click.option("--enable-lora", default=None,
+    @click.option("--enable-lora", default=None, callback=parse_enable_lora,
                   help="loralib MergedLinear: which row groups the adapter covers, e.g. 1,0,1 (q and v of qkv).")
     @click.option("--only", default=None, help="Use only adapter targets whose name starts with this (e.g. lora_unet_).")
     @functools.wraps(fn)
     def wrapper(*args, lora_alpha, fan_in_fan_out, enable_lora, only, **kwargs):
-        opts = dict(lora_alpha=lora_alpha, fan_in_fan_out=fan_in_fan_out, enable_lora=parse_enable_lora(enable_lora),
+        opts = dict(lora_alpha=lora_alpha, fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
                     only=only)
         return fn(*args, adapter_opts=opts, **kwargs)
 

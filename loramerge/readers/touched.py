@@ -23,6 +23,8 @@ def adapter_names(path: Path) -> list[str] | None:
         config = path / "adapter_config.json"
         if config.is_file():
             c = json.loads(config.read_text())
+            if not isinstance(c, dict):
+                return None  # the adapter's reader says what is wrong with it
             for key in ("target_modules", "modules_to_save", "layers_to_transform"):
                 if isinstance(c.get(key), list):
                     names += [str(m) for m in c[key]]
