@@ -160,7 +160,48 @@ def test_edited_options_in_a_manifest_are_a_note_not_a_traceback(tmp_path):
     out = tmp_path / "out"
     loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), out)
     m = load(out)
-    m["options"]["weights"] = ["x"]
+    # the weights note reads each adapter's own record (its "weight"), the qlora note the options
+    m["inputs"]["adapters"][0]["weight"] = "x"
+    m["inputs"]["adapters"].append({"path": 3, "files": [1]})
+    m["options"]["qlora"] = ["x"]
     (out / manifest.NAME).write_text(json.dumps(m))
     r = loramerge.verify(base_dir("llama-fp32"), [adapter_dir("llama-basic")], out, outputs=False, weights=[0.5])
-    assert f"{manifest.NAME}: its recorded options are unreadable" in r.manifest["notes"]
+    assert any(n.startswith("this output was made with --qlora ['x'] (loramerge_manifest.json)")
+               for n in r.manifest["notes"]), r.manifest["notes"]
+    assert "this output was also made from 3 (loramerge_manifest.json), not given here" in r.manifest["notes"]
+    m["inputs"]["adapters"].pop()
+    (out / manifest.NAME).write_text(json.dumps(m))
+    r = loramerge.verify(base_dir("llama-fp32"), [adapter_dir("llama-basic")], out, outputs=False, weights=[0.5])
+    assert f"{manifest.NAME}: its recorded weights are unreadable" in r.manifest["notes"]
+
+
+def test_verify_notes_adapters_and_weights_against_the_merges_own(tmp_path):
+    """The notes name what the merge recorded: its weights (not ones made up per adapter given), an
+    adapter it did not use, one it used that is not given; a moved copy is the same adapter."""
+    import shutil
+
+    base, basic, rs = base_dir("llama-fp32"), adapter_dir("llama-basic"), adapter_dir("llama-rslora")
+    out = tmp_path / "out"
+    loramerge.apply(base, basic, out)
+    r = loramerge.verify(base, [basic, rs], out, outputs=False, weights=[1.0, 0.0])
+    notes = r.manifest["notes"]
+    assert not any("--weights" in n for n in notes), notes  # the old note: "made with --weights 1,1"
+    assert any(n.startswith(f"{rs}: not an adapter this output was made from (loramerge_manifest.json lists "
+                            f"{basic.resolve()})") for n in notes), notes
+    r = loramerge.verify(base, [basic], out, outputs=False, weights=[0.5])
+    assert not r.ok and r.manifest["notes"] == [
+        "this output was made with --weights 1 (loramerge_manifest.json), checked here with 0.5: pass the "
+        "merge's weights"]
+    moved = tmp_path / "moved"
+    shutil.copytree(basic, moved)
+    r = loramerge.verify(base, [moved], out, outputs=False)
+    assert r.ok and r.manifest["notes"] == []
+    two = tmp_path / "two"
+    loramerge.apply(base, [basic, rs], two, weights=[0.7, -1.3])
+    r = loramerge.verify(base, [rs], two, outputs=False)
+    assert r.manifest["notes"] == [f"this output was also made from {basic.resolve()} (loramerge_manifest.json), "
+                                   "not given here"]
+    r = loramerge.verify(base, [basic, rs], two, outputs=False, weights=[0.7, -1.3])
+    assert r.ok and r.manifest["notes"] == []
+    r = loramerge.verify(base, [rs, basic], two, outputs=False, weights=[-1.3, 0.7])  # the order given
+    assert r.ok and r.manifest["notes"] == []

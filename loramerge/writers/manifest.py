@@ -353,38 +353,81 @@ def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | 
         extra = sorted(p.name for p in out.iterdir() if p.name not in files and p.name != NAME)
         if extra:
             notes.append(f"not listed in {NAME} (added later?): {', '.join(extra)}")
-    recorded = {a.get("path"): a for a in (manifest.get("inputs") or {}).get("adapters") or []
-                if isinstance(a, dict)}
-    for ap in adapter_paths or []:
-        rec = recorded.get(str(Path(ap).resolve()))
-        if rec is None:
-            continue
-        for fname, frec in (rec.get("files") or {}).items():
-            f = (Path(ap) if Path(ap).is_dir() else Path(ap).parent) / fname
-            if f.is_file() and isinstance(frec, dict) and hash_file(f)["sha256"] != frec.get("sha256"):
-                notes.append(f"{f}: differs from the adapter file this output was made from (sha256 in {NAME})")
+    if adapter_paths is not None:
+        recorded = [a for a in (manifest.get("inputs") or {}).get("adapters") or [] if isinstance(a, dict)]
+        try:
+            notes += _adapter_notes(recorded, list(adapter_paths), (options or {}).get("weights"))
+        except OSError as e:  # an adapter file unreadable here: the tensor checks report it
+            notes.append(f"the adapters could not be compared with {NAME}'s record ({e})")
     if options is not None and isinstance(manifest.get("options"), dict):
         try:
-            notes += _option_notes(manifest["options"], options, len(adapter_paths or []))
+            notes += _option_notes(manifest["options"], options)
         except (TypeError, ValueError):  # an edited manifest: its options say nothing reliable
             notes.append(f"{NAME}: its recorded options are unreadable")
     return {"manifest": str(path), "files": len(files), "problems": problems, "notes": notes}
 
 
-def _option_notes(recorded: dict, given: dict, n_adapters: int) -> list[str]:
+def _adapter_files(ap: Path) -> list[Path]:
+    """The files of an adapter that the manifest records (adapter_inputs)."""
+    if ap.is_file():
+        return [ap]
+    return sorted(p for p in ap.iterdir() if p.is_file() and p.name.startswith("adapter_")) if ap.is_dir() else []
+
+
+def _adapter_notes(recorded: list[dict], given: list, weights) -> list[str]:
+    """The adapters (and weights) a check is given against those the merge recorded: an adapter
+    found by its path whose files changed, one the merge did not use (found by neither its path
+    nor its files' sha256: a moved copy is the same adapter), one the merge used that is not
+    given, and weights that differ from the merge's (each recorded with its adapter)."""
+    notes, used = [], set()
+
+    def digests(r: dict) -> set:
+        files = r.get("files")
+        return {fr.get("sha256") for fr in files.values() if isinstance(fr, dict)} if isinstance(files, dict) else set()
+
+    match: list[int | None] = []
+    for ap in map(Path, given):
+        where = str(ap.resolve())
+        i = next((k for k, r in enumerate(recorded) if k not in used and r.get("path") == where), None)
+        if i is not None:
+            files = recorded[i].get("files")
+            for fname, frec in (files.items() if isinstance(files, dict) else ()):
+                f = (ap if ap.is_dir() else ap.parent) / str(fname)
+                if f.is_file() and isinstance(frec, dict) and hash_file(f)["sha256"] != frec.get("sha256"):
+                    notes.append(f"{f}: differs from the adapter file this output was made from (sha256 in {NAME})")
+        else:
+            have = {hash_file(f)["sha256"] for f in _adapter_files(ap)}
+            i = next((k for k, r in enumerate(recorded) if k not in used and have and have == digests(r)), None)
+        if i is None:
+            notes.append(f"{ap}: not an adapter this output was made from ({NAME} lists "
+                         f"{', '.join(str(r.get('path')) for r in recorded) or 'none'})")
+        else:
+            used.add(i)
+        match.append(i)
+    missing = [str(r.get("path")) for k, r in enumerate(recorded) if k not in used]
+    if missing:
+        notes.append(f"this output was also made from {', '.join(missing)} ({NAME}), not given here")
+    if None not in match and not missing:
+        rec_w = [recorded[i].get("weight", 1.0) for i in match]
+        giv_w = list(weights) if weights is not None else [1.0] * len(match)
+        try:
+            differ = len(rec_w) == len(giv_w) and [float(w) for w in rec_w] != [float(w) for w in giv_w]
+        except (TypeError, ValueError):  # an edited manifest
+            return notes + [f"{NAME}: its recorded weights are unreadable"]
+        if differ:
+            notes.append(f"this output was made with --weights {','.join(f'{float(w):g}' for w in rec_w)} ({NAME}), "
+                         f"checked here with {','.join(f'{float(w):g}' for w in giv_w)}: pass the merge's weights")
+    return notes
+
+
+def _option_notes(recorded: dict, given: dict) -> list[str]:
     """Where the checker's options differ from the merge's: its failures are then expected."""
     def flag(opts: dict) -> str:
         if not opts.get("qlora"):
             return "no --qlora"
         return f"--qlora {opts['qlora']}" + ("" if opts.get("qlora_double_quant", True) else " --no-qlora-double-quant")
 
-    notes = []
     if flag(recorded) != flag(given):
-        notes.append(f"this output was made with {flag(recorded)} ({NAME}), checked here with {flag(given)}: "
-                     f"pass the merge's options")
-    ones = [1.0] * n_adapters
-    rec_w, giv_w = recorded.get("weights") or ones, given.get("weights") or ones
-    if isinstance(rec_w, list) and len(rec_w) == len(giv_w) and [float(w) for w in rec_w] != [float(w) for w in giv_w]:
-        notes.append(f"this output was made with --weights {','.join(f'{w:g}' for w in rec_w)} ({NAME}), checked "
-                     f"here with {','.join(f'{w:g}' for w in giv_w)}: pass the merge's weights")
-    return notes
+        return [f"this output was made with {flag(recorded)} ({NAME}), checked here with {flag(given)}: "
+                "pass the merge's options"]
+    return []
