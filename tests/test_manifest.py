@@ -77,8 +77,12 @@ def test_ranges_copied_inside_the_kernel_and_by_the_fallback_hash_the_same(tmp_p
 
 def test_single_file_output_has_a_sibling_manifest_replaced_with_it(tmp_path):
     out = tmp_path / "merged.safetensors"
-    loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), out)
+    rep = loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-basic"), out)
     side = tmp_path / "merged.safetensors.loramerge_manifest.json"
+    # the base's other files do not go with one .safetensors file: said, not dropped silently
+    extras = sorted(p.name for p in base_dir("llama-fp32").iterdir() if p.suffix != ".safetensors")
+    assert "config.json" in extras and sorted(rep.not_carried_over) == extras
+    assert any("single .safetensors file: " + ", ".join(extras) in w for w in rep.warnings), rep.warnings
     assert sorted(os.listdir(tmp_path)) == ["merged.safetensors", side.name]
     assert load(out)["files"] == {"merged.safetensors": {"sha256": sha(out), "bytes": out.stat().st_size}}
     loramerge.apply(base_dir("llama-fp32"), adapter_dir("llama-rslora"), out, overwrite=True)

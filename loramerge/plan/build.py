@@ -102,14 +102,22 @@ def build_plan(
                         "config must change to load it correctly: "
                         + ", ".join(f"{k}={v!r}" for k, v in config_updates.items() if k != "torch_dtype")
                         + "; write to a directory instead, or edit the config you load it with")
+    extra, skipped = list(base.extra_files), list(base.skipped_files)
+    if single_file and extra:
+        # one file holds tensors only: the config, tokenizer and the rest stay behind, said aloud
+        skipped += [p.name for p in extra]
+        warnings.append("the output is a single .safetensors file: " + ", ".join(p.name for p in extra)
+                        + " of the base " + ("is" if len(extra) == 1 else "are") + " not written with it; "
+                        "write to a directory to carry them over")
+        extra = []
     return Plan(
         base_path=base.path,
         adapter_paths=[a.path for a in adapters],
         files=files,
         indexed=len(files) > 1 or base.index_file is not None,
         single_file=single_file,
-        extra_files=list(base.extra_files),
-        skipped_files=list(base.skipped_files),
+        extra_files=extra,
+        skipped_files=skipped,
         config_updates=config_updates,
         warnings=warnings,
         problems=list(st.problems),
