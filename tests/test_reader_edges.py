@@ -64,6 +64,26 @@ def test_an_index_may_only_name_files_beside_it(target, tmp_path):
         open_checkpoint(d)
 
 
+def test_a_single_file_beside_an_index_of_other_shards_is_ambiguous(tmp_path):
+    """transformers loads model.safetensors where both are present; the index's reader the shards:
+    which one is the model is refused, not guessed. An index that names model.safetensors itself is
+    one model."""
+    d = tmp_path / "m"
+    shutil.copytree(base_dir("llama-bf16-sharded"), d)
+    shutil.copy(base_dir("llama-fp32") / "model.safetensors", d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="holds both model.safetensors and model.safetensors.index.json"):
+        open_checkpoint(d)
+    res = run("apply", d, adapter_dir("llama-bf16"), tmp_path / "out")
+    assert res.exit_code == 1 and res.output.startswith(f"Error: {d}: holds both") and "remove the stale one" in \
+        res.output
+    assert not (tmp_path / "out").exists()
+    one = tmp_path / "one"
+    shutil.copytree(base_dir("llama-fp32"), one)
+    names = load_file(one / "model.safetensors")
+    (one / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in names}}))
+    assert set(open_checkpoint(one).tensors) == set(names)
+
+
 @pytest.mark.parametrize("field,value,says", [
     ("target_modules", 7, "target_modules=7: expected a regular expression or a list of module names"),
     ("target_modules", "(", "a regular expression that compiles"),

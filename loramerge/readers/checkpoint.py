@@ -306,6 +306,13 @@ def _discover(root: Path, ck: Checkpoint) -> list[Path]:
             ck.index_file = index
             weight_map = _read_index(index)
             names = list(dict.fromkeys(weight_map.values()))
+            if (root / single).is_file() and names != [single]:
+                # two models in one directory: transformers loads the single file, a reader of
+                # the index the shards; merging into either could be merging into the wrong one
+                raise CheckpointError(
+                    f"{root}: holds both {single} and {index_name} (with its shards): which one is the model is "
+                    f"ambiguous (transformers loads {single}); remove the stale one, or pass {root / single} "
+                    "itself as the base")
             missing = [n for n in names if not (root / n).is_file()]
             if missing:
                 raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}; "
