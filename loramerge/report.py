@@ -59,3 +59,12 @@ class JsonReport:
         for name in self.json_extra:
             out[name] = jsonable(getattr(self, name))
         return out
+
+
+def human_bytes(n: int) -> str:
+    """A size for people: 512 B, 578.31 KB, 16.06 GB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"

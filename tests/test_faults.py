@@ -475,3 +475,17 @@ def test_a_signal_to_a_command_that_writes_nothing_says_only_interrupted(tmp_pat
     assert err.strip() == "Error: interrupted (SIGTERM)", err
     assert json.loads(out)["error"] == {"type": "interrupted", "message": "interrupted (SIGTERM)", "problems": [],
                                         "exit_code": 143}
+
+
+def test_too_little_space_says_how_much_in_units_that_show_it(tmp_path, monkeypatch):
+    """A small output on a nearly full disk: the figures are readable (it said 0.00 GB against 0.00 GB)."""
+    import collections
+
+    from loramerge.writers import output
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 286_720, 286_720))
+    with pytest.raises(OutputError) as e:
+        output.check_disk_space(tmp_path / "out", 578_312)
+    assert str(e.value) == (f"{tmp_path}: the output needs 578.31 KB but only 286.72 KB is free (291.59 KB short); "
+                            "free space or choose another disk")
+    output.check_disk_space(tmp_path / "out", 286_720)  # exactly enough

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..readers.checkpoint import open_checkpoint
 from ..types import numel
-from .kinds import Kind, counts, human_bytes
+from ..report import human_bytes
+from .kinds import Kind, counts
 
 CONFIG_KEYS = ("model_type", "architectures", "torch_dtype", "dtype", "vocab_size", "hidden_size",
                "num_hidden_layers", "tie_word_embeddings")

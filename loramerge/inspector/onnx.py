@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from ..errors import OnnxError
-from .kinds import Kind, counts, human_bytes
+from ..report import human_bytes
+from .kinds import Kind, counts
 
 # ONNX TensorProto data type -> bytes per element (the types initializers use)
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 17: 1, 18: 1,

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import OutputError
+from ..report import human_bytes
 from . import signals, staging
 
 
@@ -56,8 +57,8 @@ def refuse_paths(out: Path, inputs: list[Path], overwrite: bool) -> None:
 def check_disk_space(out: Path, nbytes: int) -> None:
     free = shutil.disk_usage(out.parent).free
     if nbytes > free:
-        raise OutputError(f"{out.parent}: {nbytes / 1e9:.2f} GB needed for the output but only "
-                          f"{free / 1e9:.2f} GB free; free space or choose another disk")
+        raise OutputError(f"{out.parent}: the output needs {human_bytes(nbytes)} but only {human_bytes(free)} is "
+                          f"free ({human_bytes(nbytes - free)} short); free space or choose another disk")
 
 
 class Staged:
