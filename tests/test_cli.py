@@ -191,6 +191,25 @@ def test_non_finite_result_names_the_tensor(llama, tmp_path):
     assert "overflows float16 (max 65504): use --dtype bfloat16 or float32" in r.output
 
 
+@pytest.mark.parametrize("base_name,adapter_name", [("llama-fp32", "llama-basic"),
+                                                     ("llama-bf16-sharded", "llama-bf16")])
+def test_a_non_finite_value_in_the_base_is_blamed_on_the_base(tmp_path, base_name, adapter_name):
+    """A NaN the base already holds (the float32 torch path; the bfloat16 kernel, where the premerge
+    worker leaves it to the merge) is the base's, not the adapter's."""
+    base = tmp_path / "base"
+    shutil.copytree(base_dir(base_name), base)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    shard = next(f for f in sorted(base.glob("*.safetensors")) if name in load_file(str(f)))
+    sd = load_file(str(shard))
+    sd[name].view(-1)[5] = float("nan")
+    sd[name].view(-1)[9] = float("inf")
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    r = run("apply", base, adapter_dir(adapter_name), tmp_path / "out")
+    _fails(r, tmp_path / "out", first_line=f"Error: {name}: the base tensor already holds 2 non-finite value(s) "
+                                          "(first at flat index 5: nan)")
+    assert "adapter" not in r.output.splitlines()[0] and "repair or re-download the base checkpoint" in r.output
+
+
 def test_debug_shows_traceback(llama, tmp_path):
     base, adapter = llama
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT"}))

@@ -34,6 +34,11 @@ def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: t
                              "--device cpu, or a GPU with more free memory") from None
     except ops.NonFinite as e:
         count, idx, value = e.args
+        held = _nonfinite_in(w)
+        if held is not None:  # the base's own: no adapter is to blame, and none can mend it
+            raise NumericsError(f"{job.name}: the base tensor already holds {held[0]} non-finite value(s) (first "
+                                f"at flat index {held[1]}: {held[2]}), so the merged one would too; nothing was "
+                                "written: repair or re-download the base checkpoint") from None
         src = "; ".join(f"{adapters[t.adapter].label}: {t.pair.module if t.pair else t.key}"
                         for t in job.terms) or "cast only"
         hint = ""
@@ -44,6 +49,17 @@ def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: t
     if isinstance(y, tuple):
         return (_to_out(y[0], out), *(t.cpu() for t in y[1:])), fixed
     return _to_out(y, out), fixed
+
+
+def _nonfinite_in(w: torch.Tensor | None) -> tuple | None:
+    """(count, first flat index, value) of W's own NaN and Inf, for a float W; else None."""
+    if w is None or w.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return None
+    try:
+        ops.check_finite(w)
+    except ops.NonFinite as e:
+        return e.args
+    return None
 
 
 def premergeable(job: Job) -> bool:
