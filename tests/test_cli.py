@@ -210,6 +210,22 @@ def test_a_non_finite_value_in_the_base_is_blamed_on_the_base(tmp_path, base_nam
     assert "adapter" not in r.output.splitlines()[0] and "repair or re-download the base checkpoint" in r.output
 
 
+def test_a_nan_in_a_strided_bin_base_tensor_is_blamed_on_the_base(tmp_path):
+    """torch.load keeps a .bin tensor's strides: the finiteness check reads it as it is."""
+    base = tmp_path / "base"
+    shutil.copytree(base_dir("llama-fp32"), base)
+    sd = load_file(str(base / "model.safetensors"))
+    (base / "model.safetensors").unlink()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w = sd[name].t().contiguous().t()  # same values, column-major
+    w[0, 3] = float("nan")
+    sd[name] = w
+    torch.save(sd, base / "pytorch_model.bin")
+    r = run("apply", base, adapter_dir("llama-basic"), tmp_path / "out")
+    _fails(r, tmp_path / "out", first_line=f"Error: {name}: the base tensor already holds 1 non-finite value(s) "
+                                          "(first at flat index 3: nan)")
+
+
 def test_debug_shows_traceback(llama, tmp_path):
     base, adapter = llama
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT"}))

@@ -209,3 +209,16 @@ def test_verify_notes_adapters_and_weights_against_the_merges_own(tmp_path):
     assert r.ok and r.manifest["notes"] == []
     r = loramerge.verify(base, [rs, basic], two, outputs=False, weights=[-1.3, 0.7])  # the order given
     assert r.ok and r.manifest["notes"] == []
+    # the weights file of a PEFT directory, given to apply and to verify alike: the directory
+    single = tmp_path / "single"
+    loramerge.apply(base, basic / "adapter_model.safetensors", single)
+    r = loramerge.verify(base, [basic / "adapter_model.safetensors"], single, outputs=False)
+    assert r.ok and r.manifest["notes"] == []
+    # an edited record (a digest that is a list) is a note, not an internal error
+    m = load(out)
+    m["inputs"]["adapters"][0]["files"]["adapter_config.json"]["sha256"] = ["x"]
+    (out / manifest.NAME).write_text(json.dumps(m))
+    r = loramerge.verify(base, [moved], out, outputs=False)
+    assert r.manifest["notes"] == [f"{moved}: not an adapter this output was made from (loramerge_manifest.json "
+                                   f"lists {basic.resolve()})", f"this output was also made from {basic.resolve()} "
+                                   "(loramerge_manifest.json), not given here"]

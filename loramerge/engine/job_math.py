@@ -52,11 +52,12 @@ def compute(job: Job, w: torch.Tensor | None, adapters: list[Adapter], device: t
 
 
 def _nonfinite_in(w: torch.Tensor | None) -> tuple | None:
-    """(count, first flat index, value) of W's own NaN and Inf, for a float W; else None."""
-    if w is None or w.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    """(count, first flat index, value) of W's own NaN and Inf, for a float W (FP8 included: its
+    NaN widened to float32); else None."""
+    if w is None or not w.is_floating_point():
         return None
     try:
-        ops.check_finite(w)
+        ops.check_finite(w if w.element_size() > 1 else w.float())
     except ops.NonFinite as e:
         return e.args
     return None

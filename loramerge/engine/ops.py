@@ -134,6 +134,6 @@ def check_finite(t: torch.Tensor) -> None:
         finite = torch.isfinite(t)
     if bool(finite.all()):
         return
-    bad = (~finite).view(-1)
+    bad = (~finite).reshape(-1)  # reshape: a .bin base's tensor may keep its strides
     idx = int(bad.nonzero()[0])
-    raise NonFinite(int(bad.sum()), idx, float(t.view(-1)[idx]))
+    raise NonFinite(int(bad.sum()), idx, float(t.reshape(-1)[idx]))

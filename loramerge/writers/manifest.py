@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import queue
 import struct
@@ -359,6 +360,8 @@ def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | 
             notes += _adapter_notes(recorded, list(adapter_paths), (options or {}).get("weights"))
         except OSError as e:  # an adapter file unreadable here: the tensor checks report it
             notes.append(f"the adapters could not be compared with {NAME}'s record ({e})")
+        except (TypeError, ValueError, AttributeError):  # an edited manifest: no traceback from verify
+            notes.append(f"{NAME}: its record of the adapters is unreadable")
     if options is not None and isinstance(manifest.get("options"), dict):
         try:
             notes += _option_notes(manifest["options"], options)
@@ -383,10 +386,13 @@ def _adapter_notes(recorded: list[dict], given: list, weights) -> list[str]:
 
     def digests(r: dict) -> set:
         files = r.get("files")
-        return {fr.get("sha256") for fr in files.values() if isinstance(fr, dict)} if isinstance(files, dict) else set()
+        return {fr.get("sha256") for fr in files.values() if isinstance(fr, dict) and isinstance(fr.get("sha256"), str)
+                } if isinstance(files, dict) else set()
 
     match: list[int | None] = []
     for ap in map(Path, given):
+        if ap.is_file() and ap.name.startswith("adapter_") and (ap.parent / "adapter_config.json").is_file():
+            ap = ap.parent  # a PEFT directory's weights file given for it: recorded as the directory
         where = str(ap.resolve())
         i = next((k for k, r in enumerate(recorded) if k not in used and r.get("path") == where), None)
         if i is not None:
@@ -395,7 +401,7 @@ def _adapter_notes(recorded: list[dict], given: list, weights) -> list[str]:
                 f = (ap if ap.is_dir() else ap.parent) / str(fname)
                 if f.is_file() and isinstance(frec, dict) and hash_file(f)["sha256"] != frec.get("sha256"):
                     notes.append(f"{f}: differs from the adapter file this output was made from (sha256 in {NAME})")
-        else:
+        elif len(used) < len(recorded):  # (nothing left to match: no need to hash it)
             have = {hash_file(f)["sha256"] for f in _adapter_files(ap)}
             i = next((k for k, r in enumerate(recorded) if k not in used and have and have == digests(r)), None)
         if i is None:
@@ -411,7 +417,8 @@ def _adapter_notes(recorded: list[dict], given: list, weights) -> list[str]:
         rec_w = [recorded[i].get("weight", 1.0) for i in match]
         giv_w = list(weights) if weights is not None else [1.0] * len(match)
         try:
-            differ = len(rec_w) == len(giv_w) and [float(w) for w in rec_w] != [float(w) for w in giv_w]
+            differ = len(rec_w) == len(giv_w) and any(float(a) != float(b) and not (math.isnan(float(a)) and math.isnan(
+                float(b))) for a, b in zip(rec_w, giv_w))
         except (TypeError, ValueError):  # an edited manifest
             return notes + [f"{NAME}: its recorded weights are unreadable"]
         if differ:
