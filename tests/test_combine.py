@@ -195,6 +195,30 @@ def test_lora_bias_adapters_combine_exactly(tmp_path):
             assert rel_err(ours[name], theirs[name]) <= 1e-6, name
 
 
+def test_a_combined_lora_bias_adapter_merges_into_a_target_without_a_bias(tmp_path):
+    """lora_bias is one flag for the whole combined adapter, so a target of the adapter without it
+    (lm_head, which has no bias in the base) gets an all-zero lora_B.bias: apply merges that (it
+    adds nothing) and gives the same bytes as merging the two adapters directly. A bias that is
+    not zero there is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    pair = [adapter_dir("qwen2-bias"), adapter_dir("qwen2-lmhead")]
+    comb = tmp_path / "comb"
+    loramerge.combine(pair, comb, weights=[0.7, -2.0])
+    zero = [k for k, v in load_file(comb / "adapter_model.safetensors").items()
+            if "lm_head" in k and k.endswith("lora_B.bias")]
+    assert zero, "the case needs the zero bias"
+    loramerge.apply(base_dir("qwen2"), comb, tmp_path / "a", sync=False)
+    loramerge.apply(base_dir("qwen2"), pair, tmp_path / "b", weights=[0.7, -2.0], sync=False)
+    a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sd = load_file(comb / "adapter_model.safetensors")
+    sd[zero[0]][0] = 1e-3
+    save_file(sd, comb / "adapter_model.safetensors")
+    with pytest.raises(LoraMergeError, match=r"lm_head: the adapter trains a bias \(lora_bias\) but the base has no"):
+        loramerge.apply(base_dir("qwen2"), comb, tmp_path / "c", sync=False)
+
+
 # --- multi-adapter apply (engine) ---------------------------------------------------------
 
 def test_apply_several_adapters_fp32(tmp_out):

@@ -283,7 +283,9 @@ def _check_pair(st: PlanState, t: Target) -> None:
     if pair.bias_key is not None:
         bname = module + ".bias"
         bref = st.base.tensors.get(bname)
-        if bref is None:
+        if bref is None and not bool(adapter.tensors[pair.bias_key].any()):
+            pass  # an all-zero lora_B.bias adds nothing (a combined adapter's, for a target of one without)
+        elif bref is None:
             st.problems.append(f"{where}: the adapter trains a bias (lora_bias) but the base has no {bname}; "
                                "PEFT cannot merge this either")
         elif bref.shape != (out_features,):
