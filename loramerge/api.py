@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -272,9 +273,10 @@ def _not_invertible(adapters: list[Adapter]) -> list[str]:
     return problems
 
 
-def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
+def recovery_notes(plan: Plan, accum: str = "float32", merge_accum: str | None = "float32") -> list[str]:
     """What unmerging gives back, per output dtype, assuming the merged checkpoint was written by
-    `loramerge apply` with the same adapters and weights and without changing its dtype.
+    `loramerge apply` with the same adapters and weights and without changing its dtype. `accum`
+    is the unmerge's first pass, `merge_accum` the merge's (its manifest's record; None: unknown).
 
     Derivation. Let W be the original (on the dtype's grid), D the exact delta, M the merged value.
     Correctly rounded merge (bf16/fp16 always; float32 with --accum float64):
@@ -290,19 +292,26 @@ def recovery_notes(plan: Plan, accum: str = "float32") -> list[str]:
     |R - W| <= u(|M| + |R|) + 2.5 (R+3) u E_ij + 2 U_ij.
     """
     merged = [j for j in plan.jobs if any(t.kind != "replace" for t in j.terms)]
+    # float32's 1-ulp bound needs both passes correctly rounded: the merge's too (a default
+    # merge, float32 first pass, left elements of a cancelling W + delta up to 640 ulps of M off)
+    exact32 = accum == "float64" and merge_accum == "float64"
     by_dtype: dict[str, int] = {}
     for j in merged:
         # LoHa/LoKr deltas and IA3 are always computed in float64 and rounded once (engine/job_math.py)
         f64 = any(t.kind == "scale" or (t.kind == "delta" and not tuners.is_lowrank(t.pair)) for t in j.terms)
-        code = "F32-exact" if j.dtype == "F32" and f64 and accum == "float32" else j.dtype
+        code = "F32-exact" if j.dtype == "F32" and f64 and not exact32 else j.dtype
         by_dtype[code] = by_dtype.get(code, 0) + 1
     notes = []
     for code, n in sorted(by_dtype.items()):
         if code == "F32-exact":
             notes.append(f"float32 ({n} tensors with LoHa/LoKr/IA3 terms, merged in float64): |W_rec - W| <= 1 ulp "
                          "of the merged value (<= 2^-23 relative); most elements come back bit for bit")
-        elif code == "F32" and accum == "float32":
-            notes.append(f"float32 ({n} tensors): recovered to float32 rounding, not bit for bit: per element "
+        elif code == "F32" and not exact32:
+            # (either pass in float64 only tightens its own share of this bound)
+            why = {None: "the merge's --accum is not known (no manifest)", "float32": "the merge accumulated in "
+                   "float32 (its manifest)"}.get(merge_accum, "this unmerge accumulated in float32")
+            notes.append(f"float32 ({n} tensors): recovered to float32 rounding, not bit for bit ({why}; 1 ulp "
+                         "of the merged value needs --accum float64 for both): per element "
                          "|W_rec - W| <= 2^-24 (|W_merged| + |W_rec|) + 2.5 (R+3) 2^-24 (|B'| |A|)_ij "
                          "+ 2^-124 (2R + 4 + sum_k |A_kj| + sum_k |B'_ik|) (R = total rank; about 1e-7 relative)")
         elif code in ("F32", "F64"):
@@ -364,5 +373,14 @@ def unmerge(
     negated = [-float(w) for w in (weights if weights is not None else [1.0] * len(adapter_paths))]
     report = apply(merged, adapter_paths, out, weights=negated, _command="unmerge", **options)
     result = UnmergeReport(**{f.name: getattr(report, f.name) for f in fields(ApplyReport)})
-    result.recovery = recovery_notes(report.plan, options.get("accum", "float32"))
+    result.recovery = recovery_notes(report.plan, options.get("accum", "float32"), _merge_accum(Path(merged)))
     return result
+
+
+def _merge_accum(merged: Path) -> str | None:
+    """The --accum a loramerge merge recorded in its manifest; None without a readable one."""
+    try:
+        recorded = json.loads(manifest.location(merged).read_text()).get("options", {}).get("accum")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if recorded in ACCUM else None

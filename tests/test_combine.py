@@ -270,6 +270,33 @@ def ulp(x: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
     return torch.pow(2.0, e - mantissa_bits)
 
 
+def test_unmerge_fp32_claims_one_ulp_only_when_both_passes_were_exact(tmp_path):
+    """float32 comes back within 1 ulp of the merged value only if the merge, too, was correctly
+    rounded (--accum float64): after a default merge the note gives the float32-rounding bound
+    (the 1-ulp claim failed there, by up to 640 ulps where W + delta cancels), and after an
+    exact merge the 1-ulp bound holds for every element."""
+    base, ad = base_dir("llama-fp32"), adapter_dir("llama-basic")
+    orig = load_dir(base)
+    for merge_accum in ("float32", "float64"):
+        m, u = tmp_path / f"m{merge_accum}", tmp_path / f"u{merge_accum}"
+        loramerge.apply(base, ad, m, accum=merge_accum, sync=False)
+        report = loramerge.unmerge(m, ad, u, accum="float64", sync=False)
+        text = " ".join(report.recovery)
+        merged, back = load_dir(m), load_dir(u)
+        over = [n for n in orig if not bool(((back[n].double() - orig[n].double()).abs()
+                                             <= ulp(merged[n], 23)).all())]
+        if merge_accum == "float32":
+            assert "not bit for bit (the merge accumulated in float32 (its manifest)" in text, text
+            assert "1 ulp of the merged value (" not in text
+            assert over, "the case no longer shows why the 1-ulp claim needs an exact merge"
+        else:
+            assert "float32 (21 tensors): |W_rec - W| <= 1 ulp of the merged value" in text, text
+            assert over == []
+    (tmp_path / "mfloat64" / "loramerge_manifest.json").unlink()  # the merge's accum unknown: the safe bound
+    report = loramerge.unmerge(tmp_path / "mfloat64", ad, tmp_path / "u3", accum="float64", sync=False)
+    assert "the merge's --accum is not known (no manifest)" in " ".join(report.recovery)
+
+
 def test_unmerge_bf16_stays_within_the_printed_bound(tmp_path):
     loramerge.apply(base_dir("llama-bf16-sharded"), adapter_dir("llama-bf16"), tmp_path / "m", sync=False)
     report = loramerge.unmerge(tmp_path / "m", adapter_dir("llama-bf16"), tmp_path / "u", sync=False)
