@@ -110,34 +110,43 @@ while time.monotonic() < end:
 DONE = True
 """
 
-IMPORT_UNDER_HANDLING = """
+UNDER_HANDLING = """
 import os, signal, sys, threading, time
-sys.path.insert(0, sys.argv[1])
+directory, module, hold, name, times = sys.argv[1:]
+sys.path.insert(0, directory)
 from loramerge.writers import signals
-def soon():
-    time.sleep(0.3)
-    os.kill(os.getpid(), signal.SIGTERM)
+signals.MAX_HOLD_SECONDS = float(hold)
+def send():
+    for _ in range(int(times)):  # 0.3 s apart, the first at 0.3 s
+        time.sleep(0.3)
+        os.kill(os.getpid(), getattr(signal, name))
+threading.Thread(target=send, daemon=True).start()
 t0 = time.monotonic()
 try:
     with signals.handling():
-        threading.Thread(target=soon, daemon=True).start()
-        import slowmod
+        __import__(module)
         time.sleep(5)
-        print("not interrupted", flush=True)
+    print("not interrupted", flush=True)
 except KeyboardInterrupt as e:
     print("interrupted", type(e).__name__, getattr(sys.modules.get("slowmod"), "DONE", None),
           round(time.monotonic() - t0, 2), flush=True)
 """
 
 
+def under_handling(tmp_path, module: str, hold: float, name: str, times: int) -> list[str]:
+    """UNDER_HANDLING's words: `times` signals `name` while `module` (in tmp_path) is imported."""
+    run = subprocess.run([sys.executable, "-c", UNDER_HANDLING, str(tmp_path), module, str(hold), name, str(times)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.startswith("interrupted"), run.stdout + run.stderr
+    return run.stdout.split()
+
+
 def test_a_signal_during_an_import_waits_for_it_and_is_not_lost(tmp_path):
     """A signal raised inside an import can be swallowed there (or leave the module half-imported):
     it is held until the import ends, then raised."""
     (tmp_path / "slowmod.py").write_text(SLOW_IMPORT)
-    run = subprocess.run([sys.executable, "-c", IMPORT_UNDER_HANDLING, str(tmp_path)], capture_output=True,
-                         text=True, timeout=60)
-    words = run.stdout.split()
-    assert words[:3] == ["interrupted", "Terminated", "True"], run.stdout + run.stderr
+    words = under_handling(tmp_path, "slowmod", 10, "SIGTERM", 1)
+    assert words[1:3] == ["Terminated", "True"], words
     assert 1.4 < float(words[3]) < 3.0, words  # after the import (1.5 s), long before the 5 s sleep
 
 
@@ -155,29 +164,6 @@ except KeyboardInterrupt as e:
     print("interrupted", type(e).__name__, flush=True)
 """
 
-SECOND_SIGNAL = """
-import os, signal, sys, threading, time
-sys.path.insert(0, sys.argv[1])
-from loramerge.writers import signals
-signals.MAX_HOLD_SECONDS = float(sys.argv[2])
-def twice():
-    time.sleep(0.3)
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.3)
-    os.kill(os.getpid(), signal.SIGINT)
-threading.Thread(target=twice, daemon=True).start()
-t0 = time.monotonic()
-try:
-    with signals.handling():
-        import {module}
-        time.sleep(5)
-    print("not interrupted", flush=True)
-except KeyboardInterrupt as e:
-    print("interrupted", type(e).__name__, getattr(sys.modules.get("slowmod"), "DONE", None),
-          round(time.monotonic() - t0, 2), flush=True)
-"""
-
-
 def test_a_signal_an_import_holds_to_the_end_of_the_command_is_raised_there(tmp_path):
     (tmp_path / "slowmod.py").write_text(SLOW_IMPORT)
     run = subprocess.run([sys.executable, "-c", HELD_TO_THE_END, str(tmp_path)], capture_output=True, text=True,
@@ -189,21 +175,16 @@ def test_a_second_signal_during_an_import_is_held_too(tmp_path):
     """A scheduler's second SIGTERM (or a second Ctrl-C) during torch's import: raised there, it
     crashed the process (std::terminate) or was swallowed like the first."""
     (tmp_path / "slowmod.py").write_text(SLOW_IMPORT)
-    run = subprocess.run([sys.executable, "-c", SECOND_SIGNAL.replace("{module}", "slowmod"), str(tmp_path), "10"],
-                         capture_output=True, text=True, timeout=60)
-    words = run.stdout.split()
-    assert words[:3] == ["interrupted", "KeyboardInterrupt", "True"], run.stdout + run.stderr
+    words = under_handling(tmp_path, "slowmod", 10, "SIGINT", 2)
+    assert words[1:3] == ["KeyboardInterrupt", "True"], words
     assert 1.4 < float(words[3]) < 3.0, words
 
 
 def test_an_import_holds_a_signal_no_longer_than_max_hold(tmp_path):
     """A hung import (a dead network disk) does not hold a signal for ever."""
     (tmp_path / "hangs.py").write_text("import time\ntime.sleep(5)\n")
-    run = subprocess.run([sys.executable, "-c", SECOND_SIGNAL.replace("{module}", "hangs"), str(tmp_path), "0.5"],
-                         capture_output=True, text=True, timeout=60)
-    words = run.stdout.split()
-    assert words[:2] == ["interrupted", "KeyboardInterrupt"], run.stdout + run.stderr
-    assert 0.7 < float(words[3]) < 3.0, words  # after the hold (0.3 + 0.5 s), long before the import's 5 s
+    words = under_handling(tmp_path, "hangs", 0.5, "SIGINT", 2)
+    assert words[1] == "KeyboardInterrupt" and 0.7 < float(words[3]) < 3.0, words  # the hold, not the 5 s
 
 
 def _catches(pid: int, sig: int) -> bool:
