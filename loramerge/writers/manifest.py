@@ -355,8 +355,8 @@ def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | 
         if extra:
             notes.append(f"not listed in {NAME} (added later?): {', '.join(extra)}")
     if adapter_paths is not None:
-        recorded = [a for a in (manifest.get("inputs") or {}).get("adapters") or [] if isinstance(a, dict)]
         try:
+            recorded = [a for a in (manifest.get("inputs") or {}).get("adapters") or [] if isinstance(a, dict)]
             notes += _adapter_notes(recorded, list(adapter_paths), (options or {}).get("weights"))
         except OSError as e:  # an adapter file unreadable here: the tensor checks report it
             notes.append(f"the adapters could not be compared with {NAME}'s record ({e})")

@@ -39,7 +39,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _state = {"deferring": 0, "pending": None, "raised": False, "installed": False, "depth": 0, "held_at": 0.0,
-          "generation": 0}
+          "generation": 0, "closing": False}
 # the poller's check-and-send against handling()'s exit: no re-sent signal after the handlers are
 # put back (SIGTERM's default would kill a process whose output is already committed)
 _send_lock = threading.Lock()
@@ -102,7 +102,7 @@ def _send_to_main(signum: int) -> None:
 def _handler(signum, frame):
     if _state["raised"]:
         return  # the cleanup of the first one is running: let it finish
-    if _state["deferring"]:
+    if _state["deferring"] or _state["closing"]:
         _state["pending"] = _state["pending"] or signum
         return
     held = _state["held_at"]
@@ -134,14 +134,17 @@ def handling():
     try:
         yield
     finally:
+        # from here on the handler only records: a signal raised while this waits for the lock
+        # would skip the restore (and leave the handlers installed)
+        _state["closing"] = True
         with _send_lock:
             for s, h in previous.items():
                 signal.signal(s, h)
             left = _state["pending"] if not _state["raised"] else None
             _state.update(deferring=0, pending=None, raised=False, installed=False, depth=0, held_at=0.0,
-                          generation=generation + 1)
+                          generation=generation + 1, closing=False)
         if left is not None:
-            _raise(left)
+            raise KeyboardInterrupt if left == signal.SIGINT else Terminated(left)
 
 
 @contextmanager
