@@ -431,6 +431,26 @@ def test_w_enters_the_kernels_float32_sum_last():
     assert torch.equal(_bits(y)[done], _bits(t.ref())[done])
 
 
+def _kernel_and_torch_roundings(lows, dtype: torch.dtype):
+    """Every high half of the 32 bits with each of the low halves `lows`, rounded to `dtype`'s 16
+    bits by the kernels' branch-free rounding and by torch (round to nearest even): (the 32-bit
+    patterns, the kernel's, torch's, where the pattern is a NaN)."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def convert(bits, out, to_f16):
+        for j in range(bits.shape[0]):
+            out[j] = rounding_kernel.f32_bits_to_half(bits[j], to_f16)
+
+    high = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    bits = (high[:, None] | np.asarray(lows, np.uint32)[None, :]).reshape(-1)
+    got = np.empty(bits.shape[0], np.uint16)
+    convert(bits, got, dtype == torch.float16)
+    ref = torch.from_numpy(bits.view(np.float32)).to(dtype).view(torch.int16).numpy().view(np.uint16)
+    return bits, got, ref, np.isnan(bits.view(np.float32))
+
+
 @pytest.mark.skipif(not rounding_kernel.AVAILABLE, reason="numba not installed")
 def test_branch_free_float16_conversions_match_torch():
     """The kernels' float32 -> float16 rounding (branch-free) against torch's own conversion (round
@@ -441,23 +461,13 @@ def test_branch_free_float16_conversions_match_torch():
     import numpy as np
 
     @numba.njit
-    def to_f16(bits, out):
-        for j in range(bits.shape[0]):
-            out[j] = rounding_kernel.f32_bits_to_f16(bits[j])
-
-    @numba.njit
     def to_f32(h, out):
         kernels.f16_row_to_f32(h, out)
 
-    high = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
     # every multiple of 2^12 and one either side: the ties (and their neighbours) of a rounding that
     # drops 13 bits (normal float16) or 14-16 (its largest subnormals), with the kept bit odd or even
-    lows = np.unique(np.clip([k * 0x1000 + d for k in range(17) for d in (-1, 0, 1)], 0, 0xFFFF)).astype(np.uint32)
-    bits = (high[:, None] | lows[None, :]).reshape(-1)
-    got = np.empty(bits.shape[0], np.uint16)
-    to_f16(bits, got)
-    ref = torch.from_numpy(bits.view(np.float32)).to(torch.float16).view(torch.int16).numpy().view(np.uint16)
-    nan = np.isnan(bits.view(np.float32))
+    lows = np.unique(np.clip([k * 0x1000 + d for k in range(17) for d in (-1, 0, 1)], 0, 0xFFFF))
+    bits, got, ref, nan = _kernel_and_torch_roundings(lows, torch.float16)
     assert np.array_equal(got[~nan], ref[~nan])
     assert np.all((got[nan] & 0x7FFF) == 0x7E00)  # NaN: float16's quiet NaN, the sign kept
     assert np.array_equal(got[nan] >> 15, (bits[nan] >> 31).astype(np.uint16))
@@ -473,21 +483,10 @@ def test_branch_free_bfloat16_conversion_matches_torch():
     only) against torch's round to nearest even, on every high half of the 32 bits with the low
     halves around the ties, both kept-bit parities and the largest low halves (where a sum in
     32 bits would wrap for the patterns next to -Inf and NaN); NaN: bfloat16's quiet NaN."""
-    import numba
     import numpy as np
 
-    @numba.njit
-    def to_bf16(bits, out):
-        for j in range(bits.shape[0]):
-            out[j] = rounding_kernel.f32_bits_to_half(bits[j], False)
-
-    high = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
-    lows = np.array([0, 1, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF], np.uint32)
-    bits = (high[:, None] | lows[None, :]).reshape(-1)
-    got = np.empty(bits.shape[0], np.uint16)
-    to_bf16(bits, got)
-    ref = torch.from_numpy(bits.view(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    nan = np.isnan(bits.view(np.float32))
+    lows = [0, 1, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF]
+    _, got, ref, nan = _kernel_and_torch_roundings(lows, torch.bfloat16)
     assert np.array_equal(got[~nan], ref[~nan])
     assert np.all(got[nan] == 0x7FC0)
 
