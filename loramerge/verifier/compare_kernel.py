@@ -101,6 +101,15 @@ if numba is not None:
             e = max(ex - 1, emin)
         return math.ldexp(1.0, e - (prec - 1))
 
+    @numba.njit(cache=True, inline="always")
+    def _off(x, ref):
+        """compare.off for one element: |x - ref|, 0 where x is ref (an infinity, or a NaN, where one
+        is due), infinite where only one of them is NaN (a NaN distance passes any tolerance test)."""
+        if x == ref or (math.isnan(x) and math.isnan(ref)):
+            return 0.0
+        d = abs(x - ref)
+        return math.inf if math.isnan(d) else d
+
     @numba.njit(cache=True)
     def _float64_rule(wv, mv, p64, q64, i, j, prec, emin, maxfin):
         """(E, ulps) of one element by verify's float64 rule: |M - round(E)| / ulp(max(|E|, |W|, S)),
@@ -112,11 +121,7 @@ if numba is not None:
             e += t
             s += abs(t)
         mag = max(abs(e), abs(wv), s)
-        r = _round_grid(e, prec, emin, maxfin)
-        if mv == r or (math.isnan(mv) and math.isnan(r)):  # (an infinity, or a NaN, where one is due)
-            return e, 0.0
-        u = abs(mv - r) / _ulp(mag, prec, emin)
-        return e, (math.inf if math.isnan(u) else u)   # a NaN M (or E) alone is off by any tolerance
+        return e, _off(mv, _round_grid(e, prec, emin, maxfin)) / _ulp(mag, prec, emin)  # (_ulp: finite, > 0)
 
     @numba.njit(cache=True, inline="always")
     def _values(bits, lut, bf16, out):
@@ -251,7 +256,6 @@ if numba is not None:
     def _add(x, y, e, sq_err, sq_delta, dot, max_err, max_e):
         """The statistics with one more element: M's value x, W's y, the expected E's e."""
         d = x - e
-        # as compare.off (max() would pass a NaN over)
-        err = 0.0 if x == e or (math.isnan(x) and math.isnan(e)) else (math.inf if math.isnan(d) else abs(d))
-        return (sq_err + d * d, sq_delta + (e - y) * (e - y), dot + (x - y) * (e - y), max(max_err, err),
+        # the largest error by _off (max() would pass a NaN over)
+        return (sq_err + d * d, sq_delta + (e - y) * (e - y), dot + (x - y) * (e - y), max(max_err, _off(x, e)),
                 max(max_e, abs(e)))
