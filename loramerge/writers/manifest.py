@@ -237,16 +237,22 @@ def base_inputs(ck) -> dict:
     return out
 
 
+def adapter_files(ap: Path) -> list[Path]:
+    """The files of an adapter that a manifest records: a single file itself; a directory's
+    adapter_* files (PEFT's config and weights)."""
+    if ap.is_file():
+        return [ap]
+    return sorted(p for p in ap.iterdir() if p.is_file() and p.name.startswith("adapter_")) if ap.is_dir() else []
+
+
 def adapter_inputs(adapters, weights) -> list[dict]:
     """Each adapter: path, format, weight and sha256 of its files (small: hashed whole)."""
     out = []
     for i, a in enumerate(adapters):
         root = Path(a.path)
-        files = [root] if root.is_file() else sorted(
-            p for p in root.iterdir() if p.is_file() and p.name.startswith("adapter_"))
         out.append({"path": str(root.resolve()), "format": a.format,
                     "weight": weights[i] if weights is not None else 1.0,
-                    "files": {p.name: hash_file(p) for p in files}})
+                    "files": {p.name: hash_file(p) for p in adapter_files(root)}})
     return out
 
 
@@ -370,13 +376,6 @@ def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | 
     return {"manifest": str(path), "files": len(files), "problems": problems, "notes": notes}
 
 
-def _adapter_files(ap: Path) -> list[Path]:
-    """The files of an adapter that the manifest records (adapter_inputs)."""
-    if ap.is_file():
-        return [ap]
-    return sorted(p for p in ap.iterdir() if p.is_file() and p.name.startswith("adapter_")) if ap.is_dir() else []
-
-
 def _adapter_notes(recorded: list[dict], given: list, weights) -> list[str]:
     """The adapters (and weights) a check is given against those the merge recorded: an adapter
     found by its path whose files changed, one the merge did not use (found by neither its path
@@ -402,7 +401,7 @@ def _adapter_notes(recorded: list[dict], given: list, weights) -> list[str]:
                 if f.is_file() and isinstance(frec, dict) and hash_file(f)["sha256"] != frec.get("sha256"):
                     notes.append(f"{f}: differs from the adapter file this output was made from (sha256 in {NAME})")
         elif len(used) < len(recorded):  # (nothing left to match: no need to hash it)
-            have = {hash_file(f)["sha256"] for f in _adapter_files(ap)}
+            have = {hash_file(f)["sha256"] for f in adapter_files(ap)}
             i = next((k for k, r in enumerate(recorded) if k not in used and have and have == digests(r)), None)
         if i is None:
             notes.append(f"{ap}: not an adapter this output was made from ({NAME} lists "
