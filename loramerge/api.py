@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -373,14 +372,7 @@ def unmerge(
     negated = [-float(w) for w in (weights if weights is not None else [1.0] * len(adapter_paths))]
     report = apply(merged, adapter_paths, out, weights=negated, _command="unmerge", **options)
     result = UnmergeReport(**{f.name: getattr(report, f.name) for f in fields(ApplyReport)})
-    result.recovery = recovery_notes(report.plan, options.get("accum", "float32"), _merge_accum(Path(merged)))
+    merge_accum = manifest.recorded_options(Path(merged)).get("accum")  # None: not a merge loramerge recorded
+    result.recovery = recovery_notes(report.plan, options.get("accum", "float32"),
+                                     merge_accum if isinstance(merge_accum, str) and merge_accum in ACCUM else None)
     return result
-
-
-def _merge_accum(merged: Path) -> str | None:
-    """The --accum a loramerge merge recorded in its manifest; None without a readable one."""
-    try:
-        recorded = json.loads(manifest.location(merged).read_text()).get("options", {}).get("accum")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return recorded if recorded in ACCUM else None

@@ -316,6 +316,15 @@ def location(out: Path) -> Path:
     return out / NAME if out.is_dir() else sibling(out)
 
 
+def recorded_options(out: Path) -> dict:
+    """The options OUT's manifest records (weights, dtype, accum, ...); {} without a readable one."""
+    try:
+        options = json.loads(location(out).read_text()).get("options")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
 # -- checking ---------------------------------------------------------------------------------
 
 def check(out: Path, adapter_paths=None, options: dict | None = None) -> dict | None:
